@@ -1,0 +1,63 @@
+//! Where the Kubernetes binaries come from: `hack/kube-bins` builds them once into a cache outside the repository.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result, bail};
+
+/// The directory holding etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and kwok.
+#[derive(Debug, Clone)]
+pub struct KubeBins {
+    dir: PathBuf,
+}
+
+impl KubeBins {
+    /// `$BERTH_KUBE_BINS` if set, else whatever `hack/kube-bins` prints last (it builds on a cold cache).
+    pub fn locate() -> Result<KubeBins> {
+        static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        let dir = DIR.get_or_init(|| locate_dir().map_err(|e| format!("{e:#}")));
+        match dir {
+            Ok(dir) => Ok(KubeBins { dir: dir.clone() }),
+            Err(e) => bail!("{e}"),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// The repository root (this crate lives in `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+fn locate_dir() -> Result<PathBuf> {
+    let dir = match std::env::var_os("BERTH_KUBE_BINS") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let script = repo_root().join("hack/kube-bins");
+            let out = Command::new(&script)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .with_context(|| format!("running {}", script.display()))?;
+            if !out.status.success() {
+                bail!("{} failed ({}); see its output above", script.display(), out.status);
+            }
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let last = stdout.lines().last().context("hack/kube-bins printed nothing")?;
+            PathBuf::from(last.trim())
+        }
+    };
+    for bin in ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok"] {
+        if !dir.join(bin).is_file() {
+            bail!("{} has no {bin}: run hack/kube-bins, or point BERTH_KUBE_BINS at its output", dir.display());
+        }
+    }
+    Ok(dir)
+}

@@ -1,0 +1,67 @@
+//! The VM tier, host side: boots the Debian kernel under qemu and runs the `vm_guest` tests inside it.
+//! `hack/test-vm` builds the guest test binary and passes its path in `BERTH_VM_GUEST_BIN`.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use testbed::bins::repo_root;
+use testbed::vm::Vm;
+
+fn guest_bin() -> String {
+    std::env::var("BERTH_VM_GUEST_BIN").expect("BERTH_VM_GUEST_BIN: run the VM tier with hack/test-vm")
+}
+
+/// A fresh sparse disk image under the repository's target dir (the guest cannot see /tmp).
+fn disk_image(name: &str, size: u64) -> (tempfile::TempDir, PathBuf) {
+    let base = repo_root().join("target/vm-disks");
+    std::fs::create_dir_all(&base).unwrap();
+    let dir = tempfile::tempdir_in(base).unwrap();
+    let image = dir.path().join(name);
+    std::fs::File::create_new(&image).unwrap().set_len(size).unwrap();
+    (dir, image)
+}
+
+fn token() -> String {
+    format!("berth-{:016x}", fastrand::u64(..))
+}
+
+/// One boot runs every guest test that is not reserved for the reboot test: the kernel check, the LVM smoke
+/// test and the host-loopback check.
+#[test]
+fn guest_tests_pass_in_one_boot() {
+    let (_dir, image) = disk_image("smoke.img", 256 << 20);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let secret = token();
+    let served = secret.clone();
+    std::thread::spawn(move || {
+        // Serve the token to whoever connects (the guest), a bounded number of times.
+        for conn in listener.incoming().take(4).flatten() {
+            let _ = (&conn).write_all(served.as_bytes());
+        }
+    });
+    let vm = Vm::new().unwrap().disk(&image).network().env("BERTH_HOST_PORT", port.to_string()).env("BERTH_HOST_TOKEN", &secret);
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_ne!(vm.kernel_release(), host_kernel.trim(), "the VM would run the host's own kernel");
+    let run = vm.run(&format!("{} --test-threads=1", guest_bin())).unwrap();
+    assert_eq!(run.status, 0, "guest tests failed (output above)");
+    for name in ["kernel_is_the_vms_not_the_hosts", "lvm_smoke_active_volume_with_a_device_node", "host_loopback_is_reachable"] {
+        assert!(run.output.contains(&format!("test {name} ... ok")), "{name} did not pass in the guest");
+    }
+    println!("VM boot and guest tests took {:.1} s", run.elapsed.as_secs_f64());
+}
+
+/// The same disk image across two boots: what the first wrote, the second finds (the basis of the agent's
+/// reboot tests).
+#[test]
+fn disks_survive_a_reboot() {
+    let (_dir, image) = disk_image("reboot.img", 256 << 20);
+    let secret = token();
+    let vm = Vm::new().unwrap().disk(&image).env("BERTH_TOKEN", &secret);
+    for phase in ["reboot_phase_one", "reboot_phase_two"] {
+        let run = vm.run(&format!("{} --ignored --exact {phase}", guest_bin())).unwrap();
+        assert_eq!(run.status, 0, "{phase} failed (output above)");
+        assert!(run.output.contains(&format!("test {phase} ... ok")), "{phase} did not run");
+    }
+}

@@ -45,7 +45,11 @@ mod tests {
             "0f8e3c1a-5b2d-4c7e-9a10/2b3c4d5e6f70",
             "0f8e3c1a_5b2d-4c7e-9a10-2b3c4d5e6f70",
         ] {
-            assert_eq!(volume_name(bad), Err(NameError::NotAUid(bad.to_owned())), "{bad:?}");
+            assert_eq!(
+                volume_name(bad),
+                Err(NameError::NotAUid(bad.to_owned())),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount, Taint};
+use kube::Resource;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::runtime::wait::await_condition;
-use kube::Resource;
 use serde::de::DeserializeOwned;
 
 pub fn node_is_ready(node: &Node) -> bool {
@@ -16,12 +16,20 @@ pub fn node_is_ready(node: &Node) -> bool {
 }
 
 pub fn node_taints(node: &Node) -> Vec<Taint> {
-    node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default()
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.clone())
+        .unwrap_or_default()
 }
 
 /// Waits (watching, not polling) until the named object satisfies `condition`, and returns it; fails after
 /// `timeout` with the object as last seen.
-pub async fn wait_for<K>(api: &Api<K>, name: &str, timeout: Duration, condition: impl Fn(&K) -> bool) -> Result<K>
+pub async fn wait_for<K>(
+    api: &Api<K>,
+    name: &str,
+    timeout: Duration,
+    condition: impl Fn(&K) -> bool,
+) -> Result<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
@@ -30,7 +38,9 @@ where
         Ok(found) => found?.ok_or_else(|| anyhow!("{name} was deleted while waiting")),
         Err(_) => {
             let last = api.get_opt(name).await.ok().flatten();
-            Err(anyhow!("{name}: condition not met within {timeout:?}; last seen: {last:#?}"))
+            Err(anyhow!(
+                "{name}: condition not met within {timeout:?}; last seen: {last:#?}"
+            ))
         }
     }
 }
@@ -52,8 +62,17 @@ where
 
 /// Creates a namespace and waits for its `default` ServiceAccount (pods are refused until it exists).
 pub async fn create_namespace(client: &kube::Client, name: &str) -> Result<()> {
-    let ns = Namespace { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() };
-    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.with_context(|| format!("namespace {name}"))?;
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .with_context(|| format!("namespace {name}"))?;
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
     wait_for(&sas, "default", Duration::from_secs(30), |_| true).await?;
     Ok(())

@@ -8,8 +8,8 @@
 //!
 //! [`vm`] runs commands inside a real Linux kernel under qemu, for what the host kernel cannot do.
 
-pub mod bins;
 mod bed;
+pub mod bins;
 pub mod kube_util;
 mod node_disk;
 mod pki;

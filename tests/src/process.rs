@@ -22,7 +22,11 @@ impl Proc {
     /// so start test beds from the test's own thread (an `async fn` body under `#[tokio::test]` is), never from a
     /// short-lived worker such as `spawn_blocking`.
     pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> Result<Proc> {
-        let out = File::options().create(true).append(true).open(log).with_context(|| format!("{}", log.display()))?;
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("{}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
@@ -35,8 +39,14 @@ impl Proc {
                 Ok(())
             });
         }
-        let child = cmd.spawn().with_context(|| format!("starting {name} ({})", program.display()))?;
-        Ok(Proc { name: name.to_owned(), child, log: log.to_owned() })
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -50,7 +60,12 @@ impl Proc {
     /// An error carrying the end of the log if the process has exited.
     pub fn ensure_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited ({status}); last lines of {}:\n{}", self.name, self.log.display(), log_tail(&self.log, 30));
+            bail!(
+                "{} exited ({status}); last lines of {}:\n{}",
+                self.name,
+                self.log.display(),
+                log_tail(&self.log, 30)
+            );
         }
         Ok(())
     }
@@ -82,7 +97,8 @@ impl Drop for Proc {
 
 /// The last `n` lines of a log file (for error messages).
 pub fn log_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -478,6 +478,11 @@ impl TestBed {
             .collect()
     }
 
+    /// The kubectl built with the control plane.
+    pub fn kubectl_path(&self) -> PathBuf {
+        self.bins.path("kubectl")
+    }
+
     /// Runs the bed's kubectl (same version as the control plane) against it.
     pub fn kubectl(&self, args: &[&str]) -> Result<std::process::Output> {
         let out = std::process::Command::new(self.bins.path("kubectl"))

@@ -74,7 +74,10 @@ async fn main() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!("logs: {}/logs", bed.dir().display());
-    eprintln!("kubectl of the same version: {}", bed.kubectl_path().display());
+    eprintln!(
+        "kubectl of the same version: {}",
+        bed.kubectl_path().display()
+    );
     println!("export KUBECONFIG={}", bed.kubeconfig().display());
     if args.exit_when_ready {
         return Ok(());

@@ -1,23 +1,168 @@
-//! `berth-agent`: one per node. This is the skeleton the agent issue fills in (pools, capacity, the HTTPS API);
-//! today it only parses its command line so the binary, its packaging and `--help` exist.
+//! `berth-agent`: one per node. Carves volumes out of the node's pools and reports their capacity over an
+//! authenticated HTTPS API (docs/agent-api.md); publishes itself in the node's BerthNode.
 
-use clap::Parser;
+mod agent;
+mod api;
+mod auth;
+mod backend;
+mod capacity;
+mod config;
+mod epoch;
+mod metrics;
+mod publisher;
+mod safe_remove;
+mod tls;
 
-/// Berth's node agent: creates, expands and deletes volumes in this node's pools and reports their free capacity
-/// over an authenticated HTTPS API. Not implemented yet: this build only validates its arguments.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::agent::{Agent, Pool};
+use crate::backend::hostpath::HostPath;
+use crate::config::{AgentConfig, BackendKind};
+
+/// Berth's node agent: creates and deletes volumes in this node's pools and reports their free capacity over
+/// an authenticated HTTPS API. Pools are listed in a TOML config file (see docs/agent-config.md).
 #[derive(Parser, Debug)]
 #[command(name = "berth-agent", version)]
-struct Args {
-    /// The node this agent serves (the Kubernetes Node name).
-    #[arg(long, env = "BERTH_NODE_NAME")]
-    node_name: String,
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    anyhow::bail!(
-        "berth-agent for node {:?}: the agent is not implemented in this build (provisioner {})",
-        args.node_name,
-        berth::PROVISIONER_NAME
-    )
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the API and publish this node's BerthNode until SIGTERM (then finish in-flight requests and exit).
+    Run(RunArgs),
+    /// Prepare a pool: create its root directory if needed and write the pool marker. The agent never does this
+    /// by itself, so a disk that failed to mount is never mistaken for an empty pool on the system disk.
+    InitPool {
+        /// The agent's config file.
+        #[arg(long, env = "BERTH_AGENT_CONFIG")]
+        config: PathBuf,
+        /// The pool to prepare.
+        #[arg(long)]
+        pool: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// The agent's config file (TOML; lists the pools).
+    #[arg(long, env = "BERTH_AGENT_CONFIG")]
+    config: PathBuf,
+    /// The Kubernetes Node this agent serves (in a DaemonSet: the downward API's spec.nodeName).
+    #[arg(long, env = "BERTH_NODE_NAME")]
+    node_name: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+    /// host:port the controller reaches this agent at (default: the listen address; required when listening on
+    /// 0.0.0.0). Goes into the BerthNode and the serving certificate.
+    #[arg(long, env = "BERTH_ADVERTISE")]
+    advertise: Option<String>,
+    /// Where the agent keeps its own small state (the newest leadership epoch seen).
+    #[arg(long, default_value = "/var/lib/berth-agent")]
+    state_dir: PathBuf,
+    /// The only identity allowed to call the API (the controller's ServiceAccount).
+    #[arg(long, default_value = "system:serviceaccount:berth-system:berth-controller")]
+    controller_identity: String,
+    /// Seconds to let in-flight requests finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace_seconds: u64,
+}
+
+fn build_pools(config: &AgentConfig) -> Vec<Pool> {
+    config
+        .pools
+        .iter()
+        .map(|p| Pool {
+            config: p.clone(),
+            backend: match p.backend {
+                BackendKind::Hostpath => Box::new(HostPath::new(&p.name, &p.root)),
+            },
+        })
+        .collect()
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,kube=warn,hyper=warn".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::InitPool { config, pool } => {
+            let config = AgentConfig::load(&config)?;
+            let Some(p) = config.pools.iter().find(|p| p.name == pool) else {
+                bail!("no pool {pool:?} in the config");
+            };
+            match p.backend {
+                BackendKind::Hostpath => HostPath::new(&p.name, &p.root).init()?,
+            }
+            tracing::info!(pool = %p.name, root = %p.root.display(), "pool initialised");
+            Ok(())
+        }
+        Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args)),
+    }
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = AgentConfig::load(&args.config)?;
+    let advertise = match &args.advertise {
+        Some(a) => a.clone(),
+        None if args.listen.ip().is_unspecified() => bail!("--advertise is required when listening on {}", args.listen),
+        None => args.listen.to_string(),
+    };
+    let host = advertise.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(&advertise).to_owned();
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("state dir {}", args.state_dir.display()))?;
+
+    let agent = Arc::new(Agent::start(args.node_name.clone(), build_pools(&config)));
+    let client = kube::Client::try_default().await.context("connecting to the API server")?;
+    let cert = tls::self_signed(&args.node_name, &host)?;
+    let metrics = Arc::new(metrics::Metrics::new());
+    let state = Arc::new(api::ApiState {
+        agent: agent.clone(),
+        auth: auth::Authenticator::new(client.clone(), berth::agent_audience(&args.node_name), args.controller_identity.clone()),
+        fence: epoch::EpochFence::load(args.state_dir.join("leader-epoch"))?,
+        metrics: metrics.clone(),
+        shutting_down: AtomicBool::new(false),
+    });
+    let publisher = publisher::Publisher {
+        client,
+        agent,
+        metrics,
+        endpoint: format!("https://{advertise}"),
+        certificate: cert.cert_pem.clone(),
+    };
+    let publishing = tokio::spawn(publisher.run());
+
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(cert.cert_pem.into_bytes(), cert.key_pem.into_bytes()).await?;
+    let handle = axum_server::Handle::new();
+    let grace = Duration::from_secs(args.shutdown_grace_seconds);
+    let on_signal = {
+        let (handle, state) = (handle.clone(), state.clone());
+        async move {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!(grace_seconds = grace.as_secs(), "shutting down: refusing new work, finishing in-flight requests");
+            state.shutting_down.store(true, Ordering::SeqCst);
+            handle.graceful_shutdown(Some(grace));
+        }
+    };
+    tokio::spawn(on_signal);
+    tracing::info!(node = %args.node_name, listen = %args.listen, endpoint = %format!("https://{advertise}"), "serving");
+    axum_server::bind_rustls(args.listen, tls).handle(handle).serve(api::router(state).into_make_service()).await?;
+    publishing.abort();
+    tracing::info!("stopped");
+    Ok(())
 }

@@ -14,7 +14,7 @@ pub mod kube_util;
 mod node_disk;
 mod pki;
 mod ports;
-mod process;
+pub mod process;
 mod reaper;
 pub mod vm;
 

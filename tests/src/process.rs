@@ -22,6 +22,17 @@ impl Proc {
     /// so start test beds from the test's own thread (an `async fn` body under `#[tokio::test]` is), never from a
     /// short-lived worker such as `spawn_blocking`.
     pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> Result<Proc> {
+        Proc::spawn_with_env(name, program, args, &[], log)
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_with_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Result<Proc> {
         let out = File::options()
             .create(true)
             .append(true)
@@ -29,7 +40,7 @@ impl Proc {
             .with_context(|| format!("{}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(program);
-        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(out).stderr(err);
         // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
         unsafe {
             cmd.pre_exec(|| {
@@ -68,6 +79,24 @@ impl Proc {
             );
         }
         Ok(())
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) and waits up to `timeout` for the exit status.
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own, not yet reaped, child.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 
     /// SIGTERM, up to `grace` to exit, then SIGKILL. Always reaps the child.

@@ -1,0 +1,197 @@
+//! The HTTPS API (`/v1`, docs/agent-api.md): authentication, fencing and input limits at the edge; the decisions
+//! are the agent core's.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use berth::agent_api::{
+    CreateVolumeRequest, EPOCH_HEADER, ErrorBody, ErrorReason, MAX_BODY_BYTES, PoolList, VolumeList,
+};
+
+use crate::agent::{Agent, Created, Refusal};
+use crate::auth::Authenticator;
+use crate::epoch::EpochFence;
+use crate::metrics::Metrics;
+
+pub struct ApiState {
+    pub agent: Arc<Agent>,
+    pub auth: Authenticator,
+    pub fence: EpochFence,
+    pub metrics: Arc<Metrics>,
+    pub shutting_down: AtomicBool,
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/pools", get(list_pools))
+        .route("/v1/volumes", get(list_volumes))
+        .route("/v1/volumes/{name}", get(get_volume).put(create_volume).delete(delete_volume))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+fn status_of(reason: ErrorReason) -> StatusCode {
+    match reason {
+        ErrorReason::Invalid => StatusCode::BAD_REQUEST,
+        ErrorReason::Unauthenticated => StatusCode::UNAUTHORIZED,
+        ErrorReason::Forbidden => StatusCode::FORBIDDEN,
+        ErrorReason::NotFound => StatusCode::NOT_FOUND,
+        ErrorReason::Conflict | ErrorReason::StaleEpoch => StatusCode::CONFLICT,
+        ErrorReason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorReason::UnknownPool | ErrorReason::Unsupported => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorReason::PoolNotReady | ErrorReason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorReason::InsufficientSpace => StatusCode::INSUFFICIENT_STORAGE,
+        ErrorReason::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { reason: self.reason, message: self.message };
+        (status_of(self.reason), axum::Json(body)).into_response()
+    }
+}
+
+async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
+    if s.shutting_down.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else {
+        "ok".into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+        .into_response()
+}
+
+async fn authenticate(s: &ApiState, headers: &HeaderMap) -> Result<(), Refusal> {
+    let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    s.auth.check(value).await
+}
+
+/// Checks what every mutating request must have: the agent still taking work, and a current epoch.
+fn admit_mutation(s: &ApiState, headers: &HeaderMap) -> Result<(), Refusal> {
+    if s.shutting_down.load(Ordering::SeqCst) {
+        return Err(Refusal::new(ErrorReason::ShuttingDown, "the agent is shutting down; retry on its successor"));
+    }
+    let raw = headers
+        .get(EPOCH_HEADER)
+        .ok_or_else(|| Refusal::new(ErrorReason::Invalid, format!("the {EPOCH_HEADER} header is required")))?;
+    let epoch: u64 = raw
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| Refusal::new(ErrorReason::Invalid, format!("{EPOCH_HEADER} must be a whole number")))?;
+    s.fence.admit(epoch).map_err(|newest| {
+        Refusal::new(ErrorReason::StaleEpoch, format!("leadership epoch {epoch} is older than {newest}, already seen"))
+    })
+}
+
+async fn list_pools(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, Refusal> {
+    authenticate(&s, &headers).await?;
+    let agent = s.agent.clone();
+    let pools = tokio::task::spawn_blocking(move || agent.pool_statuses()).await.map_err(internal)?;
+    Ok(axum::Json(PoolList { node: s.agent.node.clone(), pools }).into_response())
+}
+
+async fn list_volumes(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, Refusal> {
+    authenticate(&s, &headers).await?;
+    Ok(axum::Json(VolumeList { volumes: s.agent.volumes() }).into_response())
+}
+
+async fn get_volume(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Refusal> {
+    authenticate(&s, &headers).await?;
+    let volume = s
+        .agent
+        .volume(&name)
+        .ok_or_else(|| Refusal::new(ErrorReason::NotFound, format!("no volume {name} on node {}", s.agent.node)))?;
+    Ok(axum::Json(volume).into_response())
+}
+
+fn internal(e: impl std::fmt::Display) -> Refusal {
+    Refusal::new(ErrorReason::Internal, e.to_string())
+}
+
+fn result_label(r: &Result<Response, Refusal>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(refusal) => format!("{:?}", refusal.reason),
+    }
+}
+
+async fn create_volume(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Refusal> {
+    let started = Instant::now();
+    let result = async {
+        authenticate(&s, &headers).await?;
+        admit_mutation(&s, &headers)?;
+        let body = body.map_err(|e| {
+            let reason = if e.status() == StatusCode::PAYLOAD_TOO_LARGE { ErrorReason::TooLarge } else { ErrorReason::Invalid };
+            Refusal::new(reason, format!("request body: {e} (at most {MAX_BODY_BYTES} bytes)"))
+        })?;
+        let req: CreateVolumeRequest = serde_json::from_slice(&body)
+            .map_err(|e| Refusal::new(ErrorReason::Invalid, format!("request body is not a CreateVolumeRequest: {e}")))?;
+        let agent = s.agent.clone();
+        let now = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).map_err(internal)?;
+        let (volume_name, request) = (name.clone(), req.clone());
+        let created = tokio::task::spawn_blocking(move || agent.create(&volume_name, &request, &now)).await.map_err(internal)??;
+        Ok(match created {
+            Created::New(v) => (StatusCode::CREATED, axum::Json(v)).into_response(),
+            Created::Existing(v) => (StatusCode::OK, axum::Json(v)).into_response(),
+        })
+    }
+    .await;
+    let elapsed = started.elapsed();
+    let label = result_label(&result);
+    s.metrics.observe("create", &label, elapsed.as_secs_f64());
+    match &result {
+        Ok(r) => tracing::info!(operation = "create", volume = %name, status = r.status().as_u16(), duration_ms = elapsed.as_millis() as u64, result = %label),
+        Err(e) => tracing::warn!(operation = "create", volume = %name, duration_ms = elapsed.as_millis() as u64, result = %label, message = %e.message),
+    }
+    result
+}
+
+async fn delete_volume(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Refusal> {
+    let started = Instant::now();
+    let result = async {
+        authenticate(&s, &headers).await?;
+        admit_mutation(&s, &headers)?;
+        let agent = s.agent.clone();
+        let volume_name = name.clone();
+        let existed = tokio::task::spawn_blocking(move || agent.delete(&volume_name)).await.map_err(internal)??;
+        Ok(axum::Json(serde_json::json!({ "deleted": existed })).into_response())
+    }
+    .await;
+    let elapsed = started.elapsed();
+    let label = result_label(&result);
+    s.metrics.observe("delete", &label, elapsed.as_secs_f64());
+    match &result {
+        Ok(_) => tracing::info!(operation = "delete", volume = %name, duration_ms = elapsed.as_millis() as u64, result = %label),
+        Err(e) => tracing::warn!(operation = "delete", volume = %name, duration_ms = elapsed.as_millis() as u64, result = %label, message = %e.message),
+    }
+    result
+}

@@ -1,0 +1,63 @@
+//! Backends: how a pool stores volumes. The agent core (locking, capacity, idempotency, the API) is the same for
+//! every backend; a backend only knows its own storage. The LVM issue adds the second one.
+
+pub mod hostpath;
+
+use berth::agent_api::{ClaimRef, VolumeMode};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::capacity::FsUsage;
+
+/// The marker every volume carries, and the agent's inventory entry for it. Versioned: a marker of an unknown
+/// version is left alone and reported, never rewritten or deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VolumeRecord {
+    pub version: u32,
+    pub name: String,
+    pub pool: String,
+    pub size_bytes: u64,
+    pub volume_mode: VolumeMode,
+    pub claim: ClaimRef,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    /// RFC 3339.
+    pub created_at: String,
+    /// The host path a PV points at (derived, not stored in the marker).
+    #[serde(skip)]
+    pub path: String,
+}
+
+pub const VOLUME_MARKER_VERSION: u32 = 1;
+
+/// What a ready pool's storage looks like now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolProbe {
+    pub fs: FsUsage,
+    /// Identifies the filesystem, so pools sharing one are accounted together.
+    pub fs_id: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("pool not ready: {0}")]
+    NotReady(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// What the agent core needs of a backend. Calls are serialised by the core; they may block (file I/O).
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> &'static str;
+    /// Ready (root present with this pool's marker) and the filesystem's usage; `NotReady` with the reason.
+    fn probe(&self) -> Result<PoolProbe, BackendError>;
+    /// The volumes on disk, after removing debris of operations a crash interrupted. Called at start.
+    fn recover(&self) -> Result<Vec<VolumeRecord>, BackendError>;
+    /// Makes the volume described by `record` (whose `path` it fills in). Atomic: after a crash the volume either
+    /// exists completely or [`Backend::recover`] removes what was left.
+    fn create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError>;
+    /// Removes the volume and its data; a missing volume is success.
+    fn delete(&self, name: &str) -> Result<(), BackendError>;
+}

@@ -1,0 +1,133 @@
+//! The agent's HTTP API (`/v1`): request and response bodies, shared by the agent (server) and the controller
+//! (client). Documented for humans in `docs/agent-api.md`; keep the two in step.
+
+use serde::{Deserialize, Serialize};
+
+/// Header carrying the controller's leadership epoch on every mutating request (terms.md: leadership epoch).
+pub const EPOCH_HEADER: &str = "berth-leader-epoch";
+/// The largest request body the agent reads.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum VolumeMode {
+    #[default]
+    Filesystem,
+    Block,
+}
+
+/// The claim a volume is made for, recorded in the volume's marker (for people reading the disk).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// `PUT /v1/volumes/{name}`: create the volume, or confirm it exists with exactly these parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateVolumeRequest {
+    pub pool: String,
+    /// The size promised to the volume, > 0.
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub volume_mode: VolumeMode,
+    pub claim: ClaimRef,
+    /// Owner of the volume's directory (default root:root).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// Permission bits of the volume's directory, at most 0o2777 (default 0o750: not world-writable).
+    #[serde(default)]
+    pub mode: Option<u32>,
+}
+
+/// A volume as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Volume {
+    pub name: String,
+    pub pool: String,
+    pub size_bytes: u64,
+    pub volume_mode: VolumeMode,
+    /// The host path a PV points kubelet at.
+    pub path: String,
+    pub claim: ClaimRef,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// A pool's state and capacity (terms.md: capacity, allocated, free, maximum volume size, pool ready).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    pub name: String,
+    pub backend: String,
+    pub ready: bool,
+    /// Why the pool is not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub capacity_bytes: u64,
+    pub allocated_bytes: u64,
+    pub free_bytes: u64,
+    pub maximum_volume_size_bytes: u64,
+    pub volumes: u32,
+    /// How volume sizes are enforced: `none` (a directory volume can outgrow its size) or `quota`.
+    pub enforcement: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolList {
+    pub node: String,
+    pub pools: Vec<PoolStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeList {
+    pub volumes: Vec<Volume>,
+}
+
+/// Why a request was refused. Each has its own HTTP status; the controller acts on the reason, not the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorReason {
+    /// 400: malformed or invalid input.
+    Invalid,
+    /// 401: no token, or one that TokenReview does not accept for this node's audience.
+    Unauthenticated,
+    /// 403: a valid token of an identity other than the controller's.
+    Forbidden,
+    /// 404: no such volume.
+    NotFound,
+    /// 409: the volume exists with other parameters.
+    Conflict,
+    /// 409: a mutating request from an older leadership epoch than one already seen.
+    StaleEpoch,
+    /// 413: the body is larger than [`MAX_BODY_BYTES`].
+    TooLarge,
+    /// 422: the pool is not configured on this node.
+    UnknownPool,
+    /// 422: the pool's backend cannot serve this (raw block on a hostpath pool).
+    Unsupported,
+    /// 503: the pool's root or marker is missing; nothing is created there.
+    PoolNotReady,
+    /// 503: the agent is shutting down.
+    ShuttingDown,
+    /// 507: not enough free space in the pool; the controller reschedules.
+    InsufficientSpace,
+    /// 500.
+    Internal,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    pub reason: ErrorReason,
+    pub message: String,
+}

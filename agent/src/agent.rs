@@ -24,7 +24,10 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(reason: ErrorReason, message: impl Into<String>) -> Refusal {
-        Refusal { reason, message: message.into() }
+        Refusal {
+            reason,
+            message: message.into(),
+        }
     }
 }
 
@@ -82,11 +85,15 @@ pub fn validate_create(name: &str, req: &CreateVolumeRequest) -> Result<(), Refu
     if let Some(mode) = req.mode
         && mode & !MAX_MODE != 0
     {
-        return Err(invalid(format!("mode {mode:#o} is not allowed: at most {MAX_MODE:#o} (no setuid, no sticky bit)")));
+        return Err(invalid(format!(
+            "mode {mode:#o} is not allowed: at most {MAX_MODE:#o} (no setuid, no sticky bit)"
+        )));
     }
     let field = |what: &str, v: &str| {
         if v.is_empty() || v.len() > 253 || v.chars().any(char::is_control) {
-            Err(invalid(format!("claim {what} {v:?} is not a Kubernetes name")))
+            Err(invalid(format!(
+                "claim {what} {v:?} is not a Kubernetes name"
+            )))
         } else {
             Ok(())
         }
@@ -109,25 +116,42 @@ impl Agent {
                         inventory.insert(v.name.clone(), v);
                     }
                 }
-                Err(e) => tracing::warn!(pool = %pool.config.name, error = %e, "pool not ready at start; no volumes from it"),
+                Err(e) => {
+                    tracing::warn!(pool = %pool.config.name, error = %e, "pool not ready at start; no volumes from it")
+                }
             }
         }
-        Agent { node, pools, inventory: Mutex::new(inventory) }
+        Agent {
+            node,
+            pools,
+            inventory: Mutex::new(inventory),
+        }
     }
 
     fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools.iter().find(|p| p.config.name == name)
     }
 
-    pub fn create(&self, name: &str, req: &CreateVolumeRequest, now: &str) -> Result<Created, Refusal> {
+    pub fn create(
+        &self,
+        name: &str,
+        req: &CreateVolumeRequest,
+        now: &str,
+    ) -> Result<Created, Refusal> {
         validate_create(name, req)?;
-        let pool = self
-            .pool(&req.pool)
-            .ok_or_else(|| Refusal::new(ErrorReason::UnknownPool, format!("no pool {:?} on node {}", req.pool, self.node)))?;
+        let pool = self.pool(&req.pool).ok_or_else(|| {
+            Refusal::new(
+                ErrorReason::UnknownPool,
+                format!("no pool {:?} on node {}", req.pool, self.node),
+            )
+        })?;
         if req.volume_mode == VolumeMode::Block && pool.backend.kind() == "hostpath" {
             return Err(Refusal::new(
                 ErrorReason::Unsupported,
-                format!("pool {:?} is a hostpath pool: raw block volumes need an lvm pool", req.pool),
+                format!(
+                    "pool {:?} is a hostpath pool: raw block volumes need an lvm pool",
+                    req.pool
+                ),
             ));
         }
         let uid = req.uid.unwrap_or(0);
@@ -148,7 +172,13 @@ impl Agent {
                     ErrorReason::Conflict,
                     format!(
                         "volume {name} exists in pool {:?} with {} bytes (mode {:#o}, owner {}:{}); asked for pool {:?} with {} bytes (mode {mode:#o}, owner {uid}:{gid})",
-                        existing.pool, existing.size_bytes, existing.mode, existing.uid, existing.gid, req.pool, req.size_bytes
+                        existing.pool,
+                        existing.size_bytes,
+                        existing.mode,
+                        existing.uid,
+                        existing.gid,
+                        req.pool,
+                        req.size_bytes
                     ),
                 ))
             };
@@ -185,11 +215,20 @@ impl Agent {
 
     /// Deletes a volume; `Ok(false)` if there was none (deleting twice succeeds).
     pub fn delete(&self, name: &str) -> Result<bool, Refusal> {
-        berth::validate::volume_name(name).map_err(|e| Refusal::new(ErrorReason::Invalid, e.to_string()))?;
+        berth::validate::volume_name(name)
+            .map_err(|e| Refusal::new(ErrorReason::Invalid, e.to_string()))?;
         let mut inventory = self.inventory.lock().expect("inventory lock");
-        let Some(record) = inventory.get(name) else { return Ok(false) };
+        let Some(record) = inventory.get(name) else {
+            return Ok(false);
+        };
         let pool = self.pool(&record.pool).ok_or_else(|| {
-            Refusal::new(ErrorReason::Internal, format!("volume {name} belongs to unconfigured pool {:?}", record.pool))
+            Refusal::new(
+                ErrorReason::Internal,
+                format!(
+                    "volume {name} belongs to unconfigured pool {:?}",
+                    record.pool
+                ),
+            )
         })?;
         pool.backend.delete(name)?;
         inventory.remove(name);
@@ -197,11 +236,20 @@ impl Agent {
     }
 
     pub fn volume(&self, name: &str) -> Option<Volume> {
-        self.inventory.lock().expect("inventory lock").get(name).map(to_api)
+        self.inventory
+            .lock()
+            .expect("inventory lock")
+            .get(name)
+            .map(to_api)
     }
 
     pub fn volumes(&self) -> Vec<Volume> {
-        self.inventory.lock().expect("inventory lock").values().map(to_api).collect()
+        self.inventory
+            .lock()
+            .expect("inventory lock")
+            .values()
+            .map(to_api)
+            .collect()
     }
 
     /// Every pool's status and capacity, as of now.
@@ -210,12 +258,26 @@ impl Agent {
         self.pools
             .iter()
             .map(|pool| {
-                let volumes = inventory.values().filter(|v| v.pool == pool.config.name).count() as u32;
+                let volumes = inventory
+                    .values()
+                    .filter(|v| v.pool == pool.config.name)
+                    .count() as u32;
                 let (ready, reason, cap) = match pool.backend.probe() {
                     Ok(probe) => (true, None, self.capacity_of(pool, &probe, &inventory)),
                     Err(e) => {
-                        let allocated = inventory.values().filter(|v| v.pool == pool.config.name).map(|v| v.size_bytes).sum();
-                        (false, Some(e.to_string()), Capacity { allocated, ..Capacity::default() })
+                        let allocated = inventory
+                            .values()
+                            .filter(|v| v.pool == pool.config.name)
+                            .map(|v| v.size_bytes)
+                            .sum();
+                        (
+                            false,
+                            Some(e.to_string()),
+                            Capacity {
+                                allocated,
+                                ..Capacity::default()
+                            },
+                        )
                     }
                 };
                 PoolStatus {
@@ -235,18 +297,41 @@ impl Agent {
     }
 
     /// Capacity of `pool`, counting the volumes of every pool on the same filesystem.
-    fn capacity_of(&self, pool: &Pool, probe: &PoolProbe, inventory: &BTreeMap<String, VolumeRecord>) -> Capacity {
+    fn capacity_of(
+        &self,
+        pool: &Pool,
+        probe: &PoolProbe,
+        inventory: &BTreeMap<String, VolumeRecord>,
+    ) -> Capacity {
         let same_fs: Vec<&str> = self
             .pools
             .iter()
             .filter(|p| p.config.name != pool.config.name)
-            .filter(|p| p.backend.probe().is_ok_and(|other| other.fs_id == probe.fs_id))
+            .filter(|p| {
+                p.backend
+                    .probe()
+                    .is_ok_and(|other| other.fs_id == probe.fs_id)
+            })
             .map(|p| p.config.name.as_str())
             .collect();
-        let usage = |v: &VolumeRecord| VolumeUsage { size_bytes: v.size_bytes, used_bytes: None };
-        let own: Vec<VolumeUsage> = inventory.values().filter(|v| v.pool == pool.config.name).map(usage).collect();
-        let others: Vec<VolumeUsage> = inventory.values().filter(|v| same_fs.contains(&v.pool.as_str())).map(usage).collect();
-        let limits = PoolLimits { cap: pool.config.capacity, headroom: pool.config.headroom };
+        let usage = |v: &VolumeRecord| VolumeUsage {
+            size_bytes: v.size_bytes,
+            used_bytes: None,
+        };
+        let own: Vec<VolumeUsage> = inventory
+            .values()
+            .filter(|v| v.pool == pool.config.name)
+            .map(usage)
+            .collect();
+        let others: Vec<VolumeUsage> = inventory
+            .values()
+            .filter(|v| same_fs.contains(&v.pool.as_str()))
+            .map(usage)
+            .collect();
+        let limits = PoolLimits {
+            cap: pool.config.capacity,
+            headroom: pool.config.headroom,
+        };
         pool_capacity(limits, probe.fs, &own, &others)
     }
 }

@@ -17,7 +17,10 @@ impl EpochFence {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(e),
         };
-        Ok(EpochFence { newest: Mutex::new(newest), file })
+        Ok(EpochFence {
+            newest: Mutex::new(newest),
+            file,
+        })
     }
 
     /// `Err(newest)` if `epoch` is older than the newest seen; otherwise records it.
@@ -29,7 +32,9 @@ impl EpochFence {
         if epoch > *newest {
             // Written before admitting: a crash right after must not forget it.
             let tmp = self.file.with_extension("tmp");
-            if let Err(e) = std::fs::write(&tmp, epoch.to_string()).and_then(|_| std::fs::rename(&tmp, &self.file)) {
+            if let Err(e) = std::fs::write(&tmp, epoch.to_string())
+                .and_then(|_| std::fs::rename(&tmp, &self.file))
+            {
                 tracing::error!(error = %e, file = %self.file.display(), "cannot persist the leadership epoch");
             }
             *newest = epoch;

@@ -8,6 +8,7 @@
 //!
 //! [`vm`] runs commands inside a real Linux kernel under qemu, for what the host kernel cannot do.
 
+pub mod agents;
 mod bed;
 pub mod bins;
 pub mod kube_util;

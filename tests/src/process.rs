@@ -40,7 +40,11 @@ impl Proc {
             .with_context(|| format!("{}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(program);
-        cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(out).stderr(err);
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
         // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
         unsafe {
             cmd.pre_exec(|| {
@@ -86,7 +90,11 @@ impl Proc {
     }
 
     /// Sends `signal` (e.g. `libc::SIGTERM`) and waits up to `timeout` for the exit status.
-    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> Option<std::process::ExitStatus> {
+    pub fn signal_and_wait(
+        &mut self,
+        signal: i32,
+        timeout: Duration,
+    ) -> Option<std::process::ExitStatus> {
         // SAFETY: kill(2) on our own, not yet reaped, child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
         let deadline = Instant::now() + timeout;

@@ -43,22 +43,38 @@ fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> BackendError {
 
 impl HostPath {
     pub fn new(pool: &str, root: &Path) -> HostPath {
-        HostPath { pool: pool.to_owned(), root: root.to_owned() }
+        HostPath {
+            pool: pool.to_owned(),
+            root: root.to_owned(),
+        }
     }
 
     /// The explicit init step (`berth-agent init-pool`): creates the root if needed and writes the marker.
     /// Refuses a root that carries another pool's marker.
     pub fn init(&self) -> Result<(), BackendError> {
-        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(&self.root).map_err(|e| io(self.root.display(), e))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&self.root)
+            .map_err(|e| io(self.root.display(), e))?;
         let marker = self.root.join(POOL_MARKER);
         if let Ok(text) = std::fs::read_to_string(&marker) {
-            let existing: PoolMarker = serde_json::from_str(&text).map_err(|e| io(marker.display(), e))?;
+            let existing: PoolMarker =
+                serde_json::from_str(&text).map_err(|e| io(marker.display(), e))?;
             if existing.pool != self.pool {
-                return Err(BackendError::Io(format!("{} belongs to pool {:?}", self.root.display(), existing.pool)));
+                return Err(BackendError::Io(format!(
+                    "{} belongs to pool {:?}",
+                    self.root.display(),
+                    existing.pool
+                )));
             }
             return Ok(());
         }
-        let body = serde_json::to_vec(&PoolMarker { pool: self.pool.clone(), version: 1 }).expect("serialisable");
+        let body = serde_json::to_vec(&PoolMarker {
+            pool: self.pool.clone(),
+            version: 1,
+        })
+        .expect("serialisable");
         write_synced(&marker, &body)?;
         Ok(())
     }
@@ -73,8 +89,15 @@ impl HostPath {
         })?;
         match serde_json::from_str::<PoolMarker>(&text) {
             Ok(m) if m.pool == self.pool => Ok(()),
-            Ok(m) => Err(BackendError::NotReady(format!("{} belongs to pool {:?}", self.root.display(), m.pool))),
-            Err(e) => Err(BackendError::NotReady(format!("{} is not a pool marker: {e}", marker.display()))),
+            Ok(m) => Err(BackendError::NotReady(format!(
+                "{} belongs to pool {:?}",
+                self.root.display(),
+                m.pool
+            ))),
+            Err(e) => Err(BackendError::NotReady(format!(
+                "{} is not a pool marker: {e}",
+                marker.display()
+            ))),
         }
     }
 
@@ -99,11 +122,15 @@ impl HostPath {
 fn write_synced(path: &Path, body: &[u8]) -> Result<(), BackendError> {
     use std::io::Write;
     let mut f = std::fs::File::create_new(path).map_err(|e| io(path.display(), e))?;
-    f.write_all(body).and_then(|_| f.sync_all()).map_err(|e| io(path.display(), e))
+    f.write_all(body)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| io(path.display(), e))
 }
 
 fn sync_dir(path: &Path) -> Result<(), BackendError> {
-    std::fs::File::open(path).and_then(|d| d.sync_all()).map_err(|e| io(path.display(), e))
+    std::fs::File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io(path.display(), e))
 }
 
 impl Backend for HostPath {
@@ -113,12 +140,21 @@ impl Backend for HostPath {
 
     fn probe(&self) -> Result<PoolProbe, BackendError> {
         self.check_marker()?;
-        let root = self.root.to_str().ok_or_else(|| BackendError::NotReady("root is not UTF-8".into()))?;
+        let root = self
+            .root
+            .to_str()
+            .ok_or_else(|| BackendError::NotReady("root is not UTF-8".into()))?;
         let c = CString::new(root).map_err(|e| BackendError::NotReady(e.to_string()))?;
-        let st = rustix::fs::statvfs(c.as_c_str()).map_err(|e| BackendError::NotReady(format!("statvfs {root}: {e}")))?;
-        let fs_id = std::fs::metadata(&self.root).map_err(|e| BackendError::NotReady(e.to_string()))?.dev();
+        let st = rustix::fs::statvfs(c.as_c_str())
+            .map_err(|e| BackendError::NotReady(format!("statvfs {root}: {e}")))?;
+        let fs_id = std::fs::metadata(&self.root)
+            .map_err(|e| BackendError::NotReady(e.to_string()))?
+            .dev();
         Ok(PoolProbe {
-            fs: FsUsage { size_bytes: st.f_blocks * st.f_frsize, available_bytes: st.f_bavail * st.f_frsize },
+            fs: FsUsage {
+                size_bytes: st.f_blocks * st.f_frsize,
+                available_bytes: st.f_bavail * st.f_frsize,
+            },
             fs_id,
         })
     }
@@ -126,7 +162,10 @@ impl Backend for HostPath {
     fn recover(&self) -> Result<Vec<VolumeRecord>, BackendError> {
         self.check_marker()?;
         if self.staging().exists() {
-            for entry in std::fs::read_dir(self.staging()).map_err(|e| io(self.staging().display(), e))?.flatten() {
+            for entry in std::fs::read_dir(self.staging())
+                .map_err(|e| io(self.staging().display(), e))?
+                .flatten()
+            {
                 tracing::warn!(pool = %self.pool, path = %entry.path().display(), "removing debris of an interrupted operation");
                 // Debris that cannot be removed (a mount left inside it) stays, out of the inventory, and is
                 // tried again at the next start; it must not keep the pool's live volumes from being served.
@@ -136,7 +175,10 @@ impl Backend for HostPath {
             }
         }
         let mut volumes = Vec::new();
-        for entry in std::fs::read_dir(&self.root).map_err(|e| io(self.root.display(), e))?.flatten() {
+        for entry in std::fs::read_dir(&self.root)
+            .map_err(|e| io(self.root.display(), e))?
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
@@ -146,13 +188,21 @@ impl Backend for HostPath {
                 .map_err(|e| e.to_string())
                 .and_then(|t| serde_json::from_str::<VolumeRecord>(&t).map_err(|e| e.to_string()));
             match parsed {
-                Ok(mut record) if record.version == VOLUME_MARKER_VERSION && record.name == name && record.pool == self.pool => {
+                Ok(mut record)
+                    if record.version == VOLUME_MARKER_VERSION
+                        && record.name == name
+                        && record.pool == self.pool =>
+                {
                     record.path = self.data_path(&name).display().to_string();
                     volumes.push(record);
                 }
                 // Not ours, or from a newer Berth: never touched, only reported.
-                Ok(record) => tracing::warn!(pool = %self.pool, dir = %name, version = record.version, marker_pool = %record.pool, "directory has a volume marker this agent does not own; leaving it alone"),
-                Err(e) => tracing::warn!(pool = %self.pool, dir = %name, error = %e, "directory without a readable volume marker; leaving it alone"),
+                Ok(record) => {
+                    tracing::warn!(pool = %self.pool, dir = %name, version = record.version, marker_pool = %record.pool, "directory has a volume marker this agent does not own; leaving it alone")
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %self.pool, dir = %name, error = %e, "directory without a readable volume marker; leaving it alone")
+                }
             }
         }
         volumes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -163,13 +213,24 @@ impl Backend for HostPath {
         self.check_marker()?;
         let staging = self.ensure_staging()?;
         let work = staging.join(format!("create-{}-{:08x}", record.name, fastrand::u32(..)));
-        std::fs::DirBuilder::new().mode(0o711).create(&work).map_err(|e| io(work.display(), e))?;
+        std::fs::DirBuilder::new()
+            .mode(0o711)
+            .create(&work)
+            .map_err(|e| io(work.display(), e))?;
         let data = work.join(DATA_DIR);
-        std::fs::DirBuilder::new().mode(0o700).create(&data).map_err(|e| io(data.display(), e))?;
-        rustix::fs::chown(&data, Some(rustix::fs::Uid::from_raw(record.uid)), Some(rustix::fs::Gid::from_raw(record.gid)))
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&data)
             .map_err(|e| io(data.display(), e))?;
+        rustix::fs::chown(
+            &data,
+            Some(rustix::fs::Uid::from_raw(record.uid)),
+            Some(rustix::fs::Gid::from_raw(record.gid)),
+        )
+        .map_err(|e| io(data.display(), e))?;
         // After chown: chown clears setgid, and the mode is the request's exactly (no umask).
-        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(record.mode)).map_err(|e| io(data.display(), e))?;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(record.mode))
+            .map_err(|e| io(data.display(), e))?;
         let body = serde_json::to_vec_pretty(&record).expect("serialisable");
         write_synced(&work.join(VOLUME_MARKER), &body)?;
         sync_dir(&work)?;
@@ -191,7 +252,8 @@ impl Backend for HostPath {
         }
         let staging = self.ensure_staging()?;
         let doomed = staging.join(format!("delete-{name}-{:08x}", fastrand::u32(..)));
-        std::fs::rename(&target, &doomed).map_err(|e| io(format!("moving {} aside", target.display()), e))?;
+        std::fs::rename(&target, &doomed)
+            .map_err(|e| io(format!("moving {} aside", target.display()), e))?;
         sync_dir(&self.root)?;
         remove_tree(&doomed).map_err(|e| io(doomed.display(), e))
     }

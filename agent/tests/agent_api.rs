@@ -1,0 +1,566 @@
+//! `berth-agent` against the real world: real HTTPS, real directories on a small loop-mounted filesystem of a
+//! simulated node, real TokenReview by the test bed's API server, the real BerthNode CRD.
+
+use std::path::Path;
+use std::time::Duration;
+
+use berth::agent_api::{ErrorBody, ErrorReason, PoolList, Volume, VolumeList};
+use berth::berth_node::BerthNode;
+use kube::api::Api;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use testbed::agents::{AgentProcess, PoolSpec};
+use testbed::kube_util::wait_for;
+use testbed::{FsType, TestBed, TestBedConfig};
+
+const MI: u64 = 1 << 20;
+const VOL: &str = "pvc-0f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f70";
+const VOL2: &str = "pvc-1f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f71";
+
+struct World {
+    bed: TestBed,
+    agent: AgentProcess,
+    http: reqwest::Client,
+    token: String,
+}
+
+/// A bed with one node whose 256 MiB ext4 disk holds two pools, `fast` and `slow`, and its agent.
+async fn world() -> World {
+    let bed = TestBed::start(TestBedConfig::nodes_with_disks(&[256 * MI], FsType::Ext4))
+        .await
+        .unwrap();
+    bed.install_berth_crds().await.unwrap();
+    let pools = [PoolSpec::new("fast"), PoolSpec::new("slow")];
+    let agent = bed
+        .start_agent(
+            Path::new(env!("CARGO_BIN_EXE_berth-agent")),
+            0,
+            &pools,
+            true,
+        )
+        .await
+        .unwrap();
+    let http = agent.http().unwrap();
+    let token = bed.controller_token("node-0").await.unwrap();
+    World {
+        bed,
+        agent,
+        http,
+        token,
+    }
+}
+
+fn create_body(pool: &str, size: u64) -> Value {
+    json!({"pool": pool, "sizeBytes": size, "claim": {"namespace": "db", "name": "data-0"}})
+}
+
+impl World {
+    async fn put(&self, name: &str, epoch: u64, body: &Value) -> reqwest::Response {
+        self.http
+            .put(self.agent.url(&format!("/v1/volumes/{name}")))
+            .bearer_auth(&self.token)
+            .header("berth-leader-epoch", epoch.to_string())
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn delete(&self, name: &str, epoch: u64) -> reqwest::Response {
+        self.http
+            .delete(self.agent.url(&format!("/v1/volumes/{name}")))
+            .bearer_auth(&self.token)
+            .header("berth-leader-epoch", epoch.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let resp = self
+            .http
+            .get(self.agent.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "GET {path}");
+        resp.json().await.unwrap()
+    }
+
+    async fn pool(&self, name: &str) -> berth::agent_api::PoolStatus {
+        let list: PoolList = self.get("/v1/pools").await;
+        list.pools.into_iter().find(|p| p.name == name).unwrap()
+    }
+
+    /// The volume directories on disk, in every pool.
+    fn on_disk(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for pool in ["fast", "slow"] {
+            for e in std::fs::read_dir(self.agent.pool_root(pool))
+                .unwrap()
+                .flatten()
+            {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if !n.starts_with('.') {
+                    names.push(format!("{pool}/{n}"));
+                }
+            }
+        }
+        names.sort();
+        names
+    }
+}
+
+async fn refusal(resp: reqwest::Response) -> (StatusCode, ErrorReason, String) {
+    let status = resp.status();
+    let body: ErrorBody = resp
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("{status}: error body is not an ErrorBody: {e}"));
+    (status, body.reason, body.message)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_repeat_conflict_delete() {
+    let w = world().await;
+    let resp = w.put(VOL, 1, &create_body("fast", 10 * MI)).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let made: Volume = resp.json().await.unwrap();
+    assert_eq!(made.pool, "fast");
+    assert_eq!(made.size_bytes, 10 * MI);
+    assert_eq!(made.mode, 0o750, "default: not world-writable");
+    let data = Path::new(&made.path);
+    assert_eq!(data, w.agent.pool_root("fast").join(VOL).join("data"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(data).unwrap().permissions().mode() & 0o7777,
+        0o750
+    );
+    let marker: Value = serde_json::from_str(
+        &std::fs::read_to_string(data.parent().unwrap().join("volume.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(marker["version"], 1);
+    assert_eq!(marker["name"], VOL);
+    assert_eq!(marker["pool"], "fast");
+    assert_eq!(marker["sizeBytes"], 10 * MI);
+    assert_eq!(
+        marker["claim"],
+        json!({"namespace": "db", "name": "data-0"})
+    );
+    assert!(marker["createdAt"].as_str().unwrap().ends_with('Z'));
+
+    // The same request again: the same volume, nothing new.
+    let again = w.put(VOL, 1, &create_body("fast", 10 * MI)).await;
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(again.json::<Volume>().await.unwrap(), made);
+
+    // Another size or another pool: 409, nothing changes.
+    for body in [create_body("fast", 20 * MI), create_body("slow", 10 * MI)] {
+        let (status, reason, message) = refusal(w.put(VOL, 1, &body).await).await;
+        assert_eq!(
+            (status, reason),
+            (StatusCode::CONFLICT, ErrorReason::Conflict),
+            "{message}"
+        );
+    }
+    assert_eq!(w.on_disk(), vec![format!("fast/{VOL}")]);
+    let listed: VolumeList = w.get("/v1/volumes").await;
+    assert_eq!(listed.volumes, vec![made.clone()]);
+
+    // Ownership and mode from the request.
+    let mut owned = create_body("slow", MI);
+    owned["uid"] = json!(999);
+    owned["gid"] = json!(999);
+    owned["mode"] = json!(0o2770);
+    let v2: Volume = w.put(VOL2, 1, &owned).await.json().await.unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&v2.path).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (999, 999, 0o2770)
+    );
+
+    // Delete, twice; then it is gone everywhere.
+    let del = w.delete(VOL, 1).await;
+    assert_eq!(del.status(), StatusCode::OK);
+    assert_eq!(del.json::<Value>().await.unwrap(), json!({"deleted": true}));
+    let del = w.delete(VOL, 1).await;
+    assert_eq!(
+        del.status(),
+        StatusCode::OK,
+        "deleting a missing volume succeeds"
+    );
+    assert_eq!(
+        del.json::<Value>().await.unwrap(),
+        json!({"deleted": false})
+    );
+    let missing = w
+        .http
+        .get(w.agent.url(&format!("/v1/volumes/{VOL}")))
+        .bearer_auth(&w.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refusal(missing).await.1, ErrorReason::NotFound);
+    assert_eq!(w.on_disk(), vec![format!("slow/{VOL2}")]);
+    assert!(!w.agent.pool_root("fast").join(VOL).exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refuses_what_does_not_fit_including_space_taken_outside_berth() {
+    let w = world().await;
+    let fast = w.pool("fast").await;
+    assert!(fast.ready);
+    assert!(
+        fast.free_bytes > 200 * MI && fast.free_bytes < 256 * MI,
+        "{fast:?}"
+    );
+
+    let (status, reason, message) =
+        refusal(w.put(VOL, 1, &create_body("fast", 1 << 30)).await).await;
+    assert_eq!(
+        (status, reason),
+        (
+            StatusCode::INSUFFICIENT_STORAGE,
+            ErrorReason::InsufficientSpace
+        ),
+        "{message}"
+    );
+
+    // Two pools on one disk do not promise the same bytes twice.
+    let made: Volume = w
+        .put(VOL, 1, &create_body("fast", 100 * MI))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let (fast, slow) = (w.pool("fast").await, w.pool("slow").await);
+    assert_eq!(fast.allocated_bytes, 100 * MI);
+    assert_eq!(slow.allocated_bytes, 0);
+    assert!(
+        slow.free_bytes <= fast.free_bytes + MI && slow.free_bytes < 156 * MI,
+        "{slow:?}"
+    );
+
+    // Fill the disk outside Berth: what fit before no longer does.
+    let filler = w.agent.pool_root("slow").parent().unwrap().join("filler");
+    let free_before = w.pool("slow").await.free_bytes;
+    assert!(free_before > 60 * MI);
+    std::fs::write(&filler, vec![1u8; (free_before - 40 * MI) as usize]).unwrap();
+    let f = std::fs::File::open(&filler).unwrap();
+    f.sync_all().unwrap();
+    let slow = w.pool("slow").await;
+    assert!(slow.free_bytes < 45 * MI, "{slow:?}");
+    let (status, reason, _) = refusal(w.put(VOL2, 1, &create_body("slow", 50 * MI)).await).await;
+    assert_eq!(
+        (status, reason),
+        (
+            StatusCode::INSUFFICIENT_STORAGE,
+            ErrorReason::InsufficientSpace
+        )
+    );
+    assert_eq!(
+        w.on_disk(),
+        vec![format!("fast/{}", made.name)],
+        "nothing was created by the refusals"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_recovers_the_inventory_and_removes_debris() {
+    let mut w = world().await;
+    let made: Volume = w
+        .put(VOL, 1, &create_body("fast", 5 * MI))
+        .await
+        .json()
+        .await
+        .unwrap();
+    std::fs::write(Path::new(&made.path).join("db.sqlite"), "precious").unwrap();
+    w.agent.kill();
+    // Debris of a create and a delete interrupted by the crash.
+    let staging = w.agent.pool_root("fast").join(".berth-tmp");
+    std::fs::create_dir_all(staging.join("create-pvc-x-00000001/data")).unwrap();
+    std::fs::create_dir_all(staging.join("delete-pvc-y-00000002/data/deep")).unwrap();
+    w.agent.start().await.unwrap();
+    w.http = w.agent.http().unwrap();
+    let listed: VolumeList = w.get("/v1/volumes").await;
+    assert_eq!(listed.volumes, vec![made.clone()]);
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&made.path).join("db.sqlite")).unwrap(),
+        "precious"
+    );
+    assert_eq!(
+        std::fs::read_dir(&staging).unwrap().count(),
+        0,
+        "debris left in {}",
+        staging.display()
+    );
+    assert_eq!(w.pool("fast").await.allocated_bytes, 5 * MI);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_without_its_marker_is_not_ready_and_gets_nothing() {
+    let w = world().await;
+    std::fs::remove_file(w.agent.pool_root("fast").join(".berth-pool")).unwrap();
+    let fast = w.pool("fast").await;
+    assert!(!fast.ready);
+    assert!(
+        fast.reason.as_deref().unwrap().contains(".berth-pool"),
+        "{fast:?}"
+    );
+    assert_eq!(fast.free_bytes, 0);
+    let (status, reason, _) = refusal(w.put(VOL, 1, &create_body("fast", MI)).await).await;
+    assert_eq!(
+        (status, reason),
+        (StatusCode::SERVICE_UNAVAILABLE, ErrorReason::PoolNotReady)
+    );
+    assert!(w.on_disk().is_empty());
+    // The other pool still works, and the BerthNode says which pool is down.
+    assert_eq!(
+        w.put(VOL2, 1, &create_body("slow", MI)).await.status(),
+        StatusCode::CREATED
+    );
+    let nodes: Api<BerthNode> = Api::all(w.bed.client());
+    let node = wait_for(&nodes, "node-0", Duration::from_secs(10), |n| {
+        n.status
+            .as_ref()
+            .is_some_and(|s| s.pools.iter().any(|p| p.name == "fast" && !p.ready))
+    })
+    .await
+    .unwrap();
+    assert_eq!(node.status.unwrap().summary.pools, "fast (not ready),slow");
+    // A pool root that was never initialised is not ready either: the agent does not create roots itself.
+    let metrics = w
+        .http
+        .get(w.agent.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"berth_pool_ready{node="node-0",pool="fast",backend="hostpath"} 0"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"berth_pool_ready{node="node-0",pool="slow",backend="hostpath"} 1"#)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_does_not_follow_a_planted_symlink() {
+    let w = world().await;
+    let made: Volume = w
+        .put(VOL, 1, &create_body("fast", MI))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let outside = w.bed.dir().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("precious"), "keep").unwrap();
+    std::os::unix::fs::symlink(&outside, Path::new(&made.path).join("link-to-outside")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.join("precious"),
+        Path::new(&made.path).join("link-to-file"),
+    )
+    .unwrap();
+    assert_eq!(w.delete(VOL, 1).await.status(), StatusCode::OK);
+    assert_eq!(
+        std::fs::read_to_string(outside.join("precious")).unwrap(),
+        "keep"
+    );
+    assert!(w.on_disk().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_controller_with_a_token_for_this_node_may_call() {
+    let w = world().await;
+    let url = w.agent.url("/v1/volumes");
+    let status = |r: reqwest::Response| r.status();
+    // No token.
+    assert_eq!(
+        status(w.http.get(&url).send().await.unwrap()),
+        StatusCode::UNAUTHORIZED
+    );
+    // A made-up token.
+    assert_eq!(
+        status(
+            w.http
+                .get(&url)
+                .bearer_auth("not-a-token")
+                .send()
+                .await
+                .unwrap()
+        ),
+        StatusCode::UNAUTHORIZED
+    );
+    // The controller's token for another node's agent (captured elsewhere, replayed here).
+    let other_node = w.bed.controller_token("node-1").await.unwrap();
+    assert_eq!(
+        status(
+            w.http
+                .get(&url)
+                .bearer_auth(&other_node)
+                .send()
+                .await
+                .unwrap()
+        ),
+        StatusCode::UNAUTHORIZED
+    );
+    // Another ServiceAccount, with the right audience.
+    let intruder = w
+        .bed
+        .service_account_token("default", "intruder", &berth::agent_audience("node-0"))
+        .await
+        .unwrap();
+    let resp = w
+        .http
+        .put(w.agent.url(&format!("/v1/volumes/{VOL}")))
+        .bearer_auth(&intruder)
+        .header("berth-leader-epoch", "1")
+        .json(&create_body("fast", MI))
+        .send()
+        .await
+        .unwrap();
+    let (code, reason, message) = refusal(resp).await;
+    assert_eq!(
+        (code, reason),
+        (StatusCode::FORBIDDEN, ErrorReason::Forbidden)
+    );
+    assert!(
+        message.contains("system:serviceaccount:default:intruder"),
+        "{message}"
+    );
+    // Open endpoints stay open.
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(
+            status(w.http.get(w.agent.url(open)).send().await.unwrap()),
+            StatusCode::OK,
+            "{open}"
+        );
+    }
+    // The controller gets in.
+    assert_eq!(
+        status(w.http.get(&url).bearer_auth(&w.token).send().await.unwrap()),
+        StatusCode::OK
+    );
+    assert!(w.on_disk().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_leadership_epoch_is_refused() {
+    let w = world().await;
+    assert_eq!(
+        w.put(VOL, 7, &create_body("fast", MI)).await.status(),
+        StatusCode::CREATED
+    );
+    let (code, reason, message) = refusal(w.delete(VOL, 6).await).await;
+    assert_eq!(
+        (code, reason),
+        (StatusCode::CONFLICT, ErrorReason::StaleEpoch),
+        "{message}"
+    );
+    let (_, reason, _) = refusal(w.put(VOL2, 3, &create_body("fast", MI)).await).await;
+    assert_eq!(reason, ErrorReason::StaleEpoch);
+    assert_eq!(w.on_disk(), vec![format!("fast/{VOL}")]);
+    // Missing or malformed epochs are invalid requests.
+    let resp = w
+        .http
+        .delete(w.agent.url(&format!("/v1/volumes/{VOL}")))
+        .bearer_auth(&w.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refusal(resp).await.1, ErrorReason::Invalid);
+    assert_eq!(w.delete(VOL, 8).await.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_input_is_refused_and_changes_nothing() {
+    let w = world().await;
+    let send_raw = |name: String, body: Vec<u8>| {
+        w.http
+            .put(w.agent.url(&format!("/v1/volumes/{name}")))
+            .bearer_auth(&w.token)
+            .header("berth-leader-epoch", "1")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let good = serde_json::to_vec(&create_body("fast", MI)).unwrap();
+    let cases: Vec<(String, Vec<u8>, ErrorReason)> = vec![
+        (VOL.into(), b"{not json".to_vec(), ErrorReason::Invalid),
+        (VOL.into(), br#"{"pool":"fast","sizeBytes":1,"claim":{"namespace":"a","name":"b"},"path":"/etc"}"#.to_vec(), ErrorReason::Invalid),
+        (VOL.into(), br#"{"pool":"fast","sizeBytes":0,"claim":{"namespace":"a","name":"b"}}"#.to_vec(), ErrorReason::Invalid),
+        (VOL.into(), br#"{"pool":"fast","sizeBytes":-5,"claim":{"namespace":"a","name":"b"}}"#.to_vec(), ErrorReason::Invalid),
+        (VOL.into(), br#"{"pool":"../..","sizeBytes":1,"claim":{"namespace":"a","name":"b"}}"#.to_vec(), ErrorReason::Invalid),
+        (VOL.into(), br#"{"pool":"fast","sizeBytes":1,"claim":{"namespace":"a","name":"b"},"mode":4095}"#.to_vec(), ErrorReason::Invalid),
+        (VOL.into(), br#"{"pool":"nope","sizeBytes":1,"claim":{"namespace":"a","name":"b"}}"#.to_vec(), ErrorReason::UnknownPool),
+        (VOL.into(), br#"{"pool":"fast","sizeBytes":1,"volumeMode":"Block","claim":{"namespace":"a","name":"b"}}"#.to_vec(), ErrorReason::Unsupported),
+        (VOL.into(), vec![b' '; 64 * 1024], ErrorReason::TooLarge),
+        // The client resolves `..` (also percent-encoded) before sending: /v1/volumes/.. is /v1/, no endpoint.
+        ("..".into(), good.clone(), ErrorReason::NotFound),
+        ("%2E%2E".into(), good.clone(), ErrorReason::NotFound),
+        ("a%2Fb".into(), good.clone(), ErrorReason::Invalid),
+        ("a%2F..%2F..%2Fetc".into(), good.clone(), ErrorReason::Invalid),
+        ("a%00b".into(), good.clone(), ErrorReason::Invalid),
+        ("pvc-%C3%A9".into(), good.clone(), ErrorReason::Invalid),
+        ("A".repeat(300), good.clone(), ErrorReason::Invalid),
+        ("Upper".into(), good.clone(), ErrorReason::Invalid),
+    ];
+    for (name, body, expected) in cases {
+        let resp = send_raw(name.clone(), body).await.unwrap();
+        let status = resp.status();
+        assert!(status.is_client_error(), "{name}: {status}");
+        let (_, reason, message) = refusal(resp).await;
+        assert_eq!(reason, expected, "{name}: {message}");
+        assert!(!message.is_empty());
+    }
+    assert!(w.on_disk().is_empty(), "{:?}", w.on_disk());
+    let staging = w.agent.pool_root("fast").join(".berth-tmp");
+    assert!(!staging.exists() || std::fs::read_dir(&staging).unwrap().count() == 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_shows_the_pools_and_sigterm_exits_cleanly() {
+    let mut w = world().await;
+    assert_eq!(
+        w.put(VOL, 1, &create_body("fast", 50 * MI)).await.status(),
+        StatusCode::CREATED
+    );
+    let nodes: Api<BerthNode> = Api::all(w.bed.client());
+    wait_for(&nodes, "node-0", Duration::from_secs(10), |n| {
+        n.status.as_ref().is_some_and(|s| s.summary.volumes == 1)
+    })
+    .await
+    .unwrap();
+    let out = w.bed.kubectl(&["get", "berthnodes"]).unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME", "NODE", "POOLS", "FREE", "CAPACITY", "VOLUMES", "AGE"
+        ]
+    );
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..3], ["node-0", "node-0", "fast,slow"]);
+    assert!(row[3].ends_with("Mi"), "free {}", row[3]);
+    assert_eq!(row[5], "1");
+
+    let status = w
+        .agent
+        .terminate(Duration::from_secs(15))
+        .expect("the agent exits after SIGTERM");
+    assert!(status.success(), "{status}");
+    assert!(w.agent.log().contains("shutting down"));
+}

@@ -1,0 +1,303 @@
+//! Berth's node agents on the test bed: one `berth-agent` process per simulated node, on the node's own loopback
+//! address, with pools on the node's own disk, authenticating callers through the bed's real TokenReview.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use berth::berth_node::BerthNode;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+
+use crate::TestBed;
+use crate::kube_util::wait_for;
+use crate::ports::free_port;
+use crate::process::Proc;
+
+/// The controller's identity as the agents are told to expect it (the default of `--controller-identity`).
+pub const CONTROLLER_NAMESPACE: &str = "berth-system";
+pub const CONTROLLER_SERVICE_ACCOUNT: &str = "berth-controller";
+
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    pub name: String,
+    /// Directory of the pool's root, relative to the node's disk (or the node's directory without a disk).
+    pub root: String,
+    /// Extra TOML lines of the pool (e.g. `capacity = "100Mi"`).
+    pub extra: String,
+}
+
+impl PoolSpec {
+    pub fn new(name: &str) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            root: format!("pools/{name}"),
+            extra: String::new(),
+        }
+    }
+}
+
+/// A running `berth-agent`.
+pub struct AgentProcess {
+    pub node: String,
+    /// `https://<node address>:<port>`.
+    pub endpoint: String,
+    /// The serving certificate it published in its BerthNode (PEM).
+    pub certificate: String,
+    pub config: PathBuf,
+    /// Pool name → root directory.
+    pub pool_roots: Vec<(String, PathBuf)>,
+    binary: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    client: kube::Client,
+    proc: Option<Proc>,
+}
+
+impl TestBed {
+    /// Installs Berth's CRDs (from the Rust types) and waits until the API server serves them.
+    pub async fn install_berth_crds(&self) -> Result<()> {
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client());
+        let crd = BerthNode::crd();
+        let name = crd.metadata.name.clone().expect("named");
+        crds.patch(
+            &name,
+            &PatchParams::apply("berth-testbed").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+        wait_for(&crds, &name, Duration::from_secs(30), |c| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// A token of ServiceAccount `namespace/name` (both created if missing) for `audience`.
+    pub async fn service_account_token(
+        &self,
+        namespace: &str,
+        name: &str,
+        audience: &str,
+    ) -> Result<String> {
+        let pp = PostParams::default();
+        let namespaces: Api<Namespace> = Api::all(self.client());
+        if namespaces.get_opt(namespace).await?.is_none() {
+            let ns = Namespace {
+                metadata: ObjectMeta {
+                    name: Some(namespace.into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            namespaces.create(&pp, &ns).await?;
+        }
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client(), namespace);
+        if sas.get_opt(name).await?.is_none() {
+            let sa = ServiceAccount {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            sas.create(&pp, &sa).await?;
+        }
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: Some(vec![audience.into()]),
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let token = sas.create_token_request(name, &pp, &request).await?;
+        token
+            .status
+            .and_then(|s| s.token)
+            .context("TokenRequest returned no token")
+    }
+
+    /// The controller's token for node `node`'s agent.
+    pub async fn controller_token(&self, node: &str) -> Result<String> {
+        self.service_account_token(
+            CONTROLLER_NAMESPACE,
+            CONTROLLER_SERVICE_ACCOUNT,
+            &berth::agent_audience(node),
+        )
+        .await
+    }
+
+    /// Starts `berth-agent` (the binary at `binary`) for simulated node `index` with `pools` (initialised with
+    /// `berth-agent init-pool` unless `init` is false) and waits until its BerthNode shows its endpoint.
+    /// Call [`TestBed::install_berth_crds`] first.
+    pub async fn start_agent(
+        &self,
+        binary: &Path,
+        index: usize,
+        pools: &[PoolSpec],
+        init: bool,
+    ) -> Result<AgentProcess> {
+        let node = &self.nodes()[index];
+        let base = node
+            .disk
+            .as_ref()
+            .map(|d| d.mount_point().to_path_buf())
+            .unwrap_or_else(|| self.dir().join("nodes").join(&node.name));
+        let agent_dir = self.dir().join("agents").join(&node.name);
+        std::fs::create_dir_all(&agent_dir)?;
+        let mut toml = String::new();
+        let mut pool_roots = Vec::new();
+        for p in pools {
+            let root = base.join(&p.root);
+            toml.push_str(&format!(
+                "[[pool]]\nname = {:?}\nbackend = \"hostpath\"\nroot = {:?}\n{}\n\n",
+                p.name, root, p.extra
+            ));
+            pool_roots.push((p.name.clone(), root));
+        }
+        let config = agent_dir.join("agent.toml");
+        std::fs::write(&config, toml)?;
+        if init {
+            for p in pools {
+                let out = std::process::Command::new(binary)
+                    .args(["init-pool", "--config"])
+                    .arg(&config)
+                    .args(["--pool", &p.name])
+                    .output()?;
+                if !out.status.success() {
+                    bail!(
+                        "berth-agent init-pool {}: {}",
+                        p.name,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+        }
+        let port = free_port(node.address)?;
+        let endpoint = format!("https://{}:{port}", node.address);
+        let args = vec![
+            "run".into(),
+            format!("--config={}", config.display()),
+            format!("--node-name={}", node.name),
+            format!("--listen={}:{port}", node.address),
+            format!("--state-dir={}", agent_dir.join("state").display()),
+            "--shutdown-grace-seconds=10".into(),
+        ];
+        let env = vec![
+            (
+                "KUBECONFIG".to_string(),
+                self.kubeconfig().display().to_string(),
+            ),
+            ("RUST_LOG".to_string(), "info,kube=warn".to_string()),
+        ];
+        let mut agent = AgentProcess {
+            node: node.name.clone(),
+            endpoint,
+            certificate: String::new(),
+            config,
+            pool_roots,
+            binary: binary.to_owned(),
+            args,
+            env,
+            log: self
+                .dir()
+                .join("logs")
+                .join(format!("agent-{}.log", node.name)),
+            client: self.client(),
+            proc: None,
+        };
+        agent.start().await?;
+        Ok(agent)
+    }
+}
+
+impl AgentProcess {
+    /// (Re)starts the process and waits for a BerthNode status carrying this endpoint and a new certificate.
+    pub async fn start(&mut self) -> Result<()> {
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.proc = Some(Proc::spawn_with_env(
+            &format!("berth-agent {}", self.node),
+            &self.binary,
+            &self.args,
+            &env,
+            &self.log,
+        )?);
+        let old = std::mem::take(&mut self.certificate);
+        let nodes: Api<BerthNode> = Api::all(self.client.clone());
+        let endpoint = self.endpoint.clone();
+        let waited = wait_for(&nodes, &self.node, Duration::from_secs(30), |n| {
+            n.status.as_ref().is_some_and(|s| {
+                s.endpoint == endpoint && !s.certificate.is_empty() && s.certificate != old
+            })
+        })
+        .await;
+        match waited {
+            Ok(n) => {
+                self.certificate = n.status.expect("checked").certificate;
+                Ok(())
+            }
+            Err(e) => {
+                let tail = crate::process::log_tail(&self.log, 30);
+                Err(e.context(format!(
+                    "agent of {} did not publish itself; its log:\n{tail}",
+                    self.node
+                )))
+            }
+        }
+    }
+
+    /// An HTTPS client that trusts exactly this agent's published certificate.
+    pub fn http(&self) -> Result<reqwest::Client> {
+        Ok(reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(self.certificate.as_bytes())?)
+            .tls_built_in_root_certs(false)
+            .timeout(Duration::from_secs(30))
+            .build()?)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.endpoint)
+    }
+
+    pub fn pool_root(&self, pool: &str) -> &Path {
+        &self
+            .pool_roots
+            .iter()
+            .find(|(n, _)| n == pool)
+            .expect("configured pool")
+            .1
+    }
+
+    /// SIGKILL: the crash case.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.signal_and_wait(libc::SIGKILL, Duration::from_secs(10));
+        }
+    }
+
+    /// SIGTERM and the exit status (None if it did not exit within `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.proc
+            .as_mut()
+            .and_then(|p| p.signal_and_wait(libc::SIGTERM, timeout))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

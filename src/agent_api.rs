@@ -71,10 +71,15 @@ pub struct PoolStatus {
     /// Why the pool is not ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[schemars(extend("format" = "int64"))]
     pub capacity_bytes: u64,
+    #[schemars(extend("format" = "int64"))]
     pub allocated_bytes: u64,
+    #[schemars(extend("format" = "int64"))]
     pub free_bytes: u64,
+    #[schemars(extend("format" = "int64"))]
     pub maximum_volume_size_bytes: u64,
+    #[schemars(extend("format" = "int32"))]
     pub volumes: u32,
     /// How volume sizes are enforced: `none` (a directory volume can outgrow its size) or `quota`.
     pub enforcement: String,

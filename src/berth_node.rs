@@ -53,6 +53,8 @@ pub struct BerthNodeSummary {
     /// Free bytes summed over ready pools, human-readable (binary units).
     pub free: String,
     pub capacity: String,
+    // Kubernetes knows int32/int64, not Rust's unsigned formats.
+    #[schemars(extend("format" = "int32"))]
     pub volumes: u32,
 }
 

@@ -8,6 +8,9 @@ pub mod keys;
 pub mod naming;
 pub mod validate;
 
+#[cfg(test)]
+mod crd_file_test;
+
 /// The provisioner name StorageClasses use. A DNS subdomain on purpose: kube-scheduler matches it against a
 /// CSIDriver object's name to opt into capacity-aware scheduling, and object names cannot contain `/`.
 pub const PROVISIONER_NAME: &str = "local.berth.dev";

@@ -43,8 +43,17 @@ fn direct_create_delete(root: &Path, i: usize) {
 
 fn report(name: &str, mut samples: Vec<Duration>) -> Duration {
     samples.sort();
-    let (p50, p90, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.9), percentile(&samples, 0.99));
-    println!("{name:<28} p50 {:>8.3} ms   p90 {:>8.3} ms   p99 {:>8.3} ms", ms(p50), ms(p90), ms(p99));
+    let (p50, p90, p99) = (
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.9),
+        percentile(&samples, 0.99),
+    );
+    println!(
+        "{name:<28} p50 {:>8.3} ms   p90 {:>8.3} ms   p99 {:>8.3} ms",
+        ms(p50),
+        ms(p90),
+        ms(p99)
+    );
     p50
 }
 
@@ -54,10 +63,23 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(200);
-    let bed = TestBed::start(TestBedConfig::nodes_with_disks(&[1 << 30], FsType::Ext4)).await.unwrap();
+    let rounds: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(200);
+    let bed = TestBed::start(TestBedConfig::nodes_with_disks(&[1 << 30], FsType::Ext4))
+        .await
+        .unwrap();
     bed.install_berth_crds().await.unwrap();
-    let agent = bed.start_agent(Path::new(env!("CARGO_BIN_EXE_berth-agent")), 0, &[PoolSpec::new("bench")], true).await.unwrap();
+    let agent = bed
+        .start_agent(
+            Path::new(env!("CARGO_BIN_EXE_berth-agent")),
+            0,
+            &[PoolSpec::new("bench")],
+            true,
+        )
+        .await
+        .unwrap();
     let http = agent.http().unwrap();
     let token = bed.controller_token("node-0").await.unwrap();
     let direct_root = agent.pool_root("bench").parent().unwrap().join("direct");
@@ -68,9 +90,22 @@ async fn main() {
     for i in 0..rounds + 10 {
         let name = format!("pvc-00000000-0000-4000-8000-{i:012}");
         let started = Instant::now();
-        let created = http.put(agent.url(&format!("/v1/volumes/{name}"))).bearer_auth(&token).header("berth-leader-epoch", "1").json(&body).send().await.unwrap();
+        let created = http
+            .put(agent.url(&format!("/v1/volumes/{name}")))
+            .bearer_auth(&token)
+            .header("berth-leader-epoch", "1")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(created.status(), 201, "{}", created.text().await.unwrap());
-        let deleted = http.delete(agent.url(&format!("/v1/volumes/{name}"))).bearer_auth(&token).header("berth-leader-epoch", "1").send().await.unwrap();
+        let deleted = http
+            .delete(agent.url(&format!("/v1/volumes/{name}")))
+            .bearer_auth(&token)
+            .header("berth-leader-epoch", "1")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(deleted.status(), 200);
         let api_time = started.elapsed();
         let started = Instant::now();
@@ -82,8 +117,14 @@ async fn main() {
             direct.push(direct_time);
         }
     }
-    println!("create+delete of one directory volume, {rounds} rounds, {} on a loop-mounted ext4 disk", env!("CARGO_PKG_VERSION"));
+    println!(
+        "create+delete of one directory volume, {rounds} rounds, {} on a loop-mounted ext4 disk",
+        env!("CARGO_PKG_VERSION")
+    );
     let a = report("through the agent API", api);
     let d = report("directly (same fs ops)", direct);
-    println!("ratio (API p50 / direct p50): {:.2}", a.as_secs_f64() / d.as_secs_f64());
+    println!(
+        "ratio (API p50 / direct p50): {:.2}",
+        a.as_secs_f64() / d.as_secs_f64()
+    );
 }

@@ -2,9 +2,10 @@
 //! kernel cannot do here: device-mapper (LVM), mkfs and mount of real volumes, project quotas.
 //!
 //! The guest shares the host's root filesystem read-only (writes to /etc, /var, /tmp … go to throw-away
-//! overlays), so test binaries built on the host run as they are. It does *not* see the host's /tmp: keep
-//! scripts, images and binaries under the repository or $HOME, and list with [`Vm::rwdir`] any directory the
-//! guest must write to. Each disk image appears as a virtio disk whose serial is the image's file name, so the
+//! overlays), so test binaries built on the host run as they are. Scripts live under the repository's `target/`;
+//! list with [`Vm::rwdir`] any directory the guest must write to for the host to see. (test-bed.md warns that the
+//! guest cannot see the host's /tmp; with virtme-ng 1.42 it sees it read-only through an overlay: the VM tier
+//! passed from a clone under /tmp.) Each disk image appears as a virtio disk whose serial is the image's file name, so the
 //! guest finds it at `/dev/disk/by-id/virtio-<file name>` (see [`guest_disk`]) whatever order it was added in.
 //! With [`Vm::network`] the guest reaches the host's 127.0.0.1 — and only that address — as 10.0.2.2.
 

@@ -7,9 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent_api::PoolStatus;
 
-#[derive(
-    CustomResource, Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default,
-)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
 #[kube(
     group = "berth.dev",
     version = "v1alpha1",
@@ -67,11 +65,7 @@ pub fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 {
-        format!("{bytes}")
-    } else {
-        format!("{value:.1}{}", UNITS[unit])
-    }
+    if unit == 0 { format!("{bytes}") } else { format!("{value:.1}{}", UNITS[unit]) }
 }
 
 #[cfg(test)]

@@ -16,11 +16,7 @@ pub fn volume_name(claim_uid: &str) -> Result<String, NameError> {
             8 | 13 | 18 | 23 => b == b'-',
             _ => b.is_ascii_digit() || (b'a'..=b'f').contains(&b),
         });
-    if is_uid {
-        Ok(format!("pvc-{claim_uid}"))
-    } else {
-        Err(NameError::NotAUid(claim_uid.to_owned()))
-    }
+    if is_uid { Ok(format!("pvc-{claim_uid}")) } else { Err(NameError::NotAUid(claim_uid.to_owned())) }
 }
 
 #[cfg(test)]
@@ -45,11 +41,7 @@ mod tests {
             "0f8e3c1a-5b2d-4c7e-9a10/2b3c4d5e6f70",
             "0f8e3c1a_5b2d-4c7e-9a10-2b3c4d5e6f70",
         ] {
-            assert_eq!(
-                volume_name(bad),
-                Err(NameError::NotAUid(bad.to_owned())),
-                "{bad:?}"
-            );
+            assert_eq!(volume_name(bad), Err(NameError::NotAUid(bad.to_owned())), "{bad:?}");
         }
     }
 }

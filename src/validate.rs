@@ -8,11 +8,7 @@ pub enum InvalidName {
     #[error("{what} is empty")]
     Empty { what: &'static str },
     #[error("{what} is {len} characters long; at most {max}")]
-    TooLong {
-        what: &'static str,
-        len: usize,
-        max: usize,
-    },
+    TooLong { what: &'static str, len: usize, max: usize },
     #[error(
         "{what} {value:?} is not a DNS-1123 label (lowercase letters, digits and '-', starting and ending with a \
          letter or digit)"
@@ -37,22 +33,13 @@ fn dns1123_label(what: &'static str, value: &str, max: usize) -> Result<(), Inva
         return Err(InvalidName::Empty { what });
     }
     if value.len() > max {
-        return Err(InvalidName::TooLong {
-            what,
-            len: value.len(),
-            max,
-        });
+        return Err(InvalidName::TooLong { what, len: value.len(), max });
     }
     let bytes = value.as_bytes();
-    let inner_ok = bytes
-        .iter()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
+    let inner_ok = bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-');
     let ends_ok = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     if !inner_ok || !ends_ok(bytes[0]) || !ends_ok(bytes[bytes.len() - 1]) {
-        return Err(InvalidName::NotDns1123Label {
-            what,
-            value: value.to_owned(),
-        });
+        return Err(InvalidName::NotDns1123Label { what, value: value.to_owned() });
     }
     Ok(())
 }
@@ -91,24 +78,9 @@ mod tests {
             "a\nb",
         ] {
             assert!(volume_name(bad).is_err(), "{bad:?} was accepted");
-            assert!(
-                pool_name(bad).is_err(),
-                "{bad:?} was accepted as a pool name"
-            );
+            assert!(pool_name(bad).is_err(), "{bad:?} was accepted as a pool name");
         }
-        assert_eq!(
-            volume_name(&long),
-            Err(InvalidName::TooLong {
-                what: "volume name",
-                len: 300,
-                max: 63
-            })
-        );
-        assert_eq!(
-            volume_name(""),
-            Err(InvalidName::Empty {
-                what: "volume name"
-            })
-        );
+        assert_eq!(volume_name(&long), Err(InvalidName::TooLong { what: "volume name", len: 300, max: 63 }));
+        assert_eq!(volume_name(""), Err(InvalidName::Empty { what: "volume name" }));
     }
 }

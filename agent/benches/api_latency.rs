@@ -43,17 +43,8 @@ fn direct_create_delete(root: &Path, i: usize) {
 
 fn report(name: &str, mut samples: Vec<Duration>) -> Duration {
     samples.sort();
-    let (p50, p90, p99) = (
-        percentile(&samples, 0.5),
-        percentile(&samples, 0.9),
-        percentile(&samples, 0.99),
-    );
-    println!(
-        "{name:<28} p50 {:>8.3} ms   p90 {:>8.3} ms   p99 {:>8.3} ms",
-        ms(p50),
-        ms(p90),
-        ms(p99)
-    );
+    let (p50, p90, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.9), percentile(&samples, 0.99));
+    println!("{name:<28} p50 {:>8.3} ms   p90 {:>8.3} ms   p99 {:>8.3} ms", ms(p50), ms(p90), ms(p99));
     p50
 }
 
@@ -63,21 +54,11 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let rounds: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(200);
-    let bed = TestBed::start(TestBedConfig::nodes_with_disks(&[1 << 30], FsType::Ext4))
-        .await
-        .unwrap();
+    let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(200);
+    let bed = TestBed::start(TestBedConfig::nodes_with_disks(&[1 << 30], FsType::Ext4)).await.unwrap();
     bed.install_berth_crds().await.unwrap();
     let agent = bed
-        .start_agent(
-            Path::new(env!("CARGO_BIN_EXE_berth-agent")),
-            0,
-            &[PoolSpec::new("bench")],
-            true,
-        )
+        .start_agent(Path::new(env!("CARGO_BIN_EXE_berth-agent")), 0, &[PoolSpec::new("bench")], true)
         .await
         .unwrap();
     let http = agent.http().unwrap();
@@ -123,8 +104,5 @@ async fn main() {
     );
     let a = report("through the agent API", api);
     let d = report("directly (same fs ops)", direct);
-    println!(
-        "ratio (API p50 / direct p50): {:.2}",
-        a.as_secs_f64() / d.as_secs_f64()
-    );
+    println!("ratio (API p50 / direct p50): {:.2}", a.as_secs_f64() / d.as_secs_f64());
 }

@@ -2,7 +2,7 @@
 //! capacity) every backend shares. Operations are serialised by one lock: they are short, and it is what makes
 //! "check free space, then create" safe for pools that share a filesystem.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use berth::agent_api::{CreateVolumeRequest, ErrorReason, PoolStatus, Volume, VolumeMode};
@@ -10,6 +10,7 @@ use berth::agent_api::{CreateVolumeRequest, ErrorReason, PoolStatus, Volume, Vol
 use crate::backend::{Backend, BackendError, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord};
 use crate::capacity::{Capacity, PoolLimits, VolumeUsage, pool_capacity};
 use crate::config::PoolConfig;
+use crate::epoch::{AdmitError, EpochFence};
 
 /// Default permission bits of a volume's directory: owner and group, not the world.
 pub const DEFAULT_MODE: u32 = 0o750;
@@ -24,10 +25,7 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(reason: ErrorReason, message: impl Into<String>) -> Refusal {
-        Refusal {
-            reason,
-            message: message.into(),
-        }
+        Refusal { reason, message: message.into() }
     }
 }
 
@@ -55,8 +53,18 @@ pub enum Created {
 pub struct Agent {
     pub node: String,
     pools: Vec<Pool>,
-    /// Volume name → record, for every pool. Rebuilt from disk at start; the disk is the only database.
-    inventory: Mutex<BTreeMap<String, VolumeRecord>>,
+    fence: EpochFence,
+    /// One lock for every decision, so "check free space, then create" is safe for pools sharing a filesystem
+    /// and an epoch is checked in the same critical section as the operation it admits.
+    state: Mutex<State>,
+}
+
+/// The inventory (volume name → record) and which pools it covers. Rebuilt from disk, pool by pool, the first
+/// time each pool is seen ready; the disk is the only database.
+#[derive(Default)]
+struct State {
+    volumes: BTreeMap<String, VolumeRecord>,
+    recovered: BTreeSet<String>,
 }
 
 pub fn to_api(r: &VolumeRecord) -> Volume {
@@ -91,9 +99,7 @@ pub fn validate_create(name: &str, req: &CreateVolumeRequest) -> Result<(), Refu
     }
     let field = |what: &str, v: &str| {
         if v.is_empty() || v.len() > 253 || v.chars().any(char::is_control) {
-            Err(invalid(format!(
-                "claim {what} {v:?} is not a Kubernetes name"
-            )))
+            Err(invalid(format!("claim {what} {v:?} is not a Kubernetes name")))
         } else {
             Ok(())
         }
@@ -104,61 +110,63 @@ pub fn validate_create(name: &str, req: &CreateVolumeRequest) -> Result<(), Refu
 }
 
 impl Agent {
-    /// Builds the inventory from every pool's disk. A pool that is not ready contributes nothing (and says why
-    /// in its status) but does not stop the others.
-    pub fn start(node: String, pools: Vec<Pool>) -> Agent {
-        let mut inventory = BTreeMap::new();
-        for pool in &pools {
-            match pool.backend.recover() {
-                Ok(volumes) => {
-                    tracing::info!(pool = %pool.config.name, volumes = volumes.len(), "inventory recovered from disk");
-                    for v in volumes {
-                        inventory.insert(v.name.clone(), v);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(pool = %pool.config.name, error = %e, "pool not ready at start; no volumes from it")
+    /// Recovers the inventory of every pool that is ready now; the others are recovered when they become ready
+    /// and refuse work until then.
+    pub fn start(node: String, pools: Vec<Pool>, fence: EpochFence) -> Agent {
+        let agent = Agent { node, pools, fence, state: Mutex::new(State::default()) };
+        {
+            let mut state = agent.lock();
+            for pool in &agent.pools {
+                if let Err(e) = agent.ensure_recovered(&mut state, pool) {
+                    tracing::warn!(pool = %pool.config.name, error = %e.message, "pool not ready at start");
                 }
             }
         }
-        Agent {
-            node,
-            pools,
-            inventory: Mutex::new(inventory),
-        }
+        agent
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn pool(&self, name: &str) -> Option<&Pool> {
         self.pools.iter().find(|p| p.config.name == name)
     }
 
-    pub fn create(
-        &self,
-        name: &str,
-        req: &CreateVolumeRequest,
-        now: &str,
-    ) -> Result<Created, Refusal> {
-        validate_create(name, req)?;
-        let pool = self.pool(&req.pool).ok_or_else(|| {
-            Refusal::new(
-                ErrorReason::UnknownPool,
-                format!("no pool {:?} on node {}", req.pool, self.node),
-            )
-        })?;
-        if req.volume_mode == VolumeMode::Block && pool.backend.kind() == "hostpath" {
-            return Err(Refusal::new(
-                ErrorReason::Unsupported,
-                format!(
-                    "pool {:?} is a hostpath pool: raw block volumes need an lvm pool",
-                    req.pool
-                ),
-            ));
+    /// Reads `pool`'s volumes from disk once it is ready. Until then the pool is refused: its volumes are not
+    /// known, so neither "exists" nor "free" could be answered truthfully.
+    fn ensure_recovered(&self, state: &mut State, pool: &Pool) -> Result<(), Refusal> {
+        if state.recovered.contains(&pool.config.name) {
+            return Ok(());
         }
+        let volumes = pool.backend.recover()?;
+        tracing::info!(pool = %pool.config.name, volumes = volumes.len(), "inventory recovered from disk");
+        for v in volumes {
+            state.volumes.insert(v.name.clone(), v);
+        }
+        state.recovered.insert(pool.config.name.clone());
+        Ok(())
+    }
+
+    fn admit_epoch(&self, epoch: u64) -> Result<(), Refusal> {
+        self.fence.admit(epoch).map_err(|e| match e {
+            AdmitError::Stale { newest } => Refusal::new(
+                ErrorReason::StaleEpoch,
+                format!("leadership epoch {epoch} is older than {newest}, already seen"),
+            ),
+            AdmitError::NotPersisted(m) => Refusal::new(ErrorReason::Internal, m),
+        })
+    }
+
+    pub fn create(&self, name: &str, req: &CreateVolumeRequest, now: &str, epoch: u64) -> Result<Created, Refusal> {
+        validate_create(name, req)?;
         let uid = req.uid.unwrap_or(0);
         let gid = req.gid.unwrap_or(0);
         let mode = req.mode.unwrap_or(DEFAULT_MODE);
-        let mut inventory = self.inventory.lock().expect("inventory lock");
-        if let Some(existing) = inventory.get(name) {
+        let mut state = self.lock();
+        self.admit_epoch(epoch)?;
+        // An existing volume answers first: the same name with other parameters is a conflict, whatever they are.
+        if let Some(existing) = state.volumes.get(name) {
             let same = existing.pool == req.pool
                 && existing.size_bytes == req.size_bytes
                 && existing.volume_mode == req.volume_mode
@@ -171,20 +179,34 @@ impl Agent {
                 Err(Refusal::new(
                     ErrorReason::Conflict,
                     format!(
-                        "volume {name} exists in pool {:?} with {} bytes (mode {:#o}, owner {}:{}); asked for pool {:?} with {} bytes (mode {mode:#o}, owner {uid}:{gid})",
+                        "volume {name} exists in pool {:?} with {} bytes ({:?}, mode {:#o}, owner {}:{}); asked for pool {:?} with {} bytes ({:?}, mode {mode:#o}, owner {uid}:{gid})",
                         existing.pool,
                         existing.size_bytes,
+                        existing.volume_mode,
                         existing.mode,
                         existing.uid,
                         existing.gid,
                         req.pool,
-                        req.size_bytes
+                        req.size_bytes,
+                        req.volume_mode
                     ),
                 ))
             };
         }
+        let pool = self.pool(&req.pool).ok_or_else(|| {
+            Refusal::new(ErrorReason::UnknownPool, format!("no pool {:?} on node {}", req.pool, self.node))
+        })?;
+        if req.volume_mode == VolumeMode::Block && pool.backend.kind() == "hostpath" {
+            return Err(Refusal::new(
+                ErrorReason::Unsupported,
+                format!("pool {:?} is a hostpath pool: raw block volumes need an lvm pool", req.pool),
+            ));
+        }
+        // The target pool's volumes must be known before its free space is. (A claim's volume is always asked of
+        // the same pool, its class's, so a pool that is down elsewhere on the node cannot hide a twin.)
+        self.ensure_recovered(&mut state, pool)?;
         let probe = pool.backend.probe()?;
-        let capacity = self.capacity_of(pool, &probe, &inventory);
+        let capacity = self.capacity_of(pool, &probe, &state.volumes);
         if req.size_bytes > capacity.maximum_volume_size {
             return Err(Refusal::new(
                 ErrorReason::InsufficientSpace,
@@ -209,129 +231,115 @@ impl Agent {
         };
         let made = pool.backend.create(record)?;
         let api = to_api(&made);
-        inventory.insert(name.to_owned(), made);
+        state.volumes.insert(name.to_owned(), made);
         Ok(Created::New(api))
     }
 
-    /// Deletes a volume; `Ok(false)` if there was none (deleting twice succeeds).
-    pub fn delete(&self, name: &str) -> Result<bool, Refusal> {
-        berth::validate::volume_name(name)
-            .map_err(|e| Refusal::new(ErrorReason::Invalid, e.to_string()))?;
-        let mut inventory = self.inventory.lock().expect("inventory lock");
-        let Some(record) = inventory.get(name) else {
-            return Ok(false);
+    fn ensure_all_recovered(&self, state: &mut State, name: &str) -> Result<(), Refusal> {
+        for pool in &self.pools {
+            self.ensure_recovered(state, pool).map_err(|e| {
+                Refusal::new(
+                    ErrorReason::PoolNotReady,
+                    format!(
+                        "cannot tell whether volume {name} exists: pool {:?} is not ready ({})",
+                        pool.config.name, e.message
+                    ),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Deletes a volume; `Ok(false)` if there was none (deleting twice succeeds). The volume leaves the inventory
+    /// as soon as it is moved aside; its contents are removed after the lock is released, so a large volume does
+    /// not hold up other requests.
+    pub fn delete(&self, name: &str, epoch: u64) -> Result<bool, Refusal> {
+        berth::validate::volume_name(name).map_err(|e| Refusal::new(ErrorReason::Invalid, e.to_string()))?;
+        let (pool, detached) = {
+            let mut state = self.lock();
+            self.admit_epoch(epoch)?;
+            if !state.volumes.contains_key(name) {
+                // "There was none" only once every pool has been read.
+                self.ensure_all_recovered(&mut state, name)?;
+            }
+            let Some(record) = state.volumes.get(name) else { return Ok(false) };
+            let pool = self.pool(&record.pool).ok_or_else(|| {
+                Refusal::new(
+                    ErrorReason::Internal,
+                    format!("volume {name} belongs to unconfigured pool {:?}", record.pool),
+                )
+            })?;
+            let detached = pool.backend.detach(name)?;
+            state.volumes.remove(name);
+            (pool, detached)
         };
-        let pool = self.pool(&record.pool).ok_or_else(|| {
-            Refusal::new(
-                ErrorReason::Internal,
-                format!(
-                    "volume {name} belongs to unconfigured pool {:?}",
-                    record.pool
-                ),
-            )
-        })?;
-        pool.backend.delete(name)?;
-        inventory.remove(name);
+        if let Some(detached) = detached {
+            pool.backend.purge(&detached).map_err(|e| {
+                Refusal::new(
+                    ErrorReason::Internal,
+                    format!(
+                        "volume {name} is deleted but its data is not all removed yet (retried at the next start): {e}"
+                    ),
+                )
+            })?;
+        }
         Ok(true)
     }
 
     pub fn volume(&self, name: &str) -> Option<Volume> {
-        self.inventory
-            .lock()
-            .expect("inventory lock")
-            .get(name)
-            .map(to_api)
+        self.lock().volumes.get(name).map(to_api)
     }
 
     pub fn volumes(&self) -> Vec<Volume> {
-        self.inventory
-            .lock()
-            .expect("inventory lock")
-            .values()
-            .map(to_api)
-            .collect()
+        self.lock().volumes.values().map(to_api).collect()
     }
 
-    /// Every pool's status and capacity, as of now.
+    /// Every pool's status and capacity, as of now (recovering pools that have become ready).
     pub fn pool_statuses(&self) -> Vec<PoolStatus> {
-        let inventory = self.inventory.lock().expect("inventory lock");
-        self.pools
-            .iter()
-            .map(|pool| {
-                let volumes = inventory
-                    .values()
-                    .filter(|v| v.pool == pool.config.name)
-                    .count() as u32;
-                let (ready, reason, cap) = match pool.backend.probe() {
-                    Ok(probe) => (true, None, self.capacity_of(pool, &probe, &inventory)),
-                    Err(e) => {
-                        let allocated = inventory
-                            .values()
-                            .filter(|v| v.pool == pool.config.name)
-                            .map(|v| v.size_bytes)
-                            .sum();
-                        (
-                            false,
-                            Some(e.to_string()),
-                            Capacity {
-                                allocated,
-                                ..Capacity::default()
-                            },
-                        )
-                    }
-                };
-                PoolStatus {
-                    name: pool.config.name.clone(),
-                    backend: pool.backend.kind().to_owned(),
-                    ready,
-                    reason,
-                    capacity_bytes: cap.capacity,
-                    allocated_bytes: cap.allocated,
-                    free_bytes: cap.free,
-                    maximum_volume_size_bytes: cap.maximum_volume_size,
-                    volumes,
-                    enforcement: "none".into(),
+        let mut state = self.lock();
+        let mut statuses = Vec::with_capacity(self.pools.len());
+        for pool in &self.pools {
+            let probe = self.ensure_recovered(&mut state, pool).and_then(|()| Ok(pool.backend.probe()?));
+            let mine = || state.volumes.values().filter(|v| v.pool == pool.config.name);
+            let volumes = mine().count() as u32;
+            let (ready, reason, cap) = match probe {
+                Ok(probe) => (true, None, self.capacity_of(pool, &probe, &state.volumes)),
+                Err(e) => {
+                    let allocated = mine().map(|v| v.size_bytes).sum();
+                    (false, Some(e.message), Capacity { allocated, ..Capacity::default() })
                 }
-            })
-            .collect()
+            };
+            statuses.push(PoolStatus {
+                name: pool.config.name.clone(),
+                backend: pool.backend.kind().to_owned(),
+                ready,
+                reason,
+                capacity_bytes: cap.capacity,
+                allocated_bytes: cap.allocated,
+                free_bytes: cap.free,
+                maximum_volume_size_bytes: cap.maximum_volume_size,
+                volumes,
+                enforcement: "none".into(),
+            });
+        }
+        statuses
     }
 
-    /// Capacity of `pool`, counting the volumes of every pool on the same filesystem.
-    fn capacity_of(
-        &self,
-        pool: &Pool,
-        probe: &PoolProbe,
-        inventory: &BTreeMap<String, VolumeRecord>,
-    ) -> Capacity {
-        let same_fs: Vec<&str> = self
+    /// Capacity of `pool`, counting the volumes of every other pool that shares its filesystem — and of every
+    /// pool whose filesystem cannot be told right now (not ready): counting them too under-promises, never over.
+    fn capacity_of(&self, pool: &Pool, probe: &PoolProbe, volumes: &BTreeMap<String, VolumeRecord>) -> Capacity {
+        let sharing: Vec<&str> = self
             .pools
             .iter()
             .filter(|p| p.config.name != pool.config.name)
-            .filter(|p| {
-                p.backend
-                    .probe()
-                    .is_ok_and(|other| other.fs_id == probe.fs_id)
-            })
+            .filter(|p| p.backend.probe().map_or(true, |other| other.fs_id == probe.fs_id))
             .map(|p| p.config.name.as_str())
             .collect();
-        let usage = |v: &VolumeRecord| VolumeUsage {
-            size_bytes: v.size_bytes,
-            used_bytes: None,
-        };
-        let own: Vec<VolumeUsage> = inventory
-            .values()
-            .filter(|v| v.pool == pool.config.name)
-            .map(usage)
-            .collect();
-        let others: Vec<VolumeUsage> = inventory
-            .values()
-            .filter(|v| same_fs.contains(&v.pool.as_str()))
-            .map(usage)
-            .collect();
-        let limits = PoolLimits {
-            cap: pool.config.capacity,
-            headroom: pool.config.headroom,
-        };
+        let usage = |v: &VolumeRecord| VolumeUsage { size_bytes: v.size_bytes, used_bytes: None };
+        let own: Vec<VolumeUsage> = volumes.values().filter(|v| v.pool == pool.config.name).map(usage).collect();
+        let others: Vec<VolumeUsage> =
+            volumes.values().filter(|v| sharing.contains(&v.pool.as_str())).map(usage).collect();
+        let limits = PoolLimits { cap: pool.config.capacity, headroom: pool.config.headroom };
         pool_capacity(limits, probe.fs, &own, &others)
     }
 }

@@ -18,13 +18,11 @@ use berth::agent_api::{
 
 use crate::agent::{Agent, Created, Refusal};
 use crate::auth::Authenticator;
-use crate::epoch::EpochFence;
 use crate::metrics::Metrics;
 
 pub struct ApiState {
     pub agent: Arc<Agent>,
     pub auth: Authenticator,
-    pub fence: EpochFence,
     pub metrics: Arc<Metrics>,
     pub shutting_down: AtomicBool,
 }
@@ -36,16 +34,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/pools", get(list_pools))
         .route("/v1/volumes", get(list_volumes))
-        .route(
-            "/v1/volumes/{name}",
-            get(get_volume).put(create_volume).delete(delete_volume),
-        )
-        .fallback(|| async {
-            Refusal::new(
-                ErrorReason::NotFound,
-                "no such endpoint (see docs/agent-api.md)",
-            )
-        })
+        .route("/v1/volumes/{name}", get(get_volume).put(create_volume).delete(delete_volume))
+        .fallback(|| async { Refusal::new(ErrorReason::NotFound, "no such endpoint (see docs/agent-api.md)") })
         .method_not_allowed_fallback(|| async {
             (
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -76,10 +66,7 @@ fn status_of(reason: ErrorReason) -> StatusCode {
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        let body = ErrorBody {
-            reason: self.reason,
-            message: self.message,
-        };
+        let body = ErrorBody { reason: self.reason, message: self.message };
         (status_of(self.reason), axum::Json(body)).into_response()
     }
 }
@@ -93,80 +80,44 @@ async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
         .into_response()
 }
 
 async fn authenticate(s: &ApiState, headers: &HeaderMap) -> Result<(), Refusal> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
+    let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     s.auth.check(value).await
 }
 
-/// Checks what every mutating request must have: the agent still taking work, and a current epoch.
-fn admit_mutation(s: &ApiState, headers: &HeaderMap) -> Result<(), Refusal> {
+/// Checks what every mutating request must have: the agent still taking work, and an epoch (compared with the
+/// newest one by the agent core, in the same critical section as the operation).
+fn admit_mutation(s: &ApiState, headers: &HeaderMap) -> Result<u64, Refusal> {
     if s.shutting_down.load(Ordering::SeqCst) {
-        return Err(Refusal::new(
-            ErrorReason::ShuttingDown,
-            "the agent is shutting down; retry on its successor",
-        ));
+        return Err(Refusal::new(ErrorReason::ShuttingDown, "the agent is shutting down; retry on its successor"));
     }
-    let raw = headers.get(EPOCH_HEADER).ok_or_else(|| {
-        Refusal::new(
-            ErrorReason::Invalid,
-            format!("the {EPOCH_HEADER} header is required"),
-        )
-    })?;
+    let raw = headers
+        .get(EPOCH_HEADER)
+        .ok_or_else(|| Refusal::new(ErrorReason::Invalid, format!("the {EPOCH_HEADER} header is required")))?;
     let epoch: u64 = raw
         .to_str()
         .ok()
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| {
-            Refusal::new(
-                ErrorReason::Invalid,
-                format!("{EPOCH_HEADER} must be a whole number"),
-            )
-        })?;
-    s.fence.admit(epoch).map_err(|newest| {
-        Refusal::new(
-            ErrorReason::StaleEpoch,
-            format!("leadership epoch {epoch} is older than {newest}, already seen"),
-        )
-    })
+        .ok_or_else(|| Refusal::new(ErrorReason::Invalid, format!("{EPOCH_HEADER} must be a whole number")))?;
+    Ok(epoch)
 }
 
-async fn list_pools(
-    State(s): State<Arc<ApiState>>,
-    headers: HeaderMap,
-) -> Result<Response, Refusal> {
+async fn list_pools(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, Refusal> {
     authenticate(&s, &headers).await?;
     let agent = s.agent.clone();
-    let pools = tokio::task::spawn_blocking(move || agent.pool_statuses())
-        .await
-        .map_err(internal)?;
-    Ok(axum::Json(PoolList {
-        node: s.agent.node.clone(),
-        pools,
-    })
-    .into_response())
+    let pools = tokio::task::spawn_blocking(move || agent.pool_statuses()).await.map_err(internal)?;
+    Ok(axum::Json(PoolList { node: s.agent.node.clone(), pools }).into_response())
 }
 
-async fn list_volumes(
-    State(s): State<Arc<ApiState>>,
-    headers: HeaderMap,
-) -> Result<Response, Refusal> {
+async fn list_volumes(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, Refusal> {
     authenticate(&s, &headers).await?;
-    Ok(axum::Json(VolumeList {
-        volumes: s.agent.volumes(),
-    })
-    .into_response())
+    let agent = s.agent.clone();
+    let volumes = tokio::task::spawn_blocking(move || agent.volumes()).await.map_err(internal)?;
+    Ok(axum::Json(VolumeList { volumes }).into_response())
 }
 
 async fn get_volume(
@@ -175,12 +126,10 @@ async fn get_volume(
     headers: HeaderMap,
 ) -> Result<Response, Refusal> {
     authenticate(&s, &headers).await?;
-    let volume = s.agent.volume(&name).ok_or_else(|| {
-        Refusal::new(
-            ErrorReason::NotFound,
-            format!("no volume {name} on node {}", s.agent.node),
-        )
-    })?;
+    let volume = s
+        .agent
+        .volume(&name)
+        .ok_or_else(|| Refusal::new(ErrorReason::NotFound, format!("no volume {name} on node {}", s.agent.node)))?;
     Ok(axum::Json(volume).into_response())
 }
 
@@ -204,33 +153,22 @@ async fn create_volume(
     let started = Instant::now();
     let result = async {
         authenticate(&s, &headers).await?;
-        admit_mutation(&s, &headers)?;
+        let epoch = admit_mutation(&s, &headers)?;
         let body = body.map_err(|e| {
-            let reason = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ErrorReason::TooLarge
-            } else {
-                ErrorReason::Invalid
-            };
-            Refusal::new(
-                reason,
-                format!("request body: {e} (at most {MAX_BODY_BYTES} bytes)"),
-            )
+            let reason =
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE { ErrorReason::TooLarge } else { ErrorReason::Invalid };
+            Refusal::new(reason, format!("request body: {e} (at most {MAX_BODY_BYTES} bytes)"))
         })?;
         let req: CreateVolumeRequest = serde_json::from_slice(&body).map_err(|e| {
-            Refusal::new(
-                ErrorReason::Invalid,
-                format!("request body is not a CreateVolumeRequest: {e}"),
-            )
+            Refusal::new(ErrorReason::Invalid, format!("request body is not a CreateVolumeRequest: {e}"))
         })?;
         let agent = s.agent.clone();
-        let now = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .map_err(internal)?;
+        let now =
+            time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).map_err(internal)?;
         let (volume_name, request) = (name.clone(), req.clone());
-        let created =
-            tokio::task::spawn_blocking(move || agent.create(&volume_name, &request, &now))
-                .await
-                .map_err(internal)??;
+        let created = tokio::task::spawn_blocking(move || agent.create(&volume_name, &request, &now, epoch))
+            .await
+            .map_err(internal)??;
         Ok(match created {
             Created::New(v) => (StatusCode::CREATED, axum::Json(v)).into_response(),
             Created::Existing(v) => (StatusCode::OK, axum::Json(v)).into_response(),
@@ -259,12 +197,11 @@ async fn delete_volume(
     let started = Instant::now();
     let result = async {
         authenticate(&s, &headers).await?;
-        admit_mutation(&s, &headers)?;
+        let epoch = admit_mutation(&s, &headers)?;
         let agent = s.agent.clone();
         let volume_name = name.clone();
-        let existed = tokio::task::spawn_blocking(move || agent.delete(&volume_name))
-            .await
-            .map_err(internal)??;
+        let existed =
+            tokio::task::spawn_blocking(move || agent.delete(&volume_name, epoch)).await.map_err(internal)??;
         Ok(axum::Json(serde_json::json!({ "deleted": existed })).into_response())
     }
     .await;

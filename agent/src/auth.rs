@@ -24,12 +24,7 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(client: kube::Client, audience: String, allowed_user: String) -> Authenticator {
-        Authenticator {
-            client,
-            audience,
-            allowed_user,
-            cache: Mutex::new(HashMap::new()),
-        }
+        Authenticator { client, audience, allowed_user, cache: Mutex::new(HashMap::new()) }
     }
 
     /// `Ok(())` for the controller; 401 without a valid token for this audience; 403 for anyone else.
@@ -46,10 +41,7 @@ impl Authenticator {
             return Ok(());
         }
         let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: token.to_owned(),
-                audiences: Some(vec![self.audience.clone()]),
-            },
+            spec: TokenReviewSpec { token: token.to_owned(), audiences: Some(vec![self.audience.clone()]) },
             ..Default::default()
         };
         let reviews: Api<TokenReview> = Api::all(self.client.clone());
@@ -59,22 +51,13 @@ impl Authenticator {
             .map_err(|e| Refusal::new(ErrorReason::Internal, format!("TokenReview failed: {e}")))?
             .status
             .unwrap_or_default();
-        let audience_ok = status
-            .audiences
-            .as_ref()
-            .is_some_and(|a| a.contains(&self.audience));
+        let audience_ok = status.audiences.as_ref().is_some_and(|a| a.contains(&self.audience));
         if status.authenticated != Some(true) || !audience_ok {
-            return Err(unauthenticated(&format!(
-                "the token is not valid for audience {}",
-                self.audience
-            )));
+            return Err(unauthenticated(&format!("the token is not valid for audience {}", self.audience)));
         }
         let user = status.user.and_then(|u| u.username).unwrap_or_default();
         if user != self.allowed_user {
-            return Err(Refusal::new(
-                ErrorReason::Forbidden,
-                format!("{user} may not call this agent"),
-            ));
+            return Err(Refusal::new(ErrorReason::Forbidden, format!("{user} may not call this agent")));
         }
         let mut cache = self.cache.lock().expect("auth cache");
         if cache.len() >= CACHE_MAX {

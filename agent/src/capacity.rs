@@ -46,33 +46,14 @@ pub struct Capacity {
 
 /// The capacity of one pool on filesystem `fs`. `own` are the pool's volumes; `others` the volumes of every
 /// other pool on the same filesystem, so that two pools sharing a disk never promise the same bytes twice.
-pub fn pool_capacity(
-    limits: PoolLimits,
-    fs: FsUsage,
-    own: &[VolumeUsage],
-    others: &[VolumeUsage],
-) -> Capacity {
-    let capacity = limits
-        .cap
-        .map_or(fs.size_bytes, |cap| cap.min(fs.size_bytes));
+pub fn pool_capacity(limits: PoolLimits, fs: FsUsage, own: &[VolumeUsage], others: &[VolumeUsage]) -> Capacity {
+    let capacity = limits.cap.map_or(fs.size_bytes, |cap| cap.min(fs.size_bytes));
     let allocated: u64 = own.iter().map(|v| v.size_bytes).sum();
-    let still_claimable: u64 = own
-        .iter()
-        .chain(others)
-        .map(VolumeUsage::may_still_claim)
-        .sum();
-    let fs_free = fs
-        .available_bytes
-        .saturating_sub(limits.headroom)
-        .saturating_sub(still_claimable);
+    let still_claimable: u64 = own.iter().chain(others).map(VolumeUsage::may_still_claim).sum();
+    let fs_free = fs.available_bytes.saturating_sub(limits.headroom).saturating_sub(still_claimable);
     let free = capacity.saturating_sub(allocated).min(fs_free);
     // A directory can grow to anything the filesystem has, so the largest single volume is all that is free.
-    Capacity {
-        capacity,
-        allocated,
-        free,
-        maximum_volume_size: free,
-    }
+    Capacity { capacity, allocated, free, maximum_volume_size: free }
 }
 
 #[cfg(test)]
@@ -82,47 +63,25 @@ mod tests {
     const GI: u64 = 1 << 30;
 
     fn fs(size: u64, available: u64) -> FsUsage {
-        FsUsage {
-            size_bytes: size,
-            available_bytes: available,
-        }
+        FsUsage { size_bytes: size, available_bytes: available }
     }
 
     fn vol(size: u64) -> VolumeUsage {
-        VolumeUsage {
-            size_bytes: size,
-            used_bytes: None,
-        }
+        VolumeUsage { size_bytes: size, used_bytes: None }
     }
 
-    const NO_LIMITS: PoolLimits = PoolLimits {
-        cap: None,
-        headroom: 0,
-    };
+    const NO_LIMITS: PoolLimits = PoolLimits { cap: None, headroom: 0 };
 
     #[test]
     fn empty_pool_offers_the_available_space() {
         let c = pool_capacity(NO_LIMITS, fs(100 * GI, 90 * GI), &[], &[]);
-        assert_eq!(
-            c,
-            Capacity {
-                capacity: 100 * GI,
-                allocated: 0,
-                free: 90 * GI,
-                maximum_volume_size: 90 * GI
-            }
-        );
+        assert_eq!(c, Capacity { capacity: 100 * GI, allocated: 0, free: 90 * GI, maximum_volume_size: 90 * GI });
     }
 
     #[test]
     fn every_volume_is_assumed_to_grow_to_its_size() {
         // Two 10 GiB volumes, nothing written yet: 20 GiB of the 90 available are spoken for.
-        let c = pool_capacity(
-            NO_LIMITS,
-            fs(100 * GI, 90 * GI),
-            &[vol(10 * GI), vol(10 * GI)],
-            &[],
-        );
+        let c = pool_capacity(NO_LIMITS, fs(100 * GI, 90 * GI), &[vol(10 * GI), vol(10 * GI)], &[]);
         assert_eq!(c.allocated, 20 * GI);
         assert_eq!(c.free, 70 * GI);
     }
@@ -130,64 +89,31 @@ mod tests {
     #[test]
     fn known_usage_is_exact_unknown_usage_is_conservative() {
         // A 10 GiB volume that wrote 4 GiB: available already dropped by 4, it may claim 6 more.
-        let written = VolumeUsage {
-            size_bytes: 10 * GI,
-            used_bytes: Some(4 * GI),
-        };
-        assert_eq!(
-            pool_capacity(NO_LIMITS, fs(100 * GI, 86 * GI), &[written], &[]).free,
-            80 * GI
-        );
+        let written = VolumeUsage { size_bytes: 10 * GI, used_bytes: Some(4 * GI) };
+        assert_eq!(pool_capacity(NO_LIMITS, fs(100 * GI, 86 * GI), &[written], &[]).free, 80 * GI);
         // Without quotas the same situation promises less, never more.
-        assert_eq!(
-            pool_capacity(NO_LIMITS, fs(100 * GI, 86 * GI), &[vol(10 * GI)], &[]).free,
-            76 * GI
-        );
+        assert_eq!(pool_capacity(NO_LIMITS, fs(100 * GI, 86 * GI), &[vol(10 * GI)], &[]).free, 76 * GI);
         // A volume that wrote past its size (no enforcement) claims nothing more, it does not add space.
-        let over = VolumeUsage {
-            size_bytes: GI,
-            used_bytes: Some(3 * GI),
-        };
-        assert_eq!(
-            pool_capacity(NO_LIMITS, fs(100 * GI, 50 * GI), &[over], &[]).free,
-            50 * GI
-        );
+        let over = VolumeUsage { size_bytes: GI, used_bytes: Some(3 * GI) };
+        assert_eq!(pool_capacity(NO_LIMITS, fs(100 * GI, 50 * GI), &[over], &[]).free, 50 * GI);
     }
 
     #[test]
     fn cap_bounds_capacity_and_free() {
-        let limits = PoolLimits {
-            cap: Some(30 * GI),
-            headroom: 0,
-        };
+        let limits = PoolLimits { cap: Some(30 * GI), headroom: 0 };
         let c = pool_capacity(limits, fs(100 * GI, 90 * GI), &[vol(25 * GI)], &[]);
         assert_eq!(c.capacity, 30 * GI);
         assert_eq!(c.free, 5 * GI);
         // A cap larger than the disk is not capacity the disk has.
-        let big = PoolLimits {
-            cap: Some(1000 * GI),
-            headroom: 0,
-        };
-        assert_eq!(
-            pool_capacity(big, fs(100 * GI, 90 * GI), &[], &[]).capacity,
-            100 * GI
-        );
+        let big = PoolLimits { cap: Some(1000 * GI), headroom: 0 };
+        assert_eq!(pool_capacity(big, fs(100 * GI, 90 * GI), &[], &[]).capacity, 100 * GI);
     }
 
     #[test]
     fn headroom_is_never_promised() {
-        let limits = PoolLimits {
-            cap: None,
-            headroom: 5 * GI,
-        };
-        assert_eq!(
-            pool_capacity(limits, fs(100 * GI, 90 * GI), &[], &[]).free,
-            85 * GI
-        );
-        assert_eq!(
-            pool_capacity(limits, fs(100 * GI, 3 * GI), &[], &[]).free,
-            0
-        );
+        let limits = PoolLimits { cap: None, headroom: 5 * GI };
+        assert_eq!(pool_capacity(limits, fs(100 * GI, 90 * GI), &[], &[]).free, 85 * GI);
+        assert_eq!(pool_capacity(limits, fs(100 * GI, 3 * GI), &[], &[]).free, 0);
     }
 
     #[test]
@@ -206,9 +132,6 @@ mod tests {
         let before = pool_capacity(NO_LIMITS, fs(10 * GI, 10 * GI), &[vol(GI)], &[]).free;
         let after = pool_capacity(NO_LIMITS, fs(10 * GI, 2 * GI), &[vol(GI)], &[]).free;
         assert_eq!((before, after), (9 * GI, GI));
-        assert_eq!(
-            pool_capacity(NO_LIMITS, fs(10 * GI, 0), &[vol(GI)], &[]).free,
-            0
-        );
+        assert_eq!(pool_capacity(NO_LIMITS, fs(10 * GI, 0), &[vol(GI)], &[]).free, 0);
     }
 }

@@ -36,13 +36,9 @@ pub struct PoolConfig {
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let config: AgentConfig =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        config
-            .validate()
-            .with_context(|| format!("in {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let config: AgentConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        config.validate().with_context(|| format!("in {}", path.display()))?;
         Ok(config)
     }
 
@@ -53,34 +49,18 @@ impl AgentConfig {
                 bail!("pool {:?} is configured twice", pool.name);
             }
             if !pool.root.is_absolute() {
-                bail!(
-                    "pool {:?}: root {:?} is not an absolute path",
-                    pool.name,
-                    pool.root
-                );
+                bail!("pool {:?}: root {:?} is not an absolute path", pool.name, pool.root);
             }
-            if pool
-                .root
-                .components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-            {
+            if pool.root.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
                 bail!("pool {:?}: root {:?} contains '..'", pool.name, pool.root);
             }
-            if let Some(other) = self.pools[..i]
-                .iter()
-                .find(|p| p.root.starts_with(&pool.root) || pool.root.starts_with(&p.root))
+            if let Some(other) =
+                self.pools[..i].iter().find(|p| p.root.starts_with(&pool.root) || pool.root.starts_with(&p.root))
             {
-                bail!(
-                    "pools {:?} and {:?}: one root lies inside the other",
-                    other.name,
-                    pool.name
-                );
+                bail!("pools {:?} and {:?}: one root lies inside the other", other.name, pool.name);
             }
             if pool.capacity == Some(0) {
-                bail!(
-                    "pool {:?}: capacity 0 can hold nothing; leave it out to use the whole filesystem",
-                    pool.name
-                );
+                bail!("pool {:?}: capacity 0 can hold nothing; leave it out to use the whole filesystem", pool.name);
             }
         }
         Ok(())
@@ -109,9 +89,7 @@ pub fn parse_quantity(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, suffix) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (like 500Mi, 10Gi or 1000000)"))?;
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size (like 500Mi, 10Gi or 1000000)"))?;
     let factor: u64 = match suffix {
         "" => 1,
         "Ki" => 1 << 10,
@@ -127,13 +105,10 @@ pub fn parse_quantity(s: &str) -> Result<u64, String> {
         "P" => 1_000_000_000_000_000,
         "E" => 1_000_000_000_000_000_000,
         _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {suffix:?} (use Ki, Mi, Gi, Ti or k, M, G, T)"
-            ));
+            return Err(format!("{s:?}: unknown unit {suffix:?} (use Ki, Mi, Gi, Ti or k, M, G, T)"));
         }
     };
-    n.checked_mul(factor)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(factor).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]
@@ -185,10 +160,7 @@ mod tests {
             (pool("a", "/a", "colour = \"red\""), "unknown key"),
             (pool("a", "/a", "") + &pool("a", "/b", ""), "duplicate name"),
             (pool("a", "/a", "") + &pool("b", "/a/b", ""), "nested roots"),
-            (
-                "[[pool]]\nname = \"a\"\nbackend = \"zfs\"\nroot = \"/a\"\n".to_string(),
-                "unknown backend",
-            ),
+            ("[[pool]]\nname = \"a\"\nbackend = \"zfs\"\nroot = \"/a\"\n".to_string(), "unknown backend"),
         ] {
             assert!(parse(&text).is_err(), "{why}: accepted\n{text}");
         }

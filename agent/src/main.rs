@@ -70,10 +70,7 @@ struct RunArgs {
     #[arg(long, default_value = "/var/lib/berth-agent")]
     state_dir: PathBuf,
     /// The only identity allowed to call the API (the controller's ServiceAccount).
-    #[arg(
-        long,
-        default_value = "system:serviceaccount:berth-system:berth-controller"
-    )]
+    #[arg(long, default_value = "system:serviceaccount:berth-system:berth-controller")]
     controller_identity: String,
     /// Seconds to let in-flight requests finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
@@ -126,18 +123,12 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         None => args.listen.to_string(),
     };
-    let host = advertise
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_matches(['[', ']']))
-        .unwrap_or(&advertise)
-        .to_owned();
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("state dir {}", args.state_dir.display()))?;
+    let host = advertise.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(&advertise).to_owned();
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("state dir {}", args.state_dir.display()))?;
 
-    let agent = Arc::new(Agent::start(args.node_name.clone(), build_pools(&config)));
-    let client = kube::Client::try_default()
-        .await
-        .context("connecting to the API server")?;
+    let fence = epoch::EpochFence::load(args.state_dir.join("leader-epoch"))?;
+    let agent = Arc::new(Agent::start(args.node_name.clone(), build_pools(&config), fence));
+    let client = kube::Client::try_default().await.context("connecting to the API server")?;
     let cert = tls::self_signed(&args.node_name, &host)?;
     let metrics = Arc::new(metrics::Metrics::new());
     let state = Arc::new(api::ApiState {
@@ -147,7 +138,6 @@ async fn run(args: RunArgs) -> Result<()> {
             berth::agent_audience(&args.node_name),
             args.controller_identity.clone(),
         ),
-        fence: epoch::EpochFence::load(args.state_dir.join("leader-epoch"))?,
         metrics: metrics.clone(),
         shutting_down: AtomicBool::new(false),
     });
@@ -160,19 +150,15 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     let publishing = tokio::spawn(publisher.run());
 
-    let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
-        cert.cert_pem.into_bytes(),
-        cert.key_pem.into_bytes(),
-    )
-    .await?;
+    let tls =
+        axum_server::tls_rustls::RustlsConfig::from_pem(cert.cert_pem.into_bytes(), cert.key_pem.into_bytes()).await?;
     let handle = axum_server::Handle::new();
     let grace = Duration::from_secs(args.shutdown_grace_seconds);
     let on_signal = {
         let (handle, state) = (handle.clone(), state.clone());
         async move {
             let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
@@ -187,10 +173,7 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     tokio::spawn(on_signal);
     tracing::info!(node = %args.node_name, listen = %args.listen, endpoint = %format!("https://{advertise}"), "serving");
-    axum_server::bind_rustls(args.listen, tls)
-        .handle(handle)
-        .serve(api::router(state).into_make_service())
-        .await?;
+    axum_server::bind_rustls(args.listen, tls).handle(handle).serve(api::router(state).into_make_service()).await?;
     publishing.abort();
     tracing::info!("stopped");
     Ok(())

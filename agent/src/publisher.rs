@@ -44,16 +44,8 @@ pub fn meaningful_change(last: &[PoolStatus], now: &[PoolStatus]) -> bool {
 }
 
 pub fn summary(pools: &[PoolStatus]) -> BerthNodeSummary {
-    let names: Vec<String> = pools
-        .iter()
-        .map(|p| {
-            if p.ready {
-                p.name.clone()
-            } else {
-                format!("{} (not ready)", p.name)
-            }
-        })
-        .collect();
+    let names: Vec<String> =
+        pools.iter().map(|p| if p.ready { p.name.clone() } else { format!("{} (not ready)", p.name) }).collect();
     let ready = || pools.iter().filter(|p| p.ready);
     BerthNodeSummary {
         pools: names.join(","),
@@ -86,26 +78,15 @@ impl Publisher {
                 None
             }
         };
-        let mut object = BerthNode::new(
-            node,
-            BerthNodeSpec {
-                node_name: node.clone(),
-            },
-        );
+        let mut object = BerthNode::new(node, BerthNodeSpec { node_name: node.clone() });
         object.metadata.owner_references = owner.map(|o| vec![o]);
         let api: Api<BerthNode> = Api::all(self.client.clone());
-        api.patch(
-            node,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&object),
-        )
-        .await?;
+        api.patch(node, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&object)).await?;
         Ok(())
     }
 
     async fn write_status(&self, pools: &[PoolStatus]) -> anyhow::Result<()> {
-        let now = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)?;
+        let now = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?;
         let status = BerthNodeStatus {
             endpoint: self.endpoint.clone(),
             certificate: self.certificate.clone(),
@@ -120,12 +101,7 @@ impl Publisher {
             "status": status,
         });
         let api: Api<BerthNode> = Api::all(self.client.clone());
-        api.patch_status(
-            &self.agent.node,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        api.patch_status(&self.agent.node, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
         Ok(())
     }
 
@@ -146,9 +122,7 @@ impl Publisher {
             self.metrics.set_pools(&self.agent.node, &pools);
             let due = match &last_written {
                 None => true,
-                Some((last, at)) => {
-                    meaningful_change(last, &pools) || at.elapsed() >= HEARTBEAT_EVERY
-                }
+                Some((last, at)) => meaningful_change(last, &pools) || at.elapsed() >= HEARTBEAT_EVERY,
             };
             if due {
                 if !object_ready {
@@ -195,18 +169,9 @@ mod tests {
 
     #[test]
     fn small_free_space_jitter_is_not_worth_a_write() {
-        assert!(!meaningful_change(
-            &[pool(5 << 30)],
-            &[pool((5 << 30) - 4096)]
-        ));
-        assert!(meaningful_change(
-            &[pool(5 << 30)],
-            &[pool((5 << 30) - (2 << 20))]
-        ));
-        assert!(
-            meaningful_change(&[pool(4096)], &[pool(0)]),
-            "reaching zero always counts"
-        );
+        assert!(!meaningful_change(&[pool(5 << 30)], &[pool((5 << 30) - 4096)]));
+        assert!(meaningful_change(&[pool(5 << 30)], &[pool((5 << 30) - (2 << 20))]));
+        assert!(meaningful_change(&[pool(4096)], &[pool(0)]), "reaching zero always counts");
     }
 
     #[test]

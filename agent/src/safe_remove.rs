@@ -19,21 +19,17 @@ pub enum RemoveError {
 }
 
 fn io(path: &str) -> impl Fn(Errno) -> RemoveError + '_ {
-    move |errno| RemoveError::Io {
-        path: path.to_owned(),
-        errno,
-    }
+    move |errno| RemoveError::Io { path: path.to_owned(), errno }
 }
 
 /// The mount a name (not followed if a symlink) lives on, and whether it is a directory.
 fn probe(dir: impl AsFd, name: &CStr, path: &str) -> Result<(u64, bool), RemoveError> {
-    let st = rustix::fs::statx(
-        dir,
-        name,
-        AtFlags::SYMLINK_NOFOLLOW,
-        StatxFlags::TYPE | StatxFlags::MNT_ID,
-    )
-    .map_err(io(path))?;
+    let st = rustix::fs::statx(dir, name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE | StatxFlags::MNT_ID)
+        .map_err(io(path))?;
+    // Without a mount id from the kernel (Linux < 5.8) mounts could not be told apart: refuse rather than guess.
+    if !StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) {
+        return Err(RemoveError::Io { path: format!("{path} (statx gave no mount id)"), errno: Errno::NOSYS });
+    }
     let is_dir = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
     Ok((st.stx_mnt_id, is_dir))
 }
@@ -67,35 +63,24 @@ struct Frame {
 pub fn remove_tree(path: &Path) -> Result<(), RemoveError> {
     let shown = path.display().to_string();
     let parent = path.parent().unwrap_or(Path::new("/"));
-    let name = CString::new(
-        path.file_name()
-            .map(|n| n.as_encoded_bytes())
-            .unwrap_or_default(),
-    )
-    .map_err(|_| io(&shown)(Errno::INVAL))?;
-    let parent_fd = open_dir(
-        CWD,
-        &CString::new(parent.as_os_str().as_encoded_bytes()).unwrap_or_default(),
-        &shown,
-    )?;
+    let name = CString::new(path.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default())
+        .map_err(|_| io(&shown)(Errno::INVAL))?;
+    let parent_fd = open_dir(CWD, &CString::new(parent.as_os_str().as_encoded_bytes()).unwrap_or_default(), &shown)?;
     let (mount, is_dir) = match probe(&parent_fd, &name, &shown) {
-        Err(RemoveError::Io {
-            errno: Errno::NOENT,
-            ..
-        }) => return Ok(()),
+        Err(RemoveError::Io { errno: Errno::NOENT, .. }) => return Ok(()),
         other => other?,
     };
+    // The top itself may be a mount point (something mounted onto the volume directory): never enter it.
+    let (parent_mount, _) = probe(&parent_fd, c".", &shown)?;
+    if mount != parent_mount {
+        return Err(RemoveError::OtherMount { path: shown });
+    }
     if !is_dir {
         return rustix::fs::unlinkat(&parent_fd, &name, AtFlags::empty()).map_err(io(&shown));
     }
     let fd = open_dir(&parent_fd, &name, &shown)?;
     let pending = entries(&fd, &shown)?;
-    let mut stack = vec![Frame {
-        fd,
-        name,
-        path: shown,
-        pending,
-    }];
+    let mut stack = vec![Frame { fd, name, path: shown, pending }];
     while let Some(top) = stack.last_mut() {
         let Some(child) = top.pending.pop() else {
             let done = stack.pop().expect("non-empty");
@@ -105,10 +90,7 @@ pub fn remove_tree(path: &Path) -> Result<(), RemoveError> {
         };
         let child_path = format!("{}/{}", top.path, child.to_string_lossy());
         let (child_mount, child_is_dir) = match probe(&top.fd, &child, &child_path) {
-            Err(RemoveError::Io {
-                errno: Errno::NOENT,
-                ..
-            }) => continue, // gone meanwhile
+            Err(RemoveError::Io { errno: Errno::NOENT, .. }) => continue, // gone meanwhile
             other => other?,
         };
         if child_mount != mount {
@@ -117,12 +99,7 @@ pub fn remove_tree(path: &Path) -> Result<(), RemoveError> {
         if child_is_dir {
             let fd = open_dir(&top.fd, &child, &child_path)?;
             let pending = entries(&fd, &child_path)?;
-            stack.push(Frame {
-                fd,
-                name: child,
-                path: child_path,
-                pending,
-            });
+            stack.push(Frame { fd, name: child, path: child_path, pending });
         } else {
             rustix::fs::unlinkat(&top.fd, &child, AtFlags::empty()).map_err(io(&child_path))?;
         }
@@ -147,10 +124,7 @@ mod tests {
         symlink(outside.path().join("precious"), vol.join("escape-file")).unwrap();
         remove_tree(&vol).unwrap();
         assert!(!vol.exists());
-        assert_eq!(
-            std::fs::read_to_string(outside.path().join("precious")).unwrap(),
-            "keep me"
-        );
+        assert_eq!(std::fs::read_to_string(outside.path().join("precious")).unwrap(), "keep me");
     }
 
     #[test]
@@ -185,30 +159,19 @@ mod tests {
 
     #[test]
     fn stops_at_a_mount_inside_the_tree() {
-        if std::fs::metadata("/proc/self")
-            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-            .unwrap_or(1)
-            != 0
-        {
+        if std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m)).unwrap_or(1) != 0 {
             panic!("this test mounts a tmpfs and needs root (CI runs as root)");
         }
         let base = tempfile::tempdir().unwrap();
         let vol = base.path().join("vol");
         let mnt = vol.join("mnt");
         std::fs::create_dir_all(&mnt).unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "tmpfs"])
-            .arg(&mnt)
-            .status()
-            .unwrap();
+        let status = std::process::Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(&mnt).status().unwrap();
         assert!(status.success());
         std::fs::write(mnt.join("other-fs-file"), "keep").unwrap();
         let err = remove_tree(&vol).unwrap_err();
         let kept = mnt.join("other-fs-file").exists();
-        std::process::Command::new("umount")
-            .arg(&mnt)
-            .status()
-            .unwrap();
+        std::process::Command::new("umount").arg(&mnt).status().unwrap();
         assert!(matches!(err, RemoveError::OtherMount { .. }), "{err}");
         assert!(kept, "a file on the mounted filesystem was removed");
     }

@@ -17,14 +17,9 @@ pub fn self_signed(node: &str, host: &str) -> Result<ServingCert> {
         Ok(ip) => SanType::IpAddress(ip),
         Err(_) => SanType::DnsName(host.try_into()?),
     }];
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("berth-agent {node}"));
+    params.distinguished_name.push(DnType::CommonName, format!("berth-agent {node}"));
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let key = KeyPair::generate()?;
     let cert = params.self_signed(&key)?;
-    Ok(ServingCert {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(ServingCert { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }

@@ -26,28 +26,13 @@ struct World {
 
 /// A bed with one node whose 256 MiB ext4 disk holds two pools, `fast` and `slow`, and its agent.
 async fn world() -> World {
-    let bed = TestBed::start(TestBedConfig::nodes_with_disks(&[256 * MI], FsType::Ext4))
-        .await
-        .unwrap();
+    let bed = TestBed::start(TestBedConfig::nodes_with_disks(&[256 * MI], FsType::Ext4)).await.unwrap();
     bed.install_berth_crds().await.unwrap();
     let pools = [PoolSpec::new("fast"), PoolSpec::new("slow")];
-    let agent = bed
-        .start_agent(
-            Path::new(env!("CARGO_BIN_EXE_berth-agent")),
-            0,
-            &pools,
-            true,
-        )
-        .await
-        .unwrap();
+    let agent = bed.start_agent(Path::new(env!("CARGO_BIN_EXE_berth-agent")), 0, &pools, true).await.unwrap();
     let http = agent.http().unwrap();
     let token = bed.controller_token("node-0").await.unwrap();
-    World {
-        bed,
-        agent,
-        http,
-        token,
-    }
+    World { bed, agent, http, token }
 }
 
 fn create_body(pool: &str, size: u64) -> Value {
@@ -77,13 +62,7 @@ impl World {
     }
 
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
-        let resp = self
-            .http
-            .get(self.agent.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
+        let resp = self.http.get(self.agent.url(path)).bearer_auth(&self.token).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "GET {path}");
         resp.json().await.unwrap()
     }
@@ -97,10 +76,7 @@ impl World {
     fn on_disk(&self) -> Vec<String> {
         let mut names = Vec::new();
         for pool in ["fast", "slow"] {
-            for e in std::fs::read_dir(self.agent.pool_root(pool))
-                .unwrap()
-                .flatten()
-            {
+            for e in std::fs::read_dir(self.agent.pool_root(pool)).unwrap().flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
                 if !n.starts_with('.') {
                     names.push(format!("{pool}/{n}"));
@@ -114,10 +90,7 @@ impl World {
 
 async fn refusal(resp: reqwest::Response) -> (StatusCode, ErrorReason, String) {
     let status = resp.status();
-    let body: ErrorBody = resp
-        .json()
-        .await
-        .unwrap_or_else(|e| panic!("{status}: error body is not an ErrorBody: {e}"));
+    let body: ErrorBody = resp.json().await.unwrap_or_else(|e| panic!("{status}: error body is not an ErrorBody: {e}"));
     (status, body.reason, body.message)
 }
 
@@ -133,22 +106,14 @@ async fn create_repeat_conflict_delete() {
     let data = Path::new(&made.path);
     assert_eq!(data, w.agent.pool_root("fast").join(VOL).join("data"));
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(data).unwrap().permissions().mode() & 0o7777,
-        0o750
-    );
-    let marker: Value = serde_json::from_str(
-        &std::fs::read_to_string(data.parent().unwrap().join("volume.json")).unwrap(),
-    )
-    .unwrap();
+    assert_eq!(std::fs::metadata(data).unwrap().permissions().mode() & 0o7777, 0o750);
+    let marker: Value =
+        serde_json::from_str(&std::fs::read_to_string(data.parent().unwrap().join("volume.json")).unwrap()).unwrap();
     assert_eq!(marker["version"], 1);
     assert_eq!(marker["name"], VOL);
     assert_eq!(marker["pool"], "fast");
     assert_eq!(marker["sizeBytes"], 10 * MI);
-    assert_eq!(
-        marker["claim"],
-        json!({"namespace": "db", "name": "data-0"})
-    );
+    assert_eq!(marker["claim"], json!({"namespace": "db", "name": "data-0"}));
     assert!(marker["createdAt"].as_str().unwrap().ends_with('Z'));
 
     // The same request again: the same volume, nothing new.
@@ -159,11 +124,7 @@ async fn create_repeat_conflict_delete() {
     // Another size or another pool: 409, nothing changes.
     for body in [create_body("fast", 20 * MI), create_body("slow", 10 * MI)] {
         let (status, reason, message) = refusal(w.put(VOL, 1, &body).await).await;
-        assert_eq!(
-            (status, reason),
-            (StatusCode::CONFLICT, ErrorReason::Conflict),
-            "{message}"
-        );
+        assert_eq!((status, reason), (StatusCode::CONFLICT, ErrorReason::Conflict), "{message}");
     }
     assert_eq!(w.on_disk(), vec![format!("fast/{VOL}")]);
     let listed: VolumeList = w.get("/v1/volumes").await;
@@ -177,32 +138,16 @@ async fn create_repeat_conflict_delete() {
     let v2: Volume = w.put(VOL2, 1, &owned).await.json().await.unwrap();
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(&v2.path).unwrap();
-    assert_eq!(
-        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
-        (999, 999, 0o2770)
-    );
+    assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o7777), (999, 999, 0o2770));
 
     // Delete, twice; then it is gone everywhere.
     let del = w.delete(VOL, 1).await;
     assert_eq!(del.status(), StatusCode::OK);
     assert_eq!(del.json::<Value>().await.unwrap(), json!({"deleted": true}));
     let del = w.delete(VOL, 1).await;
-    assert_eq!(
-        del.status(),
-        StatusCode::OK,
-        "deleting a missing volume succeeds"
-    );
-    assert_eq!(
-        del.json::<Value>().await.unwrap(),
-        json!({"deleted": false})
-    );
-    let missing = w
-        .http
-        .get(w.agent.url(&format!("/v1/volumes/{VOL}")))
-        .bearer_auth(&w.token)
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(del.status(), StatusCode::OK, "deleting a missing volume succeeds");
+    assert_eq!(del.json::<Value>().await.unwrap(), json!({"deleted": false}));
+    let missing = w.http.get(w.agent.url(&format!("/v1/volumes/{VOL}"))).bearer_auth(&w.token).send().await.unwrap();
     assert_eq!(refusal(missing).await.1, ErrorReason::NotFound);
     assert_eq!(w.on_disk(), vec![format!("slow/{VOL2}")]);
     assert!(!w.agent.pool_root("fast").join(VOL).exists());
@@ -213,36 +158,17 @@ async fn refuses_what_does_not_fit_including_space_taken_outside_berth() {
     let w = world().await;
     let fast = w.pool("fast").await;
     assert!(fast.ready);
-    assert!(
-        fast.free_bytes > 200 * MI && fast.free_bytes < 256 * MI,
-        "{fast:?}"
-    );
+    assert!(fast.free_bytes > 200 * MI && fast.free_bytes < 256 * MI, "{fast:?}");
 
-    let (status, reason, message) =
-        refusal(w.put(VOL, 1, &create_body("fast", 1 << 30)).await).await;
-    assert_eq!(
-        (status, reason),
-        (
-            StatusCode::INSUFFICIENT_STORAGE,
-            ErrorReason::InsufficientSpace
-        ),
-        "{message}"
-    );
+    let (status, reason, message) = refusal(w.put(VOL, 1, &create_body("fast", 1 << 30)).await).await;
+    assert_eq!((status, reason), (StatusCode::INSUFFICIENT_STORAGE, ErrorReason::InsufficientSpace), "{message}");
 
     // Two pools on one disk do not promise the same bytes twice.
-    let made: Volume = w
-        .put(VOL, 1, &create_body("fast", 100 * MI))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let made: Volume = w.put(VOL, 1, &create_body("fast", 100 * MI)).await.json().await.unwrap();
     let (fast, slow) = (w.pool("fast").await, w.pool("slow").await);
     assert_eq!(fast.allocated_bytes, 100 * MI);
     assert_eq!(slow.allocated_bytes, 0);
-    assert!(
-        slow.free_bytes <= fast.free_bytes + MI && slow.free_bytes < 156 * MI,
-        "{slow:?}"
-    );
+    assert!(slow.free_bytes <= fast.free_bytes + MI && slow.free_bytes < 156 * MI, "{slow:?}");
 
     // Fill the disk outside Berth: what fit before no longer does.
     let filler = w.agent.pool_root("slow").parent().unwrap().join("filler");
@@ -254,29 +180,14 @@ async fn refuses_what_does_not_fit_including_space_taken_outside_berth() {
     let slow = w.pool("slow").await;
     assert!(slow.free_bytes < 45 * MI, "{slow:?}");
     let (status, reason, _) = refusal(w.put(VOL2, 1, &create_body("slow", 50 * MI)).await).await;
-    assert_eq!(
-        (status, reason),
-        (
-            StatusCode::INSUFFICIENT_STORAGE,
-            ErrorReason::InsufficientSpace
-        )
-    );
-    assert_eq!(
-        w.on_disk(),
-        vec![format!("fast/{}", made.name)],
-        "nothing was created by the refusals"
-    );
+    assert_eq!((status, reason), (StatusCode::INSUFFICIENT_STORAGE, ErrorReason::InsufficientSpace));
+    assert_eq!(w.on_disk(), vec![format!("fast/{}", made.name)], "nothing was created by the refusals");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restart_recovers_the_inventory_and_removes_debris() {
     let mut w = world().await;
-    let made: Volume = w
-        .put(VOL, 1, &create_body("fast", 5 * MI))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let made: Volume = w.put(VOL, 1, &create_body("fast", 5 * MI)).await.json().await.unwrap();
     std::fs::write(Path::new(&made.path).join("db.sqlite"), "precious").unwrap();
     w.agent.kill();
     // Debris of a create and a delete interrupted by the crash.
@@ -287,16 +198,8 @@ async fn restart_recovers_the_inventory_and_removes_debris() {
     w.http = w.agent.http().unwrap();
     let listed: VolumeList = w.get("/v1/volumes").await;
     assert_eq!(listed.volumes, vec![made.clone()]);
-    assert_eq!(
-        std::fs::read_to_string(Path::new(&made.path).join("db.sqlite")).unwrap(),
-        "precious"
-    );
-    assert_eq!(
-        std::fs::read_dir(&staging).unwrap().count(),
-        0,
-        "debris left in {}",
-        staging.display()
-    );
+    assert_eq!(std::fs::read_to_string(Path::new(&made.path).join("db.sqlite")).unwrap(), "precious");
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "debris left in {}", staging.display());
     assert_eq!(w.pool("fast").await.allocated_bytes, 5 * MI);
 }
 
@@ -306,73 +209,37 @@ async fn a_pool_without_its_marker_is_not_ready_and_gets_nothing() {
     std::fs::remove_file(w.agent.pool_root("fast").join(".berth-pool")).unwrap();
     let fast = w.pool("fast").await;
     assert!(!fast.ready);
-    assert!(
-        fast.reason.as_deref().unwrap().contains(".berth-pool"),
-        "{fast:?}"
-    );
+    assert!(fast.reason.as_deref().unwrap().contains(".berth-pool"), "{fast:?}");
     assert_eq!(fast.free_bytes, 0);
     let (status, reason, _) = refusal(w.put(VOL, 1, &create_body("fast", MI)).await).await;
-    assert_eq!(
-        (status, reason),
-        (StatusCode::SERVICE_UNAVAILABLE, ErrorReason::PoolNotReady)
-    );
+    assert_eq!((status, reason), (StatusCode::SERVICE_UNAVAILABLE, ErrorReason::PoolNotReady));
     assert!(w.on_disk().is_empty());
     // The other pool still works, and the BerthNode says which pool is down.
-    assert_eq!(
-        w.put(VOL2, 1, &create_body("slow", MI)).await.status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(w.put(VOL2, 1, &create_body("slow", MI)).await.status(), StatusCode::CREATED);
     let nodes: Api<BerthNode> = Api::all(w.bed.client());
     let node = wait_for(&nodes, "node-0", Duration::from_secs(10), |n| {
-        n.status
-            .as_ref()
-            .is_some_and(|s| s.pools.iter().any(|p| p.name == "fast" && !p.ready))
+        n.status.as_ref().is_some_and(|s| s.pools.iter().any(|p| p.name == "fast" && !p.ready))
     })
     .await
     .unwrap();
     assert_eq!(node.status.unwrap().summary.pools, "fast (not ready),slow");
     // A pool root that was never initialised is not ready either: the agent does not create roots itself.
-    let metrics = w
-        .http
-        .get(w.agent.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(r#"berth_pool_ready{node="node-0",pool="fast",backend="hostpath"} 0"#),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"berth_pool_ready{node="node-0",pool="slow",backend="hostpath"} 1"#)
-    );
+    let metrics = w.http.get(w.agent.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"berth_pool_ready{node="node-0",pool="fast",backend="hostpath"} 0"#), "{metrics}");
+    assert!(metrics.contains(r#"berth_pool_ready{node="node-0",pool="slow",backend="hostpath"} 1"#));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn delete_does_not_follow_a_planted_symlink() {
     let w = world().await;
-    let made: Volume = w
-        .put(VOL, 1, &create_body("fast", MI))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let made: Volume = w.put(VOL, 1, &create_body("fast", MI)).await.json().await.unwrap();
     let outside = w.bed.dir().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
     std::fs::write(outside.join("precious"), "keep").unwrap();
     std::os::unix::fs::symlink(&outside, Path::new(&made.path).join("link-to-outside")).unwrap();
-    std::os::unix::fs::symlink(
-        outside.join("precious"),
-        Path::new(&made.path).join("link-to-file"),
-    )
-    .unwrap();
+    std::os::unix::fs::symlink(outside.join("precious"), Path::new(&made.path).join("link-to-file")).unwrap();
     assert_eq!(w.delete(VOL, 1).await.status(), StatusCode::OK);
-    assert_eq!(
-        std::fs::read_to_string(outside.join("precious")).unwrap(),
-        "keep"
-    );
+    assert_eq!(std::fs::read_to_string(outside.join("precious")).unwrap(), "keep");
     assert!(w.on_disk().is_empty());
 }
 
@@ -382,41 +249,14 @@ async fn only_the_controller_with_a_token_for_this_node_may_call() {
     let url = w.agent.url("/v1/volumes");
     let status = |r: reqwest::Response| r.status();
     // No token.
-    assert_eq!(
-        status(w.http.get(&url).send().await.unwrap()),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(status(w.http.get(&url).send().await.unwrap()), StatusCode::UNAUTHORIZED);
     // A made-up token.
-    assert_eq!(
-        status(
-            w.http
-                .get(&url)
-                .bearer_auth("not-a-token")
-                .send()
-                .await
-                .unwrap()
-        ),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(status(w.http.get(&url).bearer_auth("not-a-token").send().await.unwrap()), StatusCode::UNAUTHORIZED);
     // The controller's token for another node's agent (captured elsewhere, replayed here).
     let other_node = w.bed.controller_token("node-1").await.unwrap();
-    assert_eq!(
-        status(
-            w.http
-                .get(&url)
-                .bearer_auth(&other_node)
-                .send()
-                .await
-                .unwrap()
-        ),
-        StatusCode::UNAUTHORIZED
-    );
+    assert_eq!(status(w.http.get(&url).bearer_auth(&other_node).send().await.unwrap()), StatusCode::UNAUTHORIZED);
     // Another ServiceAccount, with the right audience.
-    let intruder = w
-        .bed
-        .service_account_token("default", "intruder", &berth::agent_audience("node-0"))
-        .await
-        .unwrap();
+    let intruder = w.bed.service_account_token("default", "intruder", &berth::agent_audience("node-0")).await.unwrap();
     let resp = w
         .http
         .put(w.agent.url(&format!("/v1/volumes/{VOL}")))
@@ -427,54 +267,28 @@ async fn only_the_controller_with_a_token_for_this_node_may_call() {
         .await
         .unwrap();
     let (code, reason, message) = refusal(resp).await;
-    assert_eq!(
-        (code, reason),
-        (StatusCode::FORBIDDEN, ErrorReason::Forbidden)
-    );
-    assert!(
-        message.contains("system:serviceaccount:default:intruder"),
-        "{message}"
-    );
+    assert_eq!((code, reason), (StatusCode::FORBIDDEN, ErrorReason::Forbidden));
+    assert!(message.contains("system:serviceaccount:default:intruder"), "{message}");
     // Open endpoints stay open.
     for open in ["/healthz", "/readyz", "/metrics"] {
-        assert_eq!(
-            status(w.http.get(w.agent.url(open)).send().await.unwrap()),
-            StatusCode::OK,
-            "{open}"
-        );
+        assert_eq!(status(w.http.get(w.agent.url(open)).send().await.unwrap()), StatusCode::OK, "{open}");
     }
     // The controller gets in.
-    assert_eq!(
-        status(w.http.get(&url).bearer_auth(&w.token).send().await.unwrap()),
-        StatusCode::OK
-    );
+    assert_eq!(status(w.http.get(&url).bearer_auth(&w.token).send().await.unwrap()), StatusCode::OK);
     assert!(w.on_disk().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_older_leadership_epoch_is_refused() {
     let w = world().await;
-    assert_eq!(
-        w.put(VOL, 7, &create_body("fast", MI)).await.status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(w.put(VOL, 7, &create_body("fast", MI)).await.status(), StatusCode::CREATED);
     let (code, reason, message) = refusal(w.delete(VOL, 6).await).await;
-    assert_eq!(
-        (code, reason),
-        (StatusCode::CONFLICT, ErrorReason::StaleEpoch),
-        "{message}"
-    );
+    assert_eq!((code, reason), (StatusCode::CONFLICT, ErrorReason::StaleEpoch), "{message}");
     let (_, reason, _) = refusal(w.put(VOL2, 3, &create_body("fast", MI)).await).await;
     assert_eq!(reason, ErrorReason::StaleEpoch);
     assert_eq!(w.on_disk(), vec![format!("fast/{VOL}")]);
     // Missing or malformed epochs are invalid requests.
-    let resp = w
-        .http
-        .delete(w.agent.url(&format!("/v1/volumes/{VOL}")))
-        .bearer_auth(&w.token)
-        .send()
-        .await
-        .unwrap();
+    let resp = w.http.delete(w.agent.url(&format!("/v1/volumes/{VOL}"))).bearer_auth(&w.token).send().await.unwrap();
     assert_eq!(refusal(resp).await.1, ErrorReason::Invalid);
     assert_eq!(w.delete(VOL, 8).await.status(), StatusCode::OK);
 }
@@ -494,13 +308,41 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     let good = serde_json::to_vec(&create_body("fast", MI)).unwrap();
     let cases: Vec<(String, Vec<u8>, ErrorReason)> = vec![
         (VOL.into(), b"{not json".to_vec(), ErrorReason::Invalid),
-        (VOL.into(), br#"{"pool":"fast","sizeBytes":1,"claim":{"namespace":"a","name":"b"},"path":"/etc"}"#.to_vec(), ErrorReason::Invalid),
-        (VOL.into(), br#"{"pool":"fast","sizeBytes":0,"claim":{"namespace":"a","name":"b"}}"#.to_vec(), ErrorReason::Invalid),
-        (VOL.into(), br#"{"pool":"fast","sizeBytes":-5,"claim":{"namespace":"a","name":"b"}}"#.to_vec(), ErrorReason::Invalid),
-        (VOL.into(), br#"{"pool":"../..","sizeBytes":1,"claim":{"namespace":"a","name":"b"}}"#.to_vec(), ErrorReason::Invalid),
-        (VOL.into(), br#"{"pool":"fast","sizeBytes":1,"claim":{"namespace":"a","name":"b"},"mode":4095}"#.to_vec(), ErrorReason::Invalid),
-        (VOL.into(), br#"{"pool":"nope","sizeBytes":1,"claim":{"namespace":"a","name":"b"}}"#.to_vec(), ErrorReason::UnknownPool),
-        (VOL.into(), br#"{"pool":"fast","sizeBytes":1,"volumeMode":"Block","claim":{"namespace":"a","name":"b"}}"#.to_vec(), ErrorReason::Unsupported),
+        (
+            VOL.into(),
+            br#"{"pool":"fast","sizeBytes":1,"claim":{"namespace":"a","name":"b"},"path":"/etc"}"#.to_vec(),
+            ErrorReason::Invalid,
+        ),
+        (
+            VOL.into(),
+            br#"{"pool":"fast","sizeBytes":0,"claim":{"namespace":"a","name":"b"}}"#.to_vec(),
+            ErrorReason::Invalid,
+        ),
+        (
+            VOL.into(),
+            br#"{"pool":"fast","sizeBytes":-5,"claim":{"namespace":"a","name":"b"}}"#.to_vec(),
+            ErrorReason::Invalid,
+        ),
+        (
+            VOL.into(),
+            br#"{"pool":"../..","sizeBytes":1,"claim":{"namespace":"a","name":"b"}}"#.to_vec(),
+            ErrorReason::Invalid,
+        ),
+        (
+            VOL.into(),
+            br#"{"pool":"fast","sizeBytes":1,"claim":{"namespace":"a","name":"b"},"mode":4095}"#.to_vec(),
+            ErrorReason::Invalid,
+        ),
+        (
+            VOL.into(),
+            br#"{"pool":"nope","sizeBytes":1,"claim":{"namespace":"a","name":"b"}}"#.to_vec(),
+            ErrorReason::UnknownPool,
+        ),
+        (
+            VOL.into(),
+            br#"{"pool":"fast","sizeBytes":1,"volumeMode":"Block","claim":{"namespace":"a","name":"b"}}"#.to_vec(),
+            ErrorReason::Unsupported,
+        ),
         (VOL.into(), vec![b' '; 64 * 1024], ErrorReason::TooLarge),
         // The client resolves `..` (also percent-encoded) before sending: /v1/volumes/.. is /v1/, no endpoint.
         ("..".into(), good.clone(), ErrorReason::NotFound),
@@ -528,39 +370,52 @@ async fn hostile_input_is_refused_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_shows_the_pools_and_sigterm_exits_cleanly() {
     let mut w = world().await;
-    assert_eq!(
-        w.put(VOL, 1, &create_body("fast", 50 * MI)).await.status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(w.put(VOL, 1, &create_body("fast", 50 * MI)).await.status(), StatusCode::CREATED);
     let nodes: Api<BerthNode> = Api::all(w.bed.client());
-    wait_for(&nodes, "node-0", Duration::from_secs(10), |n| {
-        n.status.as_ref().is_some_and(|s| s.summary.volumes == 1)
-    })
-    .await
-    .unwrap();
+    wait_for(&nodes, "node-0", Duration::from_secs(10), |n| n.status.as_ref().is_some_and(|s| s.summary.volumes == 1))
+        .await
+        .unwrap();
     let out = w.bed.kubectl(&["get", "berthnodes"]).unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(
-        header,
-        [
-            "NAME", "NODE", "POOLS", "FREE", "CAPACITY", "VOLUMES", "AGE"
-        ]
-    );
+    assert_eq!(header, ["NAME", "NODE", "POOLS", "FREE", "CAPACITY", "VOLUMES", "AGE"]);
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
     assert_eq!(&row[..3], ["node-0", "node-0", "fast,slow"]);
     assert!(row[3].ends_with("Mi"), "free {}", row[3]);
     assert_eq!(row[5], "1");
 
-    let status = w
-        .agent
-        .terminate(Duration::from_secs(15))
-        .expect("the agent exits after SIGTERM");
+    let status = w.agent.terminate(Duration::from_secs(15)).expect("the agent exits after SIGTERM");
     assert!(status.success(), "{status}");
     assert!(w.agent.log().contains("shutting down"));
+}
+
+/// A pool whose disk was not there when the agent started (marker missing) is read once it is: until then its
+/// volumes are unknown, so a delete cannot answer "there was none" and must refuse instead of leaking the data.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_not_ready_at_start_is_read_when_it_becomes_ready() {
+    let mut w = world().await;
+    let made: Volume = w.put(VOL, 1, &create_body("fast", MI)).await.json().await.unwrap();
+    w.agent.kill();
+    let marker = w.agent.pool_root("fast").join(".berth-pool");
+    let hidden = w.agent.pool_root("fast").join("marker-while-unmounted");
+    std::fs::rename(&marker, &hidden).unwrap();
+    w.agent.start().await.unwrap();
+    w.http = w.agent.http().unwrap();
+
+    let (code, reason, message) = refusal(w.delete(VOL, 1).await).await;
+    assert_eq!((code, reason), (StatusCode::SERVICE_UNAVAILABLE, ErrorReason::PoolNotReady), "{message}");
+    assert!(Path::new(&made.path).exists(), "the data of the volume was touched");
+    let listed: VolumeList = w.get("/v1/volumes").await;
+    assert!(listed.volumes.is_empty());
+
+    std::fs::rename(&hidden, &marker).unwrap();
+    let fast = w.pool("fast").await;
+    assert!(fast.ready && fast.volumes == 1 && fast.allocated_bytes == MI, "{fast:?}");
+    // Known again: the same request is answered idempotently, another is a conflict, delete works.
+    assert_eq!(w.put(VOL, 1, &create_body("fast", MI)).await.status(), StatusCode::OK);
+    assert_eq!(refusal(w.put(VOL, 1, &create_body("fast", 2 * MI)).await).await.1, ErrorReason::Conflict);
+    let del = w.delete(VOL, 1).await;
+    assert_eq!(del.json::<Value>().await.unwrap(), json!({"deleted": true}));
+    assert!(!Path::new(&made.path).exists());
 }

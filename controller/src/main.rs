@@ -16,8 +16,5 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::bail!(
-        "berth-controller {:?}: the controller is not implemented in this build",
-        args.provisioner
-    )
+    anyhow::bail!("berth-controller {:?}: the controller is not implemented in this build", args.provisioner)
 }

@@ -32,11 +32,7 @@ pub struct PoolSpec {
 
 impl PoolSpec {
     pub fn new(name: &str) -> PoolSpec {
-        PoolSpec {
-            name: name.into(),
-            root: format!("pools/{name}"),
-            extra: String::new(),
-        }
+        PoolSpec { name: name.into(), root: format!("pools/{name}"), extra: String::new() }
     }
 }
 
@@ -64,40 +60,24 @@ impl TestBed {
         let crds: Api<CustomResourceDefinition> = Api::all(self.client());
         let crd = BerthNode::crd();
         let name = crd.metadata.name.clone().expect("named");
-        crds.patch(
-            &name,
-            &PatchParams::apply("berth-testbed").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
+        crds.patch(&name, &PatchParams::apply("berth-testbed").force(), &Patch::Apply(&crd)).await?;
         wait_for(&crds, &name, Duration::from_secs(30), |c| {
             c.status
                 .as_ref()
                 .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                })
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"))
         })
         .await?;
         Ok(())
     }
 
     /// A token of ServiceAccount `namespace/name` (both created if missing) for `audience`.
-    pub async fn service_account_token(
-        &self,
-        namespace: &str,
-        name: &str,
-        audience: &str,
-    ) -> Result<String> {
+    pub async fn service_account_token(&self, namespace: &str, name: &str, audience: &str) -> Result<String> {
         let pp = PostParams::default();
         let namespaces: Api<Namespace> = Api::all(self.client());
         if namespaces.get_opt(namespace).await?.is_none() {
             let ns = Namespace {
-                metadata: ObjectMeta {
-                    name: Some(namespace.into()),
-                    ..Default::default()
-                },
+                metadata: ObjectMeta { name: Some(namespace.into()), ..Default::default() },
                 ..Default::default()
             };
             namespaces.create(&pp, &ns).await?;
@@ -105,10 +85,7 @@ impl TestBed {
         let sas: Api<ServiceAccount> = Api::namespaced(self.client(), namespace);
         if sas.get_opt(name).await?.is_none() {
             let sa = ServiceAccount {
-                metadata: ObjectMeta {
-                    name: Some(name.into()),
-                    ..Default::default()
-                },
+                metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
                 ..Default::default()
             };
             sas.create(&pp, &sa).await?;
@@ -122,20 +99,12 @@ impl TestBed {
             ..Default::default()
         };
         let token = sas.create_token_request(name, &pp, &request).await?;
-        token
-            .status
-            .and_then(|s| s.token)
-            .context("TokenRequest returned no token")
+        token.status.and_then(|s| s.token).context("TokenRequest returned no token")
     }
 
     /// The controller's token for node `node`'s agent.
     pub async fn controller_token(&self, node: &str) -> Result<String> {
-        self.service_account_token(
-            CONTROLLER_NAMESPACE,
-            CONTROLLER_SERVICE_ACCOUNT,
-            &berth::agent_audience(node),
-        )
-        .await
+        self.service_account_token(CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, &berth::agent_audience(node)).await
     }
 
     /// Starts `berth-agent` (the binary at `binary`) for simulated node `index` with `pools` (initialised with
@@ -176,11 +145,7 @@ impl TestBed {
                     .args(["--pool", &p.name])
                     .output()?;
                 if !out.status.success() {
-                    bail!(
-                        "berth-agent init-pool {}: {}",
-                        p.name,
-                        String::from_utf8_lossy(&out.stderr)
-                    );
+                    bail!("berth-agent init-pool {}: {}", p.name, String::from_utf8_lossy(&out.stderr));
                 }
             }
         }
@@ -195,10 +160,7 @@ impl TestBed {
             "--shutdown-grace-seconds=10".into(),
         ];
         let env = vec![
-            (
-                "KUBECONFIG".to_string(),
-                self.kubeconfig().display().to_string(),
-            ),
+            ("KUBECONFIG".to_string(), self.kubeconfig().display().to_string()),
             ("RUST_LOG".to_string(), "info,kube=warn".to_string()),
         ];
         let mut agent = AgentProcess {
@@ -210,10 +172,7 @@ impl TestBed {
             binary: binary.to_owned(),
             args,
             env,
-            log: self
-                .dir()
-                .join("logs")
-                .join(format!("agent-{}.log", node.name)),
+            log: self.dir().join("logs").join(format!("agent-{}.log", node.name)),
             client: self.client(),
             proc: None,
         };
@@ -225,11 +184,7 @@ impl TestBed {
 impl AgentProcess {
     /// (Re)starts the process and waits for a BerthNode status carrying this endpoint and a new certificate.
     pub async fn start(&mut self) -> Result<()> {
-        let env: Vec<(&str, &str)> = self
-            .env
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         self.proc = Some(Proc::spawn_with_env(
             &format!("berth-agent {}", self.node),
             &self.binary,
@@ -241,9 +196,9 @@ impl AgentProcess {
         let nodes: Api<BerthNode> = Api::all(self.client.clone());
         let endpoint = self.endpoint.clone();
         let waited = wait_for(&nodes, &self.node, Duration::from_secs(30), |n| {
-            n.status.as_ref().is_some_and(|s| {
-                s.endpoint == endpoint && !s.certificate.is_empty() && s.certificate != old
-            })
+            n.status
+                .as_ref()
+                .is_some_and(|s| s.endpoint == endpoint && !s.certificate.is_empty() && s.certificate != old)
         })
         .await;
         match waited {
@@ -253,10 +208,7 @@ impl AgentProcess {
             }
             Err(e) => {
                 let tail = crate::process::log_tail(&self.log, 30);
-                Err(e.context(format!(
-                    "agent of {} did not publish itself; its log:\n{tail}",
-                    self.node
-                )))
+                Err(e.context(format!("agent of {} did not publish itself; its log:\n{tail}", self.node)))
             }
         }
     }
@@ -275,12 +227,7 @@ impl AgentProcess {
     }
 
     pub fn pool_root(&self, pool: &str) -> &Path {
-        &self
-            .pool_roots
-            .iter()
-            .find(|(n, _)| n == pool)
-            .expect("configured pool")
-            .1
+        &self.pool_roots.iter().find(|(n, _)| n == pool).expect("configured pool").1
     }
 
     /// SIGKILL: the crash case.
@@ -292,9 +239,7 @@ impl AgentProcess {
 
     /// SIGTERM and the exit status (None if it did not exit within `timeout`).
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        self.proc
-            .as_mut()
-            .and_then(|p| p.signal_and_wait(libc::SIGTERM, timeout))
+        self.proc.as_mut().and_then(|p| p.signal_and_wait(libc::SIGTERM, timeout))
     }
 
     pub fn log(&self) -> String {

@@ -89,25 +89,16 @@ pub struct TestBedConfig {
 impl TestBedConfig {
     /// `n` simulated nodes sharing the host's disk.
     pub fn nodes(n: usize) -> Self {
-        TestBedConfig {
-            nodes: vec![NodeSpec::default(); n],
-            base_dir: None,
-        }
+        TestBedConfig { nodes: vec![NodeSpec::default(); n], base_dir: None }
     }
 
     /// One simulated node per size, each with its own filesystem of that size.
     pub fn nodes_with_disks(sizes: &[u64], fs: FsType) -> Self {
         let nodes = sizes
             .iter()
-            .map(|&size_bytes| NodeSpec {
-                disk: Some(NodeDiskSpec { size_bytes, fs }),
-                labels: BTreeMap::new(),
-            })
+            .map(|&size_bytes| NodeSpec { disk: Some(NodeDiskSpec { size_bytes, fs }), labels: BTreeMap::new() })
             .collect();
-        TestBedConfig {
-            nodes,
-            base_dir: None,
-        }
+        TestBedConfig { nodes, base_dir: None }
     }
 }
 
@@ -138,15 +129,9 @@ impl Drop for Resources {
         }
         self.nodes.clear(); // unmounts and detaches
         if std::thread::panicking() {
-            let keep = repo_root()
-                .join("target/testbed-logs")
-                .join(self.dir.file_name().unwrap_or_default());
+            let keep = repo_root().join("target/testbed-logs").join(self.dir.file_name().unwrap_or_default());
             if std::fs::create_dir_all(&keep).is_ok() {
-                for entry in std::fs::read_dir(self.dir.join("logs"))
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                {
+                for entry in std::fs::read_dir(self.dir.join("logs")).into_iter().flatten().flatten() {
                     let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
                 }
                 eprintln!("test bed: a test panicked; logs kept in {}", keep.display());
@@ -179,15 +164,8 @@ impl TestBed {
         let base = config.base_dir.clone().unwrap_or_else(std::env::temp_dir);
         std::fs::create_dir_all(&base)?;
         reaper::reap_dead_beds(&base);
-        let dir = tempfile::Builder::new()
-            .prefix(reaper::DIR_PREFIX)
-            .tempdir_in(&base)?
-            .keep();
-        let mut res = Resources {
-            dir: dir.clone(),
-            procs: Vec::new(),
-            nodes: Vec::new(),
-        };
+        let dir = tempfile::Builder::new().prefix(reaper::DIR_PREFIX).tempdir_in(&base)?.keep();
+        let mut res = Resources { dir: dir.clone(), procs: Vec::new(), nodes: Vec::new() };
         reaper::claim(&dir)?;
         for sub in ["logs", "etcd", "pki", "nodes"] {
             std::fs::create_dir_all(dir.join(sub))?;
@@ -203,21 +181,13 @@ impl TestBed {
                 ),
                 None => None,
             };
-            let node_address =
-                Ipv4Addr::new(127, address.octets()[1], address.octets()[2], 10 + i as u8);
-            res.nodes.push(SimNode {
-                hostname: format!("host-{i}"),
-                name,
-                address: node_address,
-                disk,
-            });
+            let node_address = Ipv4Addr::new(127, address.octets()[1], address.octets()[2], 10 + i as u8);
+            res.nodes.push(SimNode { hostname: format!("host-{i}"), name, address: node_address, disk });
         }
 
         let pki = Pki::write(&dir.join("pki"), &[address])?;
         let http = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
-                &pki.ca_cert,
-            )?)?)
+            .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&pki.ca_cert)?)?)
             .identity(reqwest::Identity::from_pem(&pki.admin_identity_pem()?)?)
             .timeout(Duration::from_secs(5))
             .build()?;
@@ -238,12 +208,7 @@ impl TestBed {
             format!("--initial-cluster=bed={peer_url}"),
             "--unsafe-no-fsync".into(),
         ];
-        res.procs.push(Proc::spawn(
-            "etcd",
-            &bins.path("etcd"),
-            &etcd_args,
-            &log("etcd"),
-        )?);
+        res.procs.push(Proc::spawn("etcd", &bins.path("etcd"), &etcd_args, &log("etcd"))?);
         let health = format!("{client_url}/health");
         wait_ready(&mut res.procs, "etcd", || probe(&http, &health)).await?;
 
@@ -260,10 +225,7 @@ impl TestBed {
             "--service-cluster-ip-range=10.0.0.0/24".into(),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
             format!("--service-account-key-file={}", s(&pki.sa_public_key)?),
-            format!(
-                "--service-account-signing-key-file={}",
-                s(&pki.sa_private_key)?
-            ),
+            format!("--service-account-signing-key-file={}", s(&pki.sa_private_key)?),
             "--authorization-mode=Node,RBAC".into(),
             "--allow-privileged=true".into(),
             // The `kubernetes` Service's endpoints would be this loopback address, which Endpoints reject.
@@ -295,10 +257,7 @@ impl TestBed {
             format!("--tls-cert-file={}", s(&pki.serving_cert)?),
             format!("--tls-private-key-file={}", s(&pki.serving_key)?),
             format!("--controllers={}", KCM_CONTROLLERS.join(",")),
-            format!(
-                "--service-account-private-key-file={}",
-                s(&pki.sa_private_key)?
-            ),
+            format!("--service-account-private-key-file={}", s(&pki.sa_private_key)?),
             format!("--root-ca-file={}", s(&pki.ca_cert)?),
             format!("--kube-api-qps={KCM_API_QPS}"),
             format!("--kube-api-burst={KCM_API_BURST}"),
@@ -337,39 +296,23 @@ impl TestBed {
             format!("--kubeconfig={kc}"),
             format!("--config={}", s(&stages)?),
             "--manage-all-nodes=false".into(),
-            format!(
-                "--manage-nodes-with-annotation-selector={}={}",
-                KWOK_NODE_ANNOTATION.0, KWOK_NODE_ANNOTATION.1
-            ),
+            format!("--manage-nodes-with-annotation-selector={}={}", KWOK_NODE_ANNOTATION.0, KWOK_NODE_ANNOTATION.1),
             "--cidr=10.244.0.0/16".into(),
             format!("--node-ip={address}"),
             "--node-lease-duration-seconds=40".into(),
             format!("--server-address={address}:{kwok_port}"),
         ];
-        res.procs.push(Proc::spawn(
-            "kwok",
-            &bins.path("kwok"),
-            &kwok_args,
-            &log("kwok"),
-        )?);
+        res.procs.push(Proc::spawn("kwok", &bins.path("kwok"), &kwok_args, &log("kwok"))?);
 
         let kcm_health = format!("https://{address}:{kcm_port}/healthz");
         let sched_health = format!("https://{address}:{sched_port}/healthz");
         let kwok_health = format!("http://{address}:{kwok_port}/healthz");
-        wait_ready(&mut res.procs, "kube-controller-manager", || {
-            probe(&http, &kcm_health)
-        })
-        .await?;
-        wait_ready(&mut res.procs, "kube-scheduler", || {
-            probe(&http, &sched_health)
-        })
-        .await?;
+        wait_ready(&mut res.procs, "kube-controller-manager", || probe(&http, &kcm_health)).await?;
+        wait_ready(&mut res.procs, "kube-scheduler", || probe(&http, &sched_health)).await?;
         wait_ready(&mut res.procs, "kwok", || probe(&http, &kwok_health)).await?;
 
         let options = KubeConfigOptions::default();
-        let client_config =
-            kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig)?, &options)
-                .await?;
+        let client_config = kube::Config::from_custom_kubeconfig(Kubeconfig::read_from(&kubeconfig)?, &options).await?;
         let client = kube::Client::try_from(client_config)?;
 
         let nodes: Api<Node> = Api::all(client.clone());
@@ -378,10 +321,7 @@ impl TestBed {
             labels.insert(berth::keys::HOSTNAME_LABEL.into(), node.hostname.clone());
             labels.insert("kubernetes.io/os".into(), "linux".into());
             let annotations = BTreeMap::from([
-                (
-                    KWOK_NODE_ANNOTATION.0.to_owned(),
-                    KWOK_NODE_ANNOTATION.1.to_owned(),
-                ),
+                (KWOK_NODE_ANNOTATION.0.to_owned(), KWOK_NODE_ANNOTATION.1.to_owned()),
                 (NODE_ADDRESS_ANNOTATION.to_owned(), node.address.to_string()),
             ]);
             let object = Node {
@@ -393,10 +333,7 @@ impl TestBed {
                 },
                 ..Default::default()
             };
-            nodes
-                .create(&PostParams::default(), &object)
-                .await
-                .with_context(|| format!("creating {}", node.name))?;
+            nodes.create(&PostParams::default(), &object).await.with_context(|| format!("creating {}", node.name))?;
         }
         // Ready (kwok) and untainted (the node lifecycle controller lifts the not-ready taint the
         // TaintNodesByCondition admission plugin puts on every new Node).
@@ -405,8 +342,7 @@ impl TestBed {
             let mut all = true;
             for name in &names {
                 let node = nodes.get(name).await?;
-                all &= crate::kube_util::node_is_ready(&node)
-                    && crate::kube_util::node_taints(&node).is_empty();
+                all &= crate::kube_util::node_is_ready(&node) && crate::kube_util::node_taints(&node).is_empty();
             }
             Ok(all)
         })
@@ -418,16 +354,7 @@ impl TestBed {
         })
         .await?;
 
-        Ok(TestBed {
-            res,
-            address,
-            api_server,
-            kubeconfig,
-            pki,
-            bins,
-            client,
-            boot_time: started.elapsed(),
-        })
+        Ok(TestBed { res, address, api_server, kubeconfig, pki, bins, client, boot_time: started.elapsed() })
     }
 
     /// An admin client (group system:masters).
@@ -471,11 +398,7 @@ impl TestBed {
 
     /// The pids of the bed's processes, by name (etcd, kube-apiserver, …).
     pub fn processes(&self) -> Vec<(String, u32)> {
-        self.res
-            .procs
-            .iter()
-            .map(|p| (p.name().to_owned(), p.pid()))
-            .collect()
+        self.res.procs.iter().map(|p| (p.name().to_owned(), p.pid())).collect()
     }
 
     /// The kubectl built with the control plane.
@@ -510,8 +433,7 @@ where
     let mut last_error = None;
     loop {
         for p in procs.iter_mut() {
-            p.ensure_running()
-                .with_context(|| format!("while waiting for {what}"))?;
+            p.ensure_running().with_context(|| format!("while waiting for {what}"))?;
         }
         match ready().await {
             Ok(true) => return Ok(()),
@@ -519,9 +441,7 @@ where
             Err(e) => last_error = Some(e),
         }
         if Instant::now() > deadline {
-            bail!(
-                "{what} not ready after {READY_TIMEOUT:?} (last error: {last_error:?}); logs are in the bed's logs/"
-            );
+            bail!("{what} not ready after {READY_TIMEOUT:?} (last error: {last_error:?}); logs are in the bed's logs/");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -34,10 +34,7 @@ impl KubeBins {
 
 /// The repository root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
 fn locate_dir() -> Result<PathBuf> {
@@ -50,33 +47,16 @@ fn locate_dir() -> Result<PathBuf> {
                 .output()
                 .with_context(|| format!("running {}", script.display()))?;
             if !out.status.success() {
-                bail!(
-                    "{} failed ({}); see its output above",
-                    script.display(),
-                    out.status
-                );
+                bail!("{} failed ({}); see its output above", script.display(), out.status);
             }
             let stdout = String::from_utf8_lossy(&out.stdout);
-            let last = stdout
-                .lines()
-                .last()
-                .context("hack/kube-bins printed nothing")?;
+            let last = stdout.lines().last().context("hack/kube-bins printed nothing")?;
             PathBuf::from(last.trim())
         }
     };
-    for bin in [
-        "etcd",
-        "kube-apiserver",
-        "kube-controller-manager",
-        "kube-scheduler",
-        "kubectl",
-        "kwok",
-    ] {
+    for bin in ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok"] {
         if !dir.join(bin).is_file() {
-            bail!(
-                "{} has no {bin}: run hack/kube-bins, or point BERTH_KUBE_BINS at its output",
-                dir.display()
-            );
+            bail!("{} has no {bin}: run hack/kube-bins, or point BERTH_KUBE_BINS at its output", dir.display());
         }
     }
     Ok(dir)

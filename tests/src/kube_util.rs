@@ -16,20 +16,12 @@ pub fn node_is_ready(node: &Node) -> bool {
 }
 
 pub fn node_taints(node: &Node) -> Vec<Taint> {
-    node.spec
-        .as_ref()
-        .and_then(|s| s.taints.clone())
-        .unwrap_or_default()
+    node.spec.as_ref().and_then(|s| s.taints.clone()).unwrap_or_default()
 }
 
 /// Waits (watching, not polling) until the named object satisfies `condition`, and returns it; fails after
 /// `timeout` with the object as last seen.
-pub async fn wait_for<K>(
-    api: &Api<K>,
-    name: &str,
-    timeout: Duration,
-    condition: impl Fn(&K) -> bool,
-) -> Result<K>
+pub async fn wait_for<K>(api: &Api<K>, name: &str, timeout: Duration, condition: impl Fn(&K) -> bool) -> Result<K>
 where
     K: Resource + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
@@ -38,9 +30,7 @@ where
         Ok(found) => found?.ok_or_else(|| anyhow!("{name} was deleted while waiting")),
         Err(_) => {
             let last = api.get_opt(name).await.ok().flatten();
-            Err(anyhow!(
-                "{name}: condition not met within {timeout:?}; last seen: {last:#?}"
-            ))
+            Err(anyhow!("{name}: condition not met within {timeout:?}; last seen: {last:#?}"))
         }
     }
 }
@@ -62,13 +52,7 @@ where
 
 /// Creates a namespace and waits for its `default` ServiceAccount (pods are refused until it exists).
 pub async fn create_namespace(client: &kube::Client, name: &str) -> Result<()> {
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let ns = Namespace { metadata: ObjectMeta { name: Some(name.into()), ..Default::default() }, ..Default::default() };
     Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &ns)
         .await

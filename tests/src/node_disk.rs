@@ -28,23 +28,14 @@ impl NodeDisk {
             .with_context(|| format!("creating sparse image {}", image.display()))?;
         // --find --show picks a free device and attaches in one call, retrying internally if another process
         // (a second test bed) takes the same device first.
-        let loop_device =
-            PathBuf::from(run("losetup", &["--find", "--show", path_str(&image)?])?.trim());
-        let mut disk = NodeDisk {
-            image,
-            loop_device,
-            mount_point,
-            mounted: false,
-        };
+        let loop_device = PathBuf::from(run("losetup", &["--find", "--show", path_str(&image)?])?.trim());
+        let mut disk = NodeDisk { image, loop_device, mount_point, mounted: false };
         let dev = path_str(&disk.loop_device)?.to_owned();
         match fs {
             FsType::Ext4 => run("mkfs.ext4", &["-q", "-F", "-m", "0", &dev])?,
             FsType::Xfs => run("mkfs.xfs", &["-q", "-f", &dev])?,
         };
-        run(
-            "mount",
-            &["-t", fs.as_str(), &dev, path_str(&disk.mount_point)?],
-        )?;
+        run("mount", &["-t", fs.as_str(), &dev, path_str(&disk.mount_point)?])?;
         disk.mounted = true;
         Ok(disk)
     }
@@ -81,23 +72,14 @@ impl Drop for NodeDisk {
 }
 
 pub(crate) fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .with_context(|| format!("path is not UTF-8: {}", p.display()))
+    p.to_str().with_context(|| format!("path is not UTF-8: {}", p.display()))
 }
 
 /// Runs a command to completion; its stdout, or an error with its stderr.
 pub(crate) fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
     if !out.status.success() {
-        bail!(
-            "{program} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{program} {} failed ({}): {}", args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 
 /// Paths of the PEM files written by [`Pki::write`].
@@ -53,13 +52,8 @@ impl Pki {
         let ca_key = KeyPair::generate()?;
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "berth-testbed-ca");
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        ca.distinguished_name.push(DnType::CommonName, "berth-testbed-ca");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let ca_cert = ca.self_signed(&ca_key)?;
         write(&pki.ca_cert, &ca_cert.pem())?;
         write(&pki.ca_key, &ca_key.serialize_pem())?;
@@ -69,30 +63,18 @@ impl Pki {
         names.push(Ipv4Addr::LOCALHOST.to_string());
         names.extend(server_ips.iter().map(|ip| IpAddr::V4(*ip).to_string()));
         let mut serving = CertificateParams::new(names)?;
-        serving
-            .distinguished_name
-            .push(DnType::CommonName, "berth-testbed-server");
+        serving.distinguished_name.push(DnType::CommonName, "berth-testbed-server");
         serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let serving_key = KeyPair::generate()?;
-        write(
-            &pki.serving_cert,
-            &serving.signed_by(&serving_key, &issuer)?.pem(),
-        )?;
+        write(&pki.serving_cert, &serving.signed_by(&serving_key, &issuer)?.pem())?;
         write(&pki.serving_key, &serving_key.serialize_pem())?;
 
         let mut admin = CertificateParams::new(Vec::<String>::new())?;
-        admin
-            .distinguished_name
-            .push(DnType::CommonName, "berth-testbed-admin");
-        admin
-            .distinguished_name
-            .push(DnType::OrganizationName, "system:masters");
+        admin.distinguished_name.push(DnType::CommonName, "berth-testbed-admin");
+        admin.distinguished_name.push(DnType::OrganizationName, "system:masters");
         admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let admin_key = KeyPair::generate()?;
-        write(
-            &pki.admin_cert,
-            &admin.signed_by(&admin_key, &issuer)?.pem(),
-        )?;
+        write(&pki.admin_cert, &admin.signed_by(&admin_key, &issuer)?.pem())?;
         write(&pki.admin_key, &admin_key.serialize_pem())?;
 
         // ES256 service-account tokens: kube-apiserver signs with the private key, verifies with the public one.

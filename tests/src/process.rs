@@ -33,18 +33,10 @@ impl Proc {
         env: &[(&str, &str)],
         log: &Path,
     ) -> Result<Proc> {
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("{}", log.display()))?;
+        let out = File::options().create(true).append(true).open(log).with_context(|| format!("{}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(program);
-        cmd.args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
+        cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(out).stderr(err);
         // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
         unsafe {
             cmd.pre_exec(|| {
@@ -54,14 +46,8 @@ impl Proc {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting {name} ({})", program.display()))?;
-        Ok(Proc {
-            name: name.to_owned(),
-            child,
-            log: log.to_owned(),
-        })
+        let child = cmd.spawn().with_context(|| format!("starting {name} ({})", program.display()))?;
+        Ok(Proc { name: name.to_owned(), child, log: log.to_owned() })
     }
 
     pub fn name(&self) -> &str {
@@ -90,11 +76,7 @@ impl Proc {
     }
 
     /// Sends `signal` (e.g. `libc::SIGTERM`) and waits up to `timeout` for the exit status.
-    pub fn signal_and_wait(
-        &mut self,
-        signal: i32,
-        timeout: Duration,
-    ) -> Option<std::process::ExitStatus> {
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> Option<std::process::ExitStatus> {
         // SAFETY: kill(2) on our own, not yet reaped, child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
         let deadline = Instant::now() + timeout;
@@ -134,8 +116,7 @@ impl Drop for Proc {
 
 /// The last `n` lines of a log file (for error messages).
 pub fn log_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path)
-        .unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -45,26 +45,17 @@ pub fn reap_dead_beds(base: &Path) {
         if !is_bed || owner_alive(&dir) {
             continue;
         }
-        eprintln!(
-            "test bed: cleaning up {} left by a dead test process",
-            dir.display()
-        );
+        eprintln!("test bed: cleaning up {} left by a dead test process", dir.display());
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let prefix = format!("{}/", dir.display());
         // Deepest first, so nested mounts come off before their parents.
-        let mut points: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| m.starts_with(&prefix))
-            .collect();
+        let mut points: Vec<&str> =
+            mounts.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&prefix)).collect();
         points.sort_by_key(|p| std::cmp::Reverse(p.len()));
         for point in points {
             let _ = run("umount", &["--lazy", point]);
         }
-        if let Ok(list) = run(
-            "losetup",
-            &["--list", "--noheadings", "--output", "NAME,BACK-FILE"],
-        ) {
+        if let Ok(list) = run("losetup", &["--list", "--noheadings", "--output", "NAME,BACK-FILE"]) {
             for line in list.lines() {
                 if let Some((dev, file)) = line.trim().split_once(' ')
                     && file.trim().starts_with(&prefix)

@@ -50,24 +50,12 @@ impl Vm {
             Some(k) => PathBuf::from(k),
             None => newest_kernel()?,
         };
-        Ok(Vm {
-            kernel,
-            memory: "1G".into(),
-            cpus: 2,
-            disks: vec![],
-            rwdirs: vec![],
-            env: vec![],
-            network: false,
-        })
+        Ok(Vm { kernel, memory: "1G".into(), cpus: 2, disks: vec![], rwdirs: vec![], env: vec![], network: false })
     }
 
     /// The kernel release the guest will run (from the image's file name, `vmlinuz-<release>`).
     pub fn kernel_release(&self) -> String {
-        let name = self
-            .kernel
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy();
+        let name = self.kernel.file_name().unwrap_or_default().to_string_lossy();
         name.strip_prefix("vmlinuz-").unwrap_or(&name).to_owned()
     }
 
@@ -108,9 +96,7 @@ impl Vm {
         for disk in &self.disks {
             let name = disk.file_name().unwrap_or_default().to_string_lossy();
             if name.len() > 20 || name.contains([',', '=']) {
-                bail!(
-                    "disk image name {name:?}: at most 20 bytes, no ',' or '=' (it becomes the virtio serial)"
-                );
+                bail!("disk image name {name:?}: at most 20 bytes, no ',' or '=' (it becomes the virtio serial)");
             }
         }
         // The script lives where the guest can read it: under the repository, not /tmp. vng names each disk
@@ -118,9 +104,7 @@ impl Vm {
         // relative to this directory.
         let scripts = repo_root().join("target/vm-runs");
         std::fs::create_dir_all(&scripts)?;
-        let run_dir = tempfile::Builder::new()
-            .prefix("run-")
-            .tempdir_in(&scripts)?;
+        let run_dir = tempfile::Builder::new().prefix("run-").tempdir_in(&scripts)?;
         let script = run_dir.path().join("run.sh");
         for disk in &self.disks {
             let link = run_dir.path().join(disk.file_name().unwrap_or_default());
@@ -128,16 +112,11 @@ impl Vm {
             std::os::unix::fs::symlink(&target, &link)
                 .with_context(|| format!("{} (two disks with one file name?)", link.display()))?;
         }
-        let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?
-            .trim()
-            .to_owned();
+        let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_owned();
         let mut text = String::from("set -e\n");
-        for (k, v) in [
-            ("BERTH_IN_VM", "1"),
-            ("BERTH_HOST_KERNEL", host_kernel.as_str()),
-        ]
-        .into_iter()
-        .chain(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        for (k, v) in [("BERTH_IN_VM", "1"), ("BERTH_HOST_KERNEL", host_kernel.as_str())]
+            .into_iter()
+            .chain(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         {
             text.push_str(&format!("export {k}={}\n", shell_quote(v)));
         }
@@ -163,26 +142,16 @@ impl Vm {
             cmd.args(["--network", "user"]);
         }
         cmd.arg("--exec").arg(format!("bash {}", script.display()));
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let started = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .context("starting vng (PyPI package virtme-ng; .ci/run installs it)")?;
+        let mut child = cmd.spawn().context("starting vng (PyPI package virtme-ng; .ci/run installs it)")?;
         let stderr = child.stderr.take().expect("piped");
         let err_thread = std::thread::spawn(move || stream(BufReader::new(stderr)));
         let mut output = stream(BufReader::new(child.stdout.take().expect("piped")));
         output.push_str(&err_thread.join().unwrap_or_default());
         let status = child.wait()?;
-        let Some(code) = status.code() else {
-            bail!("vng was killed ({status})")
-        };
-        Ok(VmRun {
-            status: code,
-            output,
-            elapsed: started.elapsed(),
-        })
+        let Some(code) = status.code() else { bail!("vng was killed ({status})") };
+        Ok(VmRun { status: code, output, elapsed: started.elapsed() })
     }
 }
 
@@ -206,15 +175,10 @@ fn newest_kernel() -> Result<PathBuf> {
         .context("/boot")?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        })
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
         .collect();
     kernels.sort();
-    kernels
-        .pop()
-        .context("no /boot/vmlinuz-*: install the Debian package linux-image-amd64")
+    kernels.pop().context("no /boot/vmlinuz-*: install the Debian package linux-image-amd64")
 }
 
 /// Inside the guest: the block device of the disk image named `image_name` (its virtio serial).

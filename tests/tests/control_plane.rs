@@ -5,13 +5,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
-use k8s_openapi::api::authentication::v1::{
-    TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
-};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{
     Container, ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, PersistentVolumeSpec, Pod, PodSpec, PodTemplateSpec,
-    ServiceAccount, Volume, VolumeResourceRequirements,
+    PersistentVolumeClaimVolumeSource, PersistentVolumeSpec, Pod, PodSpec, PodTemplateSpec, ServiceAccount, Volume,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -23,10 +21,7 @@ use testbed::{FsType, TestBed, TestBedConfig};
 const WAIT: Duration = Duration::from_secs(60);
 
 fn meta(name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        ..Default::default()
-    }
+    ObjectMeta { name: Some(name.into()), ..Default::default() }
 }
 
 fn storage_class(name: &str, binding_mode: &str) -> StorageClass {
@@ -86,36 +81,18 @@ async fn kcm_marks_our_claims_with_the_storage_provisioner() {
     let client = bed.client();
     create_namespace(&client, "t").await.unwrap();
     Api::<StorageClass>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &storage_class("berth-now", "Immediate"),
-        )
+        .create(&PostParams::default(), &storage_class("berth-now", "Immediate"))
         .await
         .unwrap();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "t");
-    claims
-        .create(&PostParams::default(), &claim("data", "berth-now"))
+    claims.create(&PostParams::default(), &claim("data", "berth-now")).await.unwrap();
+
+    let pvc = wait_for(&claims, "data", WAIT, |c| annotation(&c.metadata, berth::keys::STORAGE_PROVISIONER).is_some())
         .await
         .unwrap();
-
-    let pvc = wait_for(&claims, "data", WAIT, |c| {
-        annotation(&c.metadata, berth::keys::STORAGE_PROVISIONER).is_some()
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        annotation(&pvc.metadata, berth::keys::STORAGE_PROVISIONER),
-        Some(berth::PROVISIONER_NAME)
-    );
-    assert_eq!(
-        annotation(&pvc.metadata, berth::keys::STORAGE_PROVISIONER_BETA),
-        Some(berth::PROVISIONER_NAME)
-    );
-    assert_eq!(
-        pvc.status.and_then(|s| s.phase).as_deref(),
-        Some("Pending"),
-        "nobody provisions it yet"
-    );
+    assert_eq!(annotation(&pvc.metadata, berth::keys::STORAGE_PROVISIONER), Some(berth::PROVISIONER_NAME));
+    assert_eq!(annotation(&pvc.metadata, berth::keys::STORAGE_PROVISIONER_BETA), Some(berth::PROVISIONER_NAME));
+    assert_eq!(pvc.status.and_then(|s| s.phase).as_deref(), Some("Pending"), "nobody provisions it yet");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -124,40 +101,25 @@ async fn scheduler_selects_a_simulated_node_for_a_wait_for_first_consumer_claim(
     let client = bed.client();
     create_namespace(&client, "t").await.unwrap();
     Api::<StorageClass>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &storage_class("berth-wffc", "WaitForFirstConsumer"),
-        )
+        .create(&PostParams::default(), &storage_class("berth-wffc", "WaitForFirstConsumer"))
         .await
         .unwrap();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "t");
-    claims
-        .create(&PostParams::default(), &claim("data", "berth-wffc"))
-        .await
-        .unwrap();
+    claims.create(&PostParams::default(), &claim("data", "berth-wffc")).await.unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "t");
     pods.create(
         &PostParams::default(),
-        &Pod {
-            metadata: meta("app"),
-            spec: Some(pod_spec(Some("data"))),
-            ..Default::default()
-        },
+        &Pod { metadata: meta("app"), spec: Some(pod_spec(Some("data"))), ..Default::default() },
     )
     .await
     .unwrap();
 
-    let pvc = wait_for(&claims, "data", WAIT, |c| {
-        annotation(&c.metadata, berth::keys::SELECTED_NODE).is_some()
-    })
-    .await
-    .unwrap();
+    let pvc = wait_for(&claims, "data", WAIT, |c| annotation(&c.metadata, berth::keys::SELECTED_NODE).is_some())
+        .await
+        .unwrap();
     let selected = annotation(&pvc.metadata, berth::keys::SELECTED_NODE).unwrap();
     let names: Vec<&str> = bed.nodes().iter().map(|n| n.name.as_str()).collect();
-    assert!(
-        names.contains(&selected),
-        "selected-node {selected:?} is not one of {names:?}"
-    );
+    assert!(names.contains(&selected), "selected-node {selected:?} is not one of {names:?}");
     // The scheduler waits for the volume before binding the pod.
     let pod = pods.get("app").await.unwrap();
     assert_eq!(pod.spec.unwrap().node_name, None);
@@ -169,17 +131,11 @@ async fn prebound_pv_binds_through_kcm_and_deletion_completes() {
     let client = bed.client();
     create_namespace(&client, "t").await.unwrap();
     Api::<StorageClass>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &storage_class("berth-now", "Immediate"),
-        )
+        .create(&PostParams::default(), &storage_class("berth-now", "Immediate"))
         .await
         .unwrap();
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "t");
-    let pvc = claims
-        .create(&PostParams::default(), &claim("data", "berth-now"))
-        .await
-        .unwrap();
+    let pvc = claims.create(&PostParams::default(), &claim("data", "berth-now")).await.unwrap();
     let uid = pvc.metadata.uid.clone().unwrap();
     let pv_name = berth::naming::volume_name(&uid).unwrap();
 
@@ -188,10 +144,7 @@ async fn prebound_pv_binds_through_kcm_and_deletion_completes() {
     let pv = PersistentVolume {
         metadata: ObjectMeta {
             name: Some(pv_name.clone()),
-            annotations: Some(BTreeMap::from([(
-                berth::keys::PROVISIONED_BY.into(),
-                berth::PROVISIONER_NAME.into(),
-            )])),
+            annotations: Some(BTreeMap::from([(berth::keys::PROVISIONED_BY.into(), berth::PROVISIONER_NAME.into())])),
             ..Default::default()
         },
         spec: Some(PersistentVolumeSpec {
@@ -215,49 +168,27 @@ async fn prebound_pv_binds_through_kcm_and_deletion_completes() {
     };
     pvs.create(&PostParams::default(), &pv).await.unwrap();
 
-    let bound = wait_for(&claims, "data", WAIT, |c| {
-        c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        bound.spec.unwrap().volume_name.as_deref(),
-        Some(pv_name.as_str())
-    );
-    assert_eq!(
-        annotation(&bound.metadata, "pv.kubernetes.io/bind-completed"),
-        Some("yes")
-    );
-    let pv = wait_for(&pvs, &pv_name, WAIT, |p| {
-        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
-    })
-    .await
-    .unwrap();
+    let bound =
+        wait_for(&claims, "data", WAIT, |c| c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"))
+            .await
+            .unwrap();
+    assert_eq!(bound.spec.unwrap().volume_name.as_deref(), Some(pv_name.as_str()));
+    assert_eq!(annotation(&bound.metadata, "pv.kubernetes.io/bind-completed"), Some("yes"));
+    let pv = wait_for(&pvs, &pv_name, WAIT, |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"))
+        .await
+        .unwrap();
     let finalizers = pv.metadata.finalizers.unwrap_or_default();
-    assert!(
-        finalizers.contains(&"kubernetes.io/pv-protection".to_string()),
-        "{finalizers:?}"
-    );
+    assert!(finalizers.contains(&"kubernetes.io/pv-protection".to_string()), "{finalizers:?}");
     let claim_finalizers = bound.metadata.finalizers.unwrap_or_default();
-    assert!(
-        claim_finalizers.contains(&"kubernetes.io/pvc-protection".to_string()),
-        "{claim_finalizers:?}"
-    );
+    assert!(claim_finalizers.contains(&"kubernetes.io/pvc-protection".to_string()), "{claim_finalizers:?}");
 
     // Deleting both completes: the protection controllers lift their finalizers.
-    claims
-        .delete("data", &DeleteParams::default())
-        .await
-        .unwrap();
+    claims.delete("data", &DeleteParams::default()).await.unwrap();
     wait_deleted(&claims, "data", WAIT).await.unwrap();
-    wait_for(&pvs, &pv_name, WAIT, |p| {
-        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released")
-    })
-    .await
-    .unwrap();
-    pvs.delete(&pv_name, &DeleteParams::default())
+    wait_for(&pvs, &pv_name, WAIT, |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released"))
         .await
         .unwrap();
+    pvs.delete(&pv_name, &DeleteParams::default()).await.unwrap();
     wait_deleted(&pvs, &pv_name, WAIT).await.unwrap();
 }
 
@@ -272,15 +203,9 @@ async fn statefulset_with_ordered_ready_policy_gets_all_pods_ready() {
         spec: StatefulSetSpec {
             replicas: Some(3),
             service_name: Some("db".into()),
-            selector: LabelSelector {
-                match_labels: Some(labels.clone()),
-                ..Default::default()
-            },
+            selector: LabelSelector { match_labels: Some(labels.clone()), ..Default::default() },
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
+                metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
                 spec: Some(pod_spec(None)),
             },
             ..Default::default() // pod management policy: OrderedReady
@@ -289,11 +214,8 @@ async fn statefulset_with_ordered_ready_policy_gets_all_pods_ready() {
     };
     let sets: Api<StatefulSet> = Api::namespaced(client.clone(), "t");
     sets.create(&PostParams::default(), &sts).await.unwrap();
-    let set = wait_for(&sets, "db", WAIT, |s| {
-        s.status.as_ref().and_then(|s| s.ready_replicas) == Some(3)
-    })
-    .await
-    .unwrap();
+    let set =
+        wait_for(&sets, "db", WAIT, |s| s.status.as_ref().and_then(|s| s.ready_replicas) == Some(3)).await.unwrap();
     assert_eq!(set.spec.pod_management_policy, Some("OrderedReady".into()));
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), "t");
@@ -304,13 +226,7 @@ async fn statefulset_with_ordered_ready_policy_gets_all_pods_ready() {
         assert!(names.contains(&node.as_str()), "db-{i} on {node}");
         let status = pod.status.unwrap();
         assert_eq!(status.phase.as_deref(), Some("Running"));
-        assert!(
-            status
-                .conditions
-                .unwrap()
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        );
+        assert!(status.conditions.unwrap().iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     }
 }
 
@@ -320,15 +236,9 @@ async fn token_review_checks_the_audience_of_a_requested_token() {
     let client = bed.client();
     create_namespace(&client, "t").await.unwrap();
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "t");
-    sas.create(
-        &PostParams::default(),
-        &ServiceAccount {
-            metadata: meta("controller"),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    sas.create(&PostParams::default(), &ServiceAccount { metadata: meta("controller"), ..Default::default() })
+        .await
+        .unwrap();
     let audience = "local.berth.dev/agent/node-0";
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
@@ -338,56 +248,30 @@ async fn token_review_checks_the_audience_of_a_requested_token() {
         }),
         ..Default::default()
     };
-    let token = sas
-        .create_token_request("controller", &PostParams::default(), &request)
-        .await
-        .unwrap();
+    let token = sas.create_token_request("controller", &PostParams::default(), &request).await.unwrap();
     let token = token.status.unwrap().token.expect("a token");
 
     let reviews: Api<TokenReview> = Api::all(client.clone());
     let review = |token: &str, audience: &str| TokenReview {
-        spec: TokenReviewSpec {
-            token: token.into(),
-            audiences: Some(vec![audience.into()]),
-        },
+        spec: TokenReviewSpec { token: token.into(), audiences: Some(vec![audience.into()]) },
         ..Default::default()
     };
-    let ok = reviews
-        .create(&PostParams::default(), &review(&token, audience))
-        .await
-        .unwrap()
-        .status
-        .unwrap();
+    let ok = reviews.create(&PostParams::default(), &review(&token, audience)).await.unwrap().status.unwrap();
     assert_eq!(ok.authenticated, Some(true), "{ok:?}");
     let user = ok.user.unwrap();
-    assert_eq!(
-        user.username.as_deref(),
-        Some("system:serviceaccount:t:controller")
-    );
+    assert_eq!(user.username.as_deref(), Some("system:serviceaccount:t:controller"));
     assert_eq!(ok.audiences, Some(vec![audience.to_string()]));
 
     let other = reviews
-        .create(
-            &PostParams::default(),
-            &review(&token, "local.berth.dev/agent/node-1"),
-        )
+        .create(&PostParams::default(), &review(&token, "local.berth.dev/agent/node-1"))
         .await
         .unwrap()
         .status
         .unwrap();
-    assert_ne!(
-        other.authenticated,
-        Some(true),
-        "a token for node-0's agent passed as node-1's: {other:?}"
-    );
+    assert_ne!(other.authenticated, Some(true), "a token for node-0's agent passed as node-1's: {other:?}");
 
     let forged = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6dDpjb250cm9sbGVyIn0.c2lnbmF0dXJl";
-    let made_up = reviews
-        .create(&PostParams::default(), &review(forged, audience))
-        .await
-        .unwrap()
-        .status
-        .unwrap();
+    let made_up = reviews.create(&PostParams::default(), &review(forged, audience)).await.unwrap().status.unwrap();
     assert_ne!(made_up.authenticated, Some(true), "{made_up:?}");
 }
 
@@ -403,10 +287,7 @@ async fn two_beds_run_at_once_and_clean_up_after_themselves() {
     assert_ne!(a.dir(), b.dir());
     assert_ne!(a.address(), b.address());
     let loops = |bed: &TestBed| -> Vec<std::path::PathBuf> {
-        bed.nodes()
-            .iter()
-            .map(|n| n.disk.as_ref().unwrap().loop_device().to_path_buf())
-            .collect()
+        bed.nodes().iter().map(|n| n.disk.as_ref().unwrap().loop_device().to_path_buf()).collect()
     };
     let (la, lb) = (loops(&a), loops(&b));
     assert!(la.iter().all(|l| !lb.contains(l)), "{la:?} vs {lb:?}");
@@ -415,42 +296,27 @@ async fn two_beds_run_at_once_and_clean_up_after_themselves() {
     for bed in [&a, &b] {
         for (node, size) in bed.nodes().iter().zip([64u64 << 20, 128 << 20]) {
             let stat = nix_statvfs(node.disk.as_ref().unwrap().mount_point());
-            assert!(
-                stat < size && stat > size / 2,
-                "{}: {stat} bytes free on a {size}-byte disk",
-                node.name
-            );
+            assert!(stat < size && stat > size / 2, "{}: {stat} bytes free on a {size}-byte disk", node.name);
         }
         let out = bed.kubectl(&["get", "nodes", "-o", "name"]).unwrap();
         assert!(out.status.success());
         assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
     }
 
-    let pids: Vec<u32> = [&a, &b]
-        .iter()
-        .flat_map(|bed| bed.processes())
-        .map(|(_, pid)| pid)
-        .collect();
+    let pids: Vec<u32> = [&a, &b].iter().flat_map(|bed| bed.processes()).map(|(_, pid)| pid).collect();
     let dirs = [a.dir().to_path_buf(), b.dir().to_path_buf()];
     let all_loops: Vec<_> = la.into_iter().chain(lb).collect();
     drop(a);
     drop(b);
     for pid in pids {
-        assert!(
-            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
-            "process {pid} outlived its bed"
-        );
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "process {pid} outlived its bed");
     }
     for dir in &dirs {
         assert!(!dir.exists(), "{} outlived its bed", dir.display());
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     for dir in &dirs {
-        assert!(
-            !mounts.contains(dir.to_str().unwrap()),
-            "a mount under {} outlived its bed",
-            dir.display()
-        );
+        assert!(!mounts.contains(dir.to_str().unwrap()), "a mount under {} outlived its bed", dir.display());
     }
     let attached = std::process::Command::new("losetup")
         .args(["--list", "--noheadings", "-O", "NAME,BACK-FILE"])

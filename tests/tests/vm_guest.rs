@@ -16,16 +16,8 @@ fn in_vm() {
 }
 
 fn sh(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(out.status.success(), "{program} {args:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -34,17 +26,8 @@ fn sh(program: &str, args: &[&str]) -> String {
 fn lvm(args: &[&str]) -> String {
     let mut all = args.to_vec();
     all.extend(["--config", "activation { udev_sync = 0 udev_rules = 0 }"]);
-    let out = Command::new("lvm")
-        .args(&all)
-        .env("LC_ALL", "C")
-        .output()
-        .expect("lvm");
-    assert!(
-        out.status.success(),
-        "lvm {all:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new("lvm").args(&all).env("LC_ALL", "C").output().expect("lvm");
+    assert!(out.status.success(), "lvm {all:?}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -72,14 +55,9 @@ fn is_block_device(p: &str) -> bool {
 #[test]
 fn kernel_is_the_vms_not_the_hosts() {
     in_vm();
-    let host =
-        std::env::var("BERTH_HOST_KERNEL").expect("BERTH_HOST_KERNEL is set by the VM runner");
+    let host = std::env::var("BERTH_HOST_KERNEL").expect("BERTH_HOST_KERNEL is set by the VM runner");
     let guest = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    assert_ne!(
-        guest.trim(),
-        host.trim(),
-        "the command ran on the host's kernel"
-    );
+    assert_ne!(guest.trim(), host.trim(), "the command ran on the host's kernel");
 }
 
 #[test]
@@ -110,9 +88,8 @@ fn host_loopback_is_reachable() {
     use std::io::Read;
     let port = std::env::var("BERTH_HOST_PORT").expect("set by vm_host");
     let token = std::env::var("BERTH_HOST_TOKEN").expect("set by vm_host");
-    let mut conn =
-        std::net::TcpStream::connect((testbed::vm::HOST_FROM_GUEST, port.parse::<u16>().unwrap()))
-            .expect("connect to the host through 10.0.2.2");
+    let mut conn = std::net::TcpStream::connect((testbed::vm::HOST_FROM_GUEST, port.parse::<u16>().unwrap()))
+        .expect("connect to the host through 10.0.2.2");
     let mut got = String::new();
     conn.read_to_string(&mut got).unwrap();
     assert_eq!(got.trim(), token);
@@ -129,10 +106,7 @@ fn reboot_phase_one() {
     lvm(&["pvcreate", "-y", disk]);
     lvm(&["vgcreate", "berth-reboot", disk]);
     lvm(&["lvcreate", "-y", "-L", "32m", "-n", "data", "berth-reboot"]);
-    let dev = lv_report("berth-reboot")[0]["lv_dm_path"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let dev = lv_report("berth-reboot")[0]["lv_dm_path"].as_str().unwrap().to_owned();
     sh("mkfs.ext4", &["-q", &dev]);
     std::fs::create_dir_all("/tmp/mnt").unwrap();
     sh("mount", &[&dev, "/tmp/mnt"]);
@@ -148,10 +122,7 @@ fn reboot_phase_two() {
     in_vm();
     sh("modprobe", &["dm_mod"]);
     lvm(&["vgchange", "-ay", "berth-reboot"]);
-    let dev = lv_report("berth-reboot")[0]["lv_dm_path"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let dev = lv_report("berth-reboot")[0]["lv_dm_path"].as_str().unwrap().to_owned();
     assert!(Path::new(&dev).exists());
     std::fs::create_dir_all("/tmp/mnt").unwrap();
     sh("mount", &[&dev, "/tmp/mnt"]);

@@ -9,8 +9,7 @@ use testbed::bins::repo_root;
 use testbed::vm::Vm;
 
 fn guest_bin() -> String {
-    std::env::var("BERTH_VM_GUEST_BIN")
-        .expect("BERTH_VM_GUEST_BIN: run the VM tier with hack/test-vm")
+    std::env::var("BERTH_VM_GUEST_BIN").expect("BERTH_VM_GUEST_BIN: run the VM tier with hack/test-vm")
 }
 
 /// A fresh sparse disk image under the repository's target dir (the guest cannot see /tmp).
@@ -19,10 +18,7 @@ fn disk_image(name: &str, size: u64) -> (tempfile::TempDir, PathBuf) {
     std::fs::create_dir_all(&base).unwrap();
     let dir = tempfile::tempdir_in(base).unwrap();
     let image = dir.path().join(name);
-    std::fs::File::create_new(&image)
-        .unwrap()
-        .set_len(size)
-        .unwrap();
+    std::fs::File::create_new(&image).unwrap().set_len(size).unwrap();
     (dir, image)
 }
 
@@ -52,29 +48,15 @@ fn guest_tests_pass_in_one_boot() {
         .env("BERTH_HOST_PORT", port.to_string())
         .env("BERTH_HOST_TOKEN", &secret);
     let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    assert_ne!(
-        vm.kernel_release(),
-        host_kernel.trim(),
-        "the VM would run the host's own kernel"
-    );
-    let run = vm
-        .run(&format!("{} --test-threads=1", guest_bin()))
-        .unwrap();
+    assert_ne!(vm.kernel_release(), host_kernel.trim(), "the VM would run the host's own kernel");
+    let run = vm.run(&format!("{} --test-threads=1", guest_bin())).unwrap();
     assert_eq!(run.status, 0, "guest tests failed (output above)");
-    for name in [
-        "kernel_is_the_vms_not_the_hosts",
-        "lvm_smoke_active_volume_with_a_device_node",
-        "host_loopback_is_reachable",
-    ] {
-        assert!(
-            run.output.contains(&format!("test {name} ... ok")),
-            "{name} did not pass in the guest"
-        );
+    for name in
+        ["kernel_is_the_vms_not_the_hosts", "lvm_smoke_active_volume_with_a_device_node", "host_loopback_is_reachable"]
+    {
+        assert!(run.output.contains(&format!("test {name} ... ok")), "{name} did not pass in the guest");
     }
-    println!(
-        "VM boot and guest tests took {:.1} s",
-        run.elapsed.as_secs_f64()
-    );
+    println!("VM boot and guest tests took {:.1} s", run.elapsed.as_secs_f64());
 }
 
 /// The same disk image across two boots: what the first wrote, the second finds (the basis of the agent's
@@ -85,13 +67,8 @@ fn disks_survive_a_reboot() {
     let secret = token();
     let vm = Vm::new().unwrap().disk(&image).env("BERTH_TOKEN", &secret);
     for phase in ["reboot_phase_one", "reboot_phase_two"] {
-        let run = vm
-            .run(&format!("{} --ignored --exact {phase}", guest_bin()))
-            .unwrap();
+        let run = vm.run(&format!("{} --ignored --exact {phase}", guest_bin())).unwrap();
         assert_eq!(run.status, 0, "{phase} failed (output above)");
-        assert!(
-            run.output.contains(&format!("test {phase} ... ok")),
-            "{phase} did not run"
-        );
+        assert!(run.output.contains(&format!("test {phase} ... ok")), "{phase} did not run");
     }
 }

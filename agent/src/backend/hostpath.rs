@@ -43,10 +43,7 @@ fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> BackendError {
 
 impl HostPath {
     pub fn new(pool: &str, root: &Path) -> HostPath {
-        HostPath {
-            pool: pool.to_owned(),
-            root: root.to_owned(),
-        }
+        HostPath { pool: pool.to_owned(), root: root.to_owned() }
     }
 
     /// The explicit init step (`berth-agent init-pool`): creates the root if needed and writes the marker.
@@ -59,22 +56,13 @@ impl HostPath {
             .map_err(|e| io(self.root.display(), e))?;
         let marker = self.root.join(POOL_MARKER);
         if let Ok(text) = std::fs::read_to_string(&marker) {
-            let existing: PoolMarker =
-                serde_json::from_str(&text).map_err(|e| io(marker.display(), e))?;
+            let existing: PoolMarker = serde_json::from_str(&text).map_err(|e| io(marker.display(), e))?;
             if existing.pool != self.pool {
-                return Err(BackendError::Io(format!(
-                    "{} belongs to pool {:?}",
-                    self.root.display(),
-                    existing.pool
-                )));
+                return Err(BackendError::Io(format!("{} belongs to pool {:?}", self.root.display(), existing.pool)));
             }
             return Ok(());
         }
-        let body = serde_json::to_vec(&PoolMarker {
-            pool: self.pool.clone(),
-            version: 1,
-        })
-        .expect("serialisable");
+        let body = serde_json::to_vec(&PoolMarker { pool: self.pool.clone(), version: 1 }).expect("serialisable");
         write_synced(&marker, &body)?;
         Ok(())
     }
@@ -89,15 +77,8 @@ impl HostPath {
         })?;
         match serde_json::from_str::<PoolMarker>(&text) {
             Ok(m) if m.pool == self.pool => Ok(()),
-            Ok(m) => Err(BackendError::NotReady(format!(
-                "{} belongs to pool {:?}",
-                self.root.display(),
-                m.pool
-            ))),
-            Err(e) => Err(BackendError::NotReady(format!(
-                "{} is not a pool marker: {e}",
-                marker.display()
-            ))),
+            Ok(m) => Err(BackendError::NotReady(format!("{} belongs to pool {:?}", self.root.display(), m.pool))),
+            Err(e) => Err(BackendError::NotReady(format!("{} is not a pool marker: {e}", marker.display()))),
         }
     }
 
@@ -108,10 +89,25 @@ impl HostPath {
     fn ensure_staging(&self) -> Result<PathBuf, BackendError> {
         let staging = self.staging();
         match std::fs::DirBuilder::new().mode(0o700).create(&staging) {
-            Ok(()) => Ok(staging),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(staging),
-            Err(e) => Err(io(staging.display(), e)),
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(staging.display(), e)),
         }
+        self.check_staging(&staging)?;
+        Ok(staging)
+    }
+
+    /// `.berth-tmp` must be a real directory on the root's filesystem, never a symlink leading elsewhere.
+    fn check_staging(&self, staging: &Path) -> Result<(), BackendError> {
+        let meta = std::fs::symlink_metadata(staging).map_err(|e| io(staging.display(), e))?;
+        let root_dev = std::fs::metadata(&self.root).map_err(|e| io(self.root.display(), e))?.dev();
+        if !meta.file_type().is_dir() || meta.dev() != root_dev {
+            return Err(BackendError::NotReady(format!(
+                "{} is not a directory on the pool's filesystem; refusing to use it",
+                staging.display()
+            )));
+        }
+        Ok(())
     }
 
     fn data_path(&self, name: &str) -> PathBuf {
@@ -122,15 +118,11 @@ impl HostPath {
 fn write_synced(path: &Path, body: &[u8]) -> Result<(), BackendError> {
     use std::io::Write;
     let mut f = std::fs::File::create_new(path).map_err(|e| io(path.display(), e))?;
-    f.write_all(body)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| io(path.display(), e))
+    f.write_all(body).and_then(|_| f.sync_all()).map_err(|e| io(path.display(), e))
 }
 
 fn sync_dir(path: &Path) -> Result<(), BackendError> {
-    std::fs::File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io(path.display(), e))
+    std::fs::File::open(path).and_then(|d| d.sync_all()).map_err(|e| io(path.display(), e))
 }
 
 impl Backend for HostPath {
@@ -140,32 +132,22 @@ impl Backend for HostPath {
 
     fn probe(&self) -> Result<PoolProbe, BackendError> {
         self.check_marker()?;
-        let root = self
-            .root
-            .to_str()
-            .ok_or_else(|| BackendError::NotReady("root is not UTF-8".into()))?;
+        let root = self.root.to_str().ok_or_else(|| BackendError::NotReady("root is not UTF-8".into()))?;
         let c = CString::new(root).map_err(|e| BackendError::NotReady(e.to_string()))?;
-        let st = rustix::fs::statvfs(c.as_c_str())
-            .map_err(|e| BackendError::NotReady(format!("statvfs {root}: {e}")))?;
-        let fs_id = std::fs::metadata(&self.root)
-            .map_err(|e| BackendError::NotReady(e.to_string()))?
-            .dev();
+        let st =
+            rustix::fs::statvfs(c.as_c_str()).map_err(|e| BackendError::NotReady(format!("statvfs {root}: {e}")))?;
+        let fs_id = std::fs::metadata(&self.root).map_err(|e| BackendError::NotReady(e.to_string()))?.dev();
         Ok(PoolProbe {
-            fs: FsUsage {
-                size_bytes: st.f_blocks * st.f_frsize,
-                available_bytes: st.f_bavail * st.f_frsize,
-            },
+            fs: FsUsage { size_bytes: st.f_blocks * st.f_frsize, available_bytes: st.f_bavail * st.f_frsize },
             fs_id,
         })
     }
 
     fn recover(&self) -> Result<Vec<VolumeRecord>, BackendError> {
         self.check_marker()?;
-        if self.staging().exists() {
-            for entry in std::fs::read_dir(self.staging())
-                .map_err(|e| io(self.staging().display(), e))?
-                .flatten()
-            {
+        if std::fs::symlink_metadata(self.staging()).is_ok() {
+            self.check_staging(&self.staging())?;
+            for entry in std::fs::read_dir(self.staging()).map_err(|e| io(self.staging().display(), e))?.flatten() {
                 tracing::warn!(pool = %self.pool, path = %entry.path().display(), "removing debris of an interrupted operation");
                 // Debris that cannot be removed (a mount left inside it) stays, out of the inventory, and is
                 // tried again at the next start; it must not keep the pool's live volumes from being served.
@@ -175,10 +157,7 @@ impl Backend for HostPath {
             }
         }
         let mut volumes = Vec::new();
-        for entry in std::fs::read_dir(&self.root)
-            .map_err(|e| io(self.root.display(), e))?
-            .flatten()
-        {
+        for entry in std::fs::read_dir(&self.root).map_err(|e| io(self.root.display(), e))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') || !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
@@ -189,9 +168,7 @@ impl Backend for HostPath {
                 .and_then(|t| serde_json::from_str::<VolumeRecord>(&t).map_err(|e| e.to_string()));
             match parsed {
                 Ok(mut record)
-                    if record.version == VOLUME_MARKER_VERSION
-                        && record.name == name
-                        && record.pool == self.pool =>
+                    if record.version == VOLUME_MARKER_VERSION && record.name == name && record.pool == self.pool =>
                 {
                     record.path = self.data_path(&name).display().to_string();
                     volumes.push(record);
@@ -213,15 +190,9 @@ impl Backend for HostPath {
         self.check_marker()?;
         let staging = self.ensure_staging()?;
         let work = staging.join(format!("create-{}-{:08x}", record.name, fastrand::u32(..)));
-        std::fs::DirBuilder::new()
-            .mode(0o711)
-            .create(&work)
-            .map_err(|e| io(work.display(), e))?;
+        std::fs::DirBuilder::new().mode(0o711).create(&work).map_err(|e| io(work.display(), e))?;
         let data = work.join(DATA_DIR);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&data)
-            .map_err(|e| io(data.display(), e))?;
+        std::fs::DirBuilder::new().mode(0o700).create(&data).map_err(|e| io(data.display(), e))?;
         rustix::fs::chown(
             &data,
             Some(rustix::fs::Uid::from_raw(record.uid)),
@@ -240,21 +211,34 @@ impl Backend for HostPath {
             let _ = remove_tree(&work);
             io(format!("moving the new volume to {}", target.display()), e)
         })?;
-        sync_dir(&self.root)?;
+        if let Err(e) = sync_dir(&self.root) {
+            // The volume is in place (the rename happened); a crash could lose it before the controller made
+            // its PV, which the controller's retry handles like any lost create.
+            tracing::warn!(pool = %self.pool, error = %e, "cannot sync the pool root after creating a volume");
+        }
         record.path = self.data_path(&record.name).display().to_string();
         Ok(record)
     }
 
-    fn delete(&self, name: &str) -> Result<(), BackendError> {
+    fn detach(&self, name: &str) -> Result<Option<PathBuf>, BackendError> {
+        self.check_marker()?;
         let target = self.root.join(name);
-        if std::fs::symlink_metadata(&target).is_err() {
-            return Ok(());
+        match std::fs::symlink_metadata(&target) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(target.display(), e)),
         }
         let staging = self.ensure_staging()?;
         let doomed = staging.join(format!("delete-{name}-{:08x}", fastrand::u32(..)));
-        std::fs::rename(&target, &doomed)
-            .map_err(|e| io(format!("moving {} aside", target.display()), e))?;
-        sync_dir(&self.root)?;
-        remove_tree(&doomed).map_err(|e| io(doomed.display(), e))
+        std::fs::rename(&target, &doomed).map_err(|e| io(format!("moving {} aside", target.display()), e))?;
+        if let Err(e) = sync_dir(&self.root) {
+            // The rename happened; at worst a crash brings the volume back, to be deleted again.
+            tracing::warn!(pool = %self.pool, error = %e, "cannot sync the pool root after moving a volume aside");
+        }
+        Ok(Some(doomed))
+    }
+
+    fn purge(&self, detached: &Path) -> Result<(), BackendError> {
+        remove_tree(detached).map_err(|e| io(detached.display(), e))
     }
 }

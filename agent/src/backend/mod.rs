@@ -58,6 +58,11 @@ pub trait Backend: Send + Sync {
     /// Makes the volume described by `record` (whose `path` it fills in). Atomic: after a crash the volume either
     /// exists completely or [`Backend::recover`] removes what was left.
     fn create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError>;
-    /// Removes the volume and its data; a missing volume is success.
-    fn delete(&self, name: &str) -> Result<(), BackendError>;
+    /// Takes the volume out of the pool at once (after this it is gone for [`Backend::recover`]) and returns what
+    /// is left to [`Backend::purge`], if anything; a missing volume is success (`None`). Fails with `NotReady`
+    /// when the pool cannot be inspected: "not there" must never be guessed from an unmounted disk.
+    fn detach(&self, name: &str) -> Result<Option<std::path::PathBuf>, BackendError>;
+    /// Removes the data of a detached volume. May be slow; runs without the agent's lock. What it cannot remove
+    /// is debris that [`Backend::recover`] retries.
+    fn purge(&self, detached: &std::path::Path) -> Result<(), BackendError>;
 }

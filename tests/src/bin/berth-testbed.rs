@@ -34,50 +34,23 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let mut config = match args.disk_gib {
         Some(gib) => {
-            let fs = if args.fs == "xfs" {
-                FsType::Xfs
-            } else {
-                FsType::Ext4
-            };
+            let fs = if args.fs == "xfs" { FsType::Xfs } else { FsType::Ext4 };
             TestBedConfig::nodes_with_disks(&vec![gib << 30; args.nodes], fs)
         }
         None => TestBedConfig::nodes(args.nodes),
     };
     config.base_dir = args.base_dir.clone();
-    eprintln!(
-        "starting the control plane and {} simulated nodes…",
-        args.nodes
-    );
-    let bed = TestBed::start(config)
-        .await
-        .context("starting the test bed")?;
-    eprintln!(
-        "ready in {:.1} s; API server {}",
-        bed.boot_time().as_secs_f64(),
-        bed.api_server()
-    );
+    eprintln!("starting the control plane and {} simulated nodes…", args.nodes);
+    let bed = TestBed::start(config).await.context("starting the test bed")?;
+    eprintln!("ready in {:.1} s; API server {}", bed.boot_time().as_secs_f64(), bed.api_server());
     for node in bed.nodes() {
-        let disk = node
-            .disk
-            .as_ref()
-            .map(|d| format!(", disk {}", d.mount_point().display()))
-            .unwrap_or_default();
-        eprintln!(
-            "  node {} (hostname label {}, address {}{disk})",
-            node.name, node.hostname, node.address
-        );
+        let disk = node.disk.as_ref().map(|d| format!(", disk {}", d.mount_point().display())).unwrap_or_default();
+        eprintln!("  node {} (hostname label {}, address {}{disk})", node.name, node.hostname, node.address);
     }
     let out = bed.kubectl(&["get", "nodes", "-o", "wide"])?;
-    eprint!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    eprint!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("logs: {}/logs", bed.dir().display());
-    eprintln!(
-        "kubectl of the same version: {}",
-        bed.kubectl_path().display()
-    );
+    eprintln!("kubectl of the same version: {}", bed.kubectl_path().display());
     println!("export KUBECONFIG={}", bed.kubeconfig().display());
     if args.exit_when_ready {
         return Ok(());

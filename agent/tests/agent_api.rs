@@ -419,3 +419,31 @@ async fn a_pool_not_ready_at_start_is_read_when_it_becomes_ready() {
     assert_eq!(del.json::<Value>().await.unwrap(), json!({"deleted": true}));
     assert!(!Path::new(&made.path).exists());
 }
+
+/// The BerthNode is not rewritten while nothing changes, and a disk filling up outside Berth reaches it without
+/// any Berth operation (the agent samples free space every 0.5 s; how fast is a benchmark's business, the bound
+/// here only keeps the test from hanging).
+#[tokio::test(flavor = "multi_thread")]
+async fn berthnode_is_quiet_when_idle_and_quick_when_the_disk_fills() {
+    let w = world().await;
+    let nodes: Api<BerthNode> = Api::all(w.bed.client());
+    let before = nodes.get("node-0").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle = nodes.get("node-0").await.unwrap();
+    assert_eq!(before.metadata.resource_version, idle.metadata.resource_version, "rewritten while idle");
+
+    let free_before = idle.status.unwrap().pools.iter().find(|p| p.name == "fast").unwrap().free_bytes;
+    let filler = w.agent.pool_root("fast").parent().unwrap().join("outside-berth");
+    let started = std::time::Instant::now();
+    std::fs::write(&filler, vec![7u8; 64 * MI as usize]).unwrap();
+    std::fs::File::open(&filler).unwrap().sync_all().unwrap();
+    let seen = wait_for(&nodes, "node-0", Duration::from_secs(5), |n| {
+        n.status
+            .as_ref()
+            .is_some_and(|s| s.pools.iter().any(|p| p.name == "fast" && p.free_bytes + 60 * MI < free_before))
+    })
+    .await
+    .unwrap();
+    println!("the BerthNode showed the filled disk after {:?}", started.elapsed());
+    assert_ne!(seen.metadata.resource_version, idle.metadata.resource_version);
+}

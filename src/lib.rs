@@ -6,6 +6,7 @@ pub mod agent_api;
 pub mod berth_node;
 pub mod keys;
 pub mod naming;
+pub mod quantity;
 pub mod validate;
 
 #[cfg(test)]

@@ -1,20 +1,118 @@
-//! `berth-controller`: the skeleton the controller issue fills in (claims → volumes → PVs); today it only parses
-//! its command line so the binary, its packaging and `--help` exist.
+//! `berth-controller`: turns claims of Berth's StorageClasses into volumes on the right node and PVs pinned to it,
+//! and frees the storage of released PVs by their reclaim policy.
 
+mod agent_client;
+mod context;
+mod decide;
+mod delete;
+mod params;
+mod provision;
+mod pv;
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use berth::berth_node::BerthNode;
 use clap::Parser;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 
-/// Berth's controller: watches claims of StorageClasses whose provisioner is ours, has the selected node's agent
-/// create the volume and creates the PV pinned to that node. Not implemented yet: this build only validates its
-/// arguments.
+/// Berth's controller: watches claims whose StorageClass names this provisioner, has the selected node's agent
+/// create the volume (or picks the node with the most free space for Immediate classes), creates the PV pinned to
+/// that node, and deletes volumes of released PVs with reclaim policy Delete.
+///
+/// Not yet: leader election (run one replica), the orphan audit, capacity publishing. See ARCHITECTURE.md.
 #[derive(Parser, Debug)]
 #[command(name = "berth-controller", version)]
 struct Args {
     /// The provisioner name StorageClasses use.
     #[arg(long, default_value = berth::PROVISIONER_NAME)]
     provisioner: String,
+    /// Namespace of the controller's ServiceAccount (tokens for the agents are requested for it).
+    #[arg(long, env = "BERTH_NAMESPACE", default_value = "berth-system")]
+    namespace: String,
+    /// The controller's ServiceAccount: agents accept only its tokens.
+    #[arg(long, default_value = "berth-controller")]
+    service_account: String,
+    /// Claims and PVs worked on at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Reflects `api` into a store, driven by its own task.
+fn cache<K>(api: Api<K>) -> reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
+    tokio::spawn(stream.for_each(|_| async {}));
+    store
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn,hyper=warn".into()),
+        )
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
-    anyhow::bail!("berth-controller {:?}: the controller is not implemented in this build", args.provisioner)
+    let client = kube::Client::try_default().await.context("connecting to the API server")?;
+    // Until leader election lands, the epoch is the start time: a restarted controller outranks its predecessor.
+    let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+
+    let classes = cache(Api::<StorageClass>::all(client.clone()));
+    let nodes = cache(Api::<Node>::all(client.clone()));
+    let volumes = cache(Api::<PersistentVolume>::all(client.clone()));
+    let (berth_nodes, writer) = reflector::store();
+    let berth_node_changes = reflector::reflector(
+        writer,
+        watcher(Api::<BerthNode>::all(client.clone()), watcher::Config::default()).default_backoff(),
+    )
+    .touched_objects()
+    .map(|_| ());
+    for (what, ready) in [
+        ("StorageClasses", classes.wait_until_ready().await),
+        ("Nodes", nodes.wait_until_ready().await),
+        ("PersistentVolumes", volumes.wait_until_ready().await),
+    ] {
+        ready.with_context(|| format!("caching {what}"))?;
+    }
+
+    let reporter = Reporter { controller: "berth-controller".into(), instance: std::env::var("POD_NAME").ok() };
+    let agents =
+        agent_client::AgentClient::new(client.clone(), args.namespace.clone(), args.service_account.clone(), epoch);
+    let ctx = Arc::new(context::Context::new(
+        client.clone(),
+        args.provisioner.clone(),
+        context::Caches { classes, nodes, berth_nodes, volumes },
+        agents,
+        Recorder::new(client.clone(), reporter),
+    ));
+    tracing::info!(provisioner = %args.provisioner, epoch, "running");
+
+    let config = kube::runtime::controller::Config::default().concurrency(args.concurrency);
+    let claims = Controller::new(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default())
+        .with_config(config.clone())
+        // Agents coming, going or changing capacity can unblock waiting claims.
+        .reconcile_all_on(berth_node_changes)
+        .shutdown_on_signal()
+        .run(provision::reconcile, provision::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let pvs = Controller::new(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default())
+        .with_config(config)
+        .shutdown_on_signal()
+        .run(delete::reconcile, delete::error_policy, ctx)
+        .for_each(|_| async {});
+    futures::join!(claims, pvs);
+    tracing::info!("stopped");
+    Ok(())
 }

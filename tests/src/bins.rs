@@ -32,6 +32,27 @@ impl KubeBins {
     }
 }
 
+/// A binary of this workspace, built (debug profile) on first use. Tests of one package use this for another
+/// package's binary, which cargo does not build for them.
+pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    let path = repo_root().join("target/debug").join(bin);
+    if !built.iter().any(|b| b == bin) {
+        let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", package, "--bin", bin])
+            .current_dir(repo_root())
+            .status()
+            .with_context(|| format!("building {bin}"))?;
+        if !status.success() {
+            bail!("cargo build -p {package} --bin {bin} failed");
+        }
+        built.push(bin.to_owned());
+    }
+    Ok(path)
+}
+
 /// The repository root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()

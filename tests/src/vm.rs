@@ -120,6 +120,18 @@ impl Vm {
         {
             text.push_str(&format!("export {k}={}\n", shell_quote(v)));
         }
+        if self.network {
+            // virtme-ng's own DHCP races the NIC's probe and sometimes configures nothing (seen: the NIC stayed
+            // down). qemu's user network is fixed (guest 10.0.2.15/24, host 10.0.2.2), so configure it statically
+            // once the NIC exists.
+            text.push_str(concat!(
+                "nic=; for _ in $(seq 300); do nic=$(ls /sys/class/net | grep -vx lo | head -n 1); ",
+                "[ -n \"$nic\" ] && break; sleep 0.1; done\n",
+                "[ -n \"$nic\" ] || { echo 'vm: no network interface after 30 s' >&2; exit 90; }\n",
+                "ip link set \"$nic\" up && ip addr add 10.0.2.15/24 dev \"$nic\" && ip route add default via 10.0.2.2 ",
+                "|| { echo \"vm: cannot configure $nic\" >&2; exit 90; }\n",
+            ));
+        }
         text.push_str("set +e\n");
         text.push_str(command);
         text.push('\n');
@@ -139,7 +151,7 @@ impl Vm {
             cmd.arg(format!("--rwdir={}", dir.display()));
         }
         if self.network {
-            cmd.args(["--network", "user"]);
+            cmd.args(["--network", "user", "--no-dhcp"]);
         }
         cmd.arg("--exec").arg(format!("bash {}", script.display()));
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());

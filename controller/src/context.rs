@@ -1,0 +1,109 @@
+//! What every reconcile needs: the client, the caches of the objects decisions are made from, the agent client,
+//! the event recorder and per-object retry counters.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use berth::berth_node::BerthNode;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::Resource;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use crate::agent_client::AgentClient;
+use crate::decide::NodeView;
+
+/// The caches decisions are made from.
+pub struct Caches {
+    pub classes: Store<StorageClass>,
+    pub nodes: Store<Node>,
+    pub berth_nodes: Store<BerthNode>,
+    pub volumes: Store<PersistentVolume>,
+}
+
+pub struct Context {
+    pub client: kube::Client,
+    pub provisioner: String,
+    pub caches: Caches,
+    pub agents: AgentClient,
+    pub recorder: Recorder,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        provisioner: String,
+        caches: Caches,
+        agents: AgentClient,
+        recorder: Recorder,
+    ) -> Context {
+        Context { client, provisioner, caches, agents, recorder, failures: Mutex::default() }
+    }
+
+    pub fn class(&self, name: &str) -> Option<std::sync::Arc<StorageClass>> {
+        self.caches.classes.get(&ObjectRef::new(name))
+    }
+
+    pub fn pv_exists(&self, name: &str) -> bool {
+        self.caches.volumes.get(&ObjectRef::new(name)).is_some()
+    }
+
+    pub fn berth_node(&self, name: &str) -> Option<std::sync::Arc<BerthNode>> {
+        self.caches.berth_nodes.get(&ObjectRef::new(name))
+    }
+
+    /// Every node the controller knows of, from Nodes and BerthNodes alike.
+    pub fn node_views(&self) -> Vec<NodeView> {
+        let labels: BTreeMap<String, BTreeMap<String, String>> = self
+            .caches
+            .nodes
+            .state()
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, n.metadata.labels.clone().unwrap_or_default())))
+            .collect();
+        let pools: BTreeMap<String, Vec<berth::agent_api::PoolStatus>> = self
+            .caches
+            .berth_nodes
+            .state()
+            .iter()
+            .filter_map(|b| Some((b.spec.node_name.clone(), b.status.as_ref()?.pools.clone())))
+            .collect();
+        let names: BTreeSet<&String> = labels.keys().chain(pools.keys()).collect();
+        names
+            .into_iter()
+            .map(|n| NodeView { name: n.clone(), labels: labels.get(n).cloned(), pools: pools.get(n).cloned() })
+            .collect()
+    }
+
+    /// Backoff for the next retry of `key`: starts sub-second, doubles, caps at 5 minutes.
+    pub fn next_backoff(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().expect("failures");
+        let n = failures.entry(key.to_owned()).or_insert(0);
+        *n = (*n + 1).min(20);
+        Duration::from_millis(250u64.saturating_mul(1 << (*n - 1).min(11))).min(Duration::from_secs(300))
+    }
+
+    pub fn attempts(&self, key: &str) -> u32 {
+        self.failures.lock().expect("failures").get(key).copied().unwrap_or(0)
+    }
+
+    pub fn succeeded(&self, key: &str) {
+        self.failures.lock().expect("failures").remove(key);
+    }
+
+    pub async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, warning: bool, reason: &str, note: String) {
+        let event = Event {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "cannot record an event");
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! What should happen to a claim now: a pure function of the observed claim, class, PV and nodes. The
+//! reconciler carries the decision out; everything here is tested without an API server.
+
+use std::collections::BTreeMap;
+
+use berth::agent_api::{ClaimRef, CreateVolumeRequest, PoolStatus, VolumeMode};
+use berth::keys;
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::storage::v1::StorageClass;
+
+use crate::params::{self, ClassParams, PvSource};
+use crate::pv::NodeRef;
+
+/// What the controller knows of a node: its labels (None when the Node object is gone) and its agent's pools
+/// (None when it has no BerthNode, i.e. no agent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub pools: Option<Vec<PoolStatus>>,
+}
+
+impl NodeView {
+    fn hostname(&self) -> Option<&str> {
+        self.labels.as_ref()?.get(keys::HOSTNAME_LABEL).map(String::as_str)
+    }
+
+    fn pool(&self, name: &str) -> Option<&PoolStatus> {
+        self.pools.as_ref()?.iter().find(|p| p.name == name)
+    }
+}
+
+/// When a refused claim is worth looking at again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Only when the claim, its class, or the nodes and agents change: nothing else can fix it.
+    OnChange,
+    /// With backoff: the condition may pass by itself (space freed, an agent returning).
+    Backoff,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Not a claim of this provisioner.
+    NotOurs,
+    /// Bound, being deleted, or its PV exists: nothing to provision.
+    Done,
+    /// WaitForFirstConsumer and the scheduler has not picked a node yet.
+    WaitForScheduler,
+    /// A `ProvisioningFailed` event with `message`, nothing created.
+    Refuse { message: String, retry: Retry },
+    /// The selected node cannot take the volume: event, then remove `selected-node`.
+    Reschedule { message: String },
+    /// Ask `node`'s agent for the volume, then create the PV.
+    Provision { node: NodeRef, params: ClassParams, request: CreateVolumeRequest },
+}
+
+fn refuse(message: impl Into<String>, retry: Retry) -> Decision {
+    Decision::Refuse { message: message.into(), retry }
+}
+
+/// The provisioner a claim is for: the GA annotation, else the beta one.
+pub fn claim_provisioner(claim: &PersistentVolumeClaim) -> Option<&str> {
+    let annotations = claim.metadata.annotations.as_ref()?;
+    annotations
+        .get(keys::STORAGE_PROVISIONER)
+        .or_else(|| annotations.get(keys::STORAGE_PROVISIONER_BETA))
+        .map(String::as_str)
+}
+
+pub fn decide(
+    provisioner: &str,
+    claim: &PersistentVolumeClaim,
+    class: Option<&StorageClass>,
+    pv_exists: bool,
+    nodes: &[NodeView],
+) -> Decision {
+    if claim_provisioner(claim) != Some(provisioner) {
+        return Decision::NotOurs;
+    }
+    let spec = claim.spec.clone().unwrap_or_default();
+    if claim.metadata.deletion_timestamp.is_some() || spec.volume_name.is_some() || pv_exists {
+        return Decision::Done;
+    }
+    let Some(class) = class else {
+        let name = spec.storage_class_name.as_deref().unwrap_or("");
+        return refuse(format!("StorageClass {name:?} not found"), Retry::OnChange);
+    };
+    let params = match params::parse(class.parameters.as_ref()) {
+        Ok(p) => p,
+        Err(e) => return refuse(e.to_string(), Retry::OnChange),
+    };
+    // What Berth cannot serve is refused whole rather than half-served.
+    if spec.data_source.is_some() || spec.data_source_ref.is_some() {
+        return refuse(
+            "Berth cannot populate volumes from a dataSource (clones, snapshots): the volume would come back empty",
+            Retry::OnChange,
+        );
+    }
+    if spec.selector.is_some() {
+        return refuse(
+            "claims with a selector bind to existing PVs; Berth does not provision for them",
+            Retry::OnChange,
+        );
+    }
+    let modes = spec.access_modes.clone().unwrap_or_default();
+    if let Some(shared) = modes.iter().find(|m| *m == "ReadWriteMany" || *m == "ReadOnlyMany") {
+        return refuse(
+            format!("access mode {shared}: a node-local volume is reachable from one node only"),
+            Retry::OnChange,
+        );
+    }
+    let block = spec.volume_mode.as_deref() == Some("Block");
+    if params.pv_source == PvSource::HostPath {
+        if block {
+            return refuse(
+                "volumeMode Block needs pvSource \"local\": hostPath PVs cannot be raw block devices",
+                Retry::OnChange,
+            );
+        }
+        if class.mount_options.as_ref().is_some_and(|o| !o.is_empty()) {
+            return refuse(
+                "mountOptions on a class with pvSource \"hostPath\": kubelet refuses mount options on hostPath PVs",
+                Retry::OnChange,
+            );
+        }
+    }
+    let requested = spec.resources.as_ref().and_then(|r| r.requests.as_ref()).and_then(|r| r.get("storage"));
+    let size = match requested.map(|q| berth::quantity::bytes(&q.0)) {
+        Some(Ok(n)) if n > 0 => n,
+        Some(Ok(_)) => return refuse("requested storage is 0", Retry::OnChange),
+        Some(Err(e)) => return refuse(format!("requested storage: {e}"), Retry::OnChange),
+        None => return refuse("the claim requests no storage (spec.resources.requests.storage)", Retry::OnChange),
+    };
+    let (namespace, name) =
+        (claim.metadata.namespace.clone().unwrap_or_default(), claim.metadata.name.clone().unwrap_or_default());
+    let request = CreateVolumeRequest {
+        pool: params.pool.clone(),
+        size_bytes: size,
+        volume_mode: if block { VolumeMode::Block } else { VolumeMode::Filesystem },
+        claim: ClaimRef { namespace, name },
+        uid: params.uid,
+        gid: params.gid,
+        mode: params.mode,
+    };
+    let pool_anywhere = nodes.iter().any(|n| n.pool(&params.pool).is_some());
+    let nowhere = || refuse(format!("pool {:?} exists on no node (no agent reports it)", params.pool), Retry::OnChange);
+    let fits = |p: &PoolStatus| p.ready && p.maximum_volume_size_bytes >= size && !(block && p.backend == "hostpath");
+
+    if class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer") {
+        let selected = claim.metadata.annotations.as_ref().and_then(|a| a.get(keys::SELECTED_NODE));
+        let Some(selected) = selected else { return Decision::WaitForScheduler };
+        if !pool_anywhere {
+            return nowhere();
+        }
+        let reschedule = |why: String| Decision::Reschedule {
+            message: format!("node {selected}: {why}; asking the scheduler for another node"),
+        };
+        let Some(node) = nodes.iter().find(|n| &n.name == selected) else { return reschedule("no such node".into()) };
+        let Some(hostname) = node.hostname() else { return reschedule("the Node object is gone".into()) };
+        if node.pools.is_none() {
+            return reschedule("no Berth agent runs there".into());
+        }
+        let Some(pool) = node.pool(&params.pool) else {
+            return reschedule(format!("it has no pool {:?}", params.pool));
+        };
+        if block && pool.backend == "hostpath" {
+            return reschedule(format!("pool {:?} there is a hostpath pool; raw block needs lvm", params.pool));
+        }
+        if !pool.ready {
+            return reschedule(format!(
+                "pool {:?} is not ready ({})",
+                params.pool,
+                pool.reason.as_deref().unwrap_or("no reason given")
+            ));
+        }
+        if !fits(pool) {
+            return reschedule(format!(
+                "pool {:?} can take at most {} bytes now, the claim asks for {size}",
+                params.pool, pool.maximum_volume_size_bytes
+            ));
+        }
+        let node = NodeRef { name: node.name.clone(), hostname: hostname.to_owned() };
+        return Decision::Provision { node, params, request };
+    }
+
+    // Immediate binding: Berth picks the node — the most free space in the pool among the allowed nodes, ties
+    // broken by node name so every replica and every retry picks the same one.
+    let allowed = |n: &NodeView| match (&class.allowed_topologies, &n.labels) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(terms), Some(labels)) => {
+            terms.is_empty()
+                || terms.iter().any(|term| {
+                    term.match_label_expressions.as_ref().is_none_or(|exprs| {
+                        exprs.iter().all(|e| labels.get(&e.key).is_some_and(|v| e.values.contains(v)))
+                    })
+                })
+        }
+    };
+    let best = nodes
+        .iter()
+        .filter(|n| allowed(n) && n.hostname().is_some())
+        .filter_map(|n| n.pool(&params.pool).filter(|p| fits(p)).map(|p| (n, p.free_bytes)))
+        .max_by(|(a, fa), (b, fb)| fa.cmp(fb).then_with(|| b.name.cmp(&a.name)));
+    match best {
+        Some((n, _)) => Decision::Provision {
+            node: NodeRef { name: n.name.clone(), hostname: n.hostname().expect("filtered").to_owned() },
+            params,
+            request,
+        },
+        None if !pool_anywhere => nowhere(),
+        None => refuse(format!("no allowed node has {size} bytes free in pool {:?}", params.pool), Retry::Backoff),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        PersistentVolumeClaimSpec, TypedLocalObjectReference, VolumeResourceRequirements,
+    };
+    use k8s_openapi::api::core::v1::{TopologySelectorLabelRequirement, TopologySelectorTerm};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use kube::api::ObjectMeta;
+
+    const P: &str = "local.berth.dev";
+    const GI: u64 = 1 << 30;
+
+    fn claim(size: &str, selected: Option<&str>) -> PersistentVolumeClaim {
+        let mut annotations = BTreeMap::from([(keys::STORAGE_PROVISIONER.to_string(), P.to_string())]);
+        if let Some(node) = selected {
+            annotations.insert(keys::SELECTED_NODE.into(), node.into());
+        }
+        PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some("data".into()),
+                namespace: Some("db".into()),
+                uid: Some("0f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f70".into()),
+                annotations: Some(annotations),
+                ..Default::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                storage_class_name: Some("berth".into()),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([("storage".into(), Quantity(size.into()))])),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn class(mode: &str, params: &[(&str, &str)]) -> StorageClass {
+        StorageClass {
+            metadata: ObjectMeta { name: Some("berth".into()), ..Default::default() },
+            provisioner: P.into(),
+            volume_binding_mode: Some(mode.into()),
+            parameters: Some(params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..Default::default()
+        }
+    }
+
+    fn pool(name: &str, free: u64) -> PoolStatus {
+        PoolStatus {
+            name: name.into(),
+            backend: "hostpath".into(),
+            ready: true,
+            reason: None,
+            capacity_bytes: 100 * GI,
+            allocated_bytes: 0,
+            free_bytes: free,
+            maximum_volume_size_bytes: free,
+            volumes: 0,
+            enforcement: "none".into(),
+        }
+    }
+
+    fn node(name: &str, pools: Option<Vec<PoolStatus>>) -> NodeView {
+        let labels = BTreeMap::from([
+            (keys::HOSTNAME_LABEL.to_string(), format!("host-{name}")),
+            ("zone".to_string(), format!("zone-{name}")),
+        ]);
+        NodeView { name: name.into(), labels: Some(labels), pools }
+    }
+
+    fn wffc() -> StorageClass {
+        class("WaitForFirstConsumer", &[("pool", "fast")])
+    }
+
+    fn provisioned_on(d: &Decision) -> Option<(&str, &str)> {
+        match d {
+            Decision::Provision { node, .. } => Some((node.name.as_str(), node.hostname.as_str())),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn wffc_waits_for_the_scheduler_then_provisions_on_the_selected_node() {
+        let nodes = [node("a", Some(vec![pool("fast", 50 * GI)])), node("b", Some(vec![pool("fast", 80 * GI)]))];
+        assert_eq!(decide(P, &claim("10Gi", None), Some(&wffc()), false, &nodes), Decision::WaitForScheduler);
+        let d = decide(P, &claim("10Gi", Some("a")), Some(&wffc()), false, &nodes);
+        assert_eq!(provisioned_on(&d), Some(("a", "host-a")), "{d:?}");
+        let Decision::Provision { request, .. } = d else { unreachable!() };
+        assert_eq!((request.pool.as_str(), request.size_bytes), ("fast", 10 * GI));
+        assert_eq!(request.claim, ClaimRef { namespace: "db".into(), name: "data".into() });
+    }
+
+    #[test]
+    fn not_ours_bound_or_already_provisioned_is_left_alone() {
+        let nodes = [node("a", Some(vec![pool("fast", 50 * GI)]))];
+        let mut other = claim("1Gi", Some("a"));
+        other
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(keys::STORAGE_PROVISIONER.into(), "rancher.io/local-path".into());
+        assert_eq!(decide(P, &other, Some(&wffc()), false, &nodes), Decision::NotOurs);
+        let mut beta = claim("1Gi", Some("a"));
+        let a = beta.metadata.annotations.as_mut().unwrap();
+        a.remove(keys::STORAGE_PROVISIONER);
+        a.insert(keys::STORAGE_PROVISIONER_BETA.into(), P.into());
+        assert!(
+            provisioned_on(&decide(P, &beta, Some(&wffc()), false, &nodes)).is_some(),
+            "the beta key is a fallback"
+        );
+        assert_eq!(decide(P, &claim("1Gi", Some("a")), Some(&wffc()), true, &nodes), Decision::Done);
+    }
+
+    #[test]
+    fn the_selected_node_that_cannot_take_it_means_reschedule() {
+        let nodes = [
+            node("full", Some(vec![pool("fast", GI)])),
+            node("no-agent", None),
+            node("other-pool", Some(vec![pool("slow", 99 * GI)])),
+            node(
+                "down",
+                Some(vec![PoolStatus { ready: false, reason: Some("marker missing".into()), ..pool("fast", 0) }]),
+            ),
+            NodeView { name: "gone".into(), labels: None, pools: Some(vec![pool("fast", 99 * GI)]) },
+        ];
+        for selected in ["full", "no-agent", "other-pool", "down", "gone", "never-existed"] {
+            let d = decide(P, &claim("10Gi", Some(selected)), Some(&wffc()), false, &nodes);
+            assert!(matches!(&d, Decision::Reschedule { message } if message.contains(selected)), "{selected}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn a_pool_that_exists_nowhere_is_final_not_a_reschedule_loop() {
+        let nodes = [node("a", Some(vec![pool("fast", 50 * GI)]))];
+        let typo = class("WaitForFirstConsumer", &[("pool", "fsat")]);
+        let d = decide(P, &claim("1Gi", Some("a")), Some(&typo), false, &nodes);
+        assert!(
+            matches!(&d, Decision::Refuse { retry: Retry::OnChange, message } if message.contains("fsat")),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn what_berth_cannot_serve_is_refused() {
+        let nodes = [node("a", Some(vec![pool("fast", 50 * GI)]))];
+        let mut cases: Vec<(PersistentVolumeClaim, StorageClass, &str)> = Vec::new();
+        let mut c = claim("1Gi", Some("a"));
+        c.spec.as_mut().unwrap().data_source = Some(TypedLocalObjectReference {
+            kind: "PersistentVolumeClaim".into(),
+            name: "src".into(),
+            api_group: None,
+        });
+        cases.push((c, wffc(), "dataSource"));
+        let mut c = claim("1Gi", Some("a"));
+        c.spec.as_mut().unwrap().selector = Some(Default::default());
+        cases.push((c, wffc(), "selector"));
+        let mut c = claim("1Gi", Some("a"));
+        c.spec.as_mut().unwrap().access_modes = Some(vec!["ReadWriteMany".into()]);
+        cases.push((c, wffc(), "ReadWriteMany"));
+        let mut c = claim("1Gi", Some("a"));
+        c.spec.as_mut().unwrap().volume_mode = Some("Block".into());
+        cases.push((c, class("WaitForFirstConsumer", &[("pool", "fast"), ("pvSource", "hostPath")]), "Block"));
+        let mut hp = class("WaitForFirstConsumer", &[("pool", "fast"), ("pvSource", "hostPath")]);
+        hp.mount_options = Some(vec!["noatime".into()]);
+        cases.push((claim("1Gi", Some("a")), hp, "mountOptions"));
+        cases.push((
+            claim("1Gi", Some("a")),
+            class("WaitForFirstConsumer", &[("pool", "fast"), ("size", "1")]),
+            "size",
+        ));
+        cases.push((claim("0", Some("a")), wffc(), "0"));
+        cases.push((claim("5m", Some("a")), wffc(), "milli"));
+        for (c, cl, what) in cases {
+            let d = decide(P, &c, Some(&cl), false, &nodes);
+            assert!(matches!(&d, Decision::Refuse { message, .. } if message.contains(what)), "{what}: {d:?}");
+        }
+        assert!(matches!(decide(P, &claim("1Gi", Some("a")), None, false, &nodes), Decision::Refuse { .. }));
+        // Raw block on a hostpath pool reschedules (an lvm pool elsewhere could take it).
+        let mut c = claim("1Gi", Some("a"));
+        c.spec.as_mut().unwrap().volume_mode = Some("Block".into());
+        assert!(matches!(decide(P, &c, Some(&wffc()), false, &nodes), Decision::Reschedule { .. }));
+    }
+
+    #[test]
+    fn immediate_picks_the_allowed_node_with_most_free_space_deterministically() {
+        let now = class("Immediate", &[("pool", "fast")]);
+        let nodes = [
+            node("a", Some(vec![pool("fast", 50 * GI)])),
+            node("b", Some(vec![pool("fast", 80 * GI)])),
+            node("c", Some(vec![pool("fast", 80 * GI)])),
+            node("d", Some(vec![pool("fast", 200 * GI), pool("slow", 0)])),
+            NodeView { name: "e".into(), labels: None, pools: Some(vec![pool("fast", 900 * GI)]) },
+        ];
+        assert_eq!(provisioned_on(&decide(P, &claim("1Gi", None), Some(&now), false, &nodes)), Some(("d", "host-d")));
+        let mut limited = now.clone();
+        limited.allowed_topologies = Some(vec![TopologySelectorTerm {
+            match_label_expressions: Some(vec![TopologySelectorLabelRequirement {
+                key: "zone".into(),
+                values: vec!["zone-a".into(), "zone-b".into(), "zone-c".into()],
+            }]),
+        }]);
+        // b and c tie: the name decides, the same way every time.
+        assert_eq!(
+            provisioned_on(&decide(P, &claim("1Gi", None), Some(&limited), false, &nodes)),
+            Some(("b", "host-b"))
+        );
+        let d = decide(P, &claim("100Gi", None), Some(&limited), false, &nodes);
+        assert!(matches!(d, Decision::Refuse { retry: Retry::Backoff, .. }), "{d:?}");
+    }
+}

@@ -1,0 +1,139 @@
+//! The claim reconciler: carries out [`decide`]'s decision. Every step is idempotent (the agent creates by
+//! volume name, the PV name is `pvc-<claim uid>`), so a retry or a restart after any step completes the work
+//! instead of repeating it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth::agent_api::ErrorReason;
+use berth::keys;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+
+use crate::agent_client::AgentError;
+use crate::context::Context;
+use crate::decide::{Decision, Retry, decide};
+use crate::pv;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Agent(#[from] AgentError),
+}
+
+/// How many unanswered calls to an agent before the node is treated as gone and the claim rescheduled.
+const UNREACHABLE_ATTEMPTS: u32 = 3;
+
+pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let uid = claim.metadata.uid.clone().unwrap_or_default();
+    let Ok(volume_name) = berth::naming::volume_name(&uid) else { return Ok(Action::await_change()) };
+    let class_name = claim.spec.as_ref().and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
+    let class = ctx.class(&class_name);
+    let decision = decide(&ctx.provisioner, &claim, class.as_deref(), ctx.pv_exists(&volume_name), &ctx.node_views());
+    let key = format!("claim/{uid}");
+    match decision {
+        Decision::NotOurs | Decision::WaitForScheduler => Ok(Action::await_change()),
+        Decision::Done => {
+            ctx.succeeded(&key);
+            Ok(Action::await_change())
+        }
+        Decision::Refuse { message, retry } => {
+            ctx.event(claim.as_ref(), true, "ProvisioningFailed", message).await;
+            Ok(match retry {
+                Retry::OnChange => Action::await_change(),
+                Retry::Backoff => Action::requeue(ctx.next_backoff(&key)),
+            })
+        }
+        Decision::Reschedule { message } => {
+            reschedule(&ctx, &claim, message).await?;
+            Ok(Action::await_change())
+        }
+        Decision::Provision { node, params, request } => {
+            let Some(berth_node) = ctx.berth_node(&node.name) else {
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            };
+            let Some(status) = berth_node.status.as_ref() else { return Ok(Action::requeue(Duration::from_secs(1))) };
+            ctx.event(
+                claim.as_ref(),
+                false,
+                "Provisioning",
+                format!(
+                    "External provisioner is provisioning volume for claim on node {} (pool {:?})",
+                    node.name, params.pool
+                ),
+            )
+            .await;
+            let volume = match ctx.agents.create(&node.name, status, &volume_name, &request).await {
+                Ok(v) => v,
+                Err(AgentError::Refused {
+                    reason:
+                        ErrorReason::InsufficientSpace
+                        | ErrorReason::PoolNotReady
+                        | ErrorReason::UnknownPool
+                        | ErrorReason::Unsupported,
+                    message,
+                }) => {
+                    reschedule(
+                        &ctx,
+                        &claim,
+                        format!("node {}: {message}; asking the scheduler for another node", node.name),
+                    )
+                    .await?;
+                    return Ok(Action::await_change());
+                }
+                Err(AgentError::Unreachable(m)) if ctx.attempts(&key) + 1 >= UNREACHABLE_ATTEMPTS => {
+                    // The silent agent may have made the volume: the orphan audit removes it if no PV follows.
+                    reschedule(&ctx, &claim, format!("the agent of node {} does not answer ({m})", node.name)).await?;
+                    ctx.succeeded(&key);
+                    return Ok(Action::await_change());
+                }
+                Err(e) => {
+                    ctx.event(claim.as_ref(), true, "ProvisioningFailed", format!("node {}: {e}; retrying", node.name))
+                        .await;
+                    return Err(e.into());
+                }
+            };
+            let class = class.expect("decide checked the class");
+            let object = pv::build(&claim, &class, &params, &node, &volume);
+            let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+            match pvs.create(&PostParams::default(), &object).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {} // made by an earlier attempt
+                Err(e) => return Err(e.into()),
+            }
+            ctx.succeeded(&key);
+            ctx.event(
+                claim.as_ref(),
+                false,
+                "ProvisioningSucceeded",
+                format!("Successfully provisioned volume {volume_name} on node {} at {}", node.name, volume.path),
+            )
+            .await;
+            tracing::info!(claim = %format!("{}/{}", request.claim.namespace, request.claim.name), volume = %volume_name, node = %node.name, "provisioned");
+            Ok(Action::await_change())
+        }
+    }
+}
+
+/// `ProvisioningFailed` with the reason, then `selected-node` removed so the scheduler picks again.
+async fn reschedule(ctx: &Context, claim: &PersistentVolumeClaim, message: String) -> Result<(), kube::Error> {
+    tracing::info!(claim = ?claim.metadata.name, %message, "rescheduling");
+    ctx.event(claim, true, "ProvisioningFailed", message).await;
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), claim.metadata.namespace.as_deref().unwrap_or_default());
+    let patch = serde_json::json!({"metadata": {"annotations": {keys::SELECTED_NODE: null}}});
+    claims
+        .patch(claim.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+pub fn error_policy(claim: Arc<PersistentVolumeClaim>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("claim/{}", claim.metadata.uid.clone().unwrap_or_default());
+    let delay = ctx.next_backoff(&key);
+    tracing::warn!(claim = ?claim.metadata.name, %error, retry_in = ?delay, "provisioning failed; retrying");
+    Action::requeue(delay)
+}

@@ -1,0 +1,246 @@
+//! End to end: the real control plane, real agents on their nodes' own disks, the real controller.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    Container, Event, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodSpec, Volume, VolumeResourceRequirements,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
+use testbed::agents::{AgentProcess, CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, PoolSpec};
+use testbed::kube_util::{create_namespace, wait_deleted, wait_for};
+use testbed::process::Proc;
+use testbed::{FsType, TestBed, TestBedConfig};
+
+const MI: u64 = 1 << 20;
+const WAIT: Duration = Duration::from_secs(60);
+
+struct World {
+    bed: TestBed,
+    agents: Vec<AgentProcess>,
+    _controller: Proc,
+}
+
+async fn world(disks: &[u64]) -> World {
+    let bed = TestBed::start(TestBedConfig::nodes_with_disks(disks, FsType::Ext4)).await.unwrap();
+    bed.install_berth_crds().await.unwrap();
+    let agent_bin = testbed::bins::workspace_binary("berth-agent", "berth-agent").unwrap();
+    let mut agents = Vec::new();
+    for i in 0..disks.len() {
+        agents.push(bed.start_agent(&agent_bin, i, &[PoolSpec::new("fast")], true).await.unwrap());
+    }
+    // The controller's ServiceAccount must exist for its TokenRequests.
+    bed.service_account_token(CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, "warm-up").await.unwrap();
+    let kubeconfig = bed.kubeconfig().display().to_string();
+    let controller = Proc::spawn_with_env(
+        "berth-controller",
+        Path::new(env!("CARGO_BIN_EXE_berth-controller")),
+        &[],
+        &[("KUBECONFIG", kubeconfig.as_str()), ("RUST_LOG", "info,kube=warn")],
+        &bed.dir().join("logs/berth-controller.log"),
+    )
+    .unwrap();
+    create_namespace(&bed.client(), "app").await.unwrap();
+    World { bed, agents, _controller: controller }
+}
+
+fn class(name: &str, mode: &str, reclaim: &str, params: &[(&str, &str)]) -> StorageClass {
+    StorageClass {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        provisioner: berth::PROVISIONER_NAME.into(),
+        volume_binding_mode: Some(mode.into()),
+        reclaim_policy: Some(reclaim.into()),
+        parameters: Some(params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        ..Default::default()
+    }
+}
+
+fn claim(name: &str, class: &str, size: &str) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: Some(class.into()),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".into(), Quantity(size.into()))])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn pod(name: &str, claim: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "db".into(),
+                image: Some("registry.invalid/db:1".into()),
+                ..Default::default()
+            }],
+            volumes: Some(vec![Volume {
+                name: "data".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.into(),
+                    read_only: None,
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn bound(c: &PersistentVolumeClaim) -> bool {
+    c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+}
+
+/// Reasons of the events on a claim, oldest first.
+async fn event_reasons(w: &World, claim: &str) -> Vec<String> {
+    let events: Api<Event> = Api::namespaced(w.bed.client(), "app");
+    let mut list = events.list(&ListParams::default()).await.unwrap().items;
+    list.retain(|e| e.involved_object.name.as_deref() == Some(claim));
+    list.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
+    list.into_iter().filter_map(|e| e.reason).collect()
+}
+
+fn volume_dir(w: &World, node: &str, volume: &str) -> PathBuf {
+    let agent = w.agents.iter().find(|a| a.node == node).unwrap();
+    agent.pool_root("fast").join(volume)
+}
+
+fn all_volume_dirs(w: &World) -> Vec<String> {
+    let mut all = Vec::new();
+    for a in &w.agents {
+        for e in std::fs::read_dir(a.pool_root("fast")).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !n.starts_with('.') {
+                all.push(format!("{}/{n}", a.node));
+            }
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_for_first_consumer_claim_gets_a_volume_on_the_pods_node_and_loses_it_on_delete() {
+    let w = world(&[256 * MI, 256 * MI]).await;
+    let client = w.bed.client();
+    Api::<StorageClass>::all(client.clone())
+        .create(&PostParams::default(), &class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")]))
+        .await
+        .unwrap();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
+    claims.create(&PostParams::default(), &claim("data", "berth-local", "64Mi")).await.unwrap();
+    pods.create(&PostParams::default(), &pod("db", "data")).await.unwrap();
+
+    let c = wait_for(&claims, "data", WAIT, bound).await.unwrap();
+    let pv_name = c.spec.unwrap().volume_name.unwrap();
+    assert_eq!(pv_name, format!("pvc-{}", c.metadata.uid.unwrap()));
+    let p =
+        wait_for(&pods, "db", WAIT, |p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()).await.unwrap();
+    let node = p.spec.unwrap().node_name.unwrap();
+    let hostname = w.bed.nodes().iter().find(|n| n.name == node).unwrap().hostname.clone();
+
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pv = pvs.get(&pv_name).await.unwrap();
+    let spec = pv.spec.clone().unwrap();
+    let term = &spec.node_affinity.unwrap().required.unwrap().node_selector_terms[0];
+    assert_eq!(term.match_expressions.as_ref().unwrap()[0].values, Some(vec![hostname]), "pinned to the pod's node");
+    assert_eq!(spec.capacity.unwrap()["storage"], Quantity((64 * MI).to_string()));
+    let dir = volume_dir(&w, &node, &pv_name);
+    assert_eq!(spec.local.unwrap().path, dir.join("data").display().to_string());
+    assert!(dir.join("data").is_dir(), "{} missing", dir.display());
+    assert_eq!(all_volume_dirs(&w), vec![format!("{node}/{pv_name}")], "exactly one volume, on that node");
+    let reasons = event_reasons(&w, "data").await;
+    let p = reasons.iter().position(|r| r == "Provisioning").expect("Provisioning event");
+    let s = reasons.iter().position(|r| r == "ProvisioningSucceeded").expect("ProvisioningSucceeded event");
+    assert!(p < s, "{reasons:?}");
+
+    pods.delete("db", &DeleteParams::default()).await.unwrap();
+    claims.delete("data", &DeleteParams::default()).await.unwrap();
+    wait_deleted(&pvs, &pv_name, WAIT).await.unwrap();
+    assert!(!dir.exists(), "the volume's directory outlived its PV");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn immediate_claim_lands_on_the_node_with_most_free_space_and_retain_keeps_it() {
+    let w = world(&[128 * MI, 512 * MI]).await;
+    let client = w.bed.client();
+    Api::<StorageClass>::all(client.clone())
+        .create(&PostParams::default(), &class("berth-keep", "Immediate", "Retain", &[("pool", "fast")]))
+        .await
+        .unwrap();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    claims.create(&PostParams::default(), &claim("kept", "berth-keep", "32Mi")).await.unwrap();
+    let c = wait_for(&claims, "kept", WAIT, bound).await.unwrap();
+    let pv_name = c.spec.unwrap().volume_name.unwrap();
+    assert_eq!(all_volume_dirs(&w), vec![format!("node-1/{pv_name}")], "the 512 MiB node has the most free space");
+
+    claims.delete("kept", &DeleteParams::default()).await.unwrap();
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pv = wait_for(&pvs, &pv_name, WAIT, |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released"))
+        .await
+        .unwrap();
+    assert_eq!(
+        pv.metadata.finalizers.unwrap_or_default().iter().filter(|f| f.contains("external-provisioner")).count(),
+        0
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(pvs.get_opt(&pv_name).await.unwrap().is_some(), "a Retain PV was deleted");
+    assert_eq!(all_volume_dirs(&w), vec![format!("node-1/{pv_name}")], "a Retain volume was deleted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_are_events_and_create_nothing() {
+    let w = world(&[128 * MI]).await;
+    let client = w.bed.client();
+    let classes: Api<StorageClass> = Api::all(client.clone());
+    classes
+        .create(&PostParams::default(), &class("typo", "Immediate", "Delete", &[("pool", "fast"), ("sise", "1")]))
+        .await
+        .unwrap();
+    classes
+        .create(&PostParams::default(), &class("nowhere", "Immediate", "Delete", &[("pool", "slow")]))
+        .await
+        .unwrap();
+    classes.create(&PostParams::default(), &class("fits", "Immediate", "Delete", &[("pool", "fast")])).await.unwrap();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    claims.create(&PostParams::default(), &claim("typo", "typo", "1Mi")).await.unwrap();
+    claims.create(&PostParams::default(), &claim("nowhere", "nowhere", "1Mi")).await.unwrap();
+    claims.create(&PostParams::default(), &claim("huge", "fits", "1Gi")).await.unwrap();
+    let mut shared = claim("shared", "fits", "1Mi");
+    shared.spec.as_mut().unwrap().access_modes = Some(vec!["ReadWriteMany".into()]);
+    claims.create(&PostParams::default(), &shared).await.unwrap();
+
+    for (name, words) in
+        [("typo", "sise"), ("nowhere", "exists on no node"), ("huge", "free"), ("shared", "ReadWriteMany")]
+    {
+        let events: Api<Event> = Api::namespaced(client.clone(), "app");
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let list = events.list(&ListParams::default()).await.unwrap().items;
+            let found = list.iter().any(|e| {
+                e.involved_object.name.as_deref() == Some(name)
+                    && e.reason.as_deref() == Some("ProvisioningFailed")
+                    && e.message.as_deref().is_some_and(|m| m.contains(words))
+            });
+            if found {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{name}: no ProvisioningFailed event mentioning {words:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    assert!(pvs.list(&ListParams::default()).await.unwrap().items.is_empty());
+    assert!(all_volume_dirs(&w).is_empty());
+}

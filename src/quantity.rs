@@ -55,9 +55,32 @@ pub fn bytes(input: &str) -> Result<u64, InvalidQuantity> {
     u64::try_from(value).map_err(|_| err("too large"))
 }
 
+/// A byte count as a quantity: with the largest binary suffix that divides it exactly (`10Gi`, `1536Ki`), else
+/// plain bytes. What users read in `kubectl get pv`.
+pub fn format(bytes: u64) -> String {
+    const SUFFIXES: [(&str, u32); 6] = [("Ei", 60), ("Pi", 50), ("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)];
+    for (suffix, shift) in SUFFIXES {
+        if bytes != 0 && bytes.trailing_zeros() >= shift {
+            return format!("{}{suffix}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_with_the_largest_exact_binary_suffix() {
+        assert_eq!(format(10 << 30), "10Gi");
+        assert_eq!(format(1536 << 10), "1536Ki");
+        assert_eq!(format((3 << 29) + 1), "1610612737");
+        assert_eq!(format(0), "0");
+        for n in [1u64, 1023, 1 << 20, 5 << 40, 123_456_789] {
+            assert_eq!(bytes(&format(n)), Ok(n), "round trip of {n}");
+        }
+    }
 
     #[test]
     fn suffixes_decimals_and_exponents() {

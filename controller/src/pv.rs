@@ -83,7 +83,10 @@ pub fn build(
             ..Default::default()
         },
         spec: Some(PersistentVolumeSpec {
-            capacity: Some(BTreeMap::from([("storage".to_owned(), Quantity(volume.size_bytes.to_string()))])),
+            capacity: Some(BTreeMap::from([(
+                "storage".to_owned(),
+                Quantity(berth::quantity::format(volume.size_bytes)),
+            )])),
             access_modes: spec.access_modes.clone(),
             volume_mode: Some(spec.volume_mode.clone().unwrap_or_else(|| "Filesystem".into())),
             storage_class_name: class.metadata.name.clone(),
@@ -167,7 +170,7 @@ mod tests {
         assert_eq!(labels[POOL_LABEL], "nvme");
         assert_eq!(pv.metadata.annotations.unwrap()[keys::PROVISIONED_BY], "local.berth.dev");
         let spec = pv.spec.unwrap();
-        assert_eq!(spec.capacity.unwrap()["storage"], Quantity("10737418240".into()));
+        assert_eq!(spec.capacity.unwrap()["storage"], Quantity("10Gi".into()));
         assert_eq!(spec.persistent_volume_reclaim_policy.as_deref(), Some("Delete"));
         assert_eq!(spec.volume_mode.as_deref(), Some("Filesystem"));
         assert_eq!(spec.local.unwrap().path, volume().path);

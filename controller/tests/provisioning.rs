@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
-use testbed::agents::{AgentProcess, CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, PoolSpec};
+use testbed::agents::{AgentProcess, PoolSpec};
 use testbed::kube_util::{create_namespace, wait_deleted, wait_for};
 use testbed::process::Proc;
 use testbed::{FsType, TestBed, TestBedConfig};
@@ -33,17 +33,7 @@ async fn world(disks: &[u64]) -> World {
     for i in 0..disks.len() {
         agents.push(bed.start_agent(&agent_bin, i, &[PoolSpec::new("fast")], true).await.unwrap());
     }
-    // The controller's ServiceAccount must exist for its TokenRequests.
-    bed.service_account_token(CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, "warm-up").await.unwrap();
-    let kubeconfig = bed.kubeconfig().display().to_string();
-    let controller = Proc::spawn_with_env(
-        "berth-controller",
-        Path::new(env!("CARGO_BIN_EXE_berth-controller")),
-        &[],
-        &[("KUBECONFIG", kubeconfig.as_str()), ("RUST_LOG", "info,kube=warn")],
-        &bed.dir().join("logs/berth-controller.log"),
-    )
-    .unwrap();
+    let controller = bed.start_controller(Path::new(env!("CARGO_BIN_EXE_berth-controller"))).await.unwrap();
     create_namespace(&bed.client(), "app").await.unwrap();
     World { bed, agents, _controller: controller }
 }
@@ -155,7 +145,7 @@ async fn wait_for_first_consumer_claim_gets_a_volume_on_the_pods_node_and_loses_
     let spec = pv.spec.clone().unwrap();
     let term = &spec.node_affinity.unwrap().required.unwrap().node_selector_terms[0];
     assert_eq!(term.match_expressions.as_ref().unwrap()[0].values, Some(vec![hostname]), "pinned to the pod's node");
-    assert_eq!(spec.capacity.unwrap()["storage"], Quantity((64 * MI).to_string()));
+    assert_eq!(spec.capacity.unwrap()["storage"], Quantity("64Mi".into()));
     let dir = volume_dir(&w, &node, &pv_name);
     assert_eq!(spec.local.unwrap().path, dir.join("data").display().to_string());
     assert!(dir.join("data").is_dir(), "{} missing", dir.display());

@@ -107,6 +107,20 @@ impl TestBed {
         self.service_account_token(CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, &berth::agent_audience(node)).await
     }
 
+    /// Starts `berth-controller` (the binary at `binary`) with the admin kubeconfig, after making sure its
+    /// ServiceAccount (whose tokens the agents accept) exists. Stopped when the returned process is dropped.
+    pub async fn start_controller(&self, binary: &Path) -> Result<Proc> {
+        self.service_account_token(CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, "berth-testbed").await?;
+        let kubeconfig = self.kubeconfig().display().to_string();
+        Proc::spawn_with_env(
+            "berth-controller",
+            binary,
+            &[],
+            &[("KUBECONFIG", kubeconfig.as_str()), ("RUST_LOG", "info,kube=warn")],
+            &self.dir().join("logs/berth-controller.log"),
+        )
+    }
+
     /// Starts `berth-agent` (the binary at `binary`) for simulated node `index` with `pools` (initialised with
     /// `berth-agent init-pool` unless `init` is false) and waits until its BerthNode shows its endpoint.
     /// Call [`TestBed::install_berth_crds`] first.

@@ -234,3 +234,45 @@ async fn refusals_are_events_and_create_nothing() {
     assert!(pvs.list(&ListParams::default()).await.unwrap().items.is_empty());
     assert!(all_volume_dirs(&w).is_empty());
 }
+
+/// The scheduler picks a node whose pool cannot take the claim (only that node is schedulable): Berth records why
+/// and removes `selected-node`; once another node is schedulable the scheduler picks again and the claim is Bound
+/// there. Nothing is created on the node that was too small.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_selected_node_without_room_is_rescheduled() {
+    let w = world(&[128 * MI, 512 * MI]).await;
+    let client = w.bed.client();
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let cordon = |on: bool| serde_json::json!({"spec": {"unschedulable": on}});
+    let pp = kube::api::PatchParams::default();
+    nodes.patch("node-1", &pp, &kube::api::Patch::Merge(&cordon(true))).await.unwrap();
+    Api::<StorageClass>::all(client.clone())
+        .create(&PostParams::default(), &class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")]))
+        .await
+        .unwrap();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
+    claims.create(&PostParams::default(), &claim("big", "berth-local", "300Mi")).await.unwrap();
+    pods.create(&PostParams::default(), &pod("db", "big")).await.unwrap();
+
+    let events: Api<Event> = Api::namespaced(client.clone(), "app");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = events.list(&ListParams::default()).await.unwrap().items;
+        let rescheduled = list.iter().any(|e| {
+            e.reason.as_deref() == Some("ProvisioningFailed")
+                && e.message.as_deref().is_some_and(|m| m.contains("node-0") && m.contains("another node"))
+        });
+        if rescheduled {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no reschedule event for node-0");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(all_volume_dirs(&w).is_empty(), "something was created on the node that was too small");
+
+    nodes.patch("node-1", &pp, &kube::api::Patch::Merge(&cordon(false))).await.unwrap();
+    let c = wait_for(&claims, "big", WAIT, bound).await.unwrap();
+    let pv_name = c.spec.unwrap().volume_name.unwrap();
+    assert_eq!(all_volume_dirs(&w), vec![format!("node-1/{pv_name}")]);
+}

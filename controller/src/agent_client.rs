@@ -132,6 +132,14 @@ impl AgentClient {
         response.json().await.map_err(|e| AgentError::Other(format!("agent's volume: {e}")))
     }
 
+    /// Every volume the agent has.
+    pub async fn list(&self, node: &str, status: &BerthNodeStatus) -> Result<Vec<Volume>, AgentError> {
+        let response = self.send(node, status, reqwest::Method::GET, "/v1/volumes", None).await?;
+        let list: berth::agent_api::VolumeList =
+            response.json().await.map_err(|e| AgentError::Other(format!("agent's volume list: {e}")))?;
+        Ok(list.volumes)
+    }
+
     /// Deletes the volume; `false` if the agent had none.
     pub async fn delete(&self, node: &str, status: &BerthNodeStatus, name: &str) -> Result<bool, AgentError> {
         let response = self.send(node, status, reqwest::Method::DELETE, &format!("/v1/volumes/{name}"), None).await?;

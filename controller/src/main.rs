@@ -2,6 +2,7 @@
 //! and frees the storage of released PVs by their reclaim policy.
 
 mod agent_client;
+mod audit;
 mod context;
 mod decide;
 mod delete;
@@ -26,7 +27,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 /// create the volume (or picks the node with the most free space for Immediate classes), creates the PV pinned to
 /// that node, and deletes volumes of released PVs with reclaim policy Delete.
 ///
-/// Not yet: leader election (run one replica), the orphan audit, capacity publishing. See ARCHITECTURE.md.
+/// Not yet: leader election (run one replica), capacity publishing. See ARCHITECTURE.md.
 #[derive(Parser, Debug)]
 #[command(name = "berth-controller", version)]
 struct Args {
@@ -39,6 +40,15 @@ struct Args {
     /// The controller's ServiceAccount: agents accept only its tokens.
     #[arg(long, default_value = "berth-controller")]
     service_account: String,
+    /// Seconds between two orphan audits (volumes on agents without a PV, PVs without a volume).
+    #[arg(long, default_value_t = 60)]
+    orphan_audit_interval_seconds: u64,
+    /// A volume without a PV or a live claim is an orphan only when older than this many seconds.
+    #[arg(long, default_value_t = 600)]
+    orphan_grace_seconds: u64,
+    /// What to do with an orphan volume: delete it, or only report it in the log.
+    #[arg(long, value_enum, default_value = "delete")]
+    orphan_action: audit::OrphanAction,
     /// Claims and PVs worked on at once.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
@@ -99,6 +109,12 @@ async fn main() -> Result<()> {
     ));
     tracing::info!(provisioner = %args.provisioner, epoch, "running");
 
+    tokio::spawn(audit::run(
+        ctx.clone(),
+        std::time::Duration::from_secs(args.orphan_audit_interval_seconds),
+        args.orphan_action,
+        std::time::Duration::from_secs(args.orphan_grace_seconds),
+    ));
     let config = kube::runtime::controller::Config::default().concurrency(args.concurrency);
     let claims = Controller::new(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default())
         .with_config(config.clone())

@@ -109,13 +109,14 @@ impl TestBed {
 
     /// Starts `berth-controller` (the binary at `binary`) with the admin kubeconfig, after making sure its
     /// ServiceAccount (whose tokens the agents accept) exists. Stopped when the returned process is dropped.
-    pub async fn start_controller(&self, binary: &Path) -> Result<Proc> {
+    pub async fn start_controller(&self, binary: &Path, args: &[&str]) -> Result<Proc> {
         self.service_account_token(CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, "berth-testbed").await?;
         let kubeconfig = self.kubeconfig().display().to_string();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         Proc::spawn_with_env(
             "berth-controller",
             binary,
-            &[],
+            &args,
             &[("KUBECONFIG", kubeconfig.as_str()), ("RUST_LOG", "info,kube=warn")],
             &self.dir().join("logs/berth-controller.log"),
         )

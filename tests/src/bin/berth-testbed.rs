@@ -108,7 +108,7 @@ async fn main() -> Result<()> {
     }
     if let Some(controller_bin) = &args.controller_bin {
         progress("starting berth-controller");
-        controller = Some(bed.start_controller(controller_bin).await?);
+        controller = Some(bed.start_controller(controller_bin, &[]).await?);
     }
     for node in bed.nodes() {
         let disk = node.disk.as_ref().map(|d| format!(", disk {}", d.mount_point().display())).unwrap_or_default();

@@ -21,13 +21,13 @@ pub enum OrphanAction {
 
 /// Volumes that are orphans: no PV, no live claim with their uid, and created more than `grace` before `now`.
 /// `claim_alive(volume)` says whether the claim the volume was made for still exists (provisioning in flight).
-pub fn orphans<'a>(
-    volumes: &'a [Volume],
+pub fn orphans(
+    volumes: &[Volume],
     pv_exists: impl Fn(&str) -> bool,
     claim_alive: impl Fn(&Volume) -> bool,
     now: time::OffsetDateTime,
     grace: Duration,
-) -> Vec<&'a Volume> {
+) -> Vec<&Volume> {
     volumes
         .iter()
         .filter(|v| !pv_exists(&v.name))

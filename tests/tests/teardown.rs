@@ -58,7 +58,7 @@ async fn a_killed_test_process_takes_its_processes_along_and_the_next_bed_cleans
     use std::io::BufRead;
     let base = tempfile::tempdir().unwrap();
     let mut killed = std::process::Command::new(env!("CARGO_BIN_EXE_berth-testbed"))
-        .args(["--nodes", "1", "--disk-gib", "1", "--base-dir"])
+        .args(["--nodes", "1", "--pool-size", "256Mi", "--base-dir"])
         .arg(base.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

@@ -16,6 +16,7 @@ use anyhow::{Context as _, Result};
 use berth::berth_node::BerthNode;
 use clap::Parser;
 use futures::StreamExt;
+use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::Api;
@@ -54,14 +55,20 @@ struct Args {
     concurrency: u16,
 }
 
-/// Reflects `api` into a store, driven by its own task.
-fn cache<K>(api: Api<K>) -> reflector::Store<K>
+/// Reflects `api` into a store, driven by its own task; with `changed`, every change also sends a signal there
+/// (after the store has it), which makes the claims be looked at again.
+fn cache<K>(api: Api<K>, changed: Option<UnboundedSender<()>>) -> reflector::Store<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
-    tokio::spawn(stream.for_each(|_| async {}));
+    tokio::spawn(stream.touched_objects().for_each(move |_| {
+        if let Some(tx) = &changed {
+            let _ = tx.unbounded_send(());
+        }
+        async {}
+    }));
     store
 }
 
@@ -79,19 +86,17 @@ async fn main() -> Result<()> {
     // Until leader election lands, the epoch is the start time: a restarted controller outranks its predecessor.
     let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
 
-    let classes = cache(Api::<StorageClass>::all(client.clone()));
-    let nodes = cache(Api::<Node>::all(client.clone()));
-    let volumes = cache(Api::<PersistentVolume>::all(client.clone()));
-    let (berth_nodes, writer) = reflector::store();
-    let berth_node_changes = reflector::reflector(
-        writer,
-        watcher(Api::<BerthNode>::all(client.clone()), watcher::Config::default()).default_backoff(),
-    )
-    .touched_objects()
-    .map(|_| ());
+    // A claim refused for a missing class, pool or agent is looked at again when classes, Nodes or BerthNodes
+    // change: that is what can fix it.
+    let (changed, changes) = futures::channel::mpsc::unbounded();
+    let classes = cache(Api::<StorageClass>::all(client.clone()), Some(changed.clone()));
+    let nodes = cache(Api::<Node>::all(client.clone()), Some(changed.clone()));
+    let berth_nodes = cache(Api::<BerthNode>::all(client.clone()), Some(changed));
+    let volumes = cache(Api::<PersistentVolume>::all(client.clone()), None);
     for (what, ready) in [
         ("StorageClasses", classes.wait_until_ready().await),
         ("Nodes", nodes.wait_until_ready().await),
+        ("BerthNodes", berth_nodes.wait_until_ready().await),
         ("PersistentVolumes", volumes.wait_until_ready().await),
     ] {
         ready.with_context(|| format!("caching {what}"))?;
@@ -118,8 +123,7 @@ async fn main() -> Result<()> {
     let config = kube::runtime::controller::Config::default().concurrency(args.concurrency);
     let claims = Controller::new(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default())
         .with_config(config.clone())
-        // Agents coming, going or changing capacity can unblock waiting claims.
-        .reconcile_all_on(berth_node_changes)
+        .reconcile_all_on(changes)
         .shutdown_on_signal()
         .run(provision::reconcile, provision::error_policy, ctx.clone())
         .for_each(|_| async {});

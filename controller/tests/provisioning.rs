@@ -166,14 +166,17 @@ async fn wait_for_first_consumer_claim_gets_a_volume_on_the_pods_node_and_loses_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn immediate_claim_lands_on_the_node_with_most_free_space_and_retain_keeps_it() {
+    // (Also: a claim whose class appears after it is provisioned when the class does.)
     let w = world(&[128 * MI, 512 * MI]).await;
     let client = w.bed.client();
+    // The claim comes before its class: refused at first ("not found"), provisioned once the class exists.
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    claims.create(&PostParams::default(), &claim("kept", "berth-keep", "32Mi")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
     Api::<StorageClass>::all(client.clone())
         .create(&PostParams::default(), &class("berth-keep", "Immediate", "Retain", &[("pool", "fast")]))
         .await
         .unwrap();
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
-    claims.create(&PostParams::default(), &claim("kept", "berth-keep", "32Mi")).await.unwrap();
     let c = wait_for(&claims, "kept", WAIT, bound).await.unwrap();
     let pv_name = c.spec.unwrap().volume_name.unwrap();
     assert_eq!(all_volume_dirs(&w), vec![format!("node-1/{pv_name}")], "the 512 MiB node has the most free space");
@@ -229,7 +232,15 @@ async fn refusals_are_events_and_create_nothing() {
             if found {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "{name}: no ProvisioningFailed event mentioning {words:?}");
+            let seen: Vec<_> = list
+                .iter()
+                .filter(|e| e.involved_object.name.as_deref() == Some(name))
+                .map(|e| (e.reason.clone(), e.message.clone()))
+                .collect();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name}: no ProvisioningFailed event mentioning {words:?}; its events: {seen:?}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }

@@ -335,3 +335,32 @@ async fn the_orphan_audit_removes_volumes_nobody_claims() {
     }
     assert!(agent.pool_root("fast").join(&live_volume).exists(), "a volume whose claim is alive was removed");
 }
+
+/// A Delete-policy PV whose object is deleted first (while still bound) keeps Berth's finalizer until its volume
+/// is gone: once the claim is deleted too, the directory is removed and the PV object goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pv_object_deleted_first_still_frees_its_volume() {
+    let w = world(&[128 * MI]).await;
+    let client = w.bed.client();
+    Api::<StorageClass>::all(client.clone())
+        .create(&PostParams::default(), &class("berth-now", "Immediate", "Delete", &[("pool", "fast")]))
+        .await
+        .unwrap();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    claims.create(&PostParams::default(), &claim("data", "berth-now", "8Mi")).await.unwrap();
+    let c = wait_for(&claims, "data", WAIT, bound).await.unwrap();
+    let pv_name = c.spec.unwrap().volume_name.unwrap();
+    let dir = volume_dir(&w, "node-0", &pv_name);
+    assert!(dir.is_dir());
+
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    pvs.delete(&pv_name, &DeleteParams::default()).await.unwrap();
+    let pv = wait_for(&pvs, &pv_name, WAIT, |p| p.metadata.deletion_timestamp.is_some()).await.unwrap();
+    let finalizers = pv.metadata.finalizers.unwrap_or_default();
+    assert!(finalizers.iter().any(|f| f == "external-provisioner.volume.kubernetes.io/finalizer"), "{finalizers:?}");
+    assert!(dir.is_dir(), "the volume went while its claim still uses it");
+
+    claims.delete("data", &DeleteParams::default()).await.unwrap();
+    wait_deleted(&pvs, &pv_name, WAIT).await.unwrap();
+    assert!(!dir.exists(), "the PV object went but its directory stayed");
+}

@@ -137,10 +137,18 @@ fn internal(e: impl std::fmt::Display) -> Refusal {
     Refusal::new(ErrorReason::Internal, e.to_string())
 }
 
-fn result_label(r: &Result<Response, Refusal>) -> String {
-    match r {
-        Ok(_) => "ok".into(),
+/// One log line and one metric observation per volume operation.
+fn record(s: &ApiState, operation: &str, volume: &str, started: Instant, result: &Result<Response, Refusal>) {
+    let elapsed = started.elapsed();
+    let duration_ms = elapsed.as_millis() as u64;
+    let label = match result {
+        Ok(_) => "ok".to_owned(),
         Err(refusal) => format!("{:?}", refusal.reason),
+    };
+    s.metrics.observe(operation, &label, elapsed.as_secs_f64());
+    match result {
+        Ok(r) => tracing::info!(operation, volume, status = r.status().as_u16(), duration_ms, result = %label),
+        Err(e) => tracing::warn!(operation, volume, duration_ms, result = %label, message = %e.message),
     }
 }
 
@@ -175,17 +183,7 @@ async fn create_volume(
         })
     }
     .await;
-    let elapsed = started.elapsed();
-    let label = result_label(&result);
-    s.metrics.observe("create", &label, elapsed.as_secs_f64());
-    match &result {
-        Ok(r) => {
-            tracing::info!(operation = "create", volume = %name, status = r.status().as_u16(), duration_ms = elapsed.as_millis() as u64, result = %label)
-        }
-        Err(e) => {
-            tracing::warn!(operation = "create", volume = %name, duration_ms = elapsed.as_millis() as u64, result = %label, message = %e.message)
-        }
-    }
+    record(&s, "create", &name, started, &result);
     result
 }
 
@@ -205,16 +203,6 @@ async fn delete_volume(
         Ok(axum::Json(serde_json::json!({ "deleted": existed })).into_response())
     }
     .await;
-    let elapsed = started.elapsed();
-    let label = result_label(&result);
-    s.metrics.observe("delete", &label, elapsed.as_secs_f64());
-    match &result {
-        Ok(_) => {
-            tracing::info!(operation = "delete", volume = %name, duration_ms = elapsed.as_millis() as u64, result = %label)
-        }
-        Err(e) => {
-            tracing::warn!(operation = "delete", volume = %name, duration_ms = elapsed.as_millis() as u64, result = %label, message = %e.message)
-        }
-    }
+    record(&s, "delete", &name, started, &result);
     result
 }

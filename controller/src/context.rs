@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use berth::berth_node::BerthNode;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume};
@@ -30,7 +30,14 @@ pub struct Context {
     pub agents: AgentClient,
     pub recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
+    /// (object uid, reason) → the note last published and when: see [`Context::event`].
+    published: Mutex<HashMap<(String, String), (String, Instant)>>,
 }
+
+/// An identical event (same object, reason and note) is not published again within this window. Claims are
+/// reconciled again whenever any StorageClass, Node or BerthNode changes; without this a claim refused for good
+/// would cost an API write at every such change.
+const REPEAT_EVENTS_AFTER: Duration = Duration::from_secs(600);
 
 impl Context {
     pub fn new(
@@ -40,7 +47,15 @@ impl Context {
         agents: AgentClient,
         recorder: Recorder,
     ) -> Context {
-        Context { client, provisioner, caches, agents, recorder, failures: Mutex::default() }
+        Context {
+            client,
+            provisioner,
+            caches,
+            agents,
+            recorder,
+            failures: Mutex::default(),
+            published: Mutex::default(),
+        }
     }
 
     pub fn class(&self, name: &str) -> Option<std::sync::Arc<StorageClass>> {
@@ -95,6 +110,19 @@ impl Context {
     }
 
     pub async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, warning: bool, reason: &str, note: String) {
+        let key = (obj.meta().uid.clone().unwrap_or_default(), reason.to_owned());
+        {
+            let mut published = self.published.lock().expect("published events");
+            let now = Instant::now();
+            if published
+                .get(&key)
+                .is_some_and(|(last, at)| *last == note && now.duration_since(*at) < REPEAT_EVENTS_AFTER)
+            {
+                return;
+            }
+            published.retain(|_, (_, at)| now.duration_since(*at) < REPEAT_EVENTS_AFTER);
+            published.insert(key, (note.clone(), now));
+        }
         let event = Event {
             type_: if warning { EventType::Warning } else { EventType::Normal },
             reason: reason.into(),

@@ -41,6 +41,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
             Ok(Action::await_change())
         }
         Decision::Refuse { message, retry } => {
+            tracing::info!(claim = ?claim.metadata.name, namespace = ?claim.metadata.namespace, %message, ?retry, "refused");
             ctx.event(claim.as_ref(), true, "ProvisioningFailed", message).await;
             Ok(match retry {
                 Retry::OnChange => Action::await_change(),

@@ -247,6 +247,36 @@ async fn refusals_are_events_and_create_nothing() {
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     assert!(pvs.list(&ListParams::default()).await.unwrap().items.is_empty());
     assert!(all_volume_dirs(&w).is_empty());
+
+    // Every class change makes the controller look at all claims again; a refusal that has not changed is not
+    // published again (no event written per change).
+    let events: Api<Event> = Api::namespaced(client.clone(), "app");
+    let snapshot = || async {
+        let list = events.list(&ListParams::default()).await.unwrap().items;
+        let mut seen: Vec<String> = list
+            .iter()
+            // Berth's events only: kube-controller-manager's ExternalProvisioning event repeats on its own.
+            .filter(|e| {
+                e.involved_object.name.as_deref() == Some("nowhere")
+                    && e.reason.as_deref() == Some("ProvisioningFailed")
+            })
+            .map(|e| {
+                format!("{:?} {:?} {:?} {:?}", e.metadata.name, e.count, e.series.as_ref().map(|s| s.count), e.message)
+            })
+            .collect();
+        seen.sort();
+        seen
+    };
+    let before = snapshot().await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    for i in 0..3 {
+        classes
+            .create(&PostParams::default(), &class(&format!("other-{i}"), "Immediate", "Delete", &[("pool", "x")]))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(snapshot().await, before, "the same refusal was published again");
 }
 
 /// The scheduler picks a node whose pool cannot take the claim (only that node is schedulable): Berth records why

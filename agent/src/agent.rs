@@ -206,7 +206,8 @@ impl Agent {
         // the same pool, its class's, so a pool that is down elsewhere on the node cannot hide a twin.)
         self.ensure_recovered(&mut state, pool)?;
         let probe = pool.backend.probe()?;
-        let capacity = self.capacity_of(pool, &probe, &state.volumes);
+        let fs_ids: Vec<Option<u64>> = self.pools.iter().map(|p| p.backend.probe().ok().map(|p| p.fs_id)).collect();
+        let capacity = self.capacity_of(pool, &probe, &fs_ids, &state.volumes);
         if req.size_bytes > capacity.maximum_volume_size {
             return Err(Refusal::new(
                 ErrorReason::InsufficientSpace,
@@ -297,13 +298,19 @@ impl Agent {
     /// Every pool's status and capacity, as of now (recovering pools that have become ready).
     pub fn pool_statuses(&self) -> Vec<PoolStatus> {
         let mut state = self.lock();
+        // Each pool is probed once per call; the filesystem ids tell which pools share a disk.
+        let probes: Vec<Result<PoolProbe, Refusal>> = self
+            .pools
+            .iter()
+            .map(|pool| self.ensure_recovered(&mut state, pool).and_then(|()| Ok(pool.backend.probe()?)))
+            .collect();
+        let fs_ids: Vec<Option<u64>> = probes.iter().map(|p| p.as_ref().ok().map(|p| p.fs_id)).collect();
         let mut statuses = Vec::with_capacity(self.pools.len());
-        for pool in &self.pools {
-            let probe = self.ensure_recovered(&mut state, pool).and_then(|()| Ok(pool.backend.probe()?));
+        for (pool, probe) in self.pools.iter().zip(probes) {
             let mine = || state.volumes.values().filter(|v| v.pool == pool.config.name);
             let volumes = mine().count() as u32;
             let (ready, reason, cap) = match probe {
-                Ok(probe) => (true, None, self.capacity_of(pool, &probe, &state.volumes)),
+                Ok(probe) => (true, None, self.capacity_of(pool, &probe, &fs_ids, &state.volumes)),
                 Err(e) => {
                     let allocated = mine().map(|v| v.size_bytes).sum();
                     (false, Some(e.message), Capacity { allocated, ..Capacity::default() })
@@ -327,13 +334,21 @@ impl Agent {
 
     /// Capacity of `pool`, counting the volumes of every other pool that shares its filesystem — and of every
     /// pool whose filesystem cannot be told right now (not ready): counting them too under-promises, never over.
-    fn capacity_of(&self, pool: &Pool, probe: &PoolProbe, volumes: &BTreeMap<String, VolumeRecord>) -> Capacity {
+    /// `fs_ids` holds each configured pool's filesystem id, in order (`None`: not ready now).
+    fn capacity_of(
+        &self,
+        pool: &Pool,
+        probe: &PoolProbe,
+        fs_ids: &[Option<u64>],
+        volumes: &BTreeMap<String, VolumeRecord>,
+    ) -> Capacity {
         let sharing: Vec<&str> = self
             .pools
             .iter()
-            .filter(|p| p.config.name != pool.config.name)
-            .filter(|p| p.backend.probe().map_or(true, |other| other.fs_id == probe.fs_id))
-            .map(|p| p.config.name.as_str())
+            .zip(fs_ids)
+            .filter(|(p, _)| p.config.name != pool.config.name)
+            .filter(|(_, id)| id.is_none_or(|id| id == probe.fs_id))
+            .map(|(p, _)| p.config.name.as_str())
             .collect();
         let usage = |v: &VolumeRecord| VolumeUsage { size_bytes: v.size_bytes, used_bytes: None };
         let own: Vec<VolumeUsage> = volumes.values().filter(|v| v.pool == pool.config.name).map(usage).collect();

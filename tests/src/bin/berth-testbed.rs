@@ -69,7 +69,7 @@ async fn main() -> Result<()> {
         (_, k) => k,
     };
     let size_of = |i: usize| if sizes.len() == 1 { sizes[0] } else { sizes[i] };
-    let root = rustix_is_root();
+    let root = is_root();
     let fs = if args.fs == "xfs" { FsType::Xfs } else { FsType::Ext4 };
     let node_specs = (0..nodes)
         .map(|i| NodeSpec {
@@ -213,6 +213,6 @@ async fn verify_demo(bed: &TestBed, claims: &[PersistentVolumeClaim]) -> Result<
     Ok(())
 }
 
-fn rustix_is_root() -> bool {
+fn is_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }

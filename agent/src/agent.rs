@@ -158,6 +158,13 @@ impl Agent {
         })
     }
 
+    /// Records a new leader's epoch without any other operation: a leader fences every agent when it takes over,
+    /// so a deposed leader's late calls are refused also by agents the new one has not needed yet.
+    pub fn fence(&self, epoch: u64) -> Result<(), Refusal> {
+        let _state = self.lock();
+        self.admit_epoch(epoch)
+    }
+
     pub fn create(&self, name: &str, req: &CreateVolumeRequest, now: &str, epoch: u64) -> Result<Created, Refusal> {
         validate_create(name, req)?;
         let uid = req.uid.unwrap_or(0);

@@ -11,7 +11,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use berth::agent_api::{
     CreateVolumeRequest, EPOCH_HEADER, ErrorBody, ErrorReason, MAX_BODY_BYTES, PoolList, VolumeList,
 };
@@ -33,6 +33,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/pools", get(list_pools))
+        .route("/v1/epoch", put(fence))
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/volumes/{name}", get(get_volume).put(create_volume).delete(delete_volume))
         .fallback(|| async { Refusal::new(ErrorReason::NotFound, "no such endpoint (see docs/agent-api.md)") })
@@ -104,6 +105,21 @@ fn admit_mutation(s: &ApiState, headers: &HeaderMap) -> Result<u64, Refusal> {
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| Refusal::new(ErrorReason::Invalid, format!("{EPOCH_HEADER} must be a whole number")))?;
     Ok(epoch)
+}
+
+/// `PUT /v1/epoch`: a new leader announces its epoch; older epochs are refused from then on.
+async fn fence(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, Refusal> {
+    let started = Instant::now();
+    let result = async {
+        authenticate(&s, &headers).await?;
+        let epoch = admit_mutation(&s, &headers)?;
+        let agent = s.agent.clone();
+        tokio::task::spawn_blocking(move || agent.fence(epoch)).await.map_err(internal)??;
+        Ok(axum::Json(serde_json::json!({ "epoch": epoch })).into_response())
+    }
+    .await;
+    record(&s, "fence", "", started, &result);
+    result
 }
 
 async fn list_pools(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, Refusal> {

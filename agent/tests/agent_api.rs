@@ -291,6 +291,18 @@ async fn an_older_leadership_epoch_is_refused() {
     let resp = w.http.delete(w.agent.url(&format!("/v1/volumes/{VOL}"))).bearer_auth(&w.token).send().await.unwrap();
     assert_eq!(refusal(resp).await.1, ErrorReason::Invalid);
     assert_eq!(w.delete(VOL, 8).await.status(), StatusCode::OK);
+    // A new leader fences the agent before it needs it: epoch 8 is refused from then on, 9 still works.
+    let fence = |epoch: u64| {
+        w.http
+            .put(w.agent.url("/v1/epoch"))
+            .bearer_auth(&w.token)
+            .header("berth-leader-epoch", epoch.to_string())
+            .send()
+    };
+    assert_eq!(fence(9).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(refusal(fence(8).await.unwrap()).await.1, ErrorReason::StaleEpoch);
+    assert_eq!(refusal(w.put(VOL2, 8, &create_body("fast", MI)).await).await.1, ErrorReason::StaleEpoch);
+    assert_eq!(w.put(VOL2, 9, &create_body("fast", MI)).await.status(), StatusCode::CREATED);
 }
 
 #[tokio::test(flavor = "multi_thread")]

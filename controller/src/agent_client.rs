@@ -132,6 +132,11 @@ impl AgentClient {
         response.json().await.map_err(|e| AgentError::Other(format!("agent's volume: {e}")))
     }
 
+    /// Tells the agent this leader's epoch, so it refuses older leaders from now on.
+    pub async fn fence(&self, node: &str, status: &BerthNodeStatus) -> Result<(), AgentError> {
+        self.send(node, status, reqwest::Method::PUT, "/v1/epoch", None).await.map(|_| ())
+    }
+
     /// Every volume the agent has.
     pub async fn list(&self, node: &str, status: &BerthNodeStatus) -> Result<Vec<Volume>, AgentError> {
         let response = self.send(node, status, reqwest::Method::GET, "/v1/volumes", None).await?;

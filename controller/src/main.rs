@@ -6,6 +6,7 @@ mod audit;
 mod context;
 mod decide;
 mod delete;
+mod leader;
 mod params;
 mod provision;
 mod pv;
@@ -28,7 +29,9 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 /// create the volume (or picks the node with the most free space for Immediate classes), creates the PV pinned to
 /// that node, and deletes volumes of released PVs with reclaim policy Delete.
 ///
-/// Not yet: leader election (run one replica), capacity publishing. See ARCHITECTURE.md.
+/// Run two replicas: they elect a leader on a Lease in --namespace; the others stand by with warm caches and take
+/// over when the lease expires (at once when the leader is stopped with SIGTERM, which releases it). See
+/// ARCHITECTURE.md.
 #[derive(Parser, Debug)]
 #[command(name = "berth-controller", version)]
 struct Args {
@@ -53,6 +56,35 @@ struct Args {
     /// Claims and PVs worked on at once.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
+    /// This replica's name in the leader-election Lease; in a pod, its name.
+    #[arg(long, env = "POD_NAME", default_value_t = default_identity())]
+    identity: String,
+    /// Seconds a leader's lease lasts without renewal: how long a crashed leader's work waits for a standby.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// The leader renews its lease this many seconds before it expires.
+    #[arg(long, default_value_t = 5)]
+    lease_renew_before_seconds: u64,
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+/// Resolves on SIGTERM or Ctrl-C; clones all resolve together.
+fn shutdown_signal() -> futures::future::Shared<futures::future::BoxFuture<'static, ()>> {
+    use futures::FutureExt;
+    async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+    }
+    .boxed()
+    .shared()
 }
 
 /// Reflects `api` into a store, driven by its own task; with `changed`, every change also sends a signal there
@@ -83,8 +115,7 @@ async fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let client = kube::Client::try_default().await.context("connecting to the API server")?;
-    // Until leader election lands, the epoch is the start time: a restarted controller outranks its predecessor.
-    let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let shutdown = shutdown_signal();
 
     // A claim refused for a missing class, pool or agent is looked at again when classes, Nodes or BerthNodes
     // change: that is what can fix it.
@@ -102,7 +133,25 @@ async fn main() -> Result<()> {
         ready.with_context(|| format!("caching {what}"))?;
     }
 
-    let reporter = Reporter { controller: "berth-controller".into(), instance: std::env::var("POD_NAME").ok() };
+    let leadership = leader::Leadership::new(
+        client.clone(),
+        &args.namespace,
+        leader::lease_name(&args.provisioner),
+        args.identity.clone(),
+        std::time::Duration::from_secs(args.lease_duration_seconds),
+        std::time::Duration::from_secs(args.lease_renew_before_seconds),
+    )
+    .await?;
+    tracing::info!(identity = %leadership.identity(), "standing by until this replica holds the lease");
+    let epoch = tokio::select! {
+        epoch = leadership.acquire() => epoch,
+        _ = shutdown.clone() => {
+            tracing::info!("stopped while standing by");
+            return Ok(());
+        }
+    };
+
+    let reporter = Reporter { controller: "berth-controller".into(), instance: Some(args.identity.clone()) };
     let agents =
         agent_client::AgentClient::new(client.clone(), args.namespace.clone(), args.service_account.clone(), epoch);
     let ctx = Arc::new(context::Context::new(
@@ -112,9 +161,10 @@ async fn main() -> Result<()> {
         agents,
         Recorder::new(client.clone(), reporter),
     ));
-    tracing::info!(provisioner = %args.provisioner, epoch, "running");
+    tracing::info!(provisioner = %args.provisioner, epoch, identity = %leadership.identity(), "leading");
+    fence_agents(&ctx).await;
 
-    tokio::spawn(audit::run(
+    let audit = tokio::spawn(audit::run(
         ctx.clone(),
         std::time::Duration::from_secs(args.orphan_audit_interval_seconds),
         args.orphan_action,
@@ -124,15 +174,40 @@ async fn main() -> Result<()> {
     let claims = Controller::new(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default())
         .with_config(config.clone())
         .reconcile_all_on(changes)
-        .shutdown_on_signal()
+        .graceful_shutdown_on(shutdown.clone())
         .run(provision::reconcile, provision::error_policy, ctx.clone())
         .for_each(|_| async {});
     let pvs = Controller::new(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default())
         .with_config(config)
-        .shutdown_on_signal()
+        .graceful_shutdown_on(shutdown)
         .run(delete::reconcile, delete::error_policy, ctx)
         .for_each(|_| async {});
-    futures::join!(claims, pvs);
-    tracing::info!("stopped");
-    Ok(())
+    tokio::select! {
+        _ = async { futures::join!(claims, pvs) } => {
+            audit.abort();
+            leadership.release().await;
+            tracing::info!("stopped");
+            Ok(())
+        }
+        why = leadership.hold() => {
+            // Work in flight is not waited for: the agents refuse it (fenced), and a restart stands by.
+            tracing::error!(%why, "lost leadership; exiting");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Announces the new epoch to every agent known now (agents that appear later get it with the first call).
+async fn fence_agents(ctx: &context::Context) {
+    let calls = ctx.caches.berth_nodes.state().into_iter().filter_map(|b| {
+        let status = b.status.clone()?;
+        let node = b.spec.node_name.clone();
+        Some(async move {
+            match ctx.agents.fence(&node, &status).await {
+                Ok(()) => tracing::debug!(%node, "agent fenced"),
+                Err(e) => tracing::warn!(%node, error = %e, "cannot tell the agent the new epoch"),
+            }
+        })
+    });
+    futures::future::join_all(calls).await;
 }

@@ -96,6 +96,8 @@ fn main() -> Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,kube=warn,hyper=warn".into()),
         )
+        // Colours only on a terminal: log files and `kubectl logs` stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     match Cli::parse().command {
         Command::InitPool { config, pool } => {

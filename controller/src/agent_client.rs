@@ -18,6 +18,10 @@ pub enum AgentError {
     /// The agent answered with a typed refusal.
     #[error("agent refused ({reason:?}): {message}")]
     Refused { reason: ErrorReason, message: String },
+    /// The agent has seen a newer leader's epoch: this replica no longer leads. Not retried, no event: the new
+    /// leader does the work, and this replica exits as soon as its lease loop notices.
+    #[error("a newer leader has taken over: {0}")]
+    Deposed(String),
     /// No usable answer: connection, TLS or timeout. The agent may or may not have acted.
     #[error("agent unreachable: {0}")]
     Unreachable(String),
@@ -114,6 +118,7 @@ impl AgentClient {
         }
         let code = response.status();
         match response.json::<ErrorBody>().await {
+            Ok(body) if body.reason == ErrorReason::StaleEpoch => Err(AgentError::Deposed(body.message)),
             Ok(body) => Err(AgentError::Refused { reason: body.reason, message: body.message }),
             Err(_) => Err(AgentError::Other(format!("agent answered {code} without an error body"))),
         }

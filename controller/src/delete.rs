@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 
+use crate::agent_client::AgentError;
 use crate::context::Context;
 use crate::provision::Error;
 use crate::pv::NODE_ANNOTATION;
@@ -63,6 +64,10 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     };
     match ctx.agents.delete(&node, &status, &name).await {
         Ok(existed) => tracing::info!(volume = %name, node = %node, existed, "volume deleted"),
+        Err(AgentError::Deposed(m)) => {
+            tracing::warn!(volume = %name, node = %node, message = %m, "deposed; leaving the PV to the new leader");
+            return Ok(Action::await_change());
+        }
         Err(e) => {
             ctx.event(pv.as_ref(), true, "VolumeFailedDelete", format!("node {node}: {e}")).await;
             return Err(e.into());

@@ -67,6 +67,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
                 ),
             )
             .await;
+            crate::failpoints::pause("provision-before-agent-create").await;
             let volume = match ctx.agents.create(&node.name, status, &volume_name, &request).await {
                 Ok(v) => v,
                 Err(AgentError::Refused {
@@ -85,6 +86,10 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
                     .await?;
                     return Ok(Action::await_change());
                 }
+                Err(AgentError::Deposed(m)) => {
+                    tracing::warn!(claim = ?claim.metadata.name, volume = %volume_name, node = %node.name, message = %m, "deposed; leaving the claim to the new leader");
+                    return Ok(Action::await_change());
+                }
                 Err(AgentError::Unreachable(m)) if ctx.attempts(&key) + 1 >= UNREACHABLE_ATTEMPTS => {
                     // The silent agent may have made the volume: the orphan audit removes it if no PV follows.
                     reschedule(&ctx, &claim, format!("the agent of node {} does not answer ({m})", node.name)).await?;
@@ -97,6 +102,17 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
                     return Err(e.into());
                 }
             };
+            // Crash test: the volume exists, its PV does not yet.
+            fail::fail_point!("provision-after-agent-create", |_| std::process::abort());
+            crate::failpoints::pause("provision-before-pv-create").await;
+            if claim_gone(&ctx, &claim).await? {
+                // Deleted while its volume was being made: nobody can use the volume, so it goes now. (Should
+                // this delete fail, the orphan audit removes the volume: it has neither PV nor claim.)
+                ctx.agents.delete(&node.name, status, &volume_name).await?;
+                ctx.succeeded(&key);
+                tracing::info!(claim = %format!("{}/{}", request.claim.namespace, request.claim.name), volume = %volume_name, node = %node.name, "claim deleted while provisioning; its volume is removed");
+                return Ok(Action::await_change());
+            }
             let class = class.expect("decide checked the class");
             let object = pv::build(&claim, &class, &params, &node, &volume);
             let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
@@ -105,6 +121,8 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
                 Err(kube::Error::Api(e)) if e.code == 409 => {} // made by an earlier attempt
                 Err(e) => return Err(e.into()),
             }
+            // Crash test: the PV exists, the success is not yet recorded.
+            fail::fail_point!("provision-after-pv-create", |_| std::process::abort());
             ctx.succeeded(&key);
             ctx.event(
                 claim.as_ref(),
@@ -117,6 +135,15 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
             Ok(Action::await_change())
         }
     }
+}
+
+/// Whether the claim is gone, replaced (another uid) or being deleted, asked of the API server rather than the
+/// cache: the answer decides whether a just-made volume is kept.
+async fn claim_gone(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<bool, kube::Error> {
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), claim.metadata.namespace.as_deref().unwrap_or_default());
+    let now = claims.get_opt(claim.metadata.name.as_deref().unwrap_or_default()).await?;
+    Ok(now.is_none_or(|c| c.metadata.uid != claim.metadata.uid || c.metadata.deletion_timestamp.is_some()))
 }
 
 /// `ProvisioningFailed` with the reason, then `selected-node` removed so the scheduler picks again.

@@ -1,126 +1,16 @@
 //! End to end: the real control plane, real agents on their nodes' own disks, the real controller.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{
-    Container, Event, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, Pod, PodSpec, Volume, VolumeResourceRequirements,
-};
+use common::*;
+use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
-use testbed::agents::{AgentProcess, PoolSpec};
-use testbed::kube_util::{create_namespace, wait_deleted, wait_for};
-use testbed::process::Proc;
-use testbed::{FsType, TestBed, TestBedConfig};
-
-const MI: u64 = 1 << 20;
-const WAIT: Duration = Duration::from_secs(60);
-
-struct World {
-    bed: TestBed,
-    agents: Vec<AgentProcess>,
-    _controller: Proc,
-}
-
-async fn world(disks: &[u64]) -> World {
-    let bed = TestBed::start(TestBedConfig::nodes_with_disks(disks, FsType::Ext4)).await.unwrap();
-    bed.install_berth_crds().await.unwrap();
-    let agent_bin = testbed::bins::workspace_binary("berth-agent", "berth-agent").unwrap();
-    let mut agents = Vec::new();
-    for i in 0..disks.len() {
-        agents.push(bed.start_agent(&agent_bin, i, &[PoolSpec::new("fast")], true).await.unwrap());
-    }
-    // A fast orphan audit, so its test does not wait minutes.
-    let fast_audit = ["--orphan-audit-interval-seconds=1", "--orphan-grace-seconds=3"];
-    let controller =
-        bed.start_controller(Path::new(env!("CARGO_BIN_EXE_berth-controller")), &fast_audit).await.unwrap();
-    create_namespace(&bed.client(), "app").await.unwrap();
-    World { bed, agents, _controller: controller }
-}
-
-fn class(name: &str, mode: &str, reclaim: &str, params: &[(&str, &str)]) -> StorageClass {
-    StorageClass {
-        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
-        provisioner: berth::PROVISIONER_NAME.into(),
-        volume_binding_mode: Some(mode.into()),
-        reclaim_policy: Some(reclaim.into()),
-        parameters: Some(params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-        ..Default::default()
-    }
-}
-
-fn claim(name: &str, class: &str, size: &str) -> PersistentVolumeClaim {
-    PersistentVolumeClaim {
-        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
-            storage_class_name: Some(class.into()),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".into(), Quantity(size.into()))])),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn pod(name: &str, claim: &str) -> Pod {
-    Pod {
-        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
-        spec: Some(PodSpec {
-            containers: vec![Container {
-                name: "db".into(),
-                image: Some("registry.invalid/db:1".into()),
-                ..Default::default()
-            }],
-            volumes: Some(vec![Volume {
-                name: "data".into(),
-                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                    claim_name: claim.into(),
-                    read_only: None,
-                }),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn bound(c: &PersistentVolumeClaim) -> bool {
-    c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
-}
-
-/// Reasons of the events on a claim, oldest first.
-async fn event_reasons(w: &World, claim: &str) -> Vec<String> {
-    let events: Api<Event> = Api::namespaced(w.bed.client(), "app");
-    let mut list = events.list(&ListParams::default()).await.unwrap().items;
-    list.retain(|e| e.involved_object.name.as_deref() == Some(claim));
-    list.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
-    list.into_iter().filter_map(|e| e.reason).collect()
-}
-
-fn volume_dir(w: &World, node: &str, volume: &str) -> PathBuf {
-    let agent = w.agents.iter().find(|a| a.node == node).unwrap();
-    agent.pool_root("fast").join(volume)
-}
-
-fn all_volume_dirs(w: &World) -> Vec<String> {
-    let mut all = Vec::new();
-    for a in &w.agents {
-        for e in std::fs::read_dir(a.pool_root("fast")).unwrap().flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if !n.starts_with('.') {
-                all.push(format!("{}/{n}", a.node));
-            }
-        }
-    }
-    all
-}
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use testbed::kube_util::{wait_deleted, wait_for};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wait_for_first_consumer_claim_gets_a_volume_on_the_pods_node_and_loses_it_on_delete() {

@@ -110,16 +110,25 @@ impl TestBed {
     /// Starts `berth-controller` (the binary at `binary`) with the admin kubeconfig, after making sure its
     /// ServiceAccount (whose tokens the agents accept) exists. Stopped when the returned process is dropped.
     pub async fn start_controller(&self, binary: &Path, args: &[&str]) -> Result<Proc> {
+        self.start_controller_named("berth-controller", binary, args, &[]).await
+    }
+
+    /// Starts a controller replica called `name` (its log is `logs/<name>.log`, its lease identity `name`) with
+    /// extra environment variables `env`.
+    pub async fn start_controller_named(
+        &self,
+        name: &str,
+        binary: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Proc> {
         self.service_account_token(CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, "berth-testbed").await?;
         let kubeconfig = self.kubeconfig().display().to_string();
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        Proc::spawn_with_env(
-            "berth-controller",
-            binary,
-            &args,
-            &[("KUBECONFIG", kubeconfig.as_str()), ("RUST_LOG", "info,kube=warn")],
-            &self.dir().join("logs/berth-controller.log"),
-        )
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.push(format!("--identity={name}"));
+        let mut all_env = vec![("KUBECONFIG", kubeconfig.as_str()), ("RUST_LOG", "info,kube=warn")];
+        all_env.extend_from_slice(env);
+        Proc::spawn_with_env(name, binary, &args, &all_env, &self.dir().join(format!("logs/{name}.log")))
     }
 
     /// Starts `berth-agent` (the binary at `binary`) for simulated node `index` with `pools` (initialised with

@@ -35,13 +35,24 @@ impl KubeBins {
 /// A binary of this workspace, built (debug profile) on first use. Tests of one package use this for another
 /// package's binary, which cargo does not build for them.
 pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
+    workspace_binary_with_features(package, bin, &[])
+}
+
+/// [`workspace_binary`] built with the package's `features` (for a binary that requires them, such as
+/// `berth-controller-failpoints`; cargo keeps each feature set's build apart).
+pub fn workspace_binary_with_features(package: &str, bin: &str, features: &[&str]) -> Result<PathBuf> {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     let path = repo_root().join("target/debug").join(bin);
     if !built.iter().any(|b| b == bin) {
         let cargo = option_env!("CARGO").unwrap_or("cargo");
+        let mut args = vec!["build", "--quiet", "-p", package, "--bin", bin];
+        let features = features.join(",");
+        if !features.is_empty() {
+            args.extend(["--features", &features]);
+        }
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", package, "--bin", bin])
+            .args(&args)
             .current_dir(repo_root())
             .status()
             .with_context(|| format!("building {bin}"))?;

@@ -75,18 +75,35 @@ impl Proc {
         &self.log
     }
 
-    /// Sends `signal` (e.g. `libc::SIGTERM`) and waits up to `timeout` for the exit status.
-    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> Option<std::process::ExitStatus> {
+    /// Sends `signal` (e.g. `libc::SIGSTOP`) without waiting.
+    pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on our own, not yet reaped, child.
         unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its exit status, or None if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
+        loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Some(status);
             }
+            if Instant::now() >= deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        None
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) and waits up to `timeout` for the exit status.
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.signal(signal);
+        self.wait_exit(timeout)
+    }
+
+    /// Everything the process has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGTERM, up to `grace` to exit, then SIGKILL. Always reaps the child.

@@ -1,0 +1,222 @@
+//! The `berth-controller` binary's code (a library so that the test-only failpoints binary runs the same code):
+//! turns claims of Berth's StorageClasses into volumes on the right node and PVs pinned to it,
+//! and frees the storage of released PVs by their reclaim policy.
+
+mod agent_client;
+mod audit;
+mod context;
+mod decide;
+mod delete;
+mod failpoints;
+mod leader;
+mod params;
+mod provision;
+mod pv;
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use berth::berth_node::BerthNode;
+use clap::Parser;
+use futures::StreamExt;
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+
+/// Berth's controller: watches claims whose StorageClass names this provisioner, has the selected node's agent
+/// create the volume (or picks the node with the most free space for Immediate classes), creates the PV pinned to
+/// that node, and deletes volumes of released PVs with reclaim policy Delete.
+///
+/// Run two replicas: they elect a leader on a Lease in --namespace; the others stand by with warm caches and take
+/// over when the lease expires (at once when the leader is stopped with SIGTERM, which releases it). See
+/// ARCHITECTURE.md.
+#[derive(Parser, Debug)]
+#[command(name = "berth-controller", version)]
+pub struct Args {
+    /// The provisioner name StorageClasses use.
+    #[arg(long, default_value = berth::PROVISIONER_NAME)]
+    provisioner: String,
+    /// Namespace of the controller's ServiceAccount (tokens for the agents are requested for it).
+    #[arg(long, env = "BERTH_NAMESPACE", default_value = "berth-system")]
+    namespace: String,
+    /// The controller's ServiceAccount: agents accept only its tokens.
+    #[arg(long, default_value = "berth-controller")]
+    service_account: String,
+    /// Seconds between two orphan audits (volumes on agents without a PV, PVs without a volume).
+    #[arg(long, default_value_t = 60)]
+    orphan_audit_interval_seconds: u64,
+    /// A volume without a PV or a live claim is an orphan only when older than this many seconds.
+    #[arg(long, default_value_t = 600)]
+    orphan_grace_seconds: u64,
+    /// What to do with an orphan volume: delete it, or only report it in the log.
+    #[arg(long, value_enum, default_value = "delete")]
+    orphan_action: audit::OrphanAction,
+    /// Claims and PVs worked on at once.
+    #[arg(long, default_value_t = 16)]
+    concurrency: u16,
+    /// This replica's name in the leader-election Lease; in a pod, its name.
+    #[arg(long, env = "POD_NAME", default_value_t = default_identity())]
+    identity: String,
+    /// Seconds a leader's lease lasts without renewal: how long a crashed leader's work waits for a standby.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// The leader renews its lease this many seconds before it expires.
+    #[arg(long, default_value_t = 5)]
+    lease_renew_before_seconds: u64,
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+/// Resolves on SIGTERM or Ctrl-C; clones all resolve together.
+fn shutdown_signal() -> futures::future::Shared<futures::future::BoxFuture<'static, ()>> {
+    use futures::FutureExt;
+    async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+    }
+    .boxed()
+    .shared()
+}
+
+/// Reflects `api` into a store, driven by its own task; with `changed`, every change also sends a signal there
+/// (after the store has it), which makes the claims be looked at again.
+fn cache<K>(api: Api<K>, changed: Option<UnboundedSender<()>>) -> reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
+    tokio::spawn(stream.touched_objects().for_each(move |_| {
+        if let Some(tx) = &changed {
+            let _ = tx.unbounded_send(());
+        }
+        async {}
+    }));
+    store
+}
+
+/// The whole controller: parses the command line, runs until SIGTERM or lost leadership.
+pub async fn main() -> Result<()> {
+    // Crash points for the tests, set by the FAILPOINTS variable; compiled in only with the `failpoints` feature.
+    let _failpoints = fail::FailScenario::setup();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn,hyper=warn".into()),
+        )
+        // Colours only on a terminal: log files and `kubectl logs` stay greppable.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    let client = kube::Client::try_default().await.context("connecting to the API server")?;
+    let shutdown = shutdown_signal();
+
+    // A claim refused for a missing class, pool or agent is looked at again when classes, Nodes or BerthNodes
+    // change: that is what can fix it.
+    let (changed, changes) = futures::channel::mpsc::unbounded();
+    let classes = cache(Api::<StorageClass>::all(client.clone()), Some(changed.clone()));
+    let nodes = cache(Api::<Node>::all(client.clone()), Some(changed.clone()));
+    let berth_nodes = cache(Api::<BerthNode>::all(client.clone()), Some(changed));
+    let volumes = cache(Api::<PersistentVolume>::all(client.clone()), None);
+    for (what, ready) in [
+        ("StorageClasses", classes.wait_until_ready().await),
+        ("Nodes", nodes.wait_until_ready().await),
+        ("BerthNodes", berth_nodes.wait_until_ready().await),
+        ("PersistentVolumes", volumes.wait_until_ready().await),
+    ] {
+        ready.with_context(|| format!("caching {what}"))?;
+    }
+
+    let mut leadership = leader::Leadership::new(
+        client.clone(),
+        &args.namespace,
+        leader::lease_name(&args.provisioner),
+        args.identity.clone(),
+        std::time::Duration::from_secs(args.lease_duration_seconds),
+        std::time::Duration::from_secs(args.lease_renew_before_seconds),
+    )
+    .await?;
+    tracing::info!(identity = %leadership.identity(), "standing by until this replica holds the lease");
+    let epoch = tokio::select! {
+        epoch = leadership.acquire() => epoch,
+        _ = shutdown.clone() => {
+            tracing::info!("stopped while standing by");
+            return Ok(());
+        }
+    };
+
+    let reporter = Reporter { controller: "berth-controller".into(), instance: Some(args.identity.clone()) };
+    let agents =
+        agent_client::AgentClient::new(client.clone(), args.namespace.clone(), args.service_account.clone(), epoch);
+    let ctx = Arc::new(context::Context::new(
+        client.clone(),
+        args.provisioner.clone(),
+        context::Caches { classes, nodes, berth_nodes, volumes },
+        agents,
+        Recorder::new(client.clone(), reporter),
+    ));
+    tracing::info!(provisioner = %args.provisioner, epoch, identity = %leadership.identity(), "leading");
+    fence_agents(&ctx).await;
+
+    let audit = tokio::spawn(audit::run(
+        ctx.clone(),
+        std::time::Duration::from_secs(args.orphan_audit_interval_seconds),
+        args.orphan_action,
+        std::time::Duration::from_secs(args.orphan_grace_seconds),
+    ));
+    let config = kube::runtime::controller::Config::default().concurrency(args.concurrency);
+    let claims = Controller::new(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default())
+        .with_config(config.clone())
+        .reconcile_all_on(changes)
+        .graceful_shutdown_on(shutdown.clone())
+        .run(provision::reconcile, provision::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let pvs = Controller::new(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default())
+        .with_config(config)
+        .graceful_shutdown_on(shutdown)
+        .run(delete::reconcile, delete::error_policy, ctx)
+        .for_each(|_| async {});
+    // Spawned, so that they keep running (and are refused by the agents) if leadership is lost.
+    let work = tokio::spawn(async move { futures::join!(claims, pvs) });
+    tokio::select! {
+        _ = work => {
+            audit.abort();
+            leadership.release().await;
+            tracing::info!("stopped");
+            Ok(())
+        }
+        why = leadership.hold() => {
+            // Work in flight is not waited for: the agents refuse it (fenced), and a restart stands by.
+            failpoints::pause("leader-before-exit").await;
+            tracing::error!(%why, "lost leadership; exiting");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Announces the new epoch to every agent known now (agents that appear later get it with the first call).
+async fn fence_agents(ctx: &context::Context) {
+    let calls = ctx.caches.berth_nodes.state().into_iter().filter_map(|b| {
+        let status = b.status.clone()?;
+        let node = b.spec.node_name.clone();
+        Some(async move {
+            match ctx.agents.fence(&node, &status).await {
+                Ok(()) => tracing::debug!(%node, "agent fenced"),
+                Err(e) => tracing::warn!(%node, error = %e, "cannot tell the agent the new epoch"),
+            }
+        })
+    });
+    futures::future::join_all(calls).await;
+}

@@ -1,0 +1,173 @@
+//! What the controller's end-to-end tests share: a test bed with agents on their own disks, a controller, and
+//! the objects the tests create.
+// Each test file uses a part of this.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{
+    Container, Event, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod,
+    PodSpec, Volume, VolumeResourceRequirements,
+};
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::{Api, ListParams, ObjectMeta};
+use testbed::agents::{AgentProcess, PoolSpec};
+use testbed::kube_util::create_namespace;
+use testbed::process::Proc;
+use testbed::{FsType, TestBed, TestBedConfig};
+
+pub const MI: u64 = 1 << 20;
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub struct World {
+    pub bed: TestBed,
+    pub agents: Vec<AgentProcess>,
+    pub controllers: Vec<Proc>,
+}
+
+/// A test bed with one agent (pool `fast`) per disk, and the namespace `app`; no controller yet.
+pub async fn world_without_controller(disks: &[u64]) -> World {
+    let bed = TestBed::start(TestBedConfig::nodes_with_disks(disks, FsType::Ext4)).await.unwrap();
+    bed.install_berth_crds().await.unwrap();
+    let agent_bin = testbed::bins::workspace_binary("berth-agent", "berth-agent").unwrap();
+    let mut agents = Vec::new();
+    for i in 0..disks.len() {
+        agents.push(bed.start_agent(&agent_bin, i, &[PoolSpec::new("fast")], true).await.unwrap());
+    }
+    create_namespace(&bed.client(), "app").await.unwrap();
+    World { bed, agents, controllers: Vec::new() }
+}
+
+/// [`world_without_controller`] plus one controller.
+pub async fn world(disks: &[u64]) -> World {
+    let mut w = world_without_controller(disks).await;
+    // A fast orphan audit, so its test does not wait minutes.
+    let fast_audit = ["--orphan-audit-interval-seconds=1", "--orphan-grace-seconds=3"];
+    w.controllers.push(w.bed.start_controller(&controller_bin(), &fast_audit).await.unwrap());
+    w
+}
+
+pub fn controller_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_berth-controller"))
+}
+
+/// The controller with failpoints compiled in (built on first use).
+pub fn controller_with_failpoints() -> PathBuf {
+    testbed::bins::workspace_binary_with_features("berth-controller", "berth-controller-failpoints", &["failpoints"])
+        .unwrap()
+}
+
+/// Waits until `proc`'s log has a line containing every one of `needles`; that line.
+pub async fn wait_for_log(proc: &Proc, needles: &[&str], timeout: Duration) -> String {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let text = proc.log_text();
+        if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return line.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} logged no line with {needles:?} within {timeout:?}; its log:\n{text}",
+            proc.name()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// How many times the agents created `volume` (HTTP 201, not the 200 of an idempotent repeat).
+pub fn agent_creates(w: &World, volume: &str) -> usize {
+    let needle = format!("volume=\"{volume}\"");
+    w.agents
+        .iter()
+        .map(|a| {
+            a.log()
+                .lines()
+                .filter(|l| l.contains("operation=\"create\"") && l.contains(&needle) && l.contains("status=201"))
+                .count()
+        })
+        .sum()
+}
+
+pub fn class(name: &str, mode: &str, reclaim: &str, params: &[(&str, &str)]) -> StorageClass {
+    StorageClass {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        provisioner: berth::PROVISIONER_NAME.into(),
+        volume_binding_mode: Some(mode.into()),
+        reclaim_policy: Some(reclaim.into()),
+        parameters: Some(params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+        ..Default::default()
+    }
+}
+
+pub fn claim(name: &str, class: &str, size: &str) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: Some(class.into()),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".into(), Quantity(size.into()))])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn pod(name: &str, claim: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "db".into(),
+                image: Some("registry.invalid/db:1".into()),
+                ..Default::default()
+            }],
+            volumes: Some(vec![Volume {
+                name: "data".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.into(),
+                    read_only: None,
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn bound(c: &PersistentVolumeClaim) -> bool {
+    c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+}
+
+/// Reasons of the events on a claim, oldest first.
+pub async fn event_reasons(w: &World, claim: &str) -> Vec<String> {
+    let events: Api<Event> = Api::namespaced(w.bed.client(), "app");
+    let mut list = events.list(&ListParams::default()).await.unwrap().items;
+    list.retain(|e| e.involved_object.name.as_deref() == Some(claim));
+    list.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
+    list.into_iter().filter_map(|e| e.reason).collect()
+}
+
+pub fn volume_dir(w: &World, node: &str, volume: &str) -> PathBuf {
+    let agent = w.agents.iter().find(|a| a.node == node).unwrap();
+    agent.pool_root("fast").join(volume)
+}
+
+pub fn all_volume_dirs(w: &World) -> Vec<String> {
+    let mut all = Vec::new();
+    for a in &w.agents {
+        for e in std::fs::read_dir(a.pool_root("fast")).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !n.starts_with('.') {
+                all.push(format!("{}/{n}", a.node));
+            }
+        }
+    }
+    all
+}

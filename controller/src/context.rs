@@ -14,6 +14,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::agent_client::AgentClient;
 use crate::decide::NodeView;
+use crate::delete::GoneNodes;
 
 /// The caches decisions are made from.
 pub struct Caches {
@@ -29,6 +30,7 @@ pub struct Context {
     pub caches: Caches,
     pub agents: AgentClient,
     pub recorder: Recorder,
+    pub gone_nodes: GoneNodes,
     failures: Mutex<HashMap<String, u32>>,
     /// (object uid, reason) → the note last published and when: see [`Context::event`].
     published: Mutex<HashMap<(String, String), (String, Instant)>>,
@@ -46,6 +48,7 @@ impl Context {
         caches: Caches,
         agents: AgentClient,
         recorder: Recorder,
+        gone_nodes: GoneNodes,
     ) -> Context {
         Context {
             client,
@@ -53,6 +56,7 @@ impl Context {
             caches,
             agents,
             recorder,
+            gone_nodes,
             failures: Mutex::default(),
             published: Mutex::default(),
         }

@@ -8,6 +8,7 @@ use berth::keys;
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 
 use crate::agent_client::AgentError;
 use crate::context::Context;
@@ -58,7 +59,25 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     let node = pv.metadata.annotations.as_ref().and_then(|a| a.get(NODE_ANNOTATION)).cloned().unwrap_or_default();
     let status = ctx.berth_node(&node).and_then(|b| b.status.clone());
     let Some(status) = status else {
-        let note = format!("node {node:?} has no Berth agent; the volume cannot be deleted until it returns");
+        let node_object_gone = ctx.caches.nodes.get(&ObjectRef::new(&node)).is_none();
+        if node_object_gone && ctx.gone_nodes == GoneNodes::Forget {
+            // The node left the cluster with its disk: nothing is left to delete but the PV object.
+            if has_finalizer {
+                drop_finalizer(&ctx, &pv).await?;
+            }
+            delete_pv(&ctx, &name).await?;
+            tracing::warn!(volume = %name, node = %node, "the node is gone; its PV is removed (--gone-node-volumes=forget)");
+            ctx.succeeded(&key);
+            return Ok(Action::await_change());
+        }
+        let note = if node_object_gone {
+            format!(
+                "node {node:?} no longer exists; the volume is deleted if it returns (the controller's \
+                 --gone-node-volumes=forget removes such PVs instead)"
+            )
+        } else {
+            format!("node {node:?} has no Berth agent; the volume cannot be deleted until it returns")
+        };
         ctx.event(pv.as_ref(), true, "VolumeFailedDelete", note).await;
         return Ok(Action::requeue(ctx.next_backoff(&key)));
     };
@@ -77,15 +96,29 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
         drop_finalizer(&ctx, &pv).await?;
     }
     if !deleting {
-        let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-        match pvs.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
+        delete_pv(&ctx, &name).await?;
     }
     ctx.succeeded(&key);
     Ok(Action::await_change())
+}
+
+async fn delete_pv(ctx: &Context, name: &str) -> Result<(), kube::Error> {
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    match pvs.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// What happens to a released Delete-policy PV whose Node object is gone (the node left the cluster).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GoneNodes {
+    /// Keep the PV, with a `VolumeFailedDelete` event and retries (backoff up to 5 minutes): if a node of that
+    /// name returns with its disk, the volume is deleted then.
+    Wait,
+    /// Remove the PV object: the data left with the node.
+    Forget,
 }
 
 pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>) -> Action {

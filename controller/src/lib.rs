@@ -55,6 +55,10 @@ pub struct Args {
     /// What to do with an orphan volume: delete it, or only report it in the log.
     #[arg(long, value_enum, default_value = "delete")]
     orphan_action: audit::OrphanAction,
+    /// A released Delete-policy PV whose Node object is gone: wait for the node (event, retries), or forget
+    /// (remove the PV object; the data left with the node).
+    #[arg(long, value_enum, default_value = "wait")]
+    gone_node_volumes: delete::GoneNodes,
     /// Claims and PVs worked on at once.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
@@ -166,6 +170,7 @@ pub async fn main() -> Result<()> {
         context::Caches { classes, nodes, berth_nodes, volumes },
         agents,
         Recorder::new(client.clone(), reporter),
+        args.gone_node_volumes,
     ));
     tracing::info!(provisioner = %args.provisioner, epoch, identity = %leadership.identity(), "leading");
     fence_agents(&ctx).await;

@@ -284,3 +284,52 @@ async fn a_pv_object_deleted_first_still_frees_its_volume() {
     wait_deleted(&pvs, &pv_name, WAIT).await.unwrap();
     assert!(!dir.exists(), "the PV object went but its directory stayed");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_released_volume_of_a_node_that_left_waits_or_is_forgotten_by_policy() {
+    let mut w = world(&[256 * MI]).await;
+    let client = w.bed.client();
+    Api::<StorageClass>::all(client.clone())
+        .create(&PostParams::default(), &class("berth-now", "Immediate", "Delete", &[("pool", "fast")]))
+        .await
+        .unwrap();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    claims.create(&PostParams::default(), &claim("data", "berth-now", "16Mi")).await.unwrap();
+    let pv_name = wait_for(&claims, "data", WAIT, bound).await.unwrap().spec.unwrap().volume_name.unwrap();
+
+    // The node leaves the cluster: its agent stops, its Node and BerthNode objects are deleted.
+    w.agents[0].kill();
+    Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .delete("node-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    Api::<berth::berth_node::BerthNode>::all(client.clone()).delete("node-0", &DeleteParams::default()).await.unwrap();
+    claims.delete("data", &DeleteParams::default()).await.unwrap();
+
+    // By default the PV waits for the node, and says so.
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let events: Api<Event> = Api::all(client.clone());
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let list = events.list(&ListParams::default()).await.unwrap().items;
+        let said = list.iter().any(|e| {
+            e.involved_object.name.as_deref() == Some(pv_name.as_str())
+                && e.reason.as_deref() == Some("VolumeFailedDelete")
+                && e.message.as_deref().is_some_and(|m| m.contains("no longer exists"))
+        });
+        if said {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no VolumeFailedDelete event on {pv_name}: {list:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(pvs.get_opt(&pv_name).await.unwrap().is_some(), "the PV waits for its node");
+
+    // With --gone-node-volumes=forget the PV object goes.
+    for c in &mut w.controllers {
+        c.stop(Duration::from_secs(10));
+    }
+    let forget = ["--gone-node-volumes=forget"];
+    w.controllers.push(w.bed.start_controller_named("forgetting", &controller_bin(), &forget, &[]).await.unwrap());
+    wait_deleted(&pvs, &pv_name, WAIT).await.unwrap();
+}

@@ -50,9 +50,14 @@ async fn claim_alive(ctx: &Context, volume: &Volume) -> Result<bool, kube::Error
 }
 
 async fn audit_once(ctx: &Context, action: OrphanAction, grace: Duration) {
+    let mut orphan_counts: std::collections::BTreeMap<(String, String), i64> = Default::default();
+    let mut missing = 0;
     for berth_node in ctx.caches.berth_nodes.state() {
         let node = &berth_node.spec.node_name;
         let Some(status) = berth_node.status.as_ref() else { continue };
+        for pool in &status.pools {
+            orphan_counts.insert((node.clone(), pool.name.clone()), 0);
+        }
         let volumes = match ctx.agents.list(node, status).await {
             Ok(v) => v,
             Err(e) => {
@@ -74,6 +79,7 @@ async fn audit_once(ctx: &Context, action: OrphanAction, grace: Duration) {
             grace,
         );
         for orphan in found {
+            *orphan_counts.entry((node.clone(), orphan.pool.clone())).or_default() += 1;
             let claim = format!("{}/{}", orphan.claim.namespace, orphan.claim.name);
             match action {
                 OrphanAction::Report => {
@@ -95,10 +101,13 @@ async fn audit_once(ctx: &Context, action: OrphanAction, grace: Duration) {
             if ours && pv.metadata.deletion_timestamp.is_none() && !names.contains(name.as_str()) {
                 let note = format!("the agent of node {node} has no volume {name}: its data is gone or was never made");
                 tracing::warn!(pv = %name, node = %node, "PV without its volume");
+                missing += 1;
                 ctx.event(pv.as_ref(), true, "VolumeMissing", note).await;
             }
         }
     }
+    ctx.metrics.set_orphans(&orphan_counts.into_iter().collect::<Vec<_>>());
+    ctx.metrics.missing_volumes.set(missing);
 }
 
 pub async fn run(ctx: Arc<Context>, every: Duration, action: OrphanAction, grace: Duration) {

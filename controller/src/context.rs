@@ -2,7 +2,7 @@
 //! the event recorder and per-object retry counters.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth::berth_node::BerthNode;
@@ -15,6 +15,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use crate::agent_client::AgentClient;
 use crate::decide::NodeView;
 use crate::delete::GoneNodes;
+use crate::metrics::Metrics;
 
 /// The caches decisions are made from.
 pub struct Caches {
@@ -31,6 +32,7 @@ pub struct Context {
     pub agents: AgentClient,
     pub recorder: Recorder,
     pub gone_nodes: GoneNodes,
+    pub metrics: Arc<Metrics>,
     failures: Mutex<HashMap<String, u32>>,
     /// (object uid, reason) → the note last published and when: see [`Context::event`].
     published: Mutex<HashMap<(String, String), (String, Instant)>>,
@@ -49,6 +51,7 @@ impl Context {
         agents: AgentClient,
         recorder: Recorder,
         gone_nodes: GoneNodes,
+        metrics: Arc<Metrics>,
     ) -> Context {
         Context {
             client,
@@ -57,6 +60,7 @@ impl Context {
             agents,
             recorder,
             gone_nodes,
+            metrics,
             failures: Mutex::default(),
             published: Mutex::default(),
         }

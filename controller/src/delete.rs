@@ -12,6 +12,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use crate::agent_client::AgentError;
 use crate::context::Context;
+use crate::metrics::Outcome;
 use crate::provision::Error;
 use crate::pv::NODE_ANNOTATION;
 
@@ -36,7 +37,12 @@ async fn drop_finalizer(ctx: &Context, pv: &PersistentVolume) -> Result<(), kube
     Ok(())
 }
 
+fn class_of(pv: &PersistentVolume) -> &str {
+    pv.spec.as_ref().and_then(|s| s.storage_class_name.as_deref()).unwrap_or_default()
+}
+
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
     if !ours(&pv, &ctx.provisioner) {
         return Ok(Action::await_change());
     }
@@ -98,6 +104,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     if !deleting {
         delete_pv(&ctx, &name).await?;
     }
+    ctx.metrics.deleted(class_of(&pv), Outcome::Success, Some(started.elapsed()));
     ctx.succeeded(&key);
     Ok(Action::await_change())
 }
@@ -123,6 +130,7 @@ pub enum GoneNodes {
 
 pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.next_backoff(&format!("pv/{}", pv.metadata.name.clone().unwrap_or_default()));
+    ctx.metrics.deleted(class_of(&pv), Outcome::Error, None);
     tracing::warn!(pv = ?pv.metadata.name, %error, retry_in = ?delay, "deleting failed; retrying");
     Action::requeue(delay)
 }

@@ -9,6 +9,7 @@ mod decide;
 mod delete;
 mod failpoints;
 mod leader;
+mod metrics;
 mod params;
 mod provision;
 mod pv;
@@ -59,6 +60,9 @@ pub struct Args {
     /// (remove the PV object; the data left with the node).
     #[arg(long, value_enum, default_value = "wait")]
     gone_node_volumes: delete::GoneNodes,
+    /// Where /healthz, /readyz and /metrics are served (plain HTTP). In a pod: 0.0.0.0:8080.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    metrics_address: std::net::SocketAddr,
     /// Claims and PVs worked on at once.
     #[arg(long, default_value_t = 16)]
     concurrency: u16,
@@ -126,6 +130,8 @@ pub async fn main() -> Result<()> {
     let args = Args::parse();
     let client = kube::Client::try_default().await.context("connecting to the API server")?;
     let shutdown = shutdown_signal();
+    let metrics = Arc::new(metrics::Metrics::new());
+    metrics::serve(args.metrics_address, metrics.clone()).await?;
 
     // A claim refused for a missing class, pool or agent is looked at again when classes, Nodes or BerthNodes
     // change: that is what can fix it.
@@ -142,6 +148,7 @@ pub async fn main() -> Result<()> {
     ] {
         ready.with_context(|| format!("caching {what}"))?;
     }
+    metrics.set_ready();
 
     let mut leadership = leader::Leadership::new(
         client.clone(),
@@ -171,7 +178,9 @@ pub async fn main() -> Result<()> {
         agents,
         Recorder::new(client.clone(), reporter),
         args.gone_node_volumes,
+        metrics.clone(),
     ));
+    metrics.leader.set(1);
     tracing::info!(provisioner = %args.provisioner, epoch, identity = %leadership.identity(), "leading");
     fence_agents(&ctx).await;
 
@@ -182,7 +191,9 @@ pub async fn main() -> Result<()> {
         std::time::Duration::from_secs(args.orphan_grace_seconds),
     ));
     let config = kube::runtime::controller::Config::default().concurrency(args.concurrency);
-    let claims = Controller::new(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default())
+    let claims = Controller::new(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default());
+    tokio::spawn(gauges(ctx.clone(), claims.store()));
+    let claims = claims
         .with_config(config.clone())
         .reconcile_all_on(changes)
         .graceful_shutdown_on(shutdown.clone())
@@ -208,6 +219,36 @@ pub async fn main() -> Result<()> {
             tracing::error!(%why, "lost leadership; exiting");
             std::process::exit(1);
         }
+    }
+}
+
+/// Keeps the gauges computed from the caches current: claims still without a PV, agents known and ready.
+async fn gauges(ctx: Arc<context::Context>, claims: reflector::Store<PersistentVolumeClaim>) {
+    loop {
+        let waiting = claims
+            .state()
+            .iter()
+            .filter(|c| {
+                decide::claim_provisioner(c) == Some(ctx.provisioner.as_str())
+                    && c.metadata.deletion_timestamp.is_none()
+                    && c.spec.as_ref().is_none_or(|s| s.volume_name.is_none())
+                    && !ctx.pv_exists(&format!("pvc-{}", c.metadata.uid.as_deref().unwrap_or_default()))
+            })
+            .count();
+        ctx.metrics.workqueue_depth.set(waiting as i64);
+        let agents = ctx.caches.berth_nodes.state();
+        let now = time::OffsetDateTime::now_utc();
+        let ready = agents
+            .iter()
+            .filter(|b| {
+                b.status.as_ref().is_some_and(|s| {
+                    time::OffsetDateTime::parse(&s.heartbeat_time, &time::format_description::well_known::Rfc3339)
+                        .is_ok_and(|t| now - t < time::Duration::minutes(3))
+                })
+            })
+            .count();
+        ctx.metrics.set_agents(agents.len() as i64, ready as i64);
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     }
 }
 

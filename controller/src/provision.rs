@@ -14,6 +14,7 @@ use kube::runtime::controller::Action;
 use crate::agent_client::AgentError;
 use crate::context::Context;
 use crate::decide::{Decision, Retry, decide};
+use crate::metrics::Outcome;
 use crate::pv;
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,7 @@ pub enum Error {
 const UNREACHABLE_ATTEMPTS: u32 = 3;
 
 pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
     let uid = claim.metadata.uid.clone().unwrap_or_default();
     let Ok(volume_name) = berth::naming::volume_name(&uid) else { return Ok(Action::await_change()) };
     let class_name = claim.spec.as_ref().and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
@@ -41,6 +43,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
             Ok(Action::await_change())
         }
         Decision::Refuse { message, retry } => {
+            ctx.metrics.provisioned(&class_name, Outcome::Refused, None);
             tracing::info!(claim = ?claim.metadata.name, namespace = ?claim.metadata.namespace, %message, ?retry, "refused");
             ctx.event(claim.as_ref(), true, "ProvisioningFailed", message).await;
             Ok(match retry {
@@ -49,7 +52,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
             })
         }
         Decision::Reschedule { message } => {
-            reschedule(&ctx, &claim, message).await?;
+            reschedule(&ctx, &claim, &class_name, message).await?;
             Ok(Action::await_change())
         }
         Decision::Provision { node, params, request } => {
@@ -81,6 +84,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
                     reschedule(
                         &ctx,
                         &claim,
+                        &class_name,
                         format!("node {}: {message}; asking the scheduler for another node", node.name),
                     )
                     .await?;
@@ -92,7 +96,13 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
                 }
                 Err(AgentError::Unreachable(m)) if ctx.attempts(&key) + 1 >= UNREACHABLE_ATTEMPTS => {
                     // The silent agent may have made the volume: the orphan audit removes it if no PV follows.
-                    reschedule(&ctx, &claim, format!("the agent of node {} does not answer ({m})", node.name)).await?;
+                    reschedule(
+                        &ctx,
+                        &claim,
+                        &class_name,
+                        format!("the agent of node {} does not answer ({m})", node.name),
+                    )
+                    .await?;
                     ctx.succeeded(&key);
                     return Ok(Action::await_change());
                 }
@@ -124,6 +134,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
             // Crash test: the PV exists, the success is not yet recorded.
             fail::fail_point!("provision-after-pv-create", |_| std::process::abort());
             ctx.succeeded(&key);
+            ctx.metrics.provisioned(&class_name, Outcome::Success, Some(started.elapsed()));
             ctx.event(
                 claim.as_ref(),
                 false,
@@ -147,8 +158,14 @@ async fn claim_gone(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<bool
 }
 
 /// `ProvisioningFailed` with the reason, then `selected-node` removed so the scheduler picks again.
-async fn reschedule(ctx: &Context, claim: &PersistentVolumeClaim, message: String) -> Result<(), kube::Error> {
+async fn reschedule(
+    ctx: &Context,
+    claim: &PersistentVolumeClaim,
+    class: &str,
+    message: String,
+) -> Result<(), kube::Error> {
     tracing::info!(claim = ?claim.metadata.name, %message, "rescheduling");
+    ctx.metrics.provisioned(class, Outcome::Rescheduled, None);
     ctx.event(claim, true, "ProvisioningFailed", message).await;
     let claims: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), claim.metadata.namespace.as_deref().unwrap_or_default());
@@ -162,6 +179,8 @@ async fn reschedule(ctx: &Context, claim: &PersistentVolumeClaim, message: Strin
 pub fn error_policy(claim: Arc<PersistentVolumeClaim>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = format!("claim/{}", claim.metadata.uid.clone().unwrap_or_default());
     let delay = ctx.next_backoff(&key);
+    let class = claim.spec.as_ref().and_then(|s| s.storage_class_name.as_deref()).unwrap_or_default();
+    ctx.metrics.provisioned(class, Outcome::Error, None);
     tracing::warn!(claim = ?claim.metadata.name, %error, retry_in = ?delay, "provisioning failed; retrying");
     Action::requeue(delay)
 }

@@ -63,6 +63,13 @@ async fn one_of_two_replicas_acts_and_the_other_takes_over_when_it_is_killed() {
     assert!(provisioned(&a.log_text(), &one), "the leader provisioned {one}");
     assert!(!provisioned(&b.log_text(), &one), "the standby did nothing");
     assert!(!b.log_text().contains("leading"), "one leader at a time");
+    let (a_metrics, b_metrics) = (metrics_of(&a).await, metrics_of(&b).await);
+    assert_eq!(
+        (sample(&a_metrics, "berth_controller_leader"), sample(&b_metrics, "berth_controller_leader")),
+        (1.0, 0.0)
+    );
+    let succeeded = r#"berth_controller_provisions_total{class="berth-local",result="success"}"#;
+    assert_eq!(sample(&a_metrics, succeeded), 1.0, "{a_metrics}");
 
     a.signal_and_wait(libc::SIGKILL, Duration::from_secs(5)).unwrap();
     let killed = Instant::now();

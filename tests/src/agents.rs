@@ -126,6 +126,10 @@ impl TestBed {
         let kubeconfig = self.kubeconfig().display().to_string();
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         args.push(format!("--identity={name}"));
+        if !args.iter().any(|a| a.starts_with("--metrics-address")) {
+            // On the bed's own address: replicas and beds running at once do not clash.
+            args.push(format!("--metrics-address={}:{}", self.address(), crate::ports::free_port(self.address())?));
+        }
         let mut all_env = vec![("KUBECONFIG", kubeconfig.as_str()), ("RUST_LOG", "info,kube=warn")];
         all_env.extend_from_slice(env);
         Proc::spawn_with_env(name, binary, &args, &all_env, &self.dir().join(format!("logs/{name}.log")))

@@ -171,3 +171,15 @@ pub fn all_volume_dirs(w: &World) -> Vec<String> {
     }
     all
 }
+
+/// The replica's `/metrics` text (its address is in its log).
+pub async fn metrics_of(proc: &Proc) -> String {
+    let line = wait_for_log(proc, &["serving /healthz"], WAIT).await;
+    let address = line.split("address=").nth(1).expect("the address is logged").split_whitespace().next().unwrap();
+    reqwest::get(format!("http://{address}/metrics")).await.unwrap().text().await.unwrap()
+}
+
+/// The value of the sample `name{labels}` (labels as written, e.g. `class="c",result="success"`), 0 if absent.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}

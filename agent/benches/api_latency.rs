@@ -56,7 +56,7 @@ fn ms(d: Duration) -> f64 {
 async fn main() {
     let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(200);
     let bed = TestBed::start(TestBedConfig::nodes_with_disks(&[1 << 30], FsType::Ext4)).await.unwrap();
-    bed.install_berth_crds().await.unwrap();
+    bed.install_berth().await.unwrap();
     let agent = bed
         .start_agent(Path::new(env!("CARGO_BIN_EXE_berth-agent")), 0, &[PoolSpec::new("bench")], true)
         .await

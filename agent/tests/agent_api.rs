@@ -27,7 +27,7 @@ struct World {
 /// A bed with one node whose 256 MiB ext4 disk holds two pools, `fast` and `slow`, and its agent.
 async fn world() -> World {
     let bed = TestBed::start(TestBedConfig::nodes_with_disks(&[256 * MI], FsType::Ext4)).await.unwrap();
-    bed.install_berth_crds().await.unwrap();
+    bed.install_berth().await.unwrap();
     let pools = [PoolSpec::new("fast"), PoolSpec::new("slow")];
     let agent = bed.start_agent(Path::new(env!("CARGO_BIN_EXE_berth-agent")), 0, &pools, true).await.unwrap();
     let http = agent.http().unwrap();

@@ -155,7 +155,7 @@ fn secs(d: Duration) -> f64 {
 async fn main() {
     let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(500);
     let bed = TestBed::start(TestBedConfig::nodes(NODES)).await.unwrap();
-    bed.install_berth_crds().await.unwrap();
+    bed.install_berth().await.unwrap();
     let agent_bin = testbed::bins::workspace_binary("berth-agent", "berth-agent").unwrap();
     let mut agents = Vec::new();
     for i in 0..NODES {

@@ -4,6 +4,7 @@
 
 mod agent_client;
 mod audit;
+mod capacity;
 mod context;
 mod decide;
 mod delete;
@@ -30,7 +31,9 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 
 /// Berth's controller: watches claims whose StorageClass names this provisioner, has the selected node's agent
 /// create the volume (or picks the node with the most free space for Immediate classes), creates the PV pinned to
-/// that node, and deletes volumes of released PVs with reclaim policy Delete.
+/// that node, and deletes volumes of released PVs with reclaim policy Delete. It publishes each pool's free space
+/// per StorageClass and node as CSIStorageCapacity objects in --namespace, so kube-scheduler places pods only where
+/// their volumes fit (needs deploy/csidriver.yaml).
 ///
 /// Run two replicas: they elect a leader on a Lease in --namespace; the others stand by with warm caches and take
 /// over when the lease expires (at once when the leader is stopped with SIGTERM, which releases it). See
@@ -60,6 +63,10 @@ pub struct Args {
     /// (remove the PV object; the data left with the node).
     #[arg(long, value_enum, default_value = "wait")]
     gone_node_volumes: delete::GoneNodes,
+    /// Seconds between full comparisons of the published CSIStorageCapacity objects with what they should say (they
+    /// are also rewritten at once when a class, Node or agent's pool changes).
+    #[arg(long, default_value_t = 60)]
+    capacity_resync_seconds: u64,
     /// Where /healthz, /readyz and /metrics are served (plain HTTP). In a pod: 0.0.0.0:8080.
     #[arg(long, default_value = "127.0.0.1:8080")]
     metrics_address: std::net::SocketAddr,
@@ -97,16 +104,16 @@ fn shutdown_signal() -> futures::future::Shared<futures::future::BoxFuture<'stat
     .shared()
 }
 
-/// Reflects `api` into a store, driven by its own task; with `changed`, every change also sends a signal there
-/// (after the store has it), which makes the claims be looked at again.
-fn cache<K>(api: Api<K>, changed: Option<UnboundedSender<()>>) -> reflector::Store<K>
+/// Reflects `api` into a store, driven by its own task; every change also sends a signal to each of `changed`
+/// (after the store has it): the claims are looked at again, and capacity is published again.
+fn cache<K>(api: Api<K>, changed: Vec<UnboundedSender<()>>) -> reflector::Store<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
     tokio::spawn(stream.touched_objects().for_each(move |_| {
-        if let Some(tx) = &changed {
+        for tx in &changed {
             let _ = tx.unbounded_send(());
         }
         async {}
@@ -136,10 +143,12 @@ pub async fn main() -> Result<()> {
     // A claim refused for a missing class, pool or agent is looked at again when classes, Nodes or BerthNodes
     // change: that is what can fix it.
     let (changed, changes) = futures::channel::mpsc::unbounded();
-    let classes = cache(Api::<StorageClass>::all(client.clone()), Some(changed.clone()));
-    let nodes = cache(Api::<Node>::all(client.clone()), Some(changed.clone()));
-    let berth_nodes = cache(Api::<BerthNode>::all(client.clone()), Some(changed));
-    let volumes = cache(Api::<PersistentVolume>::all(client.clone()), None);
+    let (capacity_changed, capacity_changes) = futures::channel::mpsc::unbounded();
+    let both = vec![changed, capacity_changed];
+    let classes = cache(Api::<StorageClass>::all(client.clone()), both.clone());
+    let nodes = cache(Api::<Node>::all(client.clone()), both.clone());
+    let berth_nodes = cache(Api::<BerthNode>::all(client.clone()), both);
+    let volumes = cache(Api::<PersistentVolume>::all(client.clone()), Vec::new());
     for (what, ready) in [
         ("StorageClasses", classes.wait_until_ready().await),
         ("Nodes", nodes.wait_until_ready().await),
@@ -183,6 +192,13 @@ pub async fn main() -> Result<()> {
     metrics.leader.set(1);
     tracing::info!(provisioner = %args.provisioner, epoch, identity = %leadership.identity(), "leading");
     fence_agents(&ctx).await;
+    capacity::check_csidriver(&client, &args.provisioner).await;
+    tokio::spawn(capacity::run(
+        ctx.clone(),
+        args.namespace.clone(),
+        capacity_changes,
+        std::time::Duration::from_secs(args.capacity_resync_seconds),
+    ));
 
     let audit = tokio::spawn(audit::run(
         ctx.clone(),

@@ -169,58 +169,6 @@ async fn refusals_are_events_and_create_nothing() {
     assert_eq!(snapshot().await, before, "the same refusal was published again");
 }
 
-/// The scheduler picks a node whose pool cannot take the claim (only that node is schedulable): Berth records why
-/// and removes `selected-node`, creating nothing there; the scheduler picks again and the claim is Bound on the
-/// other node.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_selected_node_without_room_is_rescheduled() {
-    let w = world(&[128 * MI, 512 * MI]).await;
-    let client = w.bed.client();
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    let cordon = |on: bool| serde_json::json!({"spec": {"unschedulable": on}});
-    let pp = kube::api::PatchParams::default();
-    nodes.patch("node-1", &pp, &kube::api::Patch::Merge(&cordon(true))).await.unwrap();
-    Api::<StorageClass>::all(client.clone())
-        .create(&PostParams::default(), &class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")]))
-        .await
-        .unwrap();
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
-    claims.create(&PostParams::default(), &claim("big", "berth-local", "300Mi")).await.unwrap();
-    pods.create(&PostParams::default(), &pod("db", "big")).await.unwrap();
-
-    let events: Api<Event> = Api::namespaced(client.clone(), "app");
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let list = events.list(&ListParams::default()).await.unwrap().items;
-        let rescheduled = list.iter().any(|e| {
-            e.reason.as_deref() == Some("ProvisioningFailed")
-                && e.message.as_deref().is_some_and(|m| m.contains("node-0") && m.contains("another node"))
-        });
-        if rescheduled {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no reschedule event for node-0");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(all_volume_dirs(&w).is_empty(), "something was created on the node that was too small");
-    let c = claims.get("big").await.unwrap();
-    let selected = c.metadata.annotations.unwrap_or_default().get("volume.kubernetes.io/selected-node").cloned();
-    let nominated = pods.get("db").await.unwrap().status.and_then(|s| s.nominated_node_name);
-    println!("after the reschedule: selected-node {selected:?}, the pod's nominatedNodeName {nominated:?}");
-
-    // kube-scheduler retries a pod on its nominated node first, and without published capacity (the scheduler
-    // awareness issue) node-0 passes its filters again: the same pod would go back there. Make node-0
-    // unschedulable and node-1 schedulable, so the retry has one place to go.
-    nodes.patch("node-0", &pp, &kube::api::Patch::Merge(&cordon(true))).await.unwrap();
-    nodes.patch("node-1", &pp, &kube::api::Patch::Merge(&cordon(false))).await.unwrap();
-    let c = wait_for(&claims, "big", WAIT, bound).await.unwrap();
-    let pv_name = c.spec.unwrap().volume_name.unwrap();
-    assert_eq!(all_volume_dirs(&w), vec![format!("node-1/{pv_name}")]);
-}
-
-/// A volume made directly on an agent, with no PV and no claim (what a crash between the agent's create and the
-/// PV's leaves), is removed by the orphan audit after the grace period; a volume whose claim is alive is not.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_orphan_audit_removes_volumes_nobody_claims() {
     let w = world(&[128 * MI]).await;

@@ -55,8 +55,15 @@ pub struct AgentProcess {
 }
 
 impl TestBed {
-    /// Installs Berth's CRDs (from the Rust types) and waits until the API server serves them.
-    pub async fn install_berth_crds(&self) -> Result<()> {
+    /// Installs what Berth needs cluster-wide: its CRDs (from the Rust types; waits until the API server serves
+    /// them) and the CSIDriver object of deploy/csidriver.yaml (with it, kube-scheduler only places pods where
+    /// the controller has published capacity).
+    pub async fn install_berth(&self) -> Result<()> {
+        let csidriver = crate::bins::repo_root().join("deploy/csidriver.yaml");
+        let out = self.kubectl(&["apply", "-f", &csidriver.display().to_string()])?;
+        if !out.status.success() {
+            anyhow::bail!("kubectl apply -f {}: {}", csidriver.display(), String::from_utf8_lossy(&out.stderr));
+        }
         let crds: Api<CustomResourceDefinition> = Api::all(self.client());
         let crd = BerthNode::crd();
         let name = crd.metadata.name.clone().expect("named");
@@ -137,7 +144,7 @@ impl TestBed {
 
     /// Starts `berth-agent` (the binary at `binary`) for simulated node `index` with `pools` (initialised with
     /// `berth-agent init-pool` unless `init` is false) and waits until its BerthNode shows its endpoint.
-    /// Call [`TestBed::install_berth_crds`] first.
+    /// Call [`TestBed::install_berth`] first.
     pub async fn start_agent(
         &self,
         binary: &Path,

@@ -32,10 +32,16 @@ impl NodeDisk {
         let mut disk = NodeDisk { image, loop_device, mount_point, mounted: false };
         let dev = path_str(&disk.loop_device)?.to_owned();
         match fs {
-            FsType::Ext4 => run("mkfs.ext4", &["-q", "-F", "-m", "0", &dev])?,
+            // Lazy inode table and journal init: a large sparse disk is made in milliseconds and stays sparse.
+            FsType::Ext4 => {
+                run("mkfs.ext4", &["-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1", &dev])?
+            }
             FsType::Xfs => run("mkfs.xfs", &["-q", "-f", &dev])?,
         };
-        run("mount", &["-t", fs.as_str(), &dev, path_str(&disk.mount_point)?])?;
+        // noinit_itable: the kernel does not zero the inode tables in the background either (it would write
+        // hundreds of MiB into the sparse file of a large test disk).
+        let options = if fs == FsType::Ext4 { "noinit_itable" } else { "defaults" };
+        run("mount", &["-t", fs.as_str(), "-o", options, &dev, path_str(&disk.mount_point)?])?;
         disk.mounted = true;
         Ok(disk)
     }

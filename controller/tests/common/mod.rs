@@ -30,12 +30,17 @@ pub struct World {
 
 /// A test bed with one agent (pool `fast`) per disk, and the namespace `app`; no controller yet.
 pub async fn world_without_controller(disks: &[u64]) -> World {
+    world_with_pools(disks, &[PoolSpec::new("fast")]).await
+}
+
+/// A test bed with one agent per disk, each with `pools`, and the namespace `app`; no controller yet.
+pub async fn world_with_pools(disks: &[u64], pools: &[PoolSpec]) -> World {
     let bed = TestBed::start(TestBedConfig::nodes_with_disks(disks, FsType::Ext4)).await.unwrap();
-    bed.install_berth_crds().await.unwrap();
+    bed.install_berth().await.unwrap();
     let agent_bin = testbed::bins::workspace_binary("berth-agent", "berth-agent").unwrap();
     let mut agents = Vec::new();
     for i in 0..disks.len() {
-        agents.push(bed.start_agent(&agent_bin, i, &[PoolSpec::new("fast")], true).await.unwrap());
+        agents.push(bed.start_agent(&agent_bin, i, pools, true).await.unwrap());
     }
     create_namespace(&bed.client(), "app").await.unwrap();
     World { bed, agents, controllers: Vec::new() }

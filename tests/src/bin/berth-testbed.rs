@@ -93,7 +93,7 @@ async fn main() -> Result<()> {
     let mut _berth = Vec::new();
     let mut controller = None;
     if let Some(agent_bin) = &args.agent_bin {
-        bed.install_berth_crds().await?;
+        bed.install_berth().await?;
         let class = repo_root().join("deploy/examples/storageclass.yaml");
         let out = bed.kubectl(&["apply", "-f", class.to_str().context("path")?])?;
         if !out.status.success() {

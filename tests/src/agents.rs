@@ -55,14 +55,19 @@ pub struct AgentProcess {
 }
 
 impl TestBed {
-    /// Installs what Berth needs cluster-wide: its CRDs (from the Rust types; waits until the API server serves
-    /// them) and the CSIDriver object of deploy/csidriver.yaml (with it, kube-scheduler only places pods where
-    /// the controller has published capacity).
+    /// Installs what Berth needs cluster-wide, from deploy/ as users install it: the namespace, the ServiceAccounts
+    /// and their RBAC, the BerthNode admission policy, the CSIDriver object (with it, kube-scheduler only places
+    /// pods where the controller has published capacity), and the CRDs (from the Rust types, which the checked-in
+    /// CRD is tested against; waits until the API server serves them). Not the DaemonSet and Deployment: the bed
+    /// runs agents and controllers as processes.
     pub async fn install_berth(&self) -> Result<()> {
-        let csidriver = crate::bins::repo_root().join("deploy/csidriver.yaml");
-        let out = self.kubectl(&["apply", "-f", &csidriver.display().to_string()])?;
-        if !out.status.success() {
-            anyhow::bail!("kubectl apply -f {}: {}", csidriver.display(), String::from_utf8_lossy(&out.stderr));
+        let deploy = crate::bins::repo_root().join("deploy");
+        for part in ["namespace.yaml", "rbac", "admission", "csidriver.yaml"] {
+            let path = deploy.join(part).display().to_string();
+            let out = self.kubectl(&["apply", "-f", &path])?;
+            if !out.status.success() {
+                bail!("kubectl apply -f {path}: {}", String::from_utf8_lossy(&out.stderr));
+            }
         }
         let crds: Api<CustomResourceDefinition> = Api::all(self.client());
         let crd = BerthNode::crd();
@@ -114,10 +119,15 @@ impl TestBed {
         self.service_account_token(CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, &berth::agent_audience(node)).await
     }
 
-    /// Starts `berth-controller` (the binary at `binary`) with the admin kubeconfig, after making sure its
-    /// ServiceAccount (whose tokens the agents accept) exists. Stopped when the returned process is dropped.
+    /// Starts `berth-controller` (the binary at `binary`) with a token of its ServiceAccount (deploy/rbac/; call
+    /// [`TestBed::install_berth`] first). Stopped when the returned process is dropped.
     pub async fn start_controller(&self, binary: &Path, args: &[&str]) -> Result<Proc> {
         self.start_controller_named("berth-controller", binary, args, &[]).await
+    }
+
+    /// A free TCP port on the bed's own address.
+    pub fn free_port(&self) -> Result<u16> {
+        free_port(self.address())
     }
 
     /// Starts a controller replica called `name` (its log is `logs/<name>.log`, its lease identity `name`) with
@@ -129,8 +139,7 @@ impl TestBed {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Proc> {
-        self.service_account_token(CONTROLLER_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, "berth-testbed").await?;
-        let kubeconfig = self.kubeconfig().display().to_string();
+        let kubeconfig = self.controller_kubeconfig().await?.display().to_string();
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         args.push(format!("--identity={name}"));
         if !args.iter().any(|a| a.starts_with("--metrics-address")) {
@@ -195,7 +204,7 @@ impl TestBed {
             "--shutdown-grace-seconds=10".into(),
         ];
         let env = vec![
-            ("KUBECONFIG".to_string(), self.kubeconfig().display().to_string()),
+            ("KUBECONFIG".to_string(), self.agent_kubeconfig(&node.name).await?.display().to_string()),
             ("RUST_LOG".to_string(), "info,kube=warn".to_string()),
         ];
         let mut agent = AgentProcess {

@@ -447,6 +447,25 @@ where
     }
 }
 
+impl TestBed {
+    /// Writes a kubeconfig for this bed's API server that authenticates with a bearer `token`.
+    pub(crate) fn write_token_kubeconfig(&self, path: &Path, token: &str) -> Result<()> {
+        let config = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "berth-testbed", "cluster": {
+                "server": self.api_server,
+                "certificate-authority": self.pki.ca_cert,
+            }}],
+            "users": [{"name": "token", "user": {"token": token}}],
+            "contexts": [{"name": "berth-testbed", "context": {"cluster": "berth-testbed", "user": "token"}}],
+            "current-context": "berth-testbed",
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&config)?)?;
+        Ok(())
+    }
+}
+
 fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<()> {
     let config = serde_json::json!({
         "apiVersion": "v1",

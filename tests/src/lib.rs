@@ -11,11 +11,13 @@
 pub mod agents;
 mod bed;
 pub mod bins;
+pub mod identities;
 pub mod kube_util;
 mod node_disk;
 mod pki;
 mod ports;
 pub mod process;
+pub mod prometheus;
 mod reaper;
 pub mod vm;
 

@@ -45,6 +45,10 @@ struct Args {
     /// Where to make the bed's directory (default: the system temp dir).
     #[arg(long)]
     base_dir: Option<PathBuf>,
+    /// Also start a Prometheus (Debian's package) scraping the agents and the controller every second, with
+    /// deploy/prometheus/alerts.yaml loaded; its URL is printed. Needs --agent-bin and --controller-bin.
+    #[arg(long)]
+    prometheus: bool,
     /// Exit as soon as everything is ready (after printing), instead of waiting for Ctrl-C. For smoke tests.
     #[arg(long)]
     exit_when_ready: bool,
@@ -106,9 +110,20 @@ async fn main() -> Result<()> {
             _berth.push(bed.start_agent(agent_bin, i, &[pool], true).await?);
         }
     }
+    let metrics_address = format!("{}:{}", bed.address(), bed.free_port()?);
     if let Some(controller_bin) = &args.controller_bin {
         progress("starting berth-controller");
-        controller = Some(bed.start_controller(controller_bin, &[]).await?);
+        let flag = format!("--metrics-address={metrics_address}");
+        controller = Some(bed.start_controller(controller_bin, &[&flag]).await?);
+    }
+    let mut prometheus = None;
+    if args.prometheus {
+        if args.agent_bin.is_none() || args.controller_bin.is_none() {
+            bail!("--prometheus needs --agent-bin and --controller-bin");
+        }
+        progress("starting Prometheus");
+        let agents: Vec<_> = _berth.iter().collect();
+        prometheus = Some(bed.start_prometheus(&agents, std::slice::from_ref(&metrics_address)).await?);
     }
     for node in bed.nodes() {
         let disk = node.disk.as_ref().map(|d| format!(", disk {}", d.mount_point().display())).unwrap_or_default();
@@ -129,6 +144,9 @@ async fn main() -> Result<()> {
     if args.demo {
         show(&["get", "pvc,pv", "-o", "wide"])?;
     }
+    if let Some(p) = &prometheus {
+        eprintln!("Prometheus: {} (try: berth_pool_free_bytes)", p.url);
+    }
     eprintln!("logs: {}/logs", bed.dir().display());
     eprintln!("kubectl of the same version: {}", bed.kubectl_path().display());
     println!("export KUBECONFIG={}", bed.kubeconfig().display());
@@ -142,6 +160,7 @@ async fn main() -> Result<()> {
         _ = term.recv() => {}
     }
     progress("stopping");
+    drop(prometheus);
     drop(controller);
     drop(_berth);
     drop(bed);

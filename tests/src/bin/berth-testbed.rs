@@ -190,7 +190,11 @@ async fn run_demo(bed: &TestBed) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    bail!("demo: the StatefulSet's claims were not all Bound within 2 minutes (see the logs)")
+    bail!(
+        "demo: the StatefulSet's claims were not all Bound within 2 minutes. It has 3 replicas of 1Gi each and \
+         the scheduler places them only where a pool has room: it needs 3 nodes whose pools have more than 1Gi free \
+         (--nodes 3 --pool-size 2Gi); `kubectl describe pod demo-db-N` says what the scheduler saw, the logs the rest"
+    )
 }
 
 /// Each claim's PV is pinned to the node its pod runs on, and its directory exists in that node's pool.

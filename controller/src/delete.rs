@@ -43,6 +43,14 @@ fn class_of(pv: &PersistentVolume) -> &str {
 
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
+    let result = delete(pv.clone(), ctx.clone(), started).await;
+    if result.is_err() {
+        ctx.metrics.deleted(class_of(&pv), Outcome::Error, started.elapsed());
+    }
+    result
+}
+
+async fn delete(pv: Arc<PersistentVolume>, ctx: Arc<Context>, started: std::time::Instant) -> Result<Action, Error> {
     if !ours(&pv, &ctx.provisioner) {
         return Ok(Action::await_change());
     }
@@ -104,7 +112,7 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
     if !deleting {
         delete_pv(&ctx, &name).await?;
     }
-    ctx.metrics.deleted(class_of(&pv), Outcome::Success, Some(started.elapsed()));
+    ctx.metrics.deleted(class_of(&pv), Outcome::Success, started.elapsed());
     ctx.succeeded(&key);
     Ok(Action::await_change())
 }
@@ -130,7 +138,6 @@ pub enum GoneNodes {
 
 pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.next_backoff(&format!("pv/{}", pv.metadata.name.clone().unwrap_or_default()));
-    ctx.metrics.deleted(class_of(&pv), Outcome::Error, None);
     tracing::warn!(pv = ?pv.metadata.name, %error, retry_in = ?delay, "deleting failed; retrying");
     Action::requeue(delay)
 }

@@ -26,11 +26,6 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ClassLabels {
-    pub class: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
 }
@@ -41,7 +36,7 @@ pub struct PoolLabels {
     pub pool: String,
 }
 
-type Durations = Family<ClassLabels, Histogram, fn() -> Histogram>;
+type Durations = Family<ResultLabels, Histogram, fn() -> Histogram>;
 
 /// How a provisioning or deletion attempt ended (the `result` label).
 #[derive(Debug, Clone, Copy)]
@@ -100,13 +95,13 @@ impl Metrics {
         registry.register("provisions", "Provisioning attempts by class and result", m.provisions.clone());
         registry.register(
             "provision_duration_seconds",
-            "From the start of a successful provisioning reconcile to its PV created, by class",
+            "From the start of a provisioning reconcile to its outcome (PV created, refused, rescheduled, failed), by class and result",
             m.provision_duration.clone(),
         );
         registry.register("deletions", "Volume deletions by class and result", m.deletions.clone());
         registry.register(
             "delete_duration_seconds",
-            "Duration of successful volume deletions (agent delete and PV removal), by class",
+            "Duration of volume deletions (agent delete and PV removal), by class and result",
             m.delete_duration.clone(),
         );
         registry.register(
@@ -133,20 +128,16 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn provisioned(&self, class: &str, outcome: Outcome, took: Option<Duration>) {
+    pub fn provisioned(&self, class: &str, outcome: Outcome, took: Duration) {
         let labels = ResultLabels { class: class.to_owned(), result: outcome.label().to_owned() };
         self.provisions.get_or_create(&labels).inc();
-        if let Some(took) = took {
-            self.provision_duration.get_or_create(&ClassLabels { class: class.to_owned() }).observe(took.as_secs_f64());
-        }
+        self.provision_duration.get_or_create(&labels).observe(took.as_secs_f64());
     }
 
-    pub fn deleted(&self, class: &str, outcome: Outcome, took: Option<Duration>) {
+    pub fn deleted(&self, class: &str, outcome: Outcome, took: Duration) {
         let labels = ResultLabels { class: class.to_owned(), result: outcome.label().to_owned() };
         self.deletions.get_or_create(&labels).inc();
-        if let Some(took) = took {
-            self.delete_duration.get_or_create(&ClassLabels { class: class.to_owned() }).observe(took.as_secs_f64());
-        }
+        self.delete_duration.get_or_create(&labels).observe(took.as_secs_f64());
     }
 
     pub fn set_agents(&self, known: i64, ready: i64) {

@@ -3,7 +3,7 @@
 //! instead of repeating it.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use berth::agent_api::ErrorReason;
 use berth::keys;
@@ -29,7 +29,16 @@ pub enum Error {
 const UNREACHABLE_ATTEMPTS: u32 = 3;
 
 pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = std::time::Instant::now();
+    let started = Instant::now();
+    let result = provision(claim.clone(), ctx.clone(), started).await;
+    if result.is_err() {
+        let class = claim.spec.as_ref().and_then(|s| s.storage_class_name.as_deref()).unwrap_or_default();
+        ctx.metrics.provisioned(class, Outcome::Error, started.elapsed());
+    }
+    result
+}
+
+async fn provision(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>, started: Instant) -> Result<Action, Error> {
     let uid = claim.metadata.uid.clone().unwrap_or_default();
     let Ok(volume_name) = berth::naming::volume_name(&uid) else { return Ok(Action::await_change()) };
     let class_name = claim.spec.as_ref().and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
@@ -43,7 +52,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
             Ok(Action::await_change())
         }
         Decision::Refuse { message, retry } => {
-            ctx.metrics.provisioned(&class_name, Outcome::Refused, None);
+            ctx.metrics.provisioned(&class_name, Outcome::Refused, started.elapsed());
             tracing::info!(claim = ?claim.metadata.name, namespace = ?claim.metadata.namespace, %message, ?retry, "refused");
             ctx.event(claim.as_ref(), true, "ProvisioningFailed", message).await;
             Ok(match retry {
@@ -52,7 +61,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
             })
         }
         Decision::Reschedule { message } => {
-            reschedule(&ctx, &claim, &class_name, message).await?;
+            reschedule(&ctx, &claim, (&class_name, started), message).await?;
             Ok(Action::await_change())
         }
         Decision::Provision { node, params, request } => {
@@ -84,7 +93,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
                     reschedule(
                         &ctx,
                         &claim,
-                        &class_name,
+                        (&class_name, started),
                         format!("node {}: {message}; asking the scheduler for another node", node.name),
                     )
                     .await?;
@@ -99,7 +108,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
                     reschedule(
                         &ctx,
                         &claim,
-                        &class_name,
+                        (&class_name, started),
                         format!("the agent of node {} does not answer ({m})", node.name),
                     )
                     .await?;
@@ -134,7 +143,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
             // Crash test: the PV exists, the success is not yet recorded.
             fail::fail_point!("provision-after-pv-create", |_| std::process::abort());
             ctx.succeeded(&key);
-            ctx.metrics.provisioned(&class_name, Outcome::Success, Some(started.elapsed()));
+            ctx.metrics.provisioned(&class_name, Outcome::Success, started.elapsed());
             ctx.event(
                 claim.as_ref(),
                 false,
@@ -161,11 +170,11 @@ async fn claim_gone(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<bool
 async fn reschedule(
     ctx: &Context,
     claim: &PersistentVolumeClaim,
-    class: &str,
+    (class, started): (&str, Instant),
     message: String,
 ) -> Result<(), kube::Error> {
     tracing::info!(claim = ?claim.metadata.name, %message, "rescheduling");
-    ctx.metrics.provisioned(class, Outcome::Rescheduled, None);
+    ctx.metrics.provisioned(class, Outcome::Rescheduled, started.elapsed());
     ctx.event(claim, true, "ProvisioningFailed", message).await;
     let claims: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), claim.metadata.namespace.as_deref().unwrap_or_default());
@@ -179,8 +188,6 @@ async fn reschedule(
 pub fn error_policy(claim: Arc<PersistentVolumeClaim>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = format!("claim/{}", claim.metadata.uid.clone().unwrap_or_default());
     let delay = ctx.next_backoff(&key);
-    let class = claim.spec.as_ref().and_then(|s| s.storage_class_name.as_deref()).unwrap_or_default();
-    ctx.metrics.provisioned(class, Outcome::Error, None);
     tracing::warn!(claim = ?claim.metadata.name, %error, retry_in = ?delay, "provisioning failed; retrying");
     Action::requeue(delay)
 }

@@ -23,6 +23,14 @@ pub struct ClaimRef {
     pub name: String,
 }
 
+/// `POST /v1/volumes/{name}/expand`: grow the volume to `size_bytes` (online). Equal to the current size is a
+/// no-op; smaller is refused (volumes never shrink).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExpandVolumeRequest {
+    pub size_bytes: u64,
+}
+
 /// `PUT /v1/volumes/{name}`: create the volume, or confirm it exists with exactly these parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -243,6 +243,51 @@ impl Agent {
         Ok(Created::New(api))
     }
 
+    /// Grows a volume to `size_bytes`: the extra bytes must fit in its pool now (as for a create); the same size
+    /// again is a no-op, a smaller one is refused.
+    pub fn expand(&self, name: &str, size_bytes: u64, epoch: u64) -> Result<Volume, Refusal> {
+        berth::validate::volume_name(name).map_err(|e| Refusal::new(ErrorReason::Invalid, e.to_string()))?;
+        let mut state = self.lock();
+        self.admit_epoch(epoch)?;
+        self.ensure_all_recovered(&mut state, name)?;
+        let existing =
+            state.volumes.get(name).cloned().ok_or_else(|| {
+                Refusal::new(ErrorReason::NotFound, format!("no volume {name} on node {}", self.node))
+            })?;
+        if size_bytes < existing.size_bytes {
+            return Err(Refusal::new(
+                ErrorReason::Invalid,
+                format!(
+                    "volume {name} has {} bytes; volumes do not shrink (asked for {size_bytes})",
+                    existing.size_bytes
+                ),
+            ));
+        }
+        if size_bytes == existing.size_bytes {
+            return Ok(to_api(&existing));
+        }
+        let pool = self.pool(&existing.pool).ok_or_else(|| {
+            Refusal::new(ErrorReason::UnknownPool, format!("no pool {:?} on node {}", existing.pool, self.node))
+        })?;
+        let probe = pool.backend.probe()?;
+        let fs_ids: Vec<Option<u64>> = self.pools.iter().map(|p| p.backend.probe().ok().map(|p| p.fs_id)).collect();
+        let capacity = self.capacity_of(pool, &probe, &fs_ids, &state.volumes);
+        let extra = size_bytes - existing.size_bytes;
+        if extra > capacity.maximum_volume_size {
+            return Err(Refusal::new(
+                ErrorReason::InsufficientSpace,
+                format!(
+                    "pool {:?} on node {} can add at most {} bytes now; growing {name} to {size_bytes} bytes needs {extra}",
+                    existing.pool, self.node, capacity.maximum_volume_size
+                ),
+            ));
+        }
+        let grown = pool.backend.expand(&existing, size_bytes)?;
+        let api = to_api(&grown);
+        state.volumes.insert(name.to_owned(), grown);
+        Ok(api)
+    }
+
     fn ensure_all_recovered(&self, state: &mut State, name: &str) -> Result<(), Refusal> {
         for pool in &self.pools {
             self.ensure_recovered(state, pool).map_err(|e| {

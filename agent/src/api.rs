@@ -11,9 +11,10 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use berth::agent_api::{
-    CreateVolumeRequest, EPOCH_HEADER, ErrorBody, ErrorReason, MAX_BODY_BYTES, PoolList, VolumeList,
+    CreateVolumeRequest, EPOCH_HEADER, ErrorBody, ErrorReason, ExpandVolumeRequest, MAX_BODY_BYTES, PoolList,
+    VolumeList,
 };
 
 use crate::agent::{Agent, Created, Refusal};
@@ -36,6 +37,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/epoch", put(fence))
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/volumes/{name}", get(get_volume).put(create_volume).delete(delete_volume))
+        .route("/v1/volumes/{name}/expand", post(expand_volume))
         .fallback(|| async { Refusal::new(ErrorReason::NotFound, "no such endpoint (see docs/agent-api.md)") })
         .method_not_allowed_fallback(|| async {
             (
@@ -178,14 +180,7 @@ async fn create_volume(
     let result = async {
         authenticate(&s, &headers).await?;
         let epoch = admit_mutation(&s, &headers)?;
-        let body = body.map_err(|e| {
-            let reason =
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE { ErrorReason::TooLarge } else { ErrorReason::Invalid };
-            Refusal::new(reason, format!("request body: {e} (at most {MAX_BODY_BYTES} bytes)"))
-        })?;
-        let req: CreateVolumeRequest = serde_json::from_slice(&body).map_err(|e| {
-            Refusal::new(ErrorReason::Invalid, format!("request body is not a CreateVolumeRequest: {e}"))
-        })?;
+        let req: CreateVolumeRequest = parse_body(body, "CreateVolumeRequest")?;
         let agent = s.agent.clone();
         let now =
             time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).map_err(internal)?;
@@ -200,6 +195,40 @@ async fn create_volume(
     }
     .await;
     record(&s, "create", &name, started, &result);
+    result
+}
+
+/// The request body, or the refusal for a body that is too large or not valid JSON of `T`.
+fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>, what: &str) -> Result<T, Refusal> {
+    let body = body.map_err(|e| {
+        let reason =
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE { ErrorReason::TooLarge } else { ErrorReason::Invalid };
+        Refusal::new(reason, format!("request body: {e} (at most {MAX_BODY_BYTES} bytes)"))
+    })?;
+    serde_json::from_slice(&body)
+        .map_err(|e| Refusal::new(ErrorReason::Invalid, format!("request body is not a {what}: {e}")))
+}
+
+async fn expand_volume(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Refusal> {
+    let started = Instant::now();
+    let result = async {
+        authenticate(&s, &headers).await?;
+        let epoch = admit_mutation(&s, &headers)?;
+        let req: ExpandVolumeRequest = parse_body(body, "ExpandVolumeRequest")?;
+        let agent = s.agent.clone();
+        let volume_name = name.clone();
+        let grown = tokio::task::spawn_blocking(move || agent.expand(&volume_name, req.size_bytes, epoch))
+            .await
+            .map_err(internal)??;
+        Ok(axum::Json(grown).into_response())
+    }
+    .await;
+    record(&s, "expand", &name, started, &result);
     result
 }
 

@@ -459,3 +459,41 @@ async fn berthnode_is_quiet_when_idle_and_quick_when_the_disk_fills() {
     println!("the BerthNode showed the filled disk after {:?}", started.elapsed());
     assert_ne!(seen.metadata.resource_version, idle.metadata.resource_version);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn volumes_grow_when_the_pool_has_room_and_never_shrink() {
+    let mut w = world().await;
+    let made: Volume = w.put(VOL, 1, &create_body("fast", 8 * MI)).await.json().await.unwrap();
+    std::fs::write(Path::new(&made.path).join("db.sqlite"), "precious").unwrap();
+    let expand = |size: u64, epoch: u64| {
+        w.http
+            .post(w.agent.url(&format!("/v1/volumes/{VOL}/expand")))
+            .bearer_auth(&w.token)
+            .header("berth-leader-epoch", epoch.to_string())
+            .json(&json!({"sizeBytes": size}))
+            .send()
+    };
+    let resp = expand(32 * MI, 1).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let grown: Volume = resp.json().await.unwrap();
+    assert_eq!((grown.size_bytes, grown.path.clone()), (32 * MI, made.path.clone()));
+    assert_eq!(w.pool("fast").await.allocated_bytes, 32 * MI);
+    // The same size again changes nothing; smaller is refused; more than the pool has is refused.
+    assert_eq!(expand(32 * MI, 1).await.unwrap().status(), StatusCode::OK);
+    let (code, reason, message) = refusal(expand(16 * MI, 1).await.unwrap()).await;
+    assert_eq!((code, reason), (StatusCode::BAD_REQUEST, ErrorReason::Invalid), "{message}");
+    let (code, reason, message) = refusal(expand(4096 * MI, 1).await.unwrap()).await;
+    assert_eq!((code, reason), (StatusCode::INSUFFICIENT_STORAGE, ErrorReason::InsufficientSpace), "{message}");
+    let other = w.http.post(w.agent.url(&format!("/v1/volumes/{VOL2}/expand"))).bearer_auth(&w.token);
+    let resp = other.header("berth-leader-epoch", "1").json(&json!({"sizeBytes": MI})).send().await.unwrap();
+    assert_eq!(refusal(resp).await.1, ErrorReason::NotFound);
+    assert_eq!(refusal(expand(64 * MI, 0).await.unwrap()).await.1, ErrorReason::StaleEpoch);
+
+    // The new size is on disk: a restarted agent has it, and the data is there.
+    w.agent.kill();
+    w.agent.start().await.unwrap();
+    w.http = w.agent.http().unwrap();
+    let listed: VolumeList = w.get("/v1/volumes").await;
+    assert_eq!(listed.volumes.iter().map(|v| v.size_bytes).collect::<Vec<_>>(), [32 * MI]);
+    assert_eq!(std::fs::read_to_string(Path::new(&made.path).join("db.sqlite")).unwrap(), "precious");
+}

@@ -220,6 +220,21 @@ impl Backend for HostPath {
         Ok(record)
     }
 
+    fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError> {
+        self.check_marker()?;
+        // Without size enforcement the directory needs nothing: the new size is the marker's (and the pool's
+        // accounting's). The marker is replaced by rename, so it is never half-written.
+        let mut grown = record.clone();
+        grown.size_bytes = size_bytes;
+        let dir = self.root.join(&record.name);
+        let tmp = dir.join(format!("{VOLUME_MARKER}.tmp"));
+        let body = serde_json::to_vec_pretty(&grown).expect("serialisable");
+        write_synced(&tmp, &body)?;
+        std::fs::rename(&tmp, dir.join(VOLUME_MARKER)).map_err(|e| io(dir.join(VOLUME_MARKER).display(), e))?;
+        sync_dir(&dir)?;
+        Ok(grown)
+    }
+
     fn detach(&self, name: &str) -> Result<Option<PathBuf>, BackendError> {
         self.check_marker()?;
         let target = self.root.join(name);

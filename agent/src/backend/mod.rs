@@ -62,6 +62,9 @@ pub trait Backend: Send + Sync {
     /// is left to [`Backend::purge`], if anything; a missing volume is success (`None`). Fails with `NotReady`
     /// when the pool cannot be inspected: "not there" must never be guessed from an unmounted disk.
     fn detach(&self, name: &str) -> Result<Option<std::path::PathBuf>, BackendError>;
+    /// Grows the volume to `size_bytes` while it may be in use, and records the new size in its marker (atomic:
+    /// after a crash the marker has the old size or the new one). The core has checked the space.
+    fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError>;
     /// Removes the data of a detached volume. May be slow; runs without the agent's lock. What it cannot remove
     /// is debris that [`Backend::recover`] retries.
     fn purge(&self, detached: &std::path::Path) -> Result<(), BackendError>;

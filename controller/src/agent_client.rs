@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use berth::agent_api::{CreateVolumeRequest, EPOCH_HEADER, ErrorBody, ErrorReason, Volume};
+use berth::agent_api::{CreateVolumeRequest, EPOCH_HEADER, ErrorBody, ErrorReason, ExpandVolumeRequest, Volume};
 use berth::berth_node::BerthNodeStatus;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -100,7 +100,7 @@ impl AgentClient {
         status: &BerthNodeStatus,
         method: reqwest::Method,
         path: &str,
-        body: Option<&CreateVolumeRequest>,
+        body: Option<serde_json::Value>,
     ) -> Result<reqwest::Response, AgentError> {
         let token = self.token(node).await?;
         let mut request = self
@@ -109,7 +109,7 @@ impl AgentClient {
             .bearer_auth(token)
             .header(EPOCH_HEADER, self.epoch.to_string());
         if let Some(body) = body {
-            request = request.json(body);
+            request = request.json(&body);
         }
         let response =
             request.send().await.map_err(|e| AgentError::Unreachable(format!("{}: {e}", status.endpoint)))?;
@@ -132,8 +132,23 @@ impl AgentClient {
         name: &str,
         request: &CreateVolumeRequest,
     ) -> Result<Volume, AgentError> {
+        let body = serde_json::to_value(request).map_err(|e| AgentError::Other(e.to_string()))?;
         let response =
-            self.send(node, status, reqwest::Method::PUT, &format!("/v1/volumes/{name}"), Some(request)).await?;
+            self.send(node, status, reqwest::Method::PUT, &format!("/v1/volumes/{name}"), Some(body)).await?;
+        response.json().await.map_err(|e| AgentError::Other(format!("agent's volume: {e}")))
+    }
+
+    /// Grows the volume to `size_bytes` (the same size again is a no-op).
+    pub async fn expand(
+        &self,
+        node: &str,
+        status: &BerthNodeStatus,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<Volume, AgentError> {
+        let body = serde_json::to_value(ExpandVolumeRequest { size_bytes }).expect("serialisable");
+        let path = format!("/v1/volumes/{name}/expand");
+        let response = self.send(node, status, reqwest::Method::POST, &path, Some(body)).await?;
         response.json().await.map_err(|e| AgentError::Other(format!("agent's volume: {e}")))
     }
 

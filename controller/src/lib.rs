@@ -8,6 +8,7 @@ mod capacity;
 mod context;
 mod decide;
 mod delete;
+mod expand;
 mod failpoints;
 mod leader;
 mod metrics;

@@ -49,7 +49,8 @@ async fn provision(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>, started
         Decision::NotOurs | Decision::WaitForScheduler => Ok(Action::await_change()),
         Decision::Done => {
             ctx.succeeded(&key);
-            Ok(Action::await_change())
+            // A Bound claim may ask for more.
+            crate::expand::run(&ctx, &claim, class.as_deref()).await
         }
         Decision::Refuse { message, retry } => {
             ctx.metrics.provisioned(&class_name, Outcome::Refused, started.elapsed());

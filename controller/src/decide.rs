@@ -142,6 +142,8 @@ pub fn decide(
         uid: params.uid,
         gid: params.gid,
         mode: params.mode,
+        fs_type: params.fs_type.clone(),
+        mount_options: vec![],
     };
     let pool_anywhere = nodes.iter().any(|n| n.pool(&params.pool).is_some());
     let nowhere = || refuse(format!("pool {:?} exists on no node (no agent reports it)", params.pool), Retry::OnChange);

@@ -152,11 +152,13 @@ mod tests {
             gid: 0,
             mode: 0o750,
             created_at: "2026-11-29T00:00:00Z".into(),
+            fs_type: None,
+            mount_options: vec![],
         }
     }
 
     fn params(source: PvSource) -> ClassParams {
-        ClassParams { pool: "nvme".into(), pv_source: source, uid: None, gid: None, mode: None }
+        ClassParams { pool: "nvme".into(), pv_source: source, uid: None, gid: None, mode: None, fs_type: None }
     }
 
     #[test]

@@ -130,3 +130,390 @@ fn reboot_phase_two() {
     assert_eq!(token, std::env::var("BERTH_TOKEN").unwrap());
     sh("umount", &["/tmp/mnt"]);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// LVM pools through the real agent: `berth-agent` runs in the guest with two lvm pools on the disk `lvm.img`
+// (thick, and thin in a thin pool of the same volume group); its API is called over HTTPS with the controller's
+// token, which the agent checks with the host's API server (TokenReview through 10.0.2.2). Two boots from the
+// same disk image and pool directory: `lvm_agent_phase_one` makes and fills volumes, `lvm_agent_phase_two` finds
+// them after a real reboot (nothing mounted, nothing active).
+
+mod lvm_agent {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command};
+    use std::time::Duration;
+
+    use berth::agent_api::{ErrorBody, ErrorReason, PoolList, Volume, VolumeList};
+    use berth::berth_node::BerthNode;
+    use kube::api::Api;
+    use reqwest::StatusCode;
+    use serde_json::{Value, json};
+
+    pub const FS_EXT4: &str = "pvc-11111111-0000-4000-8000-000000000001";
+    pub const FS_XFS: &str = "pvc-11111111-0000-4000-8000-000000000002";
+    pub const THIN_XFS: &str = "pvc-11111111-0000-4000-8000-000000000003";
+    pub const BLOCK: &str = "pvc-11111111-0000-4000-8000-000000000004";
+    pub const DOOMED_BLOCK: &str = "pvc-11111111-0000-4000-8000-000000000005";
+    pub const FRESH_BLOCK: &str = "pvc-11111111-0000-4000-8000-000000000006";
+    pub const DOOMED_FS: &str = "pvc-11111111-0000-4000-8000-000000000007";
+    pub const NODE: &str = "node-0";
+    const MI: u64 = 1 << 20;
+    const LVM_CONFIG: &str = "activation { udev_sync = 0 udev_rules = 0 }";
+    const PATTERN: &[u8] = b"BERTH-DELETED-DATA-PATTERN-0123456789abcdef";
+
+    pub fn env(key: &str) -> String {
+        std::env::var(key).unwrap_or_else(|_| panic!("{key} is set by vm_host"))
+    }
+
+    /// Persistent across boots (a host directory shared read-write): pool roots (mount points), agent state.
+    pub fn base() -> PathBuf {
+        PathBuf::from(env("BERTH_POOL_BASE"))
+    }
+
+    pub fn root(pool: &str) -> PathBuf {
+        base().join(pool)
+    }
+
+    pub fn lvm(args: &[&str]) -> String {
+        super::lvm(args)
+    }
+
+    pub fn lv_names() -> Vec<String> {
+        super::lv_report("berth").iter().map(|l| l["lv_name"].as_str().unwrap().to_owned()).collect()
+    }
+
+    pub fn config() -> PathBuf {
+        let path = base().join("agent.toml");
+        let pools = format!(
+            "[[pool]]\nname = \"thick\"\nbackend = \"lvm\"\nroot = {thick:?}\nvolume-group = \"berth\"\nlvm-config = {LVM_CONFIG:?}\n\n\
+             [[pool]]\nname = \"thin\"\nbackend = \"lvm\"\nroot = {thin:?}\nvolume-group = \"berth\"\nthin-pool = \"thin\"\n\
+             overprovision-ratio = 2.0\nlvm-config = {LVM_CONFIG:?}\n",
+            thick = root("thick"),
+            thin = root("thin"),
+        );
+        std::fs::write(&path, pools).unwrap();
+        path
+    }
+
+    pub struct GuestAgent {
+        child: Child,
+        pub http: reqwest::Client,
+        token: String,
+    }
+
+    const URL: &str = "https://127.0.0.1:7443";
+
+    impl GuestAgent {
+        /// Starts `berth-agent run` and waits for the BerthNode to carry a certificate other than the one before.
+        pub async fn start(phase: &str) -> GuestAgent {
+            let client = kube::Client::try_default().await.expect("KUBECONFIG reaches the host's API server");
+            let nodes: Api<BerthNode> = Api::all(client);
+            let old = nodes.get_opt(NODE).await.unwrap().and_then(|n| n.status).map(|s| s.certificate);
+            let log = std::fs::File::create(base().join(format!("agent-{phase}.log"))).unwrap();
+            let child = Command::new(env("BERTH_AGENT_BIN"))
+                .args(["run", "--config"])
+                .arg(config())
+                .args(["--node-name", NODE, "--listen", "127.0.0.1:7443", "--state-dir"])
+                .arg(base().join("state"))
+                .env("RUST_LOG", "info,kube=warn")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let node = testbed::kube_util::wait_for(&nodes, NODE, Duration::from_secs(120), |n| {
+                n.status.as_ref().is_some_and(|s| s.endpoint == URL && Some(&s.certificate) != old.as_ref())
+            })
+            .await
+            .unwrap_or_else(|e| {
+                let log = std::fs::read_to_string(base().join(format!("agent-{phase}.log"))).unwrap_or_default();
+                panic!("the agent did not publish itself: {e}\n{log}")
+            });
+            let cert = node.status.unwrap().certificate;
+            let http = reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(cert.as_bytes()).unwrap())
+                .tls_built_in_root_certs(false)
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap();
+            GuestAgent { child, http, token: env("BERTH_CONTROLLER_TOKEN") }
+        }
+
+        pub async fn put(&self, name: &str, body: &Value) -> reqwest::Response {
+            self.http
+                .put(format!("{URL}/v1/volumes/{name}"))
+                .bearer_auth(&self.token)
+                .header("berth-leader-epoch", "1")
+                .json(body)
+                .send()
+                .await
+                .unwrap()
+        }
+
+        pub async fn create(&self, name: &str, body: &Value) -> Volume {
+            let resp = self.put(name, body).await;
+            let status = resp.status();
+            let text = resp.text().await.unwrap();
+            assert_eq!(status, StatusCode::CREATED, "create {name}: {text}");
+            serde_json::from_str(&text).unwrap()
+        }
+
+        pub async fn delete(&self, name: &str) {
+            let resp = self
+                .http
+                .delete(format!("{URL}/v1/volumes/{name}"))
+                .bearer_auth(&self.token)
+                .header("berth-leader-epoch", "1")
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!((status, body), (StatusCode::OK, json!({"deleted": true})), "delete {name}");
+        }
+
+        pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+            let resp = self.http.get(format!("{URL}{path}")).bearer_auth(&self.token).send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "GET {path}");
+            resp.json().await.unwrap()
+        }
+
+        pub fn stop(mut self) {
+            let _ = terminate(self.child.id());
+            let _ = self.child.wait();
+        }
+    }
+
+    fn terminate(pid: u32) -> std::io::Result<()> {
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        if status.success() { Ok(()) } else { Err(std::io::Error::other("kill failed")) }
+    }
+
+    pub fn body(pool: &str, size: u64, extra: Value) -> Value {
+        let mut b = json!({"pool": pool, "sizeBytes": size, "claim": {"namespace": "db", "name": "data-0"}});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    }
+
+    /// The mount at `target` from /proc/self/mountinfo: (filesystem type, mount options).
+    pub fn mount_of(target: &Path) -> Option<(String, String)> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        info.lines().rev().find_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.get(4) != Some(&target.to_str().unwrap()) {
+                return None;
+            }
+            let dash = f.iter().position(|x| *x == "-")?;
+            Some((f[dash + 1].to_owned(), f[5].to_owned()))
+        })
+    }
+
+    pub fn check_filesystem_volume(v: &Volume, fs: &str, token: &str) {
+        let data = Path::new(&v.path);
+        assert_eq!(data, root(&v.pool).join(&v.name).join("data"), "PV path = <root>/<volume>/data");
+        let (mounted_fs, opts) = mount_of(data.parent().unwrap()).unwrap_or_else(|| panic!("{} not mounted", v.name));
+        assert_eq!(mounted_fs, fs);
+        assert!(opts.split(',').any(|o| o == "noatime"), "the class's mount option is on the agent's mount: {opts}");
+        let meta = std::fs::metadata(data).unwrap();
+        assert_eq!((meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777), (999, 999, 0o2770));
+        assert_eq!(std::fs::read_to_string(data.join("token")).unwrap(), token);
+    }
+
+    pub fn write_pattern(dev: &str, len: u64) {
+        let mut f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+        let mut buf = Vec::with_capacity(len as usize);
+        while (buf.len() as u64) < len {
+            buf.extend_from_slice(PATTERN);
+        }
+        buf.truncate(len as usize);
+        f.write_all(&buf).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    pub fn contains_pattern(dev: &str) -> bool {
+        let mut all = Vec::new();
+        std::fs::File::open(dev).unwrap().read_to_end(&mut all).unwrap();
+        all.windows(PATTERN.len()).any(|w| w == PATTERN)
+    }
+
+    pub fn write_block_token(dev: &str, token: &str) {
+        let mut f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.write_all(token.as_bytes()).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    pub fn read_block_token(dev: &str, len: usize) -> String {
+        let mut f = std::fs::File::open(dev).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        let mut buf = vec![0; len];
+        f.read_exact(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    pub async fn refusal(resp: reqwest::Response) -> (StatusCode, ErrorReason, String) {
+        let status = resp.status();
+        let body: ErrorBody = resp.json().await.unwrap();
+        (status, body.reason, body.message)
+    }
+
+    pub async fn pools(agent: &GuestAgent) -> PoolList {
+        agent.get("/v1/pools").await
+    }
+
+    pub async fn volumes(agent: &GuestAgent) -> VolumeList {
+        agent.get("/v1/volumes").await
+    }
+
+    pub const FS_EXTRA: fn(&str) -> Value =
+        |fs| json!({"fsType": fs, "mountOptions": ["noatime"], "uid": 999, "gid": 999, "mode": 0o2770});
+    pub const SMALL: u64 = 64 * MI;
+    pub const BLOCK_SIZE: u64 = 16 * MI;
+}
+
+/// First boot: the volume group and thin pool, the agent, four volumes written to, a deleted block volume whose
+/// data must not reach its successor, a deleted filesystem volume, and the refusal of what does not fit.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by vm_host::lvm_pools_through_the_agent_across_a_reboot in a boot of its own"]
+async fn lvm_agent_phase_one() {
+    use berth::agent_api::ErrorReason;
+    use lvm_agent::*;
+    in_vm();
+    sh("modprobe", &["dm_mod"]);
+    sh("modprobe", &["dm_thin_pool"]);
+    let disk = guest_disk("lvm.img").unwrap();
+    let disk = disk.to_str().unwrap();
+    lvm(&["pvcreate", "-y", disk]);
+    lvm(&["vgcreate", "berth", disk]);
+    lvm(&["lvcreate", "-y", "-L", "256m", "-T", "berth/thin"]);
+    for pool in ["thick", "thin"] {
+        let out = Command::new(env("BERTH_AGENT_BIN"))
+            .args(["init-pool", "--config"])
+            .arg(config())
+            .args(["--pool", pool])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "init-pool {pool}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let token = env("BERTH_TOKEN");
+    let agent = GuestAgent::start("one").await;
+    let p = pools(&agent).await;
+    let thin = p.pools.iter().find(|p| p.name == "thin").unwrap();
+    assert!(thin.ready, "{thin:?}");
+    assert_eq!(thin.capacity_bytes, 512 << 20, "thin pool 256 MiB x ratio 2");
+    assert_eq!(thin.enforcement, "device");
+
+    let ext4 = agent.create(FS_EXT4, &body("thick", SMALL, FS_EXTRA("ext4"))).await;
+    let xfs = agent.create(FS_XFS, &body("thick", SMALL, FS_EXTRA("xfs"))).await;
+    let thin_xfs = agent.create(THIN_XFS, &body("thin", SMALL, FS_EXTRA("xfs"))).await;
+    let block = agent.create(BLOCK, &body("thick", BLOCK_SIZE, serde_json::json!({"volumeMode": "Block"}))).await;
+    assert_eq!(ext4.fs_type.as_deref(), Some("ext4"));
+    for (v, fs) in [(&ext4, "ext4"), (&xfs, "xfs"), (&thin_xfs, "xfs")] {
+        std::fs::write(Path::new(&v.path).join("token"), &token).unwrap();
+        check_filesystem_volume(v, fs, &token);
+    }
+    // The block volume's path is lvm2's device-mapper node (hyphens doubled), not a string Berth built.
+    assert_eq!(block.path, format!("/dev/mapper/berth-berth--{}", BLOCK.replace('-', "--")));
+    assert!(is_block_device(&block.path));
+    write_block_token(&block.path, &token);
+    // The same request again: the same volume.
+    let again = agent.put(FS_XFS, &body("thick", SMALL, FS_EXTRA("xfs"))).await;
+    assert_eq!(again.status(), reqwest::StatusCode::OK);
+    let mut names = lv_names();
+    names.retain(|n| n.starts_with("berth-pvc-"));
+    assert_eq!(names.len(), 4, "{names:?}");
+
+    // Delete a block volume full of a pattern; a new one of the same size must not show it.
+    let doomed =
+        agent.create(DOOMED_BLOCK, &body("thick", BLOCK_SIZE, serde_json::json!({"volumeMode": "Block"}))).await;
+    write_pattern(&doomed.path, BLOCK_SIZE);
+    assert!(contains_pattern(&doomed.path), "the pattern is readable before the delete");
+    let segments_before = lvm(&["lvs", "--noheadings", "-o", "seg_pe_ranges", &format!("berth/berth-{DOOMED_BLOCK}")]);
+    agent.delete(DOOMED_BLOCK).await;
+    assert!(!lv_names().contains(&format!("berth-{DOOMED_BLOCK}")), "the LV is gone");
+    let fresh = agent.create(FRESH_BLOCK, &body("thick", BLOCK_SIZE, serde_json::json!({"volumeMode": "Block"}))).await;
+    let segments_after = lvm(&["lvs", "--noheadings", "-o", "seg_pe_ranges", &format!("berth/berth-{FRESH_BLOCK}")]);
+    // lvm2 hands out the first free extents: the new volume sits where the deleted one was (else the test
+    // would prove nothing).
+    assert_eq!(
+        segments_before.split(':').nth(1).map(str::trim),
+        segments_after.split(':').nth(1).map(str::trim),
+        "{segments_before} vs {segments_after}"
+    );
+    assert!(!contains_pattern(&fresh.path), "data of a deleted block volume showed up in a new one");
+    agent.delete(FRESH_BLOCK).await;
+
+    // A filesystem volume: deleted, unmounted, its LV and mount point gone.
+    let doomed_fs = agent.create(DOOMED_FS, &body("thin", SMALL, FS_EXTRA("ext4"))).await;
+    let mount_point = Path::new(&doomed_fs.path).parent().unwrap().to_owned();
+    agent.delete(DOOMED_FS).await;
+    assert!(mount_of(&mount_point).is_none() && !mount_point.exists());
+    assert!(!lv_names().contains(&format!("berth-{DOOMED_FS}")));
+
+    // Out of extents: the typed refusal, over HTTP, and nothing made.
+    let (status, reason, message) = refusal(
+        agent.put("pvc-11111111-0000-4000-8000-0000000000ff", &body("thick", 8 << 30, serde_json::json!({}))).await,
+    )
+    .await;
+    assert_eq!(
+        (status, reason),
+        (reqwest::StatusCode::INSUFFICIENT_STORAGE, ErrorReason::InsufficientSpace),
+        "{message}"
+    );
+    let thin_status = pools(&agent).await.pools.into_iter().find(|p| p.name == "thin").unwrap();
+    let (status, reason, _) = refusal(
+        agent
+            .put(
+                "pvc-11111111-0000-4000-8000-0000000000fe",
+                &body("thin", thin_status.free_bytes + (4 << 20), serde_json::json!({})),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!((status, reason), (reqwest::StatusCode::INSUFFICIENT_STORAGE, ErrorReason::InsufficientSpace));
+    assert_eq!(volumes(&agent).await.volumes.len(), 4);
+    agent.stop();
+    // A real reboot follows: the VM powers off with everything mounted and active, as a node that loses power.
+}
+
+/// Second boot: nothing is mounted or active; the PV paths do not exist until the agent runs; then every volume
+/// is back with its data, and deleting them leaves no LV.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by vm_host::lvm_pools_through_the_agent_across_a_reboot in a boot of its own"]
+async fn lvm_agent_phase_two() {
+    use lvm_agent::*;
+    in_vm();
+    sh("modprobe", &["dm_mod"]);
+    sh("modprobe", &["dm_thin_pool"]);
+    let token = env("BERTH_TOKEN");
+    let fs_volumes = [(FS_EXT4, "thick", "ext4"), (FS_XFS, "thick", "xfs"), (THIN_XFS, "thin", "xfs")];
+    for (name, pool, _) in fs_volumes {
+        let data = root(pool).join(name).join("data");
+        assert!(mount_of(data.parent().unwrap()).is_none(), "{name} mounted before the agent ran");
+        assert!(!data.exists(), "{} exists before the agent ran: a pod would write to the system disk", data.display());
+    }
+    let block_dev = format!("/dev/mapper/berth-berth--{}", BLOCK.replace('-', "--"));
+    assert!(!Path::new(&block_dev).exists(), "the block volume is active before the agent ran");
+
+    let agent = GuestAgent::start("two").await;
+    let listed = volumes(&agent).await.volumes;
+    let names: Vec<&str> = listed.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, [FS_EXT4, FS_XFS, THIN_XFS, BLOCK]);
+    for (name, _, fs) in fs_volumes {
+        let v = listed.iter().find(|v| v.name == name).unwrap();
+        check_filesystem_volume(v, fs, &token);
+    }
+    let block = listed.iter().find(|v| v.name == BLOCK).unwrap();
+    assert_eq!(block.path, block_dev);
+    assert_eq!(read_block_token(&block.path, token.len()), token);
+    for name in [FS_EXT4, FS_XFS, THIN_XFS, BLOCK] {
+        agent.delete(name).await;
+    }
+    let left: Vec<String> = lv_names().into_iter().filter(|n| n.starts_with("berth-")).collect();
+    assert_eq!(left, Vec::<String>::new());
+    assert_eq!(volumes(&agent).await.volumes.len(), 0);
+    agent.stop();
+}

@@ -72,3 +72,55 @@ fn disks_survive_a_reboot() {
         assert!(run.output.contains(&format!("test {phase} ... ok")), "{phase} did not run");
     }
 }
+
+/// LVM pools through the real agent in a real kernel, across a real reboot: the control plane runs here (the
+/// agent in the guest authenticates the test's token with this API server's TokenReview through 10.0.2.2), the
+/// agent and its volume group run in the guest. Two boots from the same disk image and pool directory.
+#[test]
+fn lvm_pools_through_the_agent_across_a_reboot() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let beds = repo_root().join("target/vm-beds");
+    std::fs::create_dir_all(&beds).unwrap();
+    let config = testbed::TestBedConfig { nodes: vec![testbed::NodeSpec::default()], base_dir: Some(beds) };
+    let bed = rt.block_on(testbed::TestBed::start(config)).unwrap();
+    rt.block_on(bed.install_berth()).unwrap();
+    assert_eq!(bed.nodes()[0].name, "node-0");
+    let controller_token = rt.block_on(bed.controller_token("node-0")).unwrap();
+
+    // The admin kubeconfig, with the API server as the guest reaches it.
+    let (base_dir, image) = disk_image("lvm.img", 1 << 30);
+    let pool_base = base_dir.path().join("node");
+    std::fs::create_dir_all(&pool_base).unwrap();
+    let port = bed.api_server().rsplit(':').next().unwrap().to_owned();
+    let kubeconfig = std::fs::read_to_string(bed.kubeconfig())
+        .unwrap()
+        .replace(bed.api_server(), &format!("https://{}:{port}", testbed::vm::HOST_FROM_GUEST));
+    let guest_kubeconfig = pool_base.join("guest.kubeconfig");
+    std::fs::write(&guest_kubeconfig, kubeconfig).unwrap();
+    let agent_bin = repo_root().join("target/debug/berth-agent");
+    assert!(agent_bin.exists(), "{} is built by hack/test-vm", agent_bin.display());
+
+    let vm = Vm::new()
+        .unwrap()
+        .disk(&image)
+        .network()
+        .rwdir(&pool_base)
+        .env("BERTH_POOL_BASE", pool_base.display().to_string())
+        .env("KUBECONFIG", guest_kubeconfig.display().to_string())
+        .env("BERTH_AGENT_BIN", agent_bin.display().to_string())
+        .env("BERTH_CONTROLLER_TOKEN", &controller_token)
+        .env("BERTH_TOKEN", token());
+    for phase in ["lvm_agent_phase_one", "lvm_agent_phase_two"] {
+        let run = vm.run(&format!("{} --ignored --exact {phase}", guest_bin())).unwrap();
+        if run.status != 0 {
+            for log in ["agent-one.log", "agent-two.log"] {
+                let text = std::fs::read_to_string(pool_base.join(log)).unwrap_or_default();
+                println!("--- {log}\n{text}");
+            }
+        }
+        assert_eq!(run.status, 0, "{phase} failed (output above)");
+        assert!(run.output.contains(&format!("test {phase} ... ok")), "{phase} did not run");
+        println!("{phase}: {:.1} s", run.elapsed.as_secs_f64());
+    }
+    drop(bed);
+}

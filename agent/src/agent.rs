@@ -88,6 +88,8 @@ pub fn to_api(r: &VolumeRecord) -> Volume {
 /// Filesystems an lvm pool makes; the first is the default.
 pub const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
 const MAX_MOUNT_OPTIONS: usize = 32;
+/// mkfs.xfs (xfsprogs 5.19 and later) refuses filesystems under 300 MB: "Filesystem must be larger than 300MB".
+pub const XFS_MIN_BYTES: u64 = 300_000_000;
 
 /// The filesystem a volume gets: the request's, or the default for a `Filesystem` volume of a pool that makes
 /// filesystems; none for block volumes and directory volumes.
@@ -136,6 +138,12 @@ pub fn validate_create(name: &str, req: &CreateVolumeRequest) -> Result<(), Refu
         if o.is_empty() || o.len() > 256 || !o.chars().all(fine) {
             return Err(invalid(format!("mount option {o:?}: one option per item, characters A-Za-z0-9=_.:/+@-")));
         }
+    }
+    if req.fs_type.as_deref() == Some("xfs") && req.size_bytes < XFS_MIN_BYTES {
+        return Err(invalid(format!(
+            "an xfs filesystem needs at least {XFS_MIN_BYTES} bytes (mkfs.xfs refuses smaller); asked for {}",
+            req.size_bytes
+        )));
     }
     if req.volume_mode == VolumeMode::Block && (req.fs_type.is_some() || !req.mount_options.is_empty()) {
         return Err(invalid("a raw block volume has no filesystem: fsType and mountOptions do not apply".into()));

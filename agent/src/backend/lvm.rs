@@ -177,12 +177,10 @@ fn run(program: &str, args: &[&str]) -> Result<(), BackendError> {
         .output()
         .map_err(|e| io(format!("running {program}"), e))?;
     if !out.status.success() {
-        return Err(BackendError::Io(format!(
-            "{program} {}: {} {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        // The first lines say why; mkfs then prints its whole usage text.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let why: Vec<&str> = stderr.lines().take(3).collect();
+        return Err(BackendError::Io(format!("{program} {}: {} {}", args.join(" "), out.status, why.join("; "))));
     }
     Ok(())
 }

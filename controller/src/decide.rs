@@ -40,6 +40,7 @@ pub enum Retry {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant, reason = "one decision per reconcile, never stored in bulk")]
 pub enum Decision {
     /// Not a claim of this provisioner.
     NotOurs,

@@ -531,3 +531,73 @@ async fn lvm_agent_phase_two() {
     assert_eq!(volumes(&agent).await.volumes.len(), 0);
     agent.stop();
 }
+
+/// The agent's cost over bare lvm2: LV create+delete through the agent's HTTPS API (block volumes in a thick pool:
+/// lvcreate, tag changes, activation checks, and the zeroing of the deleted LV) against bare `lvcreate`/`lvremove`
+/// of the same size, in the same boot. Prints one `BENCH` line.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by vm_host::lvm_create_delete_benchmark in a boot of its own"]
+async fn lvm_agent_benchmark() {
+    use lvm_agent::*;
+    use std::time::Instant;
+    in_vm();
+    sh("modprobe", &["dm_mod"]);
+    sh("modprobe", &["dm_thin_pool"]);
+    let disk = guest_disk("bench.img").unwrap();
+    let disk = disk.to_str().unwrap();
+    lvm(&["pvcreate", "-y", disk]);
+    lvm(&["vgcreate", "berth", disk]);
+    lvm(&["lvcreate", "-y", "-L", "128m", "-T", "berth/thin"]);
+    for pool in ["thick", "thin"] {
+        let out = Command::new(env("BERTH_AGENT_BIN"))
+            .args(["init-pool", "--config"])
+            .arg(config())
+            .args(["--pool", pool])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "init-pool {pool}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rounds: usize = std::env::var("BERTH_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
+    let size = "16m";
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut bare = Vec::new();
+    for i in 0..rounds {
+        let name = format!("bare-{i}");
+        let t = Instant::now();
+        lvm(&["lvcreate", "-y", "-W", "y", "-L", size, "-n", &name, "berth"]);
+        lvm(&["lvremove", "-y", &format!("berth/{name}")]);
+        bare.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let agent = GuestAgent::start("bench").await;
+    let mut through = std::collections::BTreeMap::new();
+    for (pool, extra) in [("thick", json_block()), ("thin", json_block())] {
+        // One round first: the token review is then cached, as it is for a controller calling repeatedly.
+        agent.create("pvc-bench-warm", &body(pool, BLOCK_SIZE, extra.clone())).await;
+        agent.delete("pvc-bench-warm").await;
+        let mut times = Vec::new();
+        for i in 0..rounds {
+            let name = format!("pvc-bench-{i}");
+            let t = Instant::now();
+            agent.create(&name, &body(pool, BLOCK_SIZE, extra.clone())).await;
+            agent.delete(&name).await;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        through.insert(pool, median(times));
+    }
+    agent.stop();
+    let bare = median(bare);
+    println!(
+        "BENCH rounds={rounds} size={size} bare_ms={bare:.0} agent_thick_block_ms={:.0} agent_thin_block_ms={:.0} ratio_thick={:.2} ratio_thin={:.2}",
+        through["thick"],
+        through["thin"],
+        through["thick"] / bare,
+        through["thin"] / bare
+    );
+}
+
+fn json_block() -> Value {
+    serde_json::json!({"volumeMode": "Block"})
+}

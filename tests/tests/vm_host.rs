@@ -73,11 +73,17 @@ fn disks_survive_a_reboot() {
     }
 }
 
-/// LVM pools through the real agent in a real kernel, across a real reboot: the control plane runs here (the
-/// agent in the guest authenticates the test's token with this API server's TokenReview through 10.0.2.2), the
-/// agent and its volume group run in the guest. Two boots from the same disk image and pool directory.
-#[test]
-fn lvm_pools_through_the_agent_across_a_reboot() {
+/// What the LVM guest tests need: a control plane here (the guest's agent authenticates tokens with its
+/// TokenReview through 10.0.2.2), a disk image, and a directory that outlives a boot (pool roots, agent state).
+struct LvmWorld {
+    rt: tokio::runtime::Runtime,
+    bed: Option<testbed::TestBed>,
+    _dir: tempfile::TempDir,
+    pool_base: PathBuf,
+    vm: Vm,
+}
+
+fn lvm_world(image_name: &str) -> LvmWorld {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let beds = repo_root().join("target/vm-beds");
     std::fs::create_dir_all(&beds).unwrap();
@@ -87,10 +93,10 @@ fn lvm_pools_through_the_agent_across_a_reboot() {
     assert_eq!(bed.nodes()[0].name, "node-0");
     let controller_token = rt.block_on(bed.controller_token("node-0")).unwrap();
 
-    // The admin kubeconfig, with the API server as the guest reaches it.
-    let (base_dir, image) = disk_image("lvm.img", 1 << 30);
-    let pool_base = base_dir.path().join("node");
+    let (dir, image) = disk_image(image_name, 1 << 30);
+    let pool_base = dir.path().join("node");
     std::fs::create_dir_all(&pool_base).unwrap();
+    // The admin kubeconfig, with the API server as the guest reaches it.
     let port = bed.api_server().rsplit(':').next().unwrap().to_owned();
     let kubeconfig = std::fs::read_to_string(bed.kubeconfig())
         .unwrap()
@@ -99,7 +105,6 @@ fn lvm_pools_through_the_agent_across_a_reboot() {
     std::fs::write(&guest_kubeconfig, kubeconfig).unwrap();
     let agent_bin = repo_root().join("target/debug/berth-agent");
     assert!(agent_bin.exists(), "{} is built by hack/test-vm", agent_bin.display());
-
     let vm = Vm::new()
         .unwrap()
         .disk(&image)
@@ -110,17 +115,49 @@ fn lvm_pools_through_the_agent_across_a_reboot() {
         .env("BERTH_AGENT_BIN", agent_bin.display().to_string())
         .env("BERTH_CONTROLLER_TOKEN", &controller_token)
         .env("BERTH_TOKEN", token());
-    for phase in ["lvm_agent_phase_one", "lvm_agent_phase_two"] {
-        let run = vm.run(&format!("{} --ignored --exact {phase}", guest_bin())).unwrap();
+    LvmWorld { rt, bed: Some(bed), _dir: dir, pool_base, vm }
+}
+
+impl LvmWorld {
+    fn run_phase(&self, phase: &str) -> testbed::vm::VmRun {
+        let run = self.vm.run(&format!("{} --ignored --exact --nocapture {phase}", guest_bin())).unwrap();
         if run.status != 0 {
-            for log in ["agent-one.log", "agent-two.log"] {
-                let text = std::fs::read_to_string(pool_base.join(log)).unwrap_or_default();
-                println!("--- {log}\n{text}");
+            for e in std::fs::read_dir(&self.pool_base).unwrap().flatten() {
+                if e.file_name().to_string_lossy().ends_with(".log") {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    println!("--- {}\n{text}", e.file_name().to_string_lossy());
+                }
             }
         }
         assert_eq!(run.status, 0, "{phase} failed (output above)");
         assert!(run.output.contains(&format!("test {phase} ... ok")), "{phase} did not run");
         println!("{phase}: {:.1} s", run.elapsed.as_secs_f64());
+        run
     }
-    drop(bed);
+}
+
+impl Drop for LvmWorld {
+    fn drop(&mut self) {
+        let _guard = self.rt.enter();
+        drop(self.bed.take());
+    }
+}
+
+/// LVM pools through the real agent in a real kernel, across a real reboot: the control plane runs here, the agent
+/// and its volume group in the guest. Two boots from the same disk image and pool directory.
+#[test]
+fn lvm_pools_through_the_agent_across_a_reboot() {
+    let world = lvm_world("lvm.img");
+    for phase in ["lvm_agent_phase_one", "lvm_agent_phase_two"] {
+        world.run_phase(phase);
+    }
+}
+
+/// LV create+delete through the agent against bare lvcreate/lvremove in the same boot (docs/benchmarks.md).
+#[test]
+fn lvm_create_delete_benchmark() {
+    let world = lvm_world("bench.img");
+    let run = world.run_phase("lvm_agent_benchmark");
+    let line = run.output.lines().find(|l| l.contains("BENCH ")).expect("the guest printed its result");
+    println!("{line}");
 }

@@ -267,10 +267,15 @@ impl Agent {
         // the same pool, its class's, so a pool that is down elsewhere on the node cannot hide a twin.)
         self.ensure_recovered(&mut state, pool)?;
         let probe = pool.backend.probe(&own_sizes(&state.volumes, pool))?;
+        // Which directory pools share a filesystem; pools that account for themselves (lvm) share nothing and
+        // are not probed again (each probe of theirs runs lvm2).
         let fs_ids: Vec<Option<u64>> = self
             .pools
             .iter()
-            .map(|p| p.backend.probe(&own_sizes(&state.volumes, p)).ok().and_then(|p| p.fs_id()))
+            .map(|p| match p.backend.kind() {
+                "hostpath" => p.backend.probe(&own_sizes(&state.volumes, p)).ok().and_then(|p| p.fs_id()),
+                _ => None,
+            })
             .collect();
         let capacity = self.capacity_of(pool, &probe, &fs_ids, &state.volumes);
         if req.size_bytes > capacity.maximum_volume_size {

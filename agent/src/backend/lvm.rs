@@ -22,7 +22,7 @@ use std::process::Command;
 
 use berth::agent_api::{ClaimRef, VolumeMode};
 
-use super::lvm2::{LvRow, Lvm, LvmError};
+use super::lvm2::{LvRow, Lvm, LvmError, VgRow};
 use super::{Backend, BackendError, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord};
 use crate::capacity::{LvmSpace, PoolLimits, lvm_capacity};
 
@@ -218,18 +218,8 @@ impl LvmPool {
 
     /// Ready: the volume group carries the pool's tag, the root exists, and a thin pool (if any) is there and
     /// zeroes new blocks (Berth relies on that to keep deleted data out of new thin volumes).
-    fn check_ready(&self) -> Result<Vec<LvRow>, BackendError> {
-        let vg = self.lvm.vg(&self.vg).map_err(from_lvm)?;
-        if !vg.tags.contains(&self.marker_tag()) {
-            return Err(BackendError::NotReady(format!(
-                "volume group {:?} has no tag {}: run `berth-agent init-pool`",
-                self.vg,
-                self.marker_tag()
-            )));
-        }
-        if !self.root.is_dir() {
-            return Err(BackendError::NotReady(format!("{} is not a directory", self.root.display())));
-        }
+    fn check_ready(&self) -> Result<(VgRow, Vec<LvRow>), BackendError> {
+        let vg = self.check_marked()?;
         let lvs = self.lvm.lvs(&self.vg).map_err(from_lvm)?;
         if let Some(thin) = &self.thin {
             let Some(pool) = lvs.iter().find(|l| l.name == thin.pool_lv && l.segtype == "thin-pool") else {
@@ -242,7 +232,23 @@ impl LvmPool {
                 )));
             }
         }
-        Ok(lvs)
+        Ok((vg, lvs))
+    }
+
+    /// The volume group is there with this pool's tag, and the root exists.
+    fn check_marked(&self) -> Result<VgRow, BackendError> {
+        let vg = self.lvm.vg(&self.vg).map_err(from_lvm)?;
+        if !vg.tags.contains(&self.marker_tag()) {
+            return Err(BackendError::NotReady(format!(
+                "volume group {:?} has no tag {}: run `berth-agent init-pool`",
+                self.vg,
+                self.marker_tag()
+            )));
+        }
+        if !self.root.is_dir() {
+            return Err(BackendError::NotReady(format!("{} is not a directory", self.root.display())));
+        }
+        Ok(vg)
     }
 
     fn mount_point(&self, volume: &str) -> PathBuf {
@@ -363,12 +369,9 @@ impl Backend for LvmPool {
     }
 
     fn probe(&self, own_sizes: &[u64]) -> Result<PoolProbe, BackendError> {
-        let lvs = self.check_ready()?;
+        let (vg, lvs) = self.check_ready()?;
         let space = match &self.thin {
-            None => {
-                let vg = self.lvm.vg(&self.vg).map_err(from_lvm)?;
-                LvmSpace::Thick { vg_size: vg.size, vg_free: vg.free }
-            }
+            None => LvmSpace::Thick { vg_size: vg.size, vg_free: vg.free },
             Some(thin) => {
                 let pool = lvs.iter().find(|l| l.name == thin.pool_lv).expect("checked by check_ready");
                 LvmSpace::Thin {
@@ -384,7 +387,7 @@ impl Backend for LvmPool {
     }
 
     fn recover(&self) -> Result<Vec<VolumeRecord>, BackendError> {
-        let lvs = self.check_ready()?;
+        let (_, lvs) = self.check_ready()?;
         let marker = self.marker_tag();
         let mut volumes = Vec::new();
         for lv in lvs.iter().filter(|l| l.tags.contains(&marker)) {
@@ -472,7 +475,7 @@ impl Backend for LvmPool {
     }
 
     fn detach(&self, name: &str) -> Result<Option<PathBuf>, BackendError> {
-        self.check_ready()?;
+        self.check_marked()?;
         let lv = match self.lvm.lv(&self.vg, &lv_name(name)) {
             Ok(lv) => lv,
             Err(LvmError::LvNotFound(_)) => return Ok(None),

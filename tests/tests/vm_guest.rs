@@ -1,7 +1,7 @@
 //! Tests that run *inside* the VM (a real kernel with device-mapper), started by `vm_host`. They refuse to run
 //! on the host: run them with `hack/test-vm`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
@@ -600,4 +600,84 @@ async fn lvm_agent_benchmark() {
 
 fn json_block() -> Value {
     serde_json::json!({"volumeMode": "Block"})
+}
+
+/// End to end with the agent here and the control plane and controller on the host: the agent listens on the
+/// guest's address, port-forwarded to the host's 127.0.0.1 (`BERTH_ADVERTISE`, the address the controller dials),
+/// and publishes itself through 10.0.2.2. Waits for the host's claim of class `berth-lvm` to be provisioned here
+/// and bound, then checks that the PV's path is inside the xfs filesystem the agent mounted.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by vm_host::lvm_end_to_end_agent_in_the_vm in a boot of its own"]
+async fn lvm_e2e_agent() {
+    use k8s_openapi::api::core::v1::PersistentVolume;
+    use kube::api::{Api, ListParams};
+    use lvm_agent::*;
+    use std::time::{Duration, Instant};
+    in_vm();
+    sh("modprobe", &["dm_mod"]);
+    sh("modprobe", &["dm_thin_pool"]);
+    let disk = guest_disk("e2e.img").unwrap();
+    let disk = disk.to_str().unwrap();
+    lvm(&["pvcreate", "-y", disk]);
+    lvm(&["vgcreate", "berth", disk]);
+    lvm(&["lvcreate", "-y", "-L", "128m", "-T", "berth/thin"]);
+    // The example classes name the pools "lvm" and "lvm-thin".
+    let config = base().join("e2e.toml");
+    let lvm_config = "activation { udev_sync = 0 udev_rules = 0 }";
+    std::fs::write(
+        &config,
+        format!(
+            "[[pool]]\nname = \"lvm\"\nbackend = \"lvm\"\nroot = {:?}\nvolume-group = \"berth\"\nlvm-config = {lvm_config:?}\n\n\
+             [[pool]]\nname = \"lvm-thin\"\nbackend = \"lvm\"\nroot = {:?}\nvolume-group = \"berth\"\nthin-pool = \"thin\"\nlvm-config = {lvm_config:?}\n",
+            root("lvm"),
+            root("lvm-thin")
+        ),
+    )
+    .unwrap();
+    for pool in ["lvm", "lvm-thin"] {
+        let out = Command::new(env("BERTH_AGENT_BIN"))
+            .args(["init-pool", "--config"])
+            .arg(&config)
+            .args(["--pool", pool])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "init-pool {pool}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let advertise = env("BERTH_ADVERTISE");
+    let log = std::fs::File::create(base().join("agent-e2e.log")).unwrap();
+    let mut agent = Command::new(env("BERTH_AGENT_BIN"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--node-name", NODE, "--listen", "10.0.2.15:7443", "--advertise", &advertise, "--state-dir"])
+        .arg(base().join("state"))
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let client = kube::Client::try_default().await.unwrap();
+    let pvs: Api<PersistentVolume> = Api::all(client);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let pv = loop {
+        let list = pvs.list(&ListParams::default()).await.unwrap().items;
+        let bound = list.into_iter().find(|pv| {
+            pv.spec.as_ref().and_then(|s| s.storage_class_name.as_deref()) == Some("berth-lvm")
+                && pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+        });
+        if let Some(pv) = bound {
+            break pv;
+        }
+        assert!(Instant::now() < deadline, "no Bound PV of class berth-lvm after 300 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let spec = pv.spec.unwrap();
+    let path = PathBuf::from(spec.local.expect("a local PV").path);
+    assert!(spec.mount_options.is_none(), "the class's mountOptions went to the agent's mount, not the PV");
+    let (fs, opts) = mount_of(path.parent().unwrap()).unwrap_or_else(|| panic!("{} is not mounted", path.display()));
+    assert_eq!(fs, "xfs");
+    assert!(opts.split(',').any(|o| o == "noatime"), "{opts}");
+    std::fs::write(path.join("written-by-the-e2e-test"), "ok").unwrap();
+    println!("PV {} bound, path {} mounted ({fs}, {opts})", pv.metadata.name.unwrap_or_default(), path.display());
+    let _ = Command::new("kill").args(["-TERM", &agent.id().to_string()]).status();
+    let _ = agent.wait();
 }

@@ -161,3 +161,37 @@ fn lvm_create_delete_benchmark() {
     let line = run.output.lines().find(|l| l.contains("BENCH ")).expect("the guest printed its result");
     println!("{line}");
 }
+
+/// End to end across the VM boundary: the control plane and the controller here, one node's agent with its lvm
+/// pools in the guest. The agent is reached at the host's 127.0.0.1:<port>, forwarded into the guest; it reaches
+/// the API server at 10.0.2.2. A WaitForFirstConsumer claim of the example class `berth-lvm`
+/// (deploy/examples/storageclass-lvm.yaml) with a pod becomes a Bound PV whose path the guest finds mounted.
+#[test]
+fn lvm_end_to_end_agent_in_the_vm() {
+    let mut world = lvm_world("e2e.img");
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    world.vm = world.vm.clone().forward(port, 7443).env("BERTH_ADVERTISE", format!("127.0.0.1:{port}"));
+    let bed = world.bed.as_ref().unwrap();
+    let controller_bin = repo_root().join("target/debug/berth-controller");
+    assert!(controller_bin.exists(), "{} is built by hack/test-vm", controller_bin.display());
+    let _controller = world.rt.block_on(bed.start_controller(&controller_bin, &[])).unwrap();
+    let classes = repo_root().join("deploy/examples/storageclass-lvm.yaml");
+    let kubectl = |args: &[&str]| {
+        let out = bed.kubectl(args).unwrap();
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    kubectl(&["apply", "-f", classes.to_str().unwrap()]);
+    let objects = world.pool_base.join("claim.yaml");
+    std::fs::write(
+        &objects,
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data, namespace: default}\n\
+         spec: {storageClassName: berth-lvm, accessModes: [ReadWriteOnce], resources: {requests: {storage: 400Mi}}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {name: db, namespace: default}\n\
+         spec:\n  containers: [{name: db, image: registry.invalid/db:1}]\n  volumes: [{name: data, persistentVolumeClaim: {claimName: data}}]\n",
+    )
+    .unwrap();
+    kubectl(&["apply", "-f", objects.to_str().unwrap()]);
+    world.run_phase("lvm_e2e_agent");
+    let out = bed.kubectl(&["get", "pvc", "data", "-n", "default", "-o", "jsonpath={.status.phase}"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "Bound");
+}

@@ -217,11 +217,13 @@ impl LvmPool {
     }
 
     /// Ready: the volume group carries the pool's tag, the root exists, and a thin pool (if any) is there and
-    /// zeroes new blocks (Berth relies on that to keep deleted data out of new thin volumes).
+    /// zeroes new blocks (Berth relies on that to keep deleted data out of new thin volumes). Returns the volume
+    /// group and, for thin pools, its LVs (thick pools need no `lvs` to know their space).
     fn check_ready(&self) -> Result<(VgRow, Vec<LvRow>), BackendError> {
         let vg = self.check_marked()?;
+        let Some(thin) = &self.thin else { return Ok((vg, vec![])) };
         let lvs = self.lvm.lvs(&self.vg).map_err(from_lvm)?;
-        if let Some(thin) = &self.thin {
+        {
             let Some(pool) = lvs.iter().find(|l| l.name == thin.pool_lv && l.segtype == "thin-pool") else {
                 return Err(BackendError::NotReady(format!("no thin pool {}/{}", self.vg, thin.pool_lv)));
             };
@@ -387,7 +389,8 @@ impl Backend for LvmPool {
     }
 
     fn recover(&self) -> Result<Vec<VolumeRecord>, BackendError> {
-        let (_, lvs) = self.check_ready()?;
+        self.check_ready()?;
+        let lvs = self.lvm.lvs(&self.vg).map_err(from_lvm)?;
         let marker = self.marker_tag();
         let mut volumes = Vec::new();
         for lv in lvs.iter().filter(|l| l.tags.contains(&marker)) {

@@ -512,7 +512,31 @@ async fn lvm_agent_phase_two() {
     println!("active before the agent ran: {active_before:?}");
     assert!(!Path::new(&block_dev).exists() || is_block_device(&block_dev), "{block_dev} is not a device");
 
+    // Debris of a create and of a delete interrupted between lvm2 commands (the agent crashed), and an LV with the
+    // pool's tag but no record Berth can read.
+    for (name, tag) in [("berth-pvc-debris-create", "berth:creating"), ("berth-pvc-debris-delete", "berth:deleting")] {
+        lvm(&[
+            "lvcreate",
+            "-y",
+            "-W",
+            "y",
+            "-L",
+            "8m",
+            "-n",
+            name,
+            "berth",
+            "--addtag",
+            "berth:pool=thick",
+            "--addtag",
+            tag,
+        ]);
+    }
+    lvm(&["lvcreate", "-y", "-W", "y", "-L", "8m", "-n", "stranger", "berth", "--addtag", "berth:pool=thick"]);
+
     let agent = GuestAgent::start("two").await;
+    let names_now = lv_names();
+    assert!(!names_now.iter().any(|n| n.contains("debris")), "debris left: {names_now:?}");
+    assert!(names_now.contains(&"stranger".to_string()), "an LV without a readable record is left alone");
     let listed = volumes(&agent).await.volumes;
     let names: Vec<&str> = listed.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(names, [FS_EXT4, FS_XFS, THIN_XFS, BLOCK]);

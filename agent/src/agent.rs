@@ -444,3 +444,71 @@ impl Agent {
 fn own_sizes(volumes: &BTreeMap<String, VolumeRecord>, pool: &Pool) -> Vec<u64> {
     volumes.values().filter(|v| v.pool == pool.config.name).map(|v| v.size_bytes).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth::agent_api::ClaimRef;
+
+    fn req(extra: impl FnOnce(&mut CreateVolumeRequest)) -> CreateVolumeRequest {
+        let mut r = CreateVolumeRequest {
+            pool: "lvm".into(),
+            size_bytes: 400 << 20,
+            volume_mode: VolumeMode::Filesystem,
+            claim: ClaimRef { namespace: "db".into(), name: "data-0".into() },
+            uid: None,
+            gid: None,
+            mode: None,
+            fs_type: None,
+            mount_options: vec![],
+        };
+        extra(&mut r);
+        r
+    }
+
+    const NAME: &str = "pvc-0f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f70";
+
+    #[test]
+    fn filesystem_and_mount_options_are_checked() {
+        let ok = |r: CreateVolumeRequest| validate_create(NAME, &r);
+        assert!(ok(req(|r| r.fs_type = Some("xfs".into()))).is_ok());
+        assert!(
+            ok(req(|r| r.mount_options = vec!["noatime".into(), "discard".into(), "logbsize=256k".into()])).is_ok()
+        );
+        for (bad, why) in [
+            (req(|r| r.fs_type = Some("btrfs".into())), "unknown filesystem"),
+            (req(|r| r.mount_options = vec!["noatime,exec".into()]), "two options in one item"),
+            (req(|r| r.mount_options = vec!["no atime".into()]), "a space"),
+            (req(|r| r.mount_options = vec![String::new()]), "an empty option"),
+            (req(|r| r.mount_options = vec!["x".into(); 33]), "too many"),
+            (req(|r| (r.fs_type, r.size_bytes) = (Some("xfs".into()), XFS_MIN_BYTES - 1)), "xfs under 300 MB"),
+            (req(|r| (r.volume_mode, r.fs_type) = (VolumeMode::Block, Some("ext4".into()))), "block with a filesystem"),
+            (req(|r| (r.volume_mode, r.mount_options) = (VolumeMode::Block, vec!["ro".into()])), "block with options"),
+        ] {
+            let refusal = ok(bad).expect_err(why);
+            assert_eq!(refusal.reason, ErrorReason::Invalid, "{why}: {}", refusal.message);
+        }
+    }
+
+    #[test]
+    fn an_lvm_filesystem_volume_defaults_to_ext4_and_a_block_one_has_none() {
+        assert_eq!(resolved_fs_type("lvm", &req(|_| {})).as_deref(), Some("ext4"));
+        assert_eq!(resolved_fs_type("lvm", &req(|r| r.fs_type = Some("xfs".into()))).as_deref(), Some("xfs"));
+        assert_eq!(resolved_fs_type("lvm", &req(|r| r.volume_mode = VolumeMode::Block)), None);
+        assert_eq!(resolved_fs_type("hostpath", &req(|_| {})), None);
+    }
+
+    #[test]
+    fn lvm2s_own_out_of_space_refusal_is_insufficient_space() {
+        // The agent checks free space first; if lvm2 still refuses (space taken by someone else meanwhile), its
+        // recorded stderr must reach the controller as InsufficientSpace, so it reschedules.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/backend/testdata/lvm/");
+        let stderr = std::fs::read_to_string(format!("{dir}lvcreate_toolarge.stderr")).unwrap();
+        let e = crate::backend::lvm2::classify("lvcreate", 5, &stderr);
+        let refusal = Refusal::from(crate::backend::lvm::backend_error(e));
+        assert_eq!(refusal.reason, ErrorReason::InsufficientSpace, "{}", refusal.message);
+        let stderr = std::fs::read_to_string(format!("{dir}vgs_missing.stderr")).unwrap();
+        let e = crate::backend::lvm2::classify("vgs", 5, &stderr);
+        assert_eq!(Refusal::from(crate::backend::lvm::backend_error(e)).reason, ErrorReason::PoolNotReady);
+    }
+}

@@ -54,7 +54,7 @@ fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> BackendError {
     BackendError::Io(format!("{what}: {e}"))
 }
 
-fn from_lvm(e: LvmError) -> BackendError {
+pub fn backend_error(e: LvmError) -> BackendError {
     match e {
         LvmError::VgNotFound(vg) => BackendError::NotReady(format!("volume group {vg:?} not found")),
         LvmError::InsufficientSpace(m) => BackendError::InsufficientSpace(m),
@@ -209,9 +209,9 @@ impl LvmPool {
             .mode(0o711)
             .create(&self.root)
             .map_err(|e| io(self.root.display(), e))?;
-        let vg = self.lvm.vg(&self.vg).map_err(from_lvm)?;
+        let vg = self.lvm.vg(&self.vg).map_err(backend_error)?;
         if !vg.tags.contains(&self.marker_tag()) {
-            self.lvm.run(&["vgchange", "--addtag", &self.marker_tag(), &self.vg]).map_err(from_lvm)?;
+            self.lvm.run(&["vgchange", "--addtag", &self.marker_tag(), &self.vg]).map_err(backend_error)?;
         }
         Ok(())
     }
@@ -222,7 +222,7 @@ impl LvmPool {
     fn check_ready(&self) -> Result<(VgRow, Vec<LvRow>), BackendError> {
         let vg = self.check_marked()?;
         let Some(thin) = &self.thin else { return Ok((vg, vec![])) };
-        let lvs = self.lvm.lvs(&self.vg).map_err(from_lvm)?;
+        let lvs = self.lvm.lvs(&self.vg).map_err(backend_error)?;
         {
             let Some(pool) = lvs.iter().find(|l| l.name == thin.pool_lv && l.segtype == "thin-pool") else {
                 return Err(BackendError::NotReady(format!("no thin pool {}/{}", self.vg, thin.pool_lv)));
@@ -239,7 +239,7 @@ impl LvmPool {
 
     /// The volume group is there with this pool's tag, and the root exists.
     fn check_marked(&self) -> Result<VgRow, BackendError> {
-        let vg = self.lvm.vg(&self.vg).map_err(from_lvm)?;
+        let vg = self.lvm.vg(&self.vg).map_err(backend_error)?;
         if !vg.tags.contains(&self.marker_tag()) {
             return Err(BackendError::NotReady(format!(
                 "volume group {:?} has no tag {}: run `berth-agent init-pool`",
@@ -265,7 +265,7 @@ impl LvmPool {
 
     fn activate(&self, lv: &LvRow) -> Result<(), BackendError> {
         if !lv.active {
-            self.lvm.run(&["lvchange", "-ay", &format!("{}/{}", self.vg, lv.name)]).map_err(from_lvm)?;
+            self.lvm.run(&["lvchange", "-ay", &format!("{}/{}", self.vg, lv.name)]).map_err(backend_error)?;
         }
         if !Path::new(&lv.dm_path).exists() {
             return Err(BackendError::Io(format!("{} is active but {} does not exist", lv.name, lv.dm_path)));
@@ -337,7 +337,9 @@ impl LvmPool {
             VolumeMode::Filesystem => self.make_filesystem(lv, record)?.display().to_string(),
             VolumeMode::Block => lv.dm_path.clone(),
         };
-        self.lvm.run(&["lvchange", "--deltag", CREATING, &format!("{}/{}", self.vg, lv.name)]).map_err(from_lvm)?;
+        self.lvm
+            .run(&["lvchange", "--deltag", CREATING, &format!("{}/{}", self.vg, lv.name)])
+            .map_err(backend_error)?;
         Ok(path)
     }
 
@@ -349,7 +351,7 @@ impl LvmPool {
             // BLKZEROOUT: the device writes zeros (or unmaps where that reads back as zeros).
             run("blkdiscard", &["--zeroout", &lv.dm_path])?;
         }
-        self.lvm.run(&["lvremove", "-y", &full]).map_err(from_lvm)?;
+        self.lvm.run(&["lvremove", "-y", &full]).map_err(backend_error)?;
         Ok(())
     }
 
@@ -390,7 +392,7 @@ impl Backend for LvmPool {
 
     fn recover(&self) -> Result<Vec<VolumeRecord>, BackendError> {
         self.check_ready()?;
-        let lvs = self.lvm.lvs(&self.vg).map_err(from_lvm)?;
+        let lvs = self.lvm.lvs(&self.vg).map_err(backend_error)?;
         let marker = self.marker_tag();
         let mut volumes = Vec::new();
         for lv in lvs.iter().filter(|l| l.tags.contains(&marker)) {
@@ -455,8 +457,8 @@ impl Backend for LvmPool {
             args.extend(["--addtag".into(), tag]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.lvm.run(&args).map_err(from_lvm)?;
-        let made = self.lvm.lv(&self.vg, &name).map_err(from_lvm).and_then(|lv| {
+        self.lvm.run(&args).map_err(backend_error)?;
+        let made = self.lvm.lv(&self.vg, &name).map_err(backend_error).and_then(|lv| {
             let path = self.finish_create(&lv, &record)?;
             Ok(path)
         });
@@ -482,18 +484,18 @@ impl Backend for LvmPool {
         let lv = match self.lvm.lv(&self.vg, &lv_name(name)) {
             Ok(lv) => lv,
             Err(LvmError::LvNotFound(_)) => return Ok(None),
-            Err(e) => return Err(from_lvm(e)),
+            Err(e) => return Err(backend_error(e)),
         };
         self.unmount(&lv, name)?;
         let full = format!("{}/{}", self.vg, lv.name);
-        self.lvm.run(&["lvchange", "--addtag", DELETING, &full]).map_err(from_lvm)?;
+        self.lvm.run(&["lvchange", "--addtag", DELETING, &full]).map_err(backend_error)?;
         Ok(Some(PathBuf::from(full)))
     }
 
     fn purge(&self, detached: &Path) -> Result<(), BackendError> {
         let full = detached.to_str().unwrap_or_default();
         let (_, name) = full.split_once('/').ok_or_else(|| BackendError::Io(format!("{full} is not vg/lv")))?;
-        let lv = self.lvm.lv(&self.vg, name).map_err(from_lvm)?;
+        let lv = self.lvm.lv(&self.vg, name).map_err(backend_error)?;
         self.remove_lv(&lv)
     }
 }

@@ -248,7 +248,7 @@ mod tests {
             volume-group = "berth"
             thin-pool = "thin"
             overprovision-ratio = 2.5
-            thin-data-threshold = 80.0
+            thin-data-threshold = 80
             lvm-config = "activation { udev_sync = 0 udev_rules = 0 }"
             "#,
         )

@@ -629,7 +629,8 @@ fn json_block() -> Value {
 /// End to end with the agent here and the control plane and controller on the host: the agent listens on the
 /// guest's address, port-forwarded to the host's 127.0.0.1 (`BERTH_ADVERTISE`, the address the controller dials),
 /// and publishes itself through 10.0.2.2. Waits for the host's claim of class `berth-lvm` to be provisioned here
-/// and bound, then checks that the PV's path is inside the xfs filesystem the agent mounted.
+/// and bound, checks that the PV's path is inside the xfs filesystem the agent mounted, then deletes the claim and
+/// waits for the PV and the LV to go.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "run by vm_host::lvm_end_to_end_agent_in_the_vm in a boot of its own"]
 async fn lvm_e2e_agent() {
@@ -701,7 +702,23 @@ async fn lvm_e2e_agent() {
     assert_eq!(fs, "xfs");
     assert!(opts.split(',').any(|o| o == "noatime"), "{opts}");
     std::fs::write(path.join("written-by-the-e2e-test"), "ok").unwrap();
-    println!("PV {} bound, path {} mounted ({fs}, {opts})", pv.metadata.name.unwrap_or_default(), path.display());
+    let pv_name = pv.metadata.name.unwrap_or_default();
+    println!("PV {pv_name} bound, path {} mounted ({fs}, {opts})", path.display());
+    assert!(lv_names().contains(&format!("berth-{pv_name}")));
+
+    // The user deletes the pod and the claim: the controller has the agent delete the volume, then the PV goes.
+    use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+    let client = kube::Client::try_default().await.unwrap();
+    let dp = kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+    Api::<Pod>::namespaced(client.clone(), "default").delete("db", &dp).await.unwrap();
+    Api::<PersistentVolumeClaim>::namespaced(client, "default").delete("data", &dp).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while pvs.get_opt(&pv_name).await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "PV {pv_name} still there 300 s after its claim was deleted");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(!lv_names().contains(&format!("berth-{pv_name}")), "the PV is gone but its LV is not");
+    assert!(mount_of(path.parent().unwrap()).is_none() && !path.parent().unwrap().exists());
     let _ = Command::new("kill").args(["-TERM", &agent.id().to_string()]).status();
     let _ = agent.wait();
 }

@@ -165,7 +165,8 @@ fn lvm_create_delete_benchmark() {
 /// End to end across the VM boundary: the control plane and the controller here, one node's agent with its lvm
 /// pools in the guest. The agent is reached at the host's 127.0.0.1:<port>, forwarded into the guest; it reaches
 /// the API server at 10.0.2.2. A WaitForFirstConsumer claim of the example class `berth-lvm`
-/// (deploy/examples/storageclass-lvm.yaml) with a pod becomes a Bound PV whose path the guest finds mounted.
+/// (deploy/examples/storageclass-lvm.yaml) with a pod becomes a Bound PV whose path the guest finds mounted; the
+/// claim deleted, the PV and the LV go.
 #[test]
 fn lvm_end_to_end_agent_in_the_vm() {
     let mut world = lvm_world("e2e.img");
@@ -192,6 +193,7 @@ fn lvm_end_to_end_agent_in_the_vm() {
     .unwrap();
     kubectl(&["apply", "-f", objects.to_str().unwrap()]);
     world.run_phase("lvm_e2e_agent");
-    let out = bed.kubectl(&["get", "pvc", "data", "-n", "default", "-o", "jsonpath={.status.phase}"]).unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "Bound");
+    // The guest saw the claim Bound, then deleted it and saw its PV and LV go.
+    let out = bed.kubectl(&["get", "pv", "-o", "name"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "no PV left");
 }

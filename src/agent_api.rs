@@ -49,6 +49,12 @@ pub struct CreateVolumeRequest {
     /// Permission bits of the volume's directory, at most 0o2777 (default 0o750: not world-writable).
     #[serde(default)]
     pub mode: Option<u32>,
+    /// lvm pools, `Filesystem` volumes: the filesystem to make, `ext4` (default) or `xfs`. Refused elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_type: Option<String>,
+    /// lvm pools, `Filesystem` volumes: options of the agent's mount of the volume (the class's mountOptions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_options: Vec<String>,
 }
 
 /// A volume as the agent reports it.
@@ -67,6 +73,12 @@ pub struct Volume {
     pub mode: u32,
     /// RFC 3339.
     pub created_at: String,
+    /// The filesystem the agent made and mounted (lvm pools, `Filesystem` volumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_type: Option<String>,
+    /// The options of the agent's mount of the volume.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_options: Vec<String>,
 }
 
 /// A pool's state and capacity (terms.md: capacity, allocated, free, maximum volume size, pool ready).

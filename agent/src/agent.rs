@@ -33,6 +33,7 @@ impl From<BackendError> for Refusal {
     fn from(e: BackendError) -> Refusal {
         match e {
             BackendError::NotReady(m) => Refusal::new(ErrorReason::PoolNotReady, m),
+            BackendError::InsufficientSpace(m) => Refusal::new(ErrorReason::InsufficientSpace, m),
             BackendError::Io(m) => Refusal::new(ErrorReason::Internal, m),
         }
     }
@@ -79,6 +80,23 @@ pub fn to_api(r: &VolumeRecord) -> Volume {
         gid: r.gid,
         mode: r.mode,
         created_at: r.created_at.clone(),
+        fs_type: r.fs_type.clone(),
+        mount_options: r.mount_options.clone(),
+    }
+}
+
+/// Filesystems an lvm pool makes; the first is the default.
+pub const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
+const MAX_MOUNT_OPTIONS: usize = 32;
+/// mkfs.xfs (xfsprogs 5.19 and later) refuses filesystems under 300 MB: "Filesystem must be larger than 300MB".
+pub const XFS_MIN_BYTES: u64 = 300_000_000;
+
+/// The filesystem a volume gets: the request's, or the default for a `Filesystem` volume of a pool that makes
+/// filesystems; none for block volumes and directory volumes.
+fn resolved_fs_type(kind: &str, req: &CreateVolumeRequest) -> Option<String> {
+    match (kind, req.volume_mode) {
+        ("lvm", VolumeMode::Filesystem) => Some(req.fs_type.clone().unwrap_or_else(|| FS_TYPES[0].to_owned())),
+        _ => req.fs_type.clone(),
     }
 }
 
@@ -106,6 +124,30 @@ pub fn validate_create(name: &str, req: &CreateVolumeRequest) -> Result<(), Refu
     };
     field("namespace", &req.claim.namespace)?;
     field("name", &req.claim.name)?;
+    if let Some(fs) = &req.fs_type
+        && !FS_TYPES.contains(&fs.as_str())
+    {
+        return Err(invalid(format!("fsType {fs:?} is not one of {FS_TYPES:?}")));
+    }
+    if req.mount_options.len() > MAX_MOUNT_OPTIONS {
+        return Err(invalid(format!("at most {MAX_MOUNT_OPTIONS} mountOptions")));
+    }
+    // Each option is one item of mount(8)'s -o list: no commas (they would smuggle in more), no spaces.
+    for o in &req.mount_options {
+        let fine = |c: char| c.is_ascii_alphanumeric() || "=_.:/+@-".contains(c);
+        if o.is_empty() || o.len() > 256 || !o.chars().all(fine) {
+            return Err(invalid(format!("mount option {o:?}: one option per item, characters A-Za-z0-9=_.:/+@-")));
+        }
+    }
+    if req.fs_type.as_deref() == Some("xfs") && req.size_bytes < XFS_MIN_BYTES {
+        return Err(invalid(format!(
+            "an xfs filesystem needs at least {XFS_MIN_BYTES} bytes (mkfs.xfs refuses smaller); asked for {}",
+            req.size_bytes
+        )));
+    }
+    if req.volume_mode == VolumeMode::Block && (req.fs_type.is_some() || !req.mount_options.is_empty()) {
+        return Err(invalid("a raw block volume has no filesystem: fsType and mountOptions do not apply".into()));
+    }
     Ok(())
 }
 
@@ -174,7 +216,10 @@ impl Agent {
         self.admit_epoch(epoch)?;
         // An existing volume answers first: the same name with other parameters is a conflict, whatever they are.
         if let Some(existing) = state.volumes.get(name) {
+            let kind = self.pool(&existing.pool).map_or("", |p| p.backend.kind());
             let same = existing.pool == req.pool
+                && existing.fs_type == resolved_fs_type(kind, req)
+                && existing.mount_options == req.mount_options
                 && existing.size_bytes == req.size_bytes
                 && existing.volume_mode == req.volume_mode
                 && existing.uid == uid
@@ -209,11 +254,29 @@ impl Agent {
                 format!("pool {:?} is a hostpath pool: raw block volumes need an lvm pool", req.pool),
             ));
         }
+        if pool.backend.kind() == "hostpath" && (req.fs_type.is_some() || !req.mount_options.is_empty()) {
+            return Err(Refusal::new(
+                ErrorReason::Unsupported,
+                format!(
+                    "pool {:?} is a hostpath pool: its volumes are directories, without a filesystem or mount of their own",
+                    req.pool
+                ),
+            ));
+        }
         // The target pool's volumes must be known before its free space is. (A claim's volume is always asked of
         // the same pool, its class's, so a pool that is down elsewhere on the node cannot hide a twin.)
         self.ensure_recovered(&mut state, pool)?;
-        let probe = pool.backend.probe()?;
-        let fs_ids: Vec<Option<u64>> = self.pools.iter().map(|p| p.backend.probe().ok().map(|p| p.fs_id)).collect();
+        let probe = pool.backend.probe(&own_sizes(&state.volumes, pool))?;
+        // Which directory pools share a filesystem; pools that account for themselves (lvm) share nothing and
+        // are not probed again (each probe of theirs runs lvm2).
+        let fs_ids: Vec<Option<u64>> = self
+            .pools
+            .iter()
+            .map(|p| match p.backend.kind() {
+                "hostpath" => p.backend.probe(&own_sizes(&state.volumes, p)).ok().and_then(|p| p.fs_id()),
+                _ => None,
+            })
+            .collect();
         let capacity = self.capacity_of(pool, &probe, &fs_ids, &state.volumes);
         if req.size_bytes > capacity.maximum_volume_size {
             return Err(Refusal::new(
@@ -235,6 +298,8 @@ impl Agent {
             gid,
             mode,
             created_at: now.to_owned(),
+            fs_type: resolved_fs_type(pool.backend.kind(), req),
+            mount_options: req.mount_options.clone(),
             path: String::new(),
         };
         let made = pool.backend.create(record)?;
@@ -354,9 +419,12 @@ impl Agent {
         let probes: Vec<Result<PoolProbe, Refusal>> = self
             .pools
             .iter()
-            .map(|pool| self.ensure_recovered(&mut state, pool).and_then(|()| Ok(pool.backend.probe()?)))
+            .map(|pool| {
+                self.ensure_recovered(&mut state, pool)
+                    .and_then(|()| Ok(pool.backend.probe(&own_sizes(&state.volumes, pool))?))
+            })
             .collect();
-        let fs_ids: Vec<Option<u64>> = probes.iter().map(|p| p.as_ref().ok().map(|p| p.fs_id)).collect();
+        let fs_ids: Vec<Option<u64>> = probes.iter().map(|p| p.as_ref().ok().and_then(|p| p.fs_id())).collect();
         let mut statuses = Vec::with_capacity(self.pools.len());
         for (pool, probe) in self.pools.iter().zip(probes) {
             let mine = || state.volumes.values().filter(|v| v.pool == pool.config.name);
@@ -378,7 +446,7 @@ impl Agent {
                 free_bytes: cap.free,
                 maximum_volume_size_bytes: cap.maximum_volume_size,
                 volumes,
-                enforcement: "none".into(),
+                enforcement: pool.backend.enforcement().into(),
             });
         }
         statuses
@@ -394,12 +462,18 @@ impl Agent {
         fs_ids: &[Option<u64>],
         volumes: &BTreeMap<String, VolumeRecord>,
     ) -> Capacity {
+        let (fs, fs_id) = match *probe {
+            PoolProbe::Filesystem { fs, fs_id } => (fs, fs_id),
+            PoolProbe::Exact(capacity) => return capacity,
+        };
         let sharing: Vec<&str> = self
             .pools
             .iter()
             .zip(fs_ids)
             .filter(|(p, _)| p.config.name != pool.config.name)
-            .filter(|(_, id)| id.is_none_or(|id| id == probe.fs_id))
+            // Pools whose storage accounts for itself (lvm) share no filesystem with directory pools.
+            .filter(|(p, _)| p.backend.kind() == "hostpath")
+            .filter(|(_, id)| id.is_none_or(|id| id == fs_id))
             .map(|(p, _)| p.config.name.as_str())
             .collect();
         let usage = |v: &VolumeRecord| VolumeUsage { size_bytes: v.size_bytes, used_bytes: None };
@@ -407,6 +481,79 @@ impl Agent {
         let others: Vec<VolumeUsage> =
             volumes.values().filter(|v| sharing.contains(&v.pool.as_str())).map(usage).collect();
         let limits = PoolLimits { cap: pool.config.capacity, headroom: pool.config.headroom };
-        pool_capacity(limits, probe.fs, &own, &others)
+        pool_capacity(limits, fs, &own, &others)
+    }
+}
+
+/// The sizes promised to `pool`'s volumes.
+fn own_sizes(volumes: &BTreeMap<String, VolumeRecord>, pool: &Pool) -> Vec<u64> {
+    volumes.values().filter(|v| v.pool == pool.config.name).map(|v| v.size_bytes).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth::agent_api::ClaimRef;
+
+    fn req(extra: impl FnOnce(&mut CreateVolumeRequest)) -> CreateVolumeRequest {
+        let mut r = CreateVolumeRequest {
+            pool: "lvm".into(),
+            size_bytes: 400 << 20,
+            volume_mode: VolumeMode::Filesystem,
+            claim: ClaimRef { namespace: "db".into(), name: "data-0".into() },
+            uid: None,
+            gid: None,
+            mode: None,
+            fs_type: None,
+            mount_options: vec![],
+        };
+        extra(&mut r);
+        r
+    }
+
+    const NAME: &str = "pvc-0f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f70";
+
+    #[test]
+    fn filesystem_and_mount_options_are_checked() {
+        let ok = |r: CreateVolumeRequest| validate_create(NAME, &r);
+        assert!(ok(req(|r| r.fs_type = Some("xfs".into()))).is_ok());
+        assert!(
+            ok(req(|r| r.mount_options = vec!["noatime".into(), "discard".into(), "logbsize=256k".into()])).is_ok()
+        );
+        for (bad, why) in [
+            (req(|r| r.fs_type = Some("btrfs".into())), "unknown filesystem"),
+            (req(|r| r.mount_options = vec!["noatime,exec".into()]), "two options in one item"),
+            (req(|r| r.mount_options = vec!["no atime".into()]), "a space"),
+            (req(|r| r.mount_options = vec![String::new()]), "an empty option"),
+            (req(|r| r.mount_options = vec!["x".into(); 33]), "too many"),
+            (req(|r| (r.fs_type, r.size_bytes) = (Some("xfs".into()), XFS_MIN_BYTES - 1)), "xfs under 300 MB"),
+            (req(|r| (r.volume_mode, r.fs_type) = (VolumeMode::Block, Some("ext4".into()))), "block with a filesystem"),
+            (req(|r| (r.volume_mode, r.mount_options) = (VolumeMode::Block, vec!["ro".into()])), "block with options"),
+        ] {
+            let refusal = ok(bad).expect_err(why);
+            assert_eq!(refusal.reason, ErrorReason::Invalid, "{why}: {}", refusal.message);
+        }
+    }
+
+    #[test]
+    fn an_lvm_filesystem_volume_defaults_to_ext4_and_a_block_one_has_none() {
+        assert_eq!(resolved_fs_type("lvm", &req(|_| {})).as_deref(), Some("ext4"));
+        assert_eq!(resolved_fs_type("lvm", &req(|r| r.fs_type = Some("xfs".into()))).as_deref(), Some("xfs"));
+        assert_eq!(resolved_fs_type("lvm", &req(|r| r.volume_mode = VolumeMode::Block)), None);
+        assert_eq!(resolved_fs_type("hostpath", &req(|_| {})), None);
+    }
+
+    #[test]
+    fn lvm2s_own_out_of_space_refusal_is_insufficient_space() {
+        // The agent checks free space first; if lvm2 still refuses (space taken by someone else meanwhile), its
+        // recorded stderr must reach the controller as InsufficientSpace, so it reschedules.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/backend/testdata/lvm/");
+        let stderr = std::fs::read_to_string(format!("{dir}lvcreate_toolarge.stderr")).unwrap();
+        let e = crate::backend::lvm2::classify("lvcreate", 5, &stderr);
+        let refusal = Refusal::from(crate::backend::lvm::backend_error(e));
+        assert_eq!(refusal.reason, ErrorReason::InsufficientSpace, "{}", refusal.message);
+        let stderr = std::fs::read_to_string(format!("{dir}vgs_missing.stderr")).unwrap();
+        let e = crate::backend::lvm2::classify("vgs", 5, &stderr);
+        assert_eq!(Refusal::from(crate::backend::lvm::backend_error(e)).reason, ErrorReason::PoolNotReady);
     }
 }

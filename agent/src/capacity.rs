@@ -56,6 +56,35 @@ pub fn pool_capacity(limits: PoolLimits, fs: FsUsage, own: &[VolumeUsage], other
     Capacity { capacity, allocated, free, maximum_volume_size: free }
 }
 
+/// What lvm2 reports of an lvm pool's space.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LvmSpace {
+    /// Thick volumes: the volume group's size and unallocated bytes (whole extents).
+    Thick { vg_size: u64, vg_free: u64 },
+    /// Thin volumes in a thin pool of `pool_size` data bytes, `data_percent` of it written, and `virtual_sum`:
+    /// the virtual sizes of every thin volume in the pool (Berth's or not, snapshots included).
+    Thin { pool_size: u64, data_percent: f64, virtual_sum: u64, ratio: f64, threshold_percent: f64 },
+}
+
+/// The capacity of an lvm pool. Thick: free is what the volume group has unallocated (other LVs in it, Berth's
+/// or not, are already subtracted by lvm2). Thin: capacity is the thin pool's size × the overprovision ratio,
+/// free is that minus every thin volume's virtual size, and nothing once the pool's data usage reached the
+/// threshold. `own_sizes` are the sizes promised to the pool's volumes; the config's cap and headroom apply.
+pub fn lvm_capacity(limits: PoolLimits, space: LvmSpace, own_sizes: &[u64]) -> Capacity {
+    let allocated: u64 = own_sizes.iter().sum();
+    let (size, available) = match space {
+        LvmSpace::Thick { vg_size, vg_free } => (vg_size, vg_free),
+        LvmSpace::Thin { pool_size, data_percent, virtual_sum, ratio, threshold_percent } => {
+            let promised = (pool_size as f64 * ratio).floor() as u64;
+            let available = if data_percent >= threshold_percent { 0 } else { promised.saturating_sub(virtual_sum) };
+            (promised, available)
+        }
+    };
+    let capacity = limits.cap.map_or(size, |cap| cap.min(size));
+    let free = capacity.saturating_sub(allocated).min(available.saturating_sub(limits.headroom));
+    Capacity { capacity, allocated, free, maximum_volume_size: free }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +162,37 @@ mod tests {
         let after = pool_capacity(NO_LIMITS, fs(10 * GI, 2 * GI), &[vol(GI)], &[]).free;
         assert_eq!((before, after), (9 * GI, GI));
         assert_eq!(pool_capacity(NO_LIMITS, fs(10 * GI, 0), &[vol(GI)], &[]).free, 0);
+    }
+
+    fn thin(pool: u64, percent: f64, virtual_sum: u64, ratio: f64) -> LvmSpace {
+        LvmSpace::Thin { pool_size: pool, data_percent: percent, virtual_sum, ratio, threshold_percent: 90.0 }
+    }
+
+    #[test]
+    fn thick_lvm_pool_offers_the_volume_groups_free_extents() {
+        // 10 GiB VG, 3 GiB ours, 2 GiB someone else's: 5 GiB free, whatever the sizes say.
+        let c = lvm_capacity(NO_LIMITS, LvmSpace::Thick { vg_size: 10 * GI, vg_free: 5 * GI }, &[3 * GI]);
+        assert_eq!(c, Capacity { capacity: 10 * GI, allocated: 3 * GI, free: 5 * GI, maximum_volume_size: 5 * GI });
+        let capped = PoolLimits { cap: Some(4 * GI), headroom: 0 };
+        assert_eq!(lvm_capacity(capped, LvmSpace::Thick { vg_size: 10 * GI, vg_free: 5 * GI }, &[3 * GI]).free, GI);
+        let headroom = PoolLimits { cap: None, headroom: GI };
+        assert_eq!(lvm_capacity(headroom, LvmSpace::Thick { vg_size: 10 * GI, vg_free: 5 * GI }, &[]).free, 4 * GI);
+    }
+
+    #[test]
+    fn thin_pool_is_its_size_times_the_ratio_minus_every_virtual_size() {
+        // 10 GiB pool × 3 = 30 GiB; 12 GiB of thin volumes (8 ours, 4 a snapshot or someone else's).
+        let c = lvm_capacity(NO_LIMITS, thin(10 * GI, 20.0, 12 * GI, 3.0), &[8 * GI]);
+        assert_eq!(c, Capacity { capacity: 30 * GI, allocated: 8 * GI, free: 18 * GI, maximum_volume_size: 18 * GI });
+        // Ratio 1: never more virtual than real.
+        assert_eq!(lvm_capacity(NO_LIMITS, thin(10 * GI, 0.0, 12 * GI, 1.0), &[]).free, 0);
+        assert_eq!(lvm_capacity(NO_LIMITS, thin(10 * GI, 0.0, 4 * GI, 1.5), &[]).free, 11 * GI);
+    }
+
+    #[test]
+    fn thin_pool_past_its_data_threshold_takes_nothing_new() {
+        assert_eq!(lvm_capacity(NO_LIMITS, thin(10 * GI, 89.9, GI, 3.0), &[GI]).free, 29 * GI);
+        let full = lvm_capacity(NO_LIMITS, thin(10 * GI, 90.0, GI, 3.0), &[GI]);
+        assert_eq!((full.free, full.maximum_volume_size, full.capacity), (0, 0, 30 * GI));
     }
 }

@@ -23,8 +23,11 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::agent::{Agent, Pool};
+use crate::backend::Backend;
 use crate::backend::hostpath::HostPath;
-use crate::config::{AgentConfig, BackendKind};
+use crate::backend::lvm::{LvmPool, Thin};
+use crate::capacity::PoolLimits;
+use crate::config::{AgentConfig, BackendKind, PoolConfig};
 
 /// Berth's node agent: creates and deletes volumes in this node's pools and reports their free capacity over
 /// an authenticated HTTPS API. Pools are listed in a TOML config file (see docs/agent-config.md).
@@ -77,6 +80,16 @@ struct RunArgs {
     shutdown_grace_seconds: u64,
 }
 
+fn lvm_pool(p: &PoolConfig) -> LvmPool {
+    let thin = p.thin_pool.as_ref().map(|t| Thin {
+        pool_lv: t.clone(),
+        ratio: p.overprovision_ratio.unwrap_or(config::DEFAULT_OVERPROVISION_RATIO),
+        threshold_percent: p.thin_data_threshold.unwrap_or(config::DEFAULT_THIN_DATA_THRESHOLD),
+    });
+    let vg = p.volume_group.as_deref().expect("validated: lvm pools have a volume group");
+    LvmPool::new(&p.name, &p.root, vg, thin, PoolLimits { cap: p.capacity, headroom: p.headroom }, p.lvm_config.clone())
+}
+
 fn build_pools(config: &AgentConfig) -> Vec<Pool> {
     config
         .pools
@@ -84,7 +97,8 @@ fn build_pools(config: &AgentConfig) -> Vec<Pool> {
         .map(|p| Pool {
             config: p.clone(),
             backend: match p.backend {
-                BackendKind::Hostpath => Box::new(HostPath::new(&p.name, &p.root)),
+                BackendKind::Hostpath => Box::new(HostPath::new(&p.name, &p.root)) as Box<dyn Backend>,
+                BackendKind::Lvm => Box::new(lvm_pool(p)),
             },
         })
         .collect()
@@ -107,6 +121,7 @@ fn main() -> Result<()> {
             };
             match p.backend {
                 BackendKind::Hostpath => HostPath::new(&p.name, &p.root).init()?,
+                BackendKind::Lvm => lvm_pool(p).init()?,
             }
             tracing::info!(pool = %p.name, root = %p.root.display(), "pool initialised");
             Ok(())

@@ -134,6 +134,8 @@ mod tests {
             gid: 0,
             mode: 0o750,
             created_at: created.into(),
+            fs_type: None,
+            mount_options: vec![],
         }
     }
 

@@ -40,6 +40,7 @@ pub enum Retry {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant, reason = "one decision per reconcile, never stored in bulk")]
 pub enum Decision {
     /// Not a claim of this provisioner.
     NotOurs,
@@ -142,6 +143,8 @@ pub fn decide(
         uid: params.uid,
         gid: params.gid,
         mode: params.mode,
+        fs_type: params.fs_type.clone(),
+        mount_options: vec![],
     };
     let pool_anywhere = nodes.iter().any(|n| n.pool(&params.pool).is_some());
     let nowhere = || refuse(format!("pool {:?} exists on no node (no agent reports it)", params.pool), Retry::OnChange);
@@ -181,6 +184,7 @@ pub fn decide(
             ));
         }
         let node = NodeRef { name: node.name.clone(), hostname: hostname.to_owned() };
+        let request = for_pool(request, pool, class);
         return Decision::Provision { node, params, request };
     }
 
@@ -206,12 +210,21 @@ pub fn decide(
     match best {
         Some((n, _)) => Decision::Provision {
             node: NodeRef { name: n.name.clone(), hostname: n.hostname().expect("filtered").to_owned() },
+            request: for_pool(request, n.pool(&params.pool).expect("filtered"), class),
             params,
-            request,
         },
         None if !pool_anywhere => nowhere(),
         None => refuse(format!("no allowed node has {size} bytes free in pool {:?}", params.pool), Retry::Backoff),
     }
+}
+
+/// An lvm pool makes and mounts the filesystem of a `Filesystem` volume itself, so the class's mount options go to
+/// the agent's mount (and not onto the PV, see pv.rs); other pools' volumes are mounted by kubelet with them.
+fn for_pool(mut request: CreateVolumeRequest, pool: &PoolStatus, class: &StorageClass) -> CreateVolumeRequest {
+    if pool.backend == "lvm" && request.volume_mode == VolumeMode::Filesystem {
+        request.mount_options = class.mount_options.clone().unwrap_or_default();
+    }
+    request
 }
 
 #[cfg(test)]
@@ -306,6 +319,22 @@ mod tests {
         let Decision::Provision { request, .. } = d else { unreachable!() };
         assert_eq!((request.pool.as_str(), request.size_bytes), ("fast", 10 * GI));
         assert_eq!(request.claim, ClaimRef { namespace: "db".into(), name: "data".into() });
+    }
+
+    #[test]
+    fn mount_options_go_to_an_lvm_pools_agent_and_fs_type_always_travels() {
+        let mut class = class("WaitForFirstConsumer", &[("pool", "fast"), ("fsType", "xfs")]);
+        class.mount_options = Some(vec!["noatime".into()]);
+        let lvm = PoolStatus { backend: "lvm".into(), ..pool("fast", 50 * GI) };
+        let on = |p: PoolStatus| {
+            let d = decide(P, &claim("10Gi", Some("a")), Some(&class), false, &[node("a", Some(vec![p]))]);
+            let Decision::Provision { request, .. } = d else { panic!("{d:?}") };
+            request
+        };
+        let to_lvm = on(lvm);
+        assert_eq!((to_lvm.fs_type.as_deref(), to_lvm.mount_options), (Some("xfs"), vec!["noatime".to_string()]));
+        // A hostpath pool's volume is mounted by kubelet, with the options from the PV.
+        assert_eq!(on(pool("fast", 50 * GI)).mount_options, Vec::<String>::new());
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct ClassParams {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub mode: Option<u32>,
+    /// The filesystem an lvm pool makes on a Filesystem volume: `ext4` or `xfs` (the agent's default: ext4).
+    pub fs_type: Option<String>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -28,7 +30,7 @@ pub enum ParamError {
     MissingPool,
     #[error("StorageClass parameter {key:?}: {why}")]
     Invalid { key: String, why: String },
-    #[error("unknown StorageClass parameter {0:?} (known: pool, pvSource, uid, gid, mode)")]
+    #[error("unknown StorageClass parameter {0:?} (known: pool, pvSource, uid, gid, mode, fsType)")]
     Unknown(String),
 }
 
@@ -40,7 +42,14 @@ pub fn parse(parameters: Option<&BTreeMap<String, String>>) -> Result<ClassParam
     let empty = BTreeMap::new();
     let parameters = parameters.unwrap_or(&empty);
     let mut pool = None;
-    let mut params = ClassParams { pool: String::new(), pv_source: PvSource::Local, uid: None, gid: None, mode: None };
+    let mut params = ClassParams {
+        pool: String::new(),
+        pv_source: PvSource::Local,
+        uid: None,
+        gid: None,
+        mode: None,
+        fs_type: None,
+    };
     for (key, value) in parameters {
         match key.as_str() {
             "pool" => {
@@ -68,6 +77,12 @@ pub fn parse(parameters: Option<&BTreeMap<String, String>>) -> Result<ClassParam
                     })?;
                 params.mode = Some(mode);
             }
+            "fsType" => {
+                if !["ext4", "xfs"].contains(&value.as_str()) {
+                    return Err(invalid(key, format!("{value:?} is neither \"ext4\" nor \"xfs\"")));
+                }
+                params.fs_type = Some(value.clone());
+            }
             _ => return Err(ParamError::Unknown(key.clone())),
         }
     }
@@ -89,7 +104,14 @@ mod tests {
         let c = p(&[("pool", "nvme")]).unwrap();
         assert_eq!(
             c,
-            ClassParams { pool: "nvme".into(), pv_source: PvSource::Local, uid: None, gid: None, mode: None }
+            ClassParams {
+                pool: "nvme".into(),
+                pv_source: PvSource::Local,
+                uid: None,
+                gid: None,
+                mode: None,
+                fs_type: None
+            }
         );
     }
 
@@ -100,6 +122,7 @@ mod tests {
         assert_eq!((c.pv_source, c.uid, c.gid, c.mode), (PvSource::HostPath, Some(999), Some(998), Some(0o2770)));
         assert_eq!(p(&[("pool", "a"), ("mode", "0750")]).unwrap().mode, Some(0o750));
         assert_eq!(p(&[("pool", "a"), ("mode", "0o750")]).unwrap().mode, Some(0o750));
+        assert_eq!(p(&[("pool", "a"), ("fsType", "xfs")]).unwrap().fs_type.as_deref(), Some("xfs"));
     }
 
     #[test]
@@ -115,6 +138,7 @@ mod tests {
             vec![("pool", "a"), ("mode", "4755")],
             vec![("pool", "a"), ("mode", "0999")],
             vec![("pool", "a"), ("mode", "")],
+            vec![("pool", "a"), ("fsType", "btrfs")],
         ] {
             assert!(matches!(p(&bad), Err(ParamError::Invalid { .. })), "{bad:?} accepted");
         }

@@ -91,7 +91,9 @@ pub fn build(
             volume_mode: Some(spec.volume_mode.clone().unwrap_or_else(|| "Filesystem".into())),
             storage_class_name: class.metadata.name.clone(),
             persistent_volume_reclaim_policy: Some(reclaim),
-            mount_options: class.mount_options.clone(),
+            // A volume whose filesystem the agent mounted (lvm) got the class's mount options on that mount;
+            // kubelet only bind-mounts its `data` directory, where filesystem options do not apply.
+            mount_options: if volume.fs_type.is_some() { None } else { class.mount_options.clone() },
             claim_ref: Some(ObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("PersistentVolumeClaim".into()),
@@ -152,11 +154,13 @@ mod tests {
             gid: 0,
             mode: 0o750,
             created_at: "2026-11-29T00:00:00Z".into(),
+            fs_type: None,
+            mount_options: vec![],
         }
     }
 
     fn params(source: PvSource) -> ClassParams {
-        ClassParams { pool: "nvme".into(), pv_source: source, uid: None, gid: None, mode: None }
+        ClassParams { pool: "nvme".into(), pv_source: source, uid: None, gid: None, mode: None, fs_type: None }
     }
 
     #[test]
@@ -182,6 +186,18 @@ mod tests {
         let req = &term.match_expressions.as_ref().unwrap()[0];
         assert_eq!((req.key.as_str(), req.operator.as_str()), ("kubernetes.io/hostname", "In"));
         assert_eq!(req.values, Some(vec!["host-0".into()]), "the hostname label value, not the node name");
+    }
+
+    #[test]
+    fn mount_options_stay_off_the_pv_of_a_volume_the_agent_mounted() {
+        let node = NodeRef { name: "node-0".into(), hostname: "host-0".into() };
+        let mut class = class(None);
+        class.mount_options = Some(vec!["noatime".into()]);
+        let directory = build(&claim(), &class, &params(PvSource::Local), &node, &volume());
+        assert_eq!(directory.spec.unwrap().mount_options, Some(vec!["noatime".to_string()]));
+        let lvm = Volume { fs_type: Some("xfs".into()), mount_options: vec!["noatime".into()], ..volume() };
+        let mounted = build(&claim(), &class, &params(PvSource::Local), &node, &lvm);
+        assert_eq!(mounted.spec.unwrap().mount_options, None);
     }
 
     #[test]

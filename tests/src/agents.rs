@@ -24,6 +24,8 @@ pub const CONTROLLER_SERVICE_ACCOUNT: &str = "berth-controller";
 #[derive(Debug, Clone)]
 pub struct PoolSpec {
     pub name: String,
+    /// `hostpath` (default) or `lvm` (then `extra` names the volume group).
+    pub backend: String,
     /// Directory of the pool's root, relative to the node's disk (or the node's directory without a disk).
     pub root: String,
     /// Extra TOML lines of the pool (e.g. `capacity = "100Mi"`).
@@ -32,7 +34,7 @@ pub struct PoolSpec {
 
 impl PoolSpec {
     pub fn new(name: &str) -> PoolSpec {
-        PoolSpec { name: name.into(), root: format!("pools/{name}"), extra: String::new() }
+        PoolSpec { name: name.into(), backend: "hostpath".into(), root: format!("pools/{name}"), extra: String::new() }
     }
 }
 
@@ -174,8 +176,8 @@ impl TestBed {
         for p in pools {
             let root = base.join(&p.root);
             toml.push_str(&format!(
-                "[[pool]]\nname = {:?}\nbackend = \"hostpath\"\nroot = {:?}\n{}\n\n",
-                p.name, root, p.extra
+                "[[pool]]\nname = {:?}\nbackend = {:?}\nroot = {:?}\n{}\n\n",
+                p.name, p.backend, root, p.extra
             ));
             pool_roots.push((p.name.clone(), root));
         }

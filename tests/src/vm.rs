@@ -30,6 +30,8 @@ pub struct Vm {
     rwdirs: Vec<PathBuf>,
     env: Vec<(String, String)>,
     network: bool,
+    /// (host port on 127.0.0.1, guest port).
+    forwards: Vec<(u16, u16)>,
 }
 
 /// What a guest command did.
@@ -50,7 +52,16 @@ impl Vm {
             Some(k) => PathBuf::from(k),
             None => newest_kernel()?,
         };
-        Ok(Vm { kernel, memory: "1G".into(), cpus: 2, disks: vec![], rwdirs: vec![], env: vec![], network: false })
+        Ok(Vm {
+            kernel,
+            memory: "1G".into(),
+            cpus: 2,
+            disks: vec![],
+            rwdirs: vec![],
+            env: vec![],
+            network: false,
+            forwards: vec![],
+        })
     }
 
     /// The kernel release the guest will run (from the image's file name, `vmlinuz-<release>`).
@@ -86,6 +97,14 @@ impl Vm {
     /// User-mode networking: the host's 127.0.0.1 is reachable from the guest as [`HOST_FROM_GUEST`].
     pub fn network(mut self) -> Self {
         self.network = true;
+        self
+    }
+
+    /// User-mode networking (as [`Vm::network`]) with the host's `127.0.0.1:host_port` forwarded to the guest's
+    /// `guest_port` (on its address 10.0.2.15). Bound to 127.0.0.1 explicitly: qemu binds every interface otherwise.
+    pub fn forward(mut self, host_port: u16, guest_port: u16) -> Self {
+        self.network = true;
+        self.forwards.push((host_port, guest_port));
         self
     }
 
@@ -150,8 +169,15 @@ impl Vm {
         for dir in &self.rwdirs {
             cmd.arg(format!("--rwdir={}", dir.display()));
         }
-        if self.network {
+        if self.network && self.forwards.is_empty() {
             cmd.args(["--network", "user", "--no-dhcp"]);
+        } else if self.network {
+            // vng's own user network has no port forwards: the same NIC made by hand (virtio-net-pci: TCG never
+            // gets the microvm machine), configured by the script like vng's.
+            let forwards: String =
+                self.forwards.iter().map(|(h, g)| format!(",hostfwd=tcp:127.0.0.1:{h}-:{g}")).collect();
+            // `--qemu-opts=…` in one argument: its value starts with '-'.
+            cmd.arg(format!("--qemu-opts=-device virtio-net-pci,netdev=berthnet -netdev user,id=berthnet{forwards}"));
         }
         cmd.arg("--exec").arg(format!("bash {}", script.display()));
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());

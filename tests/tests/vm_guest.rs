@@ -1,7 +1,7 @@
 //! Tests that run *inside* the VM (a real kernel with device-mapper), started by `vm_host`. They refuse to run
 //! on the host: run them with `hack/test-vm`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
@@ -129,4 +129,596 @@ fn reboot_phase_two() {
     let token = std::fs::read_to_string("/tmp/mnt/token").unwrap();
     assert_eq!(token, std::env::var("BERTH_TOKEN").unwrap());
     sh("umount", &["/tmp/mnt"]);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// LVM pools through the real agent: `berth-agent` runs in the guest with two lvm pools on the disk `lvm.img`
+// (thick, and thin in a thin pool of the same volume group); its API is called over HTTPS with the controller's
+// token, which the agent checks with the host's API server (TokenReview through 10.0.2.2). Two boots from the
+// same disk image and pool directory: `lvm_agent_phase_one` makes and fills volumes, `lvm_agent_phase_two` finds
+// them after a real reboot (nothing mounted, nothing active).
+
+mod lvm_agent {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command};
+    use std::time::Duration;
+
+    use berth::agent_api::{ErrorBody, ErrorReason, PoolList, Volume, VolumeList};
+    use berth::berth_node::BerthNode;
+    use kube::api::Api;
+    use reqwest::StatusCode;
+    use serde_json::{Value, json};
+
+    pub const FS_EXT4: &str = "pvc-11111111-0000-4000-8000-000000000001";
+    pub const FS_XFS: &str = "pvc-11111111-0000-4000-8000-000000000002";
+    pub const THIN_XFS: &str = "pvc-11111111-0000-4000-8000-000000000003";
+    pub const BLOCK: &str = "pvc-11111111-0000-4000-8000-000000000004";
+    pub const DOOMED_BLOCK: &str = "pvc-11111111-0000-4000-8000-000000000005";
+    pub const FRESH_BLOCK: &str = "pvc-11111111-0000-4000-8000-000000000006";
+    pub const DOOMED_FS: &str = "pvc-11111111-0000-4000-8000-000000000007";
+    pub const NODE: &str = "node-0";
+    const MI: u64 = 1 << 20;
+    const LVM_CONFIG: &str = "activation { udev_sync = 0 udev_rules = 0 }";
+    const PATTERN: &[u8] = b"BERTH-DELETED-DATA-PATTERN-0123456789abcdef";
+
+    pub fn env(key: &str) -> String {
+        std::env::var(key).unwrap_or_else(|_| panic!("{key} is set by vm_host"))
+    }
+
+    /// Persistent across boots (a host directory shared read-write): pool roots (mount points), agent state.
+    pub fn base() -> PathBuf {
+        PathBuf::from(env("BERTH_POOL_BASE"))
+    }
+
+    pub fn root(pool: &str) -> PathBuf {
+        base().join(pool)
+    }
+
+    pub fn lvm(args: &[&str]) -> String {
+        super::lvm(args)
+    }
+
+    pub fn lv_names() -> Vec<String> {
+        super::lv_report("berth").iter().map(|l| l["lv_name"].as_str().unwrap().to_owned()).collect()
+    }
+
+    pub fn config() -> PathBuf {
+        let path = base().join("agent.toml");
+        let pools = format!(
+            "[[pool]]\nname = \"thick\"\nbackend = \"lvm\"\nroot = {thick:?}\nvolume-group = \"berth\"\nlvm-config = {LVM_CONFIG:?}\n\n\
+             [[pool]]\nname = \"thin\"\nbackend = \"lvm\"\nroot = {thin:?}\nvolume-group = \"berth\"\nthin-pool = \"thin\"\n\
+             overprovision-ratio = 2.0\nlvm-config = {LVM_CONFIG:?}\n",
+            thick = root("thick"),
+            thin = root("thin"),
+        );
+        std::fs::write(&path, pools).unwrap();
+        path
+    }
+
+    pub struct GuestAgent {
+        child: Child,
+        pub http: reqwest::Client,
+        token: String,
+    }
+
+    const URL: &str = "https://127.0.0.1:7443";
+
+    impl GuestAgent {
+        /// Starts `berth-agent run` and waits for the BerthNode to carry a certificate other than the one before.
+        pub async fn start(phase: &str) -> GuestAgent {
+            let client = kube::Client::try_default().await.expect("KUBECONFIG reaches the host's API server");
+            let nodes: Api<BerthNode> = Api::all(client);
+            let old = nodes.get_opt(NODE).await.unwrap().and_then(|n| n.status).map(|s| s.certificate);
+            let log = std::fs::File::create(base().join(format!("agent-{phase}.log"))).unwrap();
+            let child = Command::new(env("BERTH_AGENT_BIN"))
+                .args(["run", "--config"])
+                .arg(config())
+                .args(["--node-name", NODE, "--listen", "127.0.0.1:7443", "--state-dir"])
+                .arg(base().join("state"))
+                .env("RUST_LOG", "info,kube=warn")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let node = testbed::kube_util::wait_for(&nodes, NODE, Duration::from_secs(120), |n| {
+                n.status.as_ref().is_some_and(|s| s.endpoint == URL && Some(&s.certificate) != old.as_ref())
+            })
+            .await
+            .unwrap_or_else(|e| {
+                let log = std::fs::read_to_string(base().join(format!("agent-{phase}.log"))).unwrap_or_default();
+                panic!("the agent did not publish itself: {e}\n{log}")
+            });
+            let cert = node.status.unwrap().certificate;
+            let http = reqwest::Client::builder()
+                .add_root_certificate(reqwest::Certificate::from_pem(cert.as_bytes()).unwrap())
+                .tls_built_in_root_certs(false)
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap();
+            GuestAgent { child, http, token: env("BERTH_CONTROLLER_TOKEN") }
+        }
+
+        pub async fn put(&self, name: &str, body: &Value) -> reqwest::Response {
+            self.http
+                .put(format!("{URL}/v1/volumes/{name}"))
+                .bearer_auth(&self.token)
+                .header("berth-leader-epoch", "1")
+                .json(body)
+                .send()
+                .await
+                .unwrap()
+        }
+
+        pub async fn create(&self, name: &str, body: &Value) -> Volume {
+            let resp = self.put(name, body).await;
+            let status = resp.status();
+            let text = resp.text().await.unwrap();
+            assert_eq!(status, StatusCode::CREATED, "create {name}: {text}");
+            serde_json::from_str(&text).unwrap()
+        }
+
+        pub async fn delete(&self, name: &str) {
+            let resp = self
+                .http
+                .delete(format!("{URL}/v1/volumes/{name}"))
+                .bearer_auth(&self.token)
+                .header("berth-leader-epoch", "1")
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!((status, body), (StatusCode::OK, json!({"deleted": true})), "delete {name}");
+        }
+
+        pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+            let resp = self.http.get(format!("{URL}{path}")).bearer_auth(&self.token).send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "GET {path}");
+            resp.json().await.unwrap()
+        }
+
+        pub fn stop(mut self) {
+            let _ = terminate(self.child.id());
+            let _ = self.child.wait();
+        }
+    }
+
+    fn terminate(pid: u32) -> std::io::Result<()> {
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        if status.success() { Ok(()) } else { Err(std::io::Error::other("kill failed")) }
+    }
+
+    pub fn body(pool: &str, size: u64, extra: Value) -> Value {
+        let mut b = json!({"pool": pool, "sizeBytes": size, "claim": {"namespace": "db", "name": "data-0"}});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    }
+
+    /// The mount at `target` from /proc/self/mountinfo: (filesystem type, mount options).
+    pub fn mount_of(target: &Path) -> Option<(String, String)> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        info.lines().rev().find_map(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.get(4) != Some(&target.to_str().unwrap()) {
+                return None;
+            }
+            let dash = f.iter().position(|x| *x == "-")?;
+            Some((f[dash + 1].to_owned(), f[5].to_owned()))
+        })
+    }
+
+    pub fn check_filesystem_volume(v: &Volume, fs: &str, token: &str) {
+        let data = Path::new(&v.path);
+        assert_eq!(data, root(&v.pool).join(&v.name).join("data"), "PV path = <root>/<volume>/data");
+        let (mounted_fs, opts) = mount_of(data.parent().unwrap()).unwrap_or_else(|| panic!("{} not mounted", v.name));
+        assert_eq!(mounted_fs, fs);
+        assert!(opts.split(',').any(|o| o == "noatime"), "the class's mount option is on the agent's mount: {opts}");
+        let meta = std::fs::metadata(data).unwrap();
+        assert_eq!((meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777), (999, 999, 0o2770));
+        assert_eq!(std::fs::read_to_string(data.join("token")).unwrap(), token);
+    }
+
+    pub fn write_pattern(dev: &str, len: u64) {
+        let mut f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+        let mut buf = Vec::with_capacity(len as usize);
+        while (buf.len() as u64) < len {
+            buf.extend_from_slice(PATTERN);
+        }
+        buf.truncate(len as usize);
+        f.write_all(&buf).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    pub fn contains_pattern(dev: &str) -> bool {
+        let mut all = Vec::new();
+        std::fs::File::open(dev).unwrap().read_to_end(&mut all).unwrap();
+        all.windows(PATTERN.len()).any(|w| w == PATTERN)
+    }
+
+    pub fn write_block_token(dev: &str, token: &str) {
+        let mut f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        f.write_all(token.as_bytes()).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    pub fn read_block_token(dev: &str, len: usize) -> String {
+        let mut f = std::fs::File::open(dev).unwrap();
+        f.seek(SeekFrom::Start(4096)).unwrap();
+        let mut buf = vec![0; len];
+        f.read_exact(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    pub async fn refusal(resp: reqwest::Response) -> (StatusCode, ErrorReason, String) {
+        let status = resp.status();
+        let body: ErrorBody = resp.json().await.unwrap();
+        (status, body.reason, body.message)
+    }
+
+    pub async fn pools(agent: &GuestAgent) -> PoolList {
+        agent.get("/v1/pools").await
+    }
+
+    pub async fn volumes(agent: &GuestAgent) -> VolumeList {
+        agent.get("/v1/volumes").await
+    }
+
+    pub const FS_EXTRA: fn(&str) -> Value =
+        |fs| json!({"fsType": fs, "mountOptions": ["noatime"], "uid": 999, "gid": 999, "mode": 0o2770});
+    pub const SMALL: u64 = 64 * MI;
+    /// mkfs.xfs refuses less than 300 MB.
+    pub const XFS_SIZE: u64 = 320 * MI;
+    pub const BLOCK_SIZE: u64 = 16 * MI;
+}
+
+/// First boot: the volume group and thin pool, the agent, four volumes written to, a deleted block volume whose
+/// data must not reach its successor, a deleted filesystem volume, and the refusal of what does not fit.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by vm_host::lvm_pools_through_the_agent_across_a_reboot in a boot of its own"]
+async fn lvm_agent_phase_one() {
+    use berth::agent_api::ErrorReason;
+    use lvm_agent::*;
+    in_vm();
+    sh("modprobe", &["dm_mod"]);
+    sh("modprobe", &["dm_thin_pool"]);
+    let disk = guest_disk("lvm.img").unwrap();
+    let disk = disk.to_str().unwrap();
+    lvm(&["pvcreate", "-y", disk]);
+    lvm(&["vgcreate", "berth", disk]);
+    lvm(&["lvcreate", "-y", "-L", "256m", "-T", "berth/thin"]);
+    for pool in ["thick", "thin"] {
+        let out = Command::new(env("BERTH_AGENT_BIN"))
+            .args(["init-pool", "--config"])
+            .arg(config())
+            .args(["--pool", pool])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "init-pool {pool}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let token = env("BERTH_TOKEN");
+    let agent = GuestAgent::start("one").await;
+    let p = pools(&agent).await;
+    let thin = p.pools.iter().find(|p| p.name == "thin").unwrap();
+    assert!(thin.ready, "{thin:?}");
+    assert_eq!(thin.capacity_bytes, 512 << 20, "thin pool 256 MiB x ratio 2");
+    assert_eq!(thin.enforcement, "device");
+
+    let ext4 = agent.create(FS_EXT4, &body("thick", SMALL, FS_EXTRA("ext4"))).await;
+    let xfs = agent.create(FS_XFS, &body("thick", XFS_SIZE, FS_EXTRA("xfs"))).await;
+    let thin_xfs = agent.create(THIN_XFS, &body("thin", XFS_SIZE, FS_EXTRA("xfs"))).await;
+    let block = agent.create(BLOCK, &body("thick", BLOCK_SIZE, serde_json::json!({"volumeMode": "Block"}))).await;
+    assert_eq!(ext4.fs_type.as_deref(), Some("ext4"));
+    for (v, fs) in [(&ext4, "ext4"), (&xfs, "xfs"), (&thin_xfs, "xfs")] {
+        std::fs::write(Path::new(&v.path).join("token"), &token).unwrap();
+        check_filesystem_volume(v, fs, &token);
+    }
+    // The block volume's path is lvm2's device-mapper node (hyphens doubled), not a string Berth built.
+    assert_eq!(block.path, format!("/dev/mapper/berth-berth--{}", BLOCK.replace('-', "--")));
+    assert!(is_block_device(&block.path));
+    write_block_token(&block.path, &token);
+    // The same request again: the same volume.
+    let again = agent.put(FS_XFS, &body("thick", XFS_SIZE, FS_EXTRA("xfs"))).await;
+    assert_eq!(again.status(), reqwest::StatusCode::OK);
+    let mut names = lv_names();
+    names.retain(|n| n.starts_with("berth-pvc-"));
+    assert_eq!(names.len(), 4, "{names:?}");
+
+    // Delete a block volume full of a pattern; a new one of the same size must not show it.
+    let doomed =
+        agent.create(DOOMED_BLOCK, &body("thick", BLOCK_SIZE, serde_json::json!({"volumeMode": "Block"}))).await;
+    write_pattern(&doomed.path, BLOCK_SIZE);
+    assert!(contains_pattern(&doomed.path), "the pattern is readable before the delete");
+    let segments_before = lvm(&["lvs", "--noheadings", "-o", "seg_pe_ranges", &format!("berth/berth-{DOOMED_BLOCK}")]);
+    agent.delete(DOOMED_BLOCK).await;
+    assert!(!lv_names().contains(&format!("berth-{DOOMED_BLOCK}")), "the LV is gone");
+    let fresh = agent.create(FRESH_BLOCK, &body("thick", BLOCK_SIZE, serde_json::json!({"volumeMode": "Block"}))).await;
+    let segments_after = lvm(&["lvs", "--noheadings", "-o", "seg_pe_ranges", &format!("berth/berth-{FRESH_BLOCK}")]);
+    // lvm2 hands out the first free extents: the new volume sits where the deleted one was (else the test
+    // would prove nothing).
+    assert_eq!(
+        segments_before.split(':').nth(1).map(str::trim),
+        segments_after.split(':').nth(1).map(str::trim),
+        "{segments_before} vs {segments_after}"
+    );
+    assert!(!contains_pattern(&fresh.path), "data of a deleted block volume showed up in a new one");
+    agent.delete(FRESH_BLOCK).await;
+
+    // A filesystem volume: deleted, unmounted, its LV and mount point gone.
+    let doomed_fs = agent.create(DOOMED_FS, &body("thin", SMALL, FS_EXTRA("ext4"))).await;
+    let mount_point = Path::new(&doomed_fs.path).parent().unwrap().to_owned();
+    agent.delete(DOOMED_FS).await;
+    assert!(mount_of(&mount_point).is_none() && !mount_point.exists());
+    assert!(!lv_names().contains(&format!("berth-{DOOMED_FS}")));
+
+    // Out of extents: the typed refusal, over HTTP, and nothing made.
+    let (status, reason, message) = refusal(
+        agent.put("pvc-11111111-0000-4000-8000-0000000000ff", &body("thick", 8 << 30, serde_json::json!({}))).await,
+    )
+    .await;
+    assert_eq!(
+        (status, reason),
+        (reqwest::StatusCode::INSUFFICIENT_STORAGE, ErrorReason::InsufficientSpace),
+        "{message}"
+    );
+    let thin_status = pools(&agent).await.pools.into_iter().find(|p| p.name == "thin").unwrap();
+    let (status, reason, _) = refusal(
+        agent
+            .put(
+                "pvc-11111111-0000-4000-8000-0000000000fe",
+                &body("thin", thin_status.free_bytes + (4 << 20), serde_json::json!({})),
+            )
+            .await,
+    )
+    .await;
+    assert_eq!((status, reason), (reqwest::StatusCode::INSUFFICIENT_STORAGE, ErrorReason::InsufficientSpace));
+    assert_eq!(volumes(&agent).await.volumes.len(), 4);
+    agent.stop();
+    // A real reboot follows: the VM powers off with everything mounted and active, as a node that loses power.
+}
+
+fn super_lv_active() -> Vec<String> {
+    lv_report("berth")
+        .iter()
+        .filter(|l| l["lv_active"] == "active")
+        .map(|l| l["lv_name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Second boot: nothing is mounted or active; the PV paths do not exist until the agent runs; then every volume
+/// is back with its data, and deleting them leaves no LV.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by vm_host::lvm_pools_through_the_agent_across_a_reboot in a boot of its own"]
+async fn lvm_agent_phase_two() {
+    use lvm_agent::*;
+    in_vm();
+    sh("modprobe", &["dm_mod"]);
+    sh("modprobe", &["dm_thin_pool"]);
+    let token = env("BERTH_TOKEN");
+    let fs_volumes = [(FS_EXT4, "thick", "ext4"), (FS_XFS, "thick", "xfs"), (THIN_XFS, "thin", "xfs")];
+    for (name, pool, _) in fs_volumes {
+        let data = root(pool).join(name).join("data");
+        assert!(mount_of(data.parent().unwrap()).is_none(), "{name} mounted before the agent ran");
+        assert!(!data.exists(), "{} exists before the agent ran: a pod would write to the system disk", data.display());
+    }
+    let block_dev = format!("/dev/mapper/berth-berth--{}", BLOCK.replace('-', "--"));
+    // A block volume's path is lvm2's device node: absent while the LV is inactive, and the volume itself once
+    // anything (boot-time autoactivation, the agent) activates it; never a file of the system disk.
+    let active_before: Vec<String> = super_lv_active();
+    println!("active before the agent ran: {active_before:?}");
+    assert!(!Path::new(&block_dev).exists() || is_block_device(&block_dev), "{block_dev} is not a device");
+
+    // Debris of a create and of a delete interrupted between lvm2 commands (the agent crashed), and an LV with the
+    // pool's tag but no record Berth can read.
+    for (name, tag) in [("berth-pvc-debris-create", "berth:creating"), ("berth-pvc-debris-delete", "berth:deleting")] {
+        lvm(&[
+            "lvcreate",
+            "-y",
+            "-W",
+            "y",
+            "-L",
+            "8m",
+            "-n",
+            name,
+            "berth",
+            "--addtag",
+            "berth:pool=thick",
+            "--addtag",
+            tag,
+        ]);
+    }
+    lvm(&["lvcreate", "-y", "-W", "y", "-L", "8m", "-n", "stranger", "berth", "--addtag", "berth:pool=thick"]);
+
+    let agent = GuestAgent::start("two").await;
+    let names_now = lv_names();
+    assert!(!names_now.iter().any(|n| n.contains("debris")), "debris left: {names_now:?}");
+    assert!(names_now.contains(&"stranger".to_string()), "an LV without a readable record is left alone");
+    let listed = volumes(&agent).await.volumes;
+    let names: Vec<&str> = listed.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, [FS_EXT4, FS_XFS, THIN_XFS, BLOCK]);
+    for (name, _, fs) in fs_volumes {
+        let v = listed.iter().find(|v| v.name == name).unwrap();
+        check_filesystem_volume(v, fs, &token);
+    }
+    let block = listed.iter().find(|v| v.name == BLOCK).unwrap();
+    assert_eq!(block.path, block_dev);
+    assert_eq!(read_block_token(&block.path, token.len()), token);
+    for name in [FS_EXT4, FS_XFS, THIN_XFS, BLOCK] {
+        agent.delete(name).await;
+    }
+    let left: Vec<String> = lv_names().into_iter().filter(|n| n.starts_with("berth-")).collect();
+    assert_eq!(left, Vec::<String>::new());
+    assert_eq!(volumes(&agent).await.volumes.len(), 0);
+    agent.stop();
+}
+
+/// The agent's cost over bare lvm2: LV create+delete through the agent's HTTPS API (block volumes in a thick pool:
+/// lvcreate, tag changes, activation checks, and the zeroing of the deleted LV) against bare `lvcreate`/`lvremove`
+/// of the same size, in the same boot. Prints one `BENCH` line.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by vm_host::lvm_create_delete_benchmark in a boot of its own"]
+async fn lvm_agent_benchmark() {
+    use lvm_agent::*;
+    use std::time::Instant;
+    in_vm();
+    sh("modprobe", &["dm_mod"]);
+    sh("modprobe", &["dm_thin_pool"]);
+    let disk = guest_disk("bench.img").unwrap();
+    let disk = disk.to_str().unwrap();
+    lvm(&["pvcreate", "-y", disk]);
+    lvm(&["vgcreate", "berth", disk]);
+    lvm(&["lvcreate", "-y", "-L", "128m", "-T", "berth/thin"]);
+    for pool in ["thick", "thin"] {
+        let out = Command::new(env("BERTH_AGENT_BIN"))
+            .args(["init-pool", "--config"])
+            .arg(config())
+            .args(["--pool", pool])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "init-pool {pool}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rounds: usize = std::env::var("BERTH_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
+    let size = "16m";
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut bare = Vec::new();
+    for i in 0..rounds {
+        let name = format!("bare-{i}");
+        let t = Instant::now();
+        lvm(&["lvcreate", "-y", "-W", "y", "-L", size, "-n", &name, "berth"]);
+        lvm(&["lvremove", "-y", &format!("berth/{name}")]);
+        bare.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let agent = GuestAgent::start("bench").await;
+    let mut through = std::collections::BTreeMap::new();
+    for (pool, extra) in [("thick", json_block()), ("thin", json_block())] {
+        // One round first: the token review is then cached, as it is for a controller calling repeatedly.
+        agent.create("pvc-bench-warm", &body(pool, BLOCK_SIZE, extra.clone())).await;
+        agent.delete("pvc-bench-warm").await;
+        let mut times = Vec::new();
+        for i in 0..rounds {
+            let name = format!("pvc-bench-{i}");
+            let t = Instant::now();
+            agent.create(&name, &body(pool, BLOCK_SIZE, extra.clone())).await;
+            agent.delete(&name).await;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        through.insert(pool, median(times));
+    }
+    agent.stop();
+    let bare = median(bare);
+    println!(
+        "BENCH rounds={rounds} size={size} bare_ms={bare:.0} agent_thick_block_ms={:.0} agent_thin_block_ms={:.0} ratio_thick={:.2} ratio_thin={:.2}",
+        through["thick"],
+        through["thin"],
+        through["thick"] / bare,
+        through["thin"] / bare
+    );
+}
+
+fn json_block() -> Value {
+    serde_json::json!({"volumeMode": "Block"})
+}
+
+/// End to end with the agent here and the control plane and controller on the host: the agent listens on the
+/// guest's address, port-forwarded to the host's 127.0.0.1 (`BERTH_ADVERTISE`, the address the controller dials),
+/// and publishes itself through 10.0.2.2. Waits for the host's claim of class `berth-lvm` to be provisioned here
+/// and bound, checks that the PV's path is inside the xfs filesystem the agent mounted, then deletes the claim and
+/// waits for the PV and the LV to go.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by vm_host::lvm_end_to_end_agent_in_the_vm in a boot of its own"]
+async fn lvm_e2e_agent() {
+    use k8s_openapi::api::core::v1::PersistentVolume;
+    use kube::api::{Api, ListParams};
+    use lvm_agent::*;
+    use std::time::{Duration, Instant};
+    in_vm();
+    sh("modprobe", &["dm_mod"]);
+    sh("modprobe", &["dm_thin_pool"]);
+    let disk = guest_disk("e2e.img").unwrap();
+    let disk = disk.to_str().unwrap();
+    lvm(&["pvcreate", "-y", disk]);
+    lvm(&["vgcreate", "berth", disk]);
+    lvm(&["lvcreate", "-y", "-L", "128m", "-T", "berth/thin"]);
+    // The example classes name the pools "lvm" and "lvm-thin".
+    let config = base().join("e2e.toml");
+    let lvm_config = "activation { udev_sync = 0 udev_rules = 0 }";
+    std::fs::write(
+        &config,
+        format!(
+            "[[pool]]\nname = \"lvm\"\nbackend = \"lvm\"\nroot = {:?}\nvolume-group = \"berth\"\nlvm-config = {lvm_config:?}\n\n\
+             [[pool]]\nname = \"lvm-thin\"\nbackend = \"lvm\"\nroot = {:?}\nvolume-group = \"berth\"\nthin-pool = \"thin\"\nlvm-config = {lvm_config:?}\n",
+            root("lvm"),
+            root("lvm-thin")
+        ),
+    )
+    .unwrap();
+    for pool in ["lvm", "lvm-thin"] {
+        let out = Command::new(env("BERTH_AGENT_BIN"))
+            .args(["init-pool", "--config"])
+            .arg(&config)
+            .args(["--pool", pool])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "init-pool {pool}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let advertise = env("BERTH_ADVERTISE");
+    let log = std::fs::File::create(base().join("agent-e2e.log")).unwrap();
+    let mut agent = Command::new(env("BERTH_AGENT_BIN"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--node-name", NODE, "--listen", "10.0.2.15:7443", "--advertise", &advertise, "--state-dir"])
+        .arg(base().join("state"))
+        .env("RUST_LOG", "info,kube=warn")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let client = kube::Client::try_default().await.unwrap();
+    let pvs: Api<PersistentVolume> = Api::all(client);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let pv = loop {
+        let list = pvs.list(&ListParams::default()).await.unwrap().items;
+        let bound = list.into_iter().find(|pv| {
+            pv.spec.as_ref().and_then(|s| s.storage_class_name.as_deref()) == Some("berth-lvm")
+                && pv.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+        });
+        if let Some(pv) = bound {
+            break pv;
+        }
+        assert!(Instant::now() < deadline, "no Bound PV of class berth-lvm after 300 s");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let spec = pv.spec.unwrap();
+    let path = PathBuf::from(spec.local.expect("a local PV").path);
+    assert!(spec.mount_options.is_none(), "the class's mountOptions went to the agent's mount, not the PV");
+    let (fs, opts) = mount_of(path.parent().unwrap()).unwrap_or_else(|| panic!("{} is not mounted", path.display()));
+    assert_eq!(fs, "xfs");
+    assert!(opts.split(',').any(|o| o == "noatime"), "{opts}");
+    std::fs::write(path.join("written-by-the-e2e-test"), "ok").unwrap();
+    let pv_name = pv.metadata.name.unwrap_or_default();
+    println!("PV {pv_name} bound, path {} mounted ({fs}, {opts})", path.display());
+    assert!(lv_names().contains(&format!("berth-{pv_name}")));
+
+    // The user deletes the pod and the claim: the controller has the agent delete the volume, then the PV goes.
+    use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+    let client = kube::Client::try_default().await.unwrap();
+    let dp = kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+    Api::<Pod>::namespaced(client.clone(), "default").delete("db", &dp).await.unwrap();
+    Api::<PersistentVolumeClaim>::namespaced(client, "default").delete("data", &dp).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while pvs.get_opt(&pv_name).await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "PV {pv_name} still there 300 s after its claim was deleted");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(!lv_names().contains(&format!("berth-{pv_name}")), "the PV is gone but its LV is not");
+    assert!(mount_of(path.parent().unwrap()).is_none() && !path.parent().unwrap().exists());
+    let _ = Command::new("kill").args(["-TERM", &agent.id().to_string()]).status();
+    let _ = agent.wait();
 }

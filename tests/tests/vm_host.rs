@@ -72,3 +72,128 @@ fn disks_survive_a_reboot() {
         assert!(run.output.contains(&format!("test {phase} ... ok")), "{phase} did not run");
     }
 }
+
+/// What the LVM guest tests need: a control plane here (the guest's agent authenticates tokens with its
+/// TokenReview through 10.0.2.2), a disk image, and a directory that outlives a boot (pool roots, agent state).
+struct LvmWorld {
+    rt: tokio::runtime::Runtime,
+    bed: Option<testbed::TestBed>,
+    _dir: tempfile::TempDir,
+    pool_base: PathBuf,
+    vm: Vm,
+}
+
+fn lvm_world(image_name: &str) -> LvmWorld {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let beds = repo_root().join("target/vm-beds");
+    std::fs::create_dir_all(&beds).unwrap();
+    let config = testbed::TestBedConfig { nodes: vec![testbed::NodeSpec::default()], base_dir: Some(beds) };
+    let bed = rt.block_on(testbed::TestBed::start(config)).unwrap();
+    rt.block_on(bed.install_berth()).unwrap();
+    assert_eq!(bed.nodes()[0].name, "node-0");
+    let controller_token = rt.block_on(bed.controller_token("node-0")).unwrap();
+
+    let (dir, image) = disk_image(image_name, 1 << 30);
+    let pool_base = dir.path().join("node");
+    std::fs::create_dir_all(&pool_base).unwrap();
+    // The admin kubeconfig, with the API server as the guest reaches it.
+    let port = bed.api_server().rsplit(':').next().unwrap().to_owned();
+    let kubeconfig = std::fs::read_to_string(bed.kubeconfig())
+        .unwrap()
+        .replace(bed.api_server(), &format!("https://{}:{port}", testbed::vm::HOST_FROM_GUEST));
+    let guest_kubeconfig = pool_base.join("guest.kubeconfig");
+    std::fs::write(&guest_kubeconfig, kubeconfig).unwrap();
+    let agent_bin = repo_root().join("target/debug/berth-agent");
+    assert!(agent_bin.exists(), "{} is built by hack/test-vm", agent_bin.display());
+    let vm = Vm::new()
+        .unwrap()
+        .disk(&image)
+        .network()
+        .rwdir(&pool_base)
+        .env("BERTH_POOL_BASE", pool_base.display().to_string())
+        .env("KUBECONFIG", guest_kubeconfig.display().to_string())
+        .env("BERTH_AGENT_BIN", agent_bin.display().to_string())
+        .env("BERTH_CONTROLLER_TOKEN", &controller_token)
+        .env("BERTH_TOKEN", token());
+    LvmWorld { rt, bed: Some(bed), _dir: dir, pool_base, vm }
+}
+
+impl LvmWorld {
+    fn run_phase(&self, phase: &str) -> testbed::vm::VmRun {
+        let run = self.vm.run(&format!("{} --ignored --exact --nocapture {phase}", guest_bin())).unwrap();
+        if run.status != 0 {
+            for e in std::fs::read_dir(&self.pool_base).unwrap().flatten() {
+                if e.file_name().to_string_lossy().ends_with(".log") {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    println!("--- {}\n{text}", e.file_name().to_string_lossy());
+                }
+            }
+        }
+        assert_eq!(run.status, 0, "{phase} failed (output above)");
+        assert!(run.output.contains(&format!("test {phase} ... ok")), "{phase} did not run");
+        println!("{phase}: {:.1} s", run.elapsed.as_secs_f64());
+        run
+    }
+}
+
+impl Drop for LvmWorld {
+    fn drop(&mut self) {
+        let _guard = self.rt.enter();
+        drop(self.bed.take());
+    }
+}
+
+/// LVM pools through the real agent in a real kernel, across a real reboot: the control plane runs here, the agent
+/// and its volume group in the guest. Two boots from the same disk image and pool directory.
+#[test]
+fn lvm_pools_through_the_agent_across_a_reboot() {
+    let world = lvm_world("lvm.img");
+    for phase in ["lvm_agent_phase_one", "lvm_agent_phase_two"] {
+        world.run_phase(phase);
+    }
+}
+
+/// LV create+delete through the agent against bare lvcreate/lvremove in the same boot (docs/benchmarks.md).
+#[test]
+fn lvm_create_delete_benchmark() {
+    let world = lvm_world("bench.img");
+    let run = world.run_phase("lvm_agent_benchmark");
+    let line = run.output.lines().find(|l| l.contains("BENCH ")).expect("the guest printed its result");
+    println!("{line}");
+}
+
+/// End to end across the VM boundary: the control plane and the controller here, one node's agent with its lvm
+/// pools in the guest. The agent is reached at the host's 127.0.0.1:<port>, forwarded into the guest; it reaches
+/// the API server at 10.0.2.2. A WaitForFirstConsumer claim of the example class `berth-lvm`
+/// (deploy/examples/storageclass-lvm.yaml) with a pod becomes a Bound PV whose path the guest finds mounted; the
+/// claim deleted, the PV and the LV go.
+#[test]
+fn lvm_end_to_end_agent_in_the_vm() {
+    let mut world = lvm_world("e2e.img");
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    world.vm = world.vm.clone().forward(port, 7443).env("BERTH_ADVERTISE", format!("127.0.0.1:{port}"));
+    let bed = world.bed.as_ref().unwrap();
+    let controller_bin = repo_root().join("target/debug/berth-controller");
+    assert!(controller_bin.exists(), "{} is built by hack/test-vm", controller_bin.display());
+    let _controller = world.rt.block_on(bed.start_controller(&controller_bin, &[])).unwrap();
+    let classes = repo_root().join("deploy/examples/storageclass-lvm.yaml");
+    let kubectl = |args: &[&str]| {
+        let out = bed.kubectl(args).unwrap();
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    kubectl(&["apply", "-f", classes.to_str().unwrap()]);
+    let objects = world.pool_base.join("claim.yaml");
+    std::fs::write(
+        &objects,
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data, namespace: default}\n\
+         spec: {storageClassName: berth-lvm, accessModes: [ReadWriteOnce], resources: {requests: {storage: 400Mi}}}\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata: {name: db, namespace: default}\n\
+         spec:\n  containers: [{name: db, image: registry.invalid/db:1}]\n  volumes: [{name: data, persistentVolumeClaim: {claimName: data}}]\n",
+    )
+    .unwrap();
+    kubectl(&["apply", "-f", objects.to_str().unwrap()]);
+    world.run_phase("lvm_e2e_agent");
+    // The guest saw the claim Bound, then deleted it and saw its PV and LV go.
+    let out = bed.kubectl(&["get", "pv", "-o", "name"]).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "no PV left");
+}

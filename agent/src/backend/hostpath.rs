@@ -130,14 +130,14 @@ impl Backend for HostPath {
         "hostpath"
     }
 
-    fn probe(&self) -> Result<PoolProbe, BackendError> {
+    fn probe(&self, _own_sizes: &[u64]) -> Result<PoolProbe, BackendError> {
         self.check_marker()?;
         let root = self.root.to_str().ok_or_else(|| BackendError::NotReady("root is not UTF-8".into()))?;
         let c = CString::new(root).map_err(|e| BackendError::NotReady(e.to_string()))?;
         let st =
             rustix::fs::statvfs(c.as_c_str()).map_err(|e| BackendError::NotReady(format!("statvfs {root}: {e}")))?;
         let fs_id = std::fs::metadata(&self.root).map_err(|e| BackendError::NotReady(e.to_string()))?.dev();
-        Ok(PoolProbe {
+        Ok(PoolProbe::Filesystem {
             fs: FsUsage { size_bytes: st.f_blocks * st.f_frsize, available_bytes: st.f_bavail * st.f_frsize },
             fs_id,
         })

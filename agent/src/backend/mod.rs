@@ -1,13 +1,15 @@
 //! Backends: how a pool stores volumes. The agent core (locking, capacity, idempotency, the API) is the same for
-//! every backend; a backend only knows its own storage. The LVM issue adds the second one.
+//! every backend; a backend only knows its own storage: `hostpath` (directories) and `lvm` (logical volumes).
 
 pub mod hostpath;
+pub mod lvm;
+pub mod lvm2;
 
 use berth::agent_api::{ClaimRef, VolumeMode};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::capacity::FsUsage;
+use crate::capacity::{Capacity, FsUsage};
 
 /// The marker every volume carries, and the agent's inventory entry for it. Versioned: a marker of an unknown
 /// version is left alone and reported, never rewritten or deleted.
@@ -25,6 +27,12 @@ pub struct VolumeRecord {
     pub mode: u32,
     /// RFC 3339.
     pub created_at: String,
+    /// The filesystem made on the volume (lvm pools, `Filesystem` volumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_type: Option<String>,
+    /// Options of the agent's mount of the volume (lvm pools).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount_options: Vec<String>,
     /// The host path a PV points at (derived, not stored in the marker).
     #[serde(skip)]
     pub path: String,
@@ -33,17 +41,35 @@ pub struct VolumeRecord {
 pub const VOLUME_MARKER_VERSION: u32 = 1;
 
 /// What a ready pool's storage looks like now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolProbe {
-    pub fs: FsUsage,
-    /// Identifies the filesystem, so pools sharing one are accounted together.
-    pub fs_id: u64,
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PoolProbe {
+    /// A pool on a filesystem, possibly shared with other pools.
+    Filesystem {
+        fs: FsUsage,
+        /// Identifies the filesystem, so pools sharing one are accounted together.
+        fs_id: u64,
+    },
+    /// A pool whose storage accounts for itself (lvm: the volume group or thin pool knows what it gave out); the
+    /// capacity is already computed from the pool's volumes.
+    Exact(Capacity),
+}
+
+impl PoolProbe {
+    pub fn fs_id(&self) -> Option<u64> {
+        match self {
+            PoolProbe::Filesystem { fs_id, .. } => Some(*fs_id),
+            PoolProbe::Exact(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Error)]
 pub enum BackendError {
     #[error("pool not ready: {0}")]
     NotReady(String),
+    /// The storage itself refused for lack of space (the agent's own check passed: someone else took it).
+    #[error("{0}")]
+    InsufficientSpace(String),
     #[error("{0}")]
     Io(String),
 }
@@ -51,8 +77,13 @@ pub enum BackendError {
 /// What the agent core needs of a backend. Calls are serialised by the core; they may block (file I/O).
 pub trait Backend: Send + Sync {
     fn kind(&self) -> &'static str;
-    /// Ready (root present with this pool's marker) and the filesystem's usage; `NotReady` with the reason.
-    fn probe(&self) -> Result<PoolProbe, BackendError>;
+    /// How volume sizes are enforced: `none` (a directory can outgrow its size) or `device` (a block device).
+    fn enforcement(&self) -> &'static str {
+        "none"
+    }
+    /// Ready (root present with this pool's marker) and the storage's usage; `NotReady` with the reason.
+    /// `own_sizes` are the sizes promised to this pool's volumes (for backends that compute exact capacity).
+    fn probe(&self, own_sizes: &[u64]) -> Result<PoolProbe, BackendError>;
     /// The volumes on disk, after removing debris of operations a crash interrupted. Called at start.
     fn recover(&self) -> Result<Vec<VolumeRecord>, BackendError>;
     /// Makes the volume described by `record` (whose `path` it fills in). Atomic: after a crash the volume either

@@ -1,0 +1,560 @@
+//! `lvm` pools: each volume is a logical volume in the pool's volume group (thick), or a thin volume in its thin
+//! pool. Every lvm2 call goes through [`Lvm`] (lvm2.rs).
+//!
+//! ```text
+//! VG tag   berth:pool=<pool>              the pool marker (`berth-agent init-pool`); without it: not ready
+//! LV       berth-<volume>                 tagged berth:pool=<pool>, berth:v=1, berth:size=…, berth:claim=…: the
+//!                                         inventory is rebuilt from `lvs` alone
+//! <root>/<volume>/                        mount point of a Filesystem volume (an empty directory when unmounted)
+//! <root>/<volume>/data/                   what the PV points at; exists only inside the mounted filesystem
+//! ```
+//! So when a volume is not mounted (after a reboot, before the agent ran) its PV path does not exist and kubelet
+//! fails and retries instead of bind-mounting an empty directory of the system disk. A Block volume's path is the
+//! device-mapper node from lvm2's report (`lv_dm_path`), which exists only while the LV is active.
+//!
+//! A create tags the new LV `berth:creating` and lifts the tag when the filesystem is made and mounted; a delete
+//! unmounts, tags the LV `berth:deleting` (it leaves the inventory), and the purge zeroes a thick LV before
+//! `lvremove`. An LV found with either tag at start is debris of an interrupted operation and is removed.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use berth::agent_api::{ClaimRef, VolumeMode};
+
+use super::lvm2::{LvRow, Lvm, LvmError, VgRow};
+use super::{Backend, BackendError, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord};
+use crate::capacity::{LvmSpace, PoolLimits, lvm_capacity};
+
+const TAG: &str = "berth:";
+const CREATING: &str = "berth:creating";
+const DELETING: &str = "berth:deleting";
+const DATA_DIR: &str = "data";
+/// The LV of volume `pvc-…` is `berth-pvc-…`: a fixed prefix keeps every DNS-1123 label clear of lvm2's reserved
+/// names (`snapshot…`, `pvmove…`) and marks the LV as Berth's to anyone reading `lvs`.
+const LV_PREFIX: &str = "berth-";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Thin {
+    pub pool_lv: String,
+    pub ratio: f64,
+    pub threshold_percent: f64,
+}
+
+pub struct LvmPool {
+    pool: String,
+    root: PathBuf,
+    vg: String,
+    thin: Option<Thin>,
+    limits: PoolLimits,
+    lvm: Lvm,
+}
+
+fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> BackendError {
+    BackendError::Io(format!("{what}: {e}"))
+}
+
+pub fn backend_error(e: LvmError) -> BackendError {
+    match e {
+        LvmError::VgNotFound(vg) => BackendError::NotReady(format!("volume group {vg:?} not found")),
+        LvmError::InsufficientSpace(m) => BackendError::InsufficientSpace(m),
+        other => BackendError::Io(other.to_string()),
+    }
+}
+
+pub fn lv_name(volume: &str) -> String {
+    format!("{LV_PREFIX}{volume}")
+}
+
+/// The characters lvm2 allows in a tag.
+fn tag_safe(v: &str) -> bool {
+    !v.is_empty() && v.chars().all(|c| c.is_ascii_alphanumeric() || "_+.-/=!:&#".contains(c))
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// The tags that carry a volume's record (everything the inventory needs).
+pub fn record_tags(r: &VolumeRecord) -> Result<Vec<String>, BackendError> {
+    let claim = format!("{}/{}", r.claim.namespace, r.claim.name);
+    if !tag_safe(&claim) || !tag_safe(&r.created_at) {
+        return Err(BackendError::Io(format!(
+            "claim {claim:?} or time {:?} cannot be written into an LVM tag",
+            r.created_at
+        )));
+    }
+    let mut tags = vec![
+        format!("{TAG}pool={}", r.pool),
+        format!("{TAG}v={}", r.version),
+        format!("{TAG}volume={}", r.name),
+        format!("{TAG}size={}", r.size_bytes),
+        format!("{TAG}volmode={:?}", r.volume_mode),
+        format!("{TAG}claim={claim}"),
+        format!("{TAG}owner={}:{}", r.uid, r.gid),
+        format!("{TAG}perm={:o}", r.mode),
+        format!("{TAG}created={}", r.created_at),
+    ];
+    if let Some(fs) = &r.fs_type {
+        tags.push(format!("{TAG}fs={fs}"));
+    }
+    if !r.mount_options.is_empty() {
+        // Mount options may hold characters a tag may not (','): hex of the comma-joined list.
+        tags.push(format!("{TAG}mountopts={}", hex(&r.mount_options.join(","))));
+    }
+    Ok(tags)
+}
+
+/// The record of a volume from its LV's tags; `Err` says what is missing or malformed.
+pub fn record_from_tags(tags: &[String]) -> Result<VolumeRecord, String> {
+    let get = |key: &str| {
+        let prefix = format!("{TAG}{key}=");
+        tags.iter().find_map(|t| t.strip_prefix(&prefix)).ok_or_else(|| format!("no {prefix} tag"))
+    };
+    let num = |key: &str| get(key)?.parse::<u64>().map_err(|_| format!("tag {TAG}{key} is not a number"));
+    let (namespace, name) = get("claim")?.split_once('/').ok_or("tag berth:claim is not namespace/name")?;
+    let (uid, gid) = get("owner")?.split_once(':').ok_or("tag berth:owner is not uid:gid")?;
+    let mode = u32::from_str_radix(get("perm")?, 8).map_err(|_| "tag berth:perm is not octal")?;
+    let volume_mode = match get("volmode")? {
+        "Filesystem" => VolumeMode::Filesystem,
+        "Block" => VolumeMode::Block,
+        other => return Err(format!("tag berth:volmode {other:?}")),
+    };
+    let mount_options = match get("mountopts") {
+        Ok(h) => unhex(h).ok_or("tag berth:mountopts is not hex")?.split(',').map(str::to_owned).collect(),
+        Err(_) => vec![],
+    };
+    Ok(VolumeRecord {
+        version: num("v")? as u32,
+        name: get("volume")?.to_owned(),
+        pool: get("pool")?.to_owned(),
+        size_bytes: num("size")?,
+        volume_mode,
+        claim: ClaimRef { namespace: namespace.to_owned(), name: name.to_owned() },
+        uid: uid.parse().map_err(|_| "tag berth:owner uid")?,
+        gid: gid.parse().map_err(|_| "tag berth:owner gid")?,
+        mode,
+        created_at: get("created")?.to_owned(),
+        fs_type: get("fs").ok().map(str::to_owned),
+        mount_options,
+        path: String::new(),
+    })
+}
+
+/// The device (major, minor) mounted at `target` according to `/proc/self/mountinfo` text, the topmost mount if
+/// several are stacked.
+pub fn mounted_device(mountinfo: &str, target: &Path) -> Option<(u32, u32)> {
+    let target = target.to_str()?;
+    let mut found = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields.len() < 5 {
+            continue;
+        }
+        // Mount points are octal-escaped (\040 for a space); Berth's paths need no escaping, so compare as is.
+        if fields[4] == target
+            && let Some((maj, min)) = fields[2].split_once(':')
+            && let (Ok(maj), Ok(min)) = (maj.parse(), min.parse())
+        {
+            found = Some((maj, min));
+        }
+    }
+    found
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), BackendError> {
+    let out = Command::new(program)
+        .args(args)
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|e| io(format!("running {program}"), e))?;
+    if !out.status.success() {
+        // The first lines say why; mkfs then prints its whole usage text.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let why: Vec<&str> = stderr.lines().take(3).collect();
+        return Err(BackendError::Io(format!("{program} {}: {} {}", args.join(" "), out.status, why.join("; "))));
+    }
+    Ok(())
+}
+
+impl LvmPool {
+    pub fn new(
+        pool: &str,
+        root: &Path,
+        vg: &str,
+        thin: Option<Thin>,
+        limits: PoolLimits,
+        lvm_config: Option<String>,
+    ) -> LvmPool {
+        LvmPool { pool: pool.into(), root: root.into(), vg: vg.into(), thin, limits, lvm: Lvm::new(lvm_config) }
+    }
+
+    fn marker_tag(&self) -> String {
+        format!("{TAG}pool={}", self.pool)
+    }
+
+    /// `berth-agent init-pool`: creates the root (mount points) and tags the volume group (which the
+    /// administrator made) as this pool's.
+    pub fn init(&self) -> Result<(), BackendError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&self.root)
+            .map_err(|e| io(self.root.display(), e))?;
+        let vg = self.lvm.vg(&self.vg).map_err(backend_error)?;
+        if !vg.tags.contains(&self.marker_tag()) {
+            self.lvm.run(&["vgchange", "--addtag", &self.marker_tag(), &self.vg]).map_err(backend_error)?;
+        }
+        Ok(())
+    }
+
+    /// Ready: the volume group carries the pool's tag, the root exists, and a thin pool (if any) is there and
+    /// zeroes new blocks (Berth relies on that to keep deleted data out of new thin volumes). Returns the volume
+    /// group and, for thin pools, its LVs (thick pools need no `lvs` to know their space).
+    fn check_ready(&self) -> Result<(VgRow, Vec<LvRow>), BackendError> {
+        let vg = self.check_marked()?;
+        let Some(thin) = &self.thin else { return Ok((vg, vec![])) };
+        let lvs = self.lvm.lvs(&self.vg).map_err(backend_error)?;
+        {
+            let Some(pool) = lvs.iter().find(|l| l.name == thin.pool_lv && l.segtype == "thin-pool") else {
+                return Err(BackendError::NotReady(format!("no thin pool {}/{}", self.vg, thin.pool_lv)));
+            };
+            if pool.zero != "zero" {
+                return Err(BackendError::NotReady(format!(
+                    "thin pool {}/{} does not zero new blocks (lvchange -Z y): deleted data could show up in new volumes",
+                    self.vg, thin.pool_lv
+                )));
+            }
+        }
+        Ok((vg, lvs))
+    }
+
+    /// The volume group is there with this pool's tag, and the root exists.
+    fn check_marked(&self) -> Result<VgRow, BackendError> {
+        let vg = self.lvm.vg(&self.vg).map_err(backend_error)?;
+        if !vg.tags.contains(&self.marker_tag()) {
+            return Err(BackendError::NotReady(format!(
+                "volume group {:?} has no tag {}: run `berth-agent init-pool`",
+                self.vg,
+                self.marker_tag()
+            )));
+        }
+        if !self.root.is_dir() {
+            return Err(BackendError::NotReady(format!("{} is not a directory", self.root.display())));
+        }
+        Ok(vg)
+    }
+
+    fn mount_point(&self, volume: &str) -> PathBuf {
+        self.root.join(volume)
+    }
+
+    fn mounted(&self, dev: &str, target: &Path) -> Result<bool, BackendError> {
+        let rdev = std::fs::metadata(dev).map_err(|e| io(dev, e))?.rdev();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| io("/proc/self/mountinfo", e))?;
+        Ok(mounted_device(&info, target) == Some((rustix::fs::major(rdev), rustix::fs::minor(rdev))))
+    }
+
+    fn activate(&self, lv: &LvRow) -> Result<(), BackendError> {
+        if !lv.active {
+            self.lvm.run(&["lvchange", "-ay", &format!("{}/{}", self.vg, lv.name)]).map_err(backend_error)?;
+        }
+        if !Path::new(&lv.dm_path).exists() {
+            return Err(BackendError::Io(format!("{} is active but {} does not exist", lv.name, lv.dm_path)));
+        }
+        Ok(())
+    }
+
+    fn mount(&self, lv: &LvRow, record: &VolumeRecord) -> Result<PathBuf, BackendError> {
+        let target = self.mount_point(&record.name);
+        match std::fs::DirBuilder::new().mode(0o700).create(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(target.display(), e)),
+        }
+        if !self.mounted(&lv.dm_path, &target)? {
+            let fs = record.fs_type.as_deref().unwrap_or("ext4");
+            let target_str = target.to_str().ok_or_else(|| BackendError::Io("root is not UTF-8".into()))?;
+            let opts = record.mount_options.join(",");
+            let mut args = vec!["-t", fs];
+            if !opts.is_empty() {
+                args.extend(["-o", &opts]);
+            }
+            args.extend([lv.dm_path.as_str(), target_str]);
+            run("mount", &args)?;
+            if !self.mounted(&lv.dm_path, &target)? {
+                return Err(BackendError::Io(format!("{} is not mounted at {target_str} after mount", lv.dm_path)));
+            }
+        }
+        Ok(target)
+    }
+
+    fn unmount(&self, lv: &LvRow, volume: &str) -> Result<(), BackendError> {
+        let target = self.mount_point(volume);
+        if Path::new(&lv.dm_path).exists() && self.mounted(&lv.dm_path, &target)? {
+            run("umount", &[target.to_str().unwrap_or_default()])?;
+        }
+        match std::fs::remove_dir(&target) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(target.display(), e)),
+        }
+    }
+
+    /// Makes the filesystem, mounts it, and makes `data/` with the request's owner and mode.
+    fn make_filesystem(&self, lv: &LvRow, record: &VolumeRecord) -> Result<PathBuf, BackendError> {
+        match record.fs_type.as_deref() {
+            Some("xfs") => run("mkfs.xfs", &["-q", "-f", &lv.dm_path])?,
+            Some("ext4") => run("mkfs.ext4", &["-q", "-F", &lv.dm_path])?,
+            other => return Err(BackendError::Io(format!("no filesystem {other:?}"))),
+        }
+        let target = self.mount(lv, record)?;
+        let data = target.join(DATA_DIR);
+        std::fs::DirBuilder::new().mode(0o700).create(&data).map_err(|e| io(data.display(), e))?;
+        rustix::fs::chown(
+            &data,
+            Some(rustix::fs::Uid::from_raw(record.uid)),
+            Some(rustix::fs::Gid::from_raw(record.gid)),
+        )
+        .map_err(|e| io(data.display(), e))?;
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(record.mode))
+            .map_err(|e| io(data.display(), e))?;
+        std::fs::File::open(&target).and_then(|d| d.sync_all()).map_err(|e| io(target.display(), e))?;
+        Ok(data)
+    }
+
+    fn finish_create(&self, lv: &LvRow, record: &VolumeRecord) -> Result<String, BackendError> {
+        self.activate(lv)?;
+        let path = match record.volume_mode {
+            VolumeMode::Filesystem => self.make_filesystem(lv, record)?.display().to_string(),
+            VolumeMode::Block => lv.dm_path.clone(),
+        };
+        self.lvm
+            .run(&["lvchange", "--deltag", CREATING, &format!("{}/{}", self.vg, lv.name)])
+            .map_err(backend_error)?;
+        Ok(path)
+    }
+
+    /// Removes an LV this pool no longer (or never completely) handed out; a thick one is zeroed first.
+    fn remove_lv(&self, lv: &LvRow) -> Result<(), BackendError> {
+        let full = format!("{}/{}", self.vg, lv.name);
+        if self.thin.is_none() {
+            self.activate(lv)?;
+            // BLKZEROOUT: the device writes zeros (or unmaps where that reads back as zeros).
+            run("blkdiscard", &["--zeroout", &lv.dm_path])?;
+        }
+        self.lvm.run(&["lvremove", "-y", &full]).map_err(backend_error)?;
+        Ok(())
+    }
+
+    fn path_of(&self, lv: &LvRow, record: &VolumeRecord) -> String {
+        match record.volume_mode {
+            VolumeMode::Filesystem => self.mount_point(&record.name).join(DATA_DIR).display().to_string(),
+            VolumeMode::Block => lv.dm_path.clone(),
+        }
+    }
+}
+
+impl Backend for LvmPool {
+    fn kind(&self) -> &'static str {
+        "lvm"
+    }
+
+    fn enforcement(&self) -> &'static str {
+        "device"
+    }
+
+    fn probe(&self, own_sizes: &[u64]) -> Result<PoolProbe, BackendError> {
+        let (vg, lvs) = self.check_ready()?;
+        let space = match &self.thin {
+            None => LvmSpace::Thick { vg_size: vg.size, vg_free: vg.free },
+            Some(thin) => {
+                let pool = lvs.iter().find(|l| l.name == thin.pool_lv).expect("checked by check_ready");
+                LvmSpace::Thin {
+                    pool_size: pool.size,
+                    data_percent: pool.data_percent.unwrap_or(0.0),
+                    virtual_sum: lvs.iter().filter(|l| l.pool_lv == thin.pool_lv).map(|l| l.size).sum(),
+                    ratio: thin.ratio,
+                    threshold_percent: thin.threshold_percent,
+                }
+            }
+        };
+        Ok(PoolProbe::Exact(lvm_capacity(self.limits, space, own_sizes)))
+    }
+
+    fn recover(&self) -> Result<Vec<VolumeRecord>, BackendError> {
+        self.check_ready()?;
+        let lvs = self.lvm.lvs(&self.vg).map_err(backend_error)?;
+        let marker = self.marker_tag();
+        let mut volumes = Vec::new();
+        for lv in lvs.iter().filter(|l| l.tags.contains(&marker)) {
+            if lv.tags.iter().any(|t| t == CREATING || t == DELETING) {
+                tracing::warn!(pool = %self.pool, lv = %lv.name, "removing debris of an interrupted operation");
+                let volume = lv.name.strip_prefix(LV_PREFIX).unwrap_or(&lv.name);
+                let removed = self.unmount(lv, volume).and_then(|()| self.remove_lv(lv));
+                if let Err(e) = removed {
+                    tracing::error!(pool = %self.pool, lv = %lv.name, error = %e, "cannot remove debris");
+                }
+                continue;
+            }
+            let mut record = match record_from_tags(&lv.tags) {
+                Ok(r) if r.version == VOLUME_MARKER_VERSION && lv.name == lv_name(&r.name) => r,
+                Ok(r) => {
+                    tracing::warn!(pool = %self.pool, lv = %lv.name, version = r.version, "LV has tags this agent does not own; leaving it alone");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %self.pool, lv = %lv.name, error = %e, "LV with this pool's tag but no readable record; leaving it alone");
+                    continue;
+                }
+            };
+            record.path = self.path_of(lv, &record);
+            // Make the volume usable again (node reboot): active, and mounted for filesystem volumes. A volume that
+            // cannot be is still listed (it exists; it can be deleted), and its PV path stays absent.
+            let usable = self.activate(lv).and_then(|()| match record.volume_mode {
+                VolumeMode::Filesystem => self.mount(lv, &record).map(|_| ()),
+                VolumeMode::Block => Ok(()),
+            });
+            match usable {
+                Ok(()) if Path::new(&record.path).exists() => {}
+                Ok(()) => {
+                    tracing::error!(pool = %self.pool, volume = %record.name, path = %record.path, "mounted, but the volume's path is missing")
+                }
+                Err(e) => {
+                    tracing::error!(pool = %self.pool, volume = %record.name, error = %e, "cannot activate or mount the volume")
+                }
+            }
+            volumes.push(record);
+        }
+        volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(volumes)
+    }
+
+    fn create(&self, mut record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
+        let name = lv_name(&record.name);
+        let size = format!("{}b", record.size_bytes);
+        let mut args: Vec<String> = vec!["lvcreate".into(), "-y".into(), "-W".into(), "y".into()];
+        match &self.thin {
+            None => args.extend(["-L".into(), size, "-n".into(), name.clone(), self.vg.clone()]),
+            Some(t) => args.extend([
+                "-V".into(),
+                size,
+                "-T".into(),
+                format!("{}/{}", self.vg, t.pool_lv),
+                "-n".into(),
+                name.clone(),
+            ]),
+        }
+        for tag in record_tags(&record)?.into_iter().chain([CREATING.to_owned()]) {
+            args.extend(["--addtag".into(), tag]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.lvm.run(&args).map_err(backend_error)?;
+        let made = self.lvm.lv(&self.vg, &name).map_err(backend_error).and_then(|lv| {
+            let path = self.finish_create(&lv, &record)?;
+            Ok(path)
+        });
+        match made {
+            Ok(path) => {
+                record.path = path;
+                Ok(record)
+            }
+            Err(e) => {
+                // Undo; what cannot be undone keeps its `creating` tag and is removed at the next start.
+                if let Ok(lv) = self.lvm.lv(&self.vg, &name)
+                    && let Err(undo) = self.unmount(&lv, &record.name).and_then(|()| self.remove_lv(&lv))
+                {
+                    tracing::error!(pool = %self.pool, lv = %name, error = %undo, "cannot undo a failed create");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn detach(&self, name: &str) -> Result<Option<PathBuf>, BackendError> {
+        self.check_marked()?;
+        let lv = match self.lvm.lv(&self.vg, &lv_name(name)) {
+            Ok(lv) => lv,
+            Err(LvmError::LvNotFound(_)) => return Ok(None),
+            Err(e) => return Err(backend_error(e)),
+        };
+        self.unmount(&lv, name)?;
+        let full = format!("{}/{}", self.vg, lv.name);
+        self.lvm.run(&["lvchange", "--addtag", DELETING, &full]).map_err(backend_error)?;
+        Ok(Some(PathBuf::from(full)))
+    }
+
+    fn purge(&self, detached: &Path) -> Result<(), BackendError> {
+        let full = detached.to_str().unwrap_or_default();
+        let (_, name) = full.split_once('/').ok_or_else(|| BackendError::Io(format!("{full} is not vg/lv")))?;
+        let lv = self.lvm.lv(&self.vg, name).map_err(backend_error)?;
+        self.remove_lv(&lv)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> VolumeRecord {
+        VolumeRecord {
+            version: 1,
+            name: "pvc-0f8e3c1a-5b2d".into(),
+            pool: "lvm".into(),
+            size_bytes: 104857600,
+            volume_mode: VolumeMode::Filesystem,
+            claim: ClaimRef { namespace: "db".into(), name: "data-db-0".into() },
+            uid: 999,
+            gid: 998,
+            mode: 0o2770,
+            created_at: "2026-11-29T05:51:27.123Z".into(),
+            fs_type: Some("xfs".into()),
+            mount_options: vec!["noatime".into(), "nodiscard".into()],
+            path: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_record_survives_the_round_trip_through_tags() {
+        let r = record();
+        let tags = record_tags(&r).unwrap();
+        assert!(tags.iter().all(|t| tag_safe(t) && t.len() <= 1024), "{tags:?}");
+        assert_eq!(record_from_tags(&tags).unwrap(), r);
+        let block = VolumeRecord { volume_mode: VolumeMode::Block, fs_type: None, mount_options: vec![], ..r };
+        assert_eq!(record_from_tags(&record_tags(&block).unwrap()).unwrap(), block);
+    }
+
+    #[test]
+    fn tags_as_recorded_from_lvs_are_read() {
+        // Tags come back from `lvs` sorted and comma-joined (testdata/lvm/lvs_thick.json shows the form).
+        let mut tags = record_tags(&record()).unwrap();
+        tags.sort();
+        let joined = tags.join(",");
+        let split: Vec<String> = joined.split(',').map(str::to_owned).collect();
+        assert_eq!(record_from_tags(&split).unwrap(), record());
+        assert!(record_from_tags(&["berth:pool=lvm".into()]).is_err());
+    }
+
+    #[test]
+    fn lv_names_keep_clear_of_reserved_prefixes() {
+        assert_eq!(lv_name("snapshot-1"), "berth-snapshot-1");
+        assert!(crate::config::lvm_name(&lv_name(&"a".repeat(63))).is_ok());
+    }
+
+    #[test]
+    fn mountinfo_finds_the_topmost_mount() {
+        let info = "22 1 0:21 / /var/lib/berth rw shared:1 - tmpfs tmpfs rw\n\
+                    40 22 253:3 / /var/lib/berth/lvm/pvc-a rw,noatime shared:5 - xfs /dev/mapper/vg-berth--pvc--a rw\n\
+                    41 40 253:7 / /var/lib/berth/lvm/pvc-a rw shared:6 - ext4 /dev/mapper/x rw\n";
+        assert_eq!(mounted_device(info, Path::new("/var/lib/berth/lvm/pvc-a")), Some((253, 7)));
+        assert_eq!(mounted_device(info, Path::new("/var/lib/berth/lvm/pvc-b")), None);
+    }
+}

@@ -266,18 +266,7 @@ impl Agent {
         // The target pool's volumes must be known before its free space is. (A claim's volume is always asked of
         // the same pool, its class's, so a pool that is down elsewhere on the node cannot hide a twin.)
         self.ensure_recovered(&mut state, pool)?;
-        let probe = pool.backend.probe(&own_sizes(&state.volumes, pool))?;
-        // Which directory pools share a filesystem; pools that account for themselves (lvm) share nothing and
-        // are not probed again (each probe of theirs runs lvm2).
-        let fs_ids: Vec<Option<u64>> = self
-            .pools
-            .iter()
-            .map(|p| match p.backend.kind() {
-                "hostpath" => p.backend.probe(&own_sizes(&state.volumes, p)).ok().and_then(|p| p.fs_id()),
-                _ => None,
-            })
-            .collect();
-        let capacity = self.capacity_of(pool, &probe, &fs_ids, &state.volumes);
+        let capacity = self.capacity_now(pool, &state.volumes)?;
         if req.size_bytes > capacity.maximum_volume_size {
             return Err(Refusal::new(
                 ErrorReason::InsufficientSpace,
@@ -334,9 +323,7 @@ impl Agent {
         let pool = self.pool(&existing.pool).ok_or_else(|| {
             Refusal::new(ErrorReason::UnknownPool, format!("no pool {:?} on node {}", existing.pool, self.node))
         })?;
-        let probe = pool.backend.probe()?;
-        let fs_ids: Vec<Option<u64>> = self.pools.iter().map(|p| p.backend.probe().ok().map(|p| p.fs_id)).collect();
-        let capacity = self.capacity_of(pool, &probe, &fs_ids, &state.volumes);
+        let capacity = self.capacity_now(pool, &state.volumes)?;
         let extra = size_bytes - existing.size_bytes;
         if extra > capacity.maximum_volume_size {
             return Err(Refusal::new(
@@ -455,6 +442,22 @@ impl Agent {
     /// Capacity of `pool`, counting the volumes of every other pool that shares its filesystem — and of every
     /// pool whose filesystem cannot be told right now (not ready): counting them too under-promises, never over.
     /// `fs_ids` holds each configured pool's filesystem id, in order (`None`: not ready now).
+    /// `pool`'s capacity now, from a fresh probe.
+    fn capacity_now(&self, pool: &Pool, volumes: &BTreeMap<String, VolumeRecord>) -> Result<Capacity, Refusal> {
+        let probe = pool.backend.probe(&own_sizes(volumes, pool))?;
+        // Which directory pools share a filesystem; pools that account for themselves (lvm) share nothing and
+        // are not probed again (each probe of theirs runs lvm2).
+        let fs_ids: Vec<Option<u64>> = self
+            .pools
+            .iter()
+            .map(|p| match p.backend.kind() {
+                "hostpath" => p.backend.probe(&own_sizes(volumes, p)).ok().and_then(|p| p.fs_id()),
+                _ => None,
+            })
+            .collect();
+        Ok(self.capacity_of(pool, &probe, &fs_ids, volumes))
+    }
+
     fn capacity_of(
         &self,
         pool: &Pool,

@@ -158,8 +158,9 @@ mod lvm_agent {
     pub const DOOMED_BLOCK: &str = "pvc-11111111-0000-4000-8000-000000000005";
     pub const FRESH_BLOCK: &str = "pvc-11111111-0000-4000-8000-000000000006";
     pub const DOOMED_FS: &str = "pvc-11111111-0000-4000-8000-000000000007";
+    pub const GROW_EXT4: &str = "pvc-11111111-0000-4000-8000-000000000008";
     pub const NODE: &str = "node-0";
-    const MI: u64 = 1 << 20;
+    pub const MI: u64 = 1 << 20;
     const LVM_CONFIG: &str = "activation { udev_sync = 0 udev_rules = 0 }";
     const PATTERN: &[u8] = b"BERTH-DELETED-DATA-PATTERN-0123456789abcdef";
 
@@ -259,6 +260,22 @@ mod lvm_agent {
             serde_json::from_str(&text).unwrap()
         }
 
+        pub async fn expand(&self, name: &str, size: u64) -> Volume {
+            let resp = self
+                .http
+                .post(format!("{URL}/v1/volumes/{name}/expand"))
+                .bearer_auth(&self.token)
+                .header("berth-leader-epoch", "1")
+                .json(&json!({ "sizeBytes": size }))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status();
+            let text = resp.text().await.unwrap();
+            assert_eq!(status, StatusCode::OK, "expand {name}: {text}");
+            serde_json::from_str(&text).unwrap()
+        }
+
         pub async fn delete(&self, name: &str) {
             let resp = self
                 .http
@@ -309,6 +326,16 @@ mod lvm_agent {
             let dash = f.iter().position(|x| *x == "-")?;
             Some((f[dash + 1].to_owned(), f[5].to_owned()))
         })
+    }
+
+    /// The size of the filesystem mounted at `mount` (df), and of its block device (blockdev), in bytes.
+    pub fn sizes_of(mount: &Path) -> (u64, u64) {
+        let mount = mount.to_str().unwrap();
+        let df = crate::sh("df", &["-B1", "--output=size", mount]);
+        let fs = df.lines().nth(1).unwrap().trim().parse().unwrap();
+        let dev = crate::sh("findmnt", &["-n", "-o", "SOURCE", mount]);
+        let dev = crate::sh("blockdev", &["--getsize64", dev.trim()]).trim().parse().unwrap();
+        (fs, dev)
     }
 
     pub fn check_filesystem_volume(v: &Volume, fs: &str, token: &str) {
@@ -477,6 +504,24 @@ async fn lvm_agent_phase_one() {
     .await;
     assert_eq!((status, reason), (reqwest::StatusCode::INSUFFICIENT_STORAGE, ErrorReason::InsufficientSpace));
     assert_eq!(volumes(&agent).await.volumes.len(), 4);
+
+    // Online growth while mounted, data intact, the real sizes checked: a thick ext4 volume made for it, and the
+    // thin xfs volume (which phase two then finds grown after the reboot).
+    let grow = agent.create(GROW_EXT4, &body("thick", 32 * MI, FS_EXTRA("ext4"))).await;
+    std::fs::write(Path::new(&grow.path).join("token"), &token).unwrap();
+    for (v, from, to) in [(&grow, 32 * MI, 64 * MI), (&thin_xfs, XFS_SIZE, XFS_SIZE + 32 * MI)] {
+        let mount = Path::new(&v.path).parent().unwrap();
+        let (fs_before, dev_before) = sizes_of(mount);
+        assert_eq!(dev_before, from, "{}", v.name);
+        let grown = agent.expand(&v.name, to).await;
+        assert_eq!(grown.size_bytes, to);
+        let (fs_after, dev_after) = sizes_of(mount);
+        assert_eq!(dev_after, to, "blockdev --getsize64 of {}", v.name);
+        assert!(fs_after >= fs_before + (to - from) * 3 / 4, "df of {}: {fs_before} -> {fs_after}", v.name);
+        assert_eq!(std::fs::read_to_string(Path::new(&v.path).join("token")).unwrap(), token);
+        assert!(mount_of(mount).is_some(), "still mounted");
+    }
+    agent.delete(GROW_EXT4).await;
     agent.stop();
     // A real reboot follows: the VM powers off with everything mounted and active, as a node that loses power.
 }

@@ -479,6 +479,28 @@ impl Backend for LvmPool {
         }
     }
 
+    /// lvextend (to whole extents), then the filesystem grown while mounted (resize2fs on the device, xfs_growfs
+    /// on the mount point), then the size tag. Each step is idempotent, so a repeat after a crash completes it.
+    fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError> {
+        self.check_marked()?;
+        let lv = self.lvm.lv(&self.vg, &lv_name(&record.name)).map_err(backend_error)?;
+        let full = format!("{}/{}", self.vg, lv.name);
+        if lv.size < size_bytes {
+            self.lvm.run(&["lvextend", "-L", &format!("{size_bytes}b"), &full]).map_err(backend_error)?;
+        }
+        if record.volume_mode == VolumeMode::Filesystem {
+            match record.fs_type.as_deref() {
+                Some("xfs") => run("xfs_growfs", &[&self.mount_point(&record.name).display().to_string()])?,
+                _ => run("resize2fs", &[&lv.dm_path])?,
+            }
+        }
+        let mut grown = record.clone();
+        grown.size_bytes = size_bytes;
+        let (old, new) = (format!("{TAG}size={}", record.size_bytes), format!("{TAG}size={size_bytes}"));
+        self.lvm.run(&["lvchange", "--deltag", &old, "--addtag", &new, &full]).map_err(backend_error)?;
+        Ok(grown)
+    }
+
     fn detach(&self, name: &str) -> Result<Option<PathBuf>, BackendError> {
         self.check_marked()?;
         let lv = match self.lvm.lv(&self.vg, &lv_name(name)) {

@@ -11,19 +11,18 @@
 //! inventory at once), then removes it without following symlinks or crossing mounts.
 
 use std::ffi::CString;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, BackendError, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord};
+use super::{Backend, BackendError, DATA_DIR, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord, io, make_data_dir};
 use crate::capacity::FsUsage;
 use crate::safe_remove::remove_tree;
 
 pub const POOL_MARKER: &str = ".berth-pool";
 const STAGING: &str = ".berth-tmp";
 const VOLUME_MARKER: &str = "volume.json";
-const DATA_DIR: &str = "data";
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -35,10 +34,6 @@ struct PoolMarker {
 pub struct HostPath {
     pool: String,
     root: PathBuf,
-}
-
-fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> BackendError {
-    BackendError::Io(format!("{what}: {e}"))
 }
 
 impl HostPath {
@@ -191,17 +186,7 @@ impl Backend for HostPath {
         let staging = self.ensure_staging()?;
         let work = staging.join(format!("create-{}-{:08x}", record.name, fastrand::u32(..)));
         std::fs::DirBuilder::new().mode(0o711).create(&work).map_err(|e| io(work.display(), e))?;
-        let data = work.join(DATA_DIR);
-        std::fs::DirBuilder::new().mode(0o700).create(&data).map_err(|e| io(data.display(), e))?;
-        rustix::fs::chown(
-            &data,
-            Some(rustix::fs::Uid::from_raw(record.uid)),
-            Some(rustix::fs::Gid::from_raw(record.gid)),
-        )
-        .map_err(|e| io(data.display(), e))?;
-        // After chown: chown clears setgid, and the mode is the request's exactly (no umask).
-        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(record.mode))
-            .map_err(|e| io(data.display(), e))?;
+        make_data_dir(&work, &record)?;
         let body = serde_json::to_vec_pretty(&record).expect("serialisable");
         write_synced(&work.join(VOLUME_MARKER), &body)?;
         sync_dir(&work)?;

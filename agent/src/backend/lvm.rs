@@ -16,20 +16,19 @@
 //! unmounts, tags the LV `berth:deleting` (it leaves the inventory), and the purge zeroes a thick LV before
 //! `lvremove`. An LV found with either tag at start is debris of an interrupted operation and is removed.
 
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use berth::agent_api::{ClaimRef, VolumeMode};
 
 use super::lvm2::{LvRow, Lvm, LvmError, VgRow};
-use super::{Backend, BackendError, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord};
+use super::{Backend, BackendError, DATA_DIR, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord, io, make_data_dir};
 use crate::capacity::{LvmSpace, PoolLimits, lvm_capacity};
 
 const TAG: &str = "berth:";
 const CREATING: &str = "berth:creating";
 const DELETING: &str = "berth:deleting";
-const DATA_DIR: &str = "data";
 /// The LV of volume `pvc-…` is `berth-pvc-…`: a fixed prefix keeps every DNS-1123 label clear of lvm2's reserved
 /// names (`snapshot…`, `pvmove…`) and marks the LV as Berth's to anyone reading `lvs`.
 const LV_PREFIX: &str = "berth-";
@@ -48,10 +47,6 @@ pub struct LvmPool {
     thin: Option<Thin>,
     limits: PoolLimits,
     lvm: Lvm,
-}
-
-fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> BackendError {
-    BackendError::Io(format!("{what}: {e}"))
 }
 
 pub fn backend_error(e: LvmError) -> BackendError {
@@ -317,16 +312,7 @@ impl LvmPool {
             other => return Err(BackendError::Io(format!("no filesystem {other:?}"))),
         }
         let target = self.mount(lv, record)?;
-        let data = target.join(DATA_DIR);
-        std::fs::DirBuilder::new().mode(0o700).create(&data).map_err(|e| io(data.display(), e))?;
-        rustix::fs::chown(
-            &data,
-            Some(rustix::fs::Uid::from_raw(record.uid)),
-            Some(rustix::fs::Gid::from_raw(record.gid)),
-        )
-        .map_err(|e| io(data.display(), e))?;
-        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(record.mode))
-            .map_err(|e| io(data.display(), e))?;
+        let data = make_data_dir(&target, record)?;
         std::fs::File::open(&target).and_then(|d| d.sync_all()).map_err(|e| io(target.display(), e))?;
         Ok(data)
     }

@@ -74,6 +74,26 @@ pub enum BackendError {
     Io(String),
 }
 
+fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> BackendError {
+    BackendError::Io(format!("{what}: {e}"))
+}
+
+/// The directory a volume's pods see (named `data` in every backend): made inside `parent`, owned by the record's
+/// uid:gid, with exactly the record's mode.
+fn make_data_dir(parent: &std::path::Path, record: &VolumeRecord) -> Result<std::path::PathBuf, BackendError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let data = parent.join(DATA_DIR);
+    std::fs::DirBuilder::new().mode(0o700).create(&data).map_err(|e| io(data.display(), e))?;
+    rustix::fs::chown(&data, Some(rustix::fs::Uid::from_raw(record.uid)), Some(rustix::fs::Gid::from_raw(record.gid)))
+        .map_err(|e| io(data.display(), e))?;
+    // After chown: chown clears setgid, and the mode is the request's exactly (no umask).
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(record.mode)).map_err(|e| io(data.display(), e))?;
+    Ok(data)
+}
+
+/// The name of that directory.
+const DATA_DIR: &str = "data";
+
 /// What the agent core needs of a backend. Calls are serialised by the core; they may block (file I/O).
 pub trait Backend: Send + Sync {
     fn kind(&self) -> &'static str;

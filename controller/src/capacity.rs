@@ -17,7 +17,7 @@ use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 
 use crate::context::Context;
 use crate::decide::NodeView;
-use crate::pv::label_value;
+use crate::pv::{label_value, stable_hash};
 
 /// Labels on every object Berth publishes: the class and node it is for (label-safe values), and who manages it.
 pub const CLASS_LABEL: &str = "local.berth.dev/storage-class";
@@ -40,10 +40,8 @@ pub struct Entry {
 
 /// The object name for (class, node): stable, unique, and valid whatever the names' lengths.
 pub fn object_name(class: &str, node: &str) -> String {
-    // FNV-1a over "class/node" (a class name cannot contain '/'): stable across releases and platforms.
-    let key = format!("{class}/{node}");
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    format!("berth-{hash:016x}")
+    // Over "class/node": a class name cannot contain '/'.
+    format!("berth-{:016x}", stable_hash(&format!("{class}/{node}")))
 }
 
 /// What should be published: for every class of `provisioner` with a valid `pool` parameter, and every node that

@@ -249,7 +249,8 @@ async fn gauges(ctx: Arc<context::Context>, claims: reflector::Store<PersistentV
                 decide::claim_provisioner(c) == Some(ctx.provisioner.as_str())
                     && c.metadata.deletion_timestamp.is_none()
                     && c.spec.as_ref().is_none_or(|s| s.volume_name.is_none())
-                    && !ctx.pv_exists(&format!("pvc-{}", c.metadata.uid.as_deref().unwrap_or_default()))
+                    && berth::naming::volume_name(c.metadata.uid.as_deref().unwrap_or_default())
+                        .map_or(true, |v| !ctx.pv_exists(&v))
             })
             .count();
         ctx.metrics.workqueue_depth.set(waiting as i64);

@@ -21,14 +21,18 @@ pub const POOL_LABEL: &str = "local.berth.dev/pool";
 /// The node's full name (the label may be shortened): where the deletion path sends the agent call.
 pub const NODE_ANNOTATION: &str = "local.berth.dev/node";
 
+/// FNV-1a, 64 bit: stable across releases and platforms (std's hasher is not), for names derived from names.
+pub fn stable_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// A label value for any node name. Node names may have 253 characters, label values 63: a longer name keeps its
 /// first 46 characters and gets a hash of the whole name, so values stay unique and stable.
 pub fn label_value(name: &str) -> String {
     if name.len() <= 63 {
         return name.to_owned();
     }
-    // FNV-1a, 64 bit: stable across releases and platforms (std's hasher is not).
-    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let hash = stable_hash(name);
     let head = name[..46].trim_end_matches(['-', '.']);
     format!("{head}-{hash:016x}")
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use testbed::kube_util::{wait_deleted, wait_for};
 
@@ -17,16 +16,8 @@ use testbed::kube_util::{wait_deleted, wait_for};
 async fn crash_at(failpoint: &str, pv_left: bool) {
     let mut w = world_without_controller(&[256 * MI, 256 * MI]).await;
     let client = w.bed.client();
-    let env = format!("{failpoint}=return");
-    let mut crashing = w
-        .bed
-        .start_controller_named("controller", &controller_with_failpoints(), &[], &[("FAILPOINTS", env.as_str())])
-        .await
-        .unwrap();
-    Api::<StorageClass>::all(client.clone())
-        .create(&PostParams::default(), &class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")]))
-        .await
-        .unwrap();
+    let mut crashing = start_with_failpoints(&w, "controller", &[], &format!("{failpoint}=return")).await;
+    add_class(&w, class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")])).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
@@ -63,20 +54,8 @@ async fn a_claim_deleted_while_its_volume_is_made_leaves_nothing() {
     let mut w = world_without_controller(&[256 * MI]).await;
     let client = w.bed.client();
     // The controller waits 3 s between the agent's create and the PV: the claim is deleted in that window.
-    let controller = w
-        .bed
-        .start_controller_named(
-            "controller",
-            &controller_with_failpoints(),
-            &[],
-            &[("FAILPOINTS", "provision-before-pv-create=return(3000)")],
-        )
-        .await
-        .unwrap();
-    Api::<StorageClass>::all(client.clone())
-        .create(&PostParams::default(), &class("berth-local", "WaitForFirstConsumer", "Retain", &[("pool", "fast")]))
-        .await
-        .unwrap();
+    let controller = start_with_failpoints(&w, "controller", &[], "provision-before-pv-create=return(3000)").await;
+    add_class(&w, class("berth-local", "WaitForFirstConsumer", "Retain", &[("pool", "fast")])).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
     claims.create(&PostParams::default(), &claim("data", "berth-local", "64Mi")).await.unwrap();

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use testbed::kube_util::wait_for;
 
@@ -27,7 +26,7 @@ async fn a_resized_claim_grows_online_and_an_impossible_resize_changes_nothing()
     let client = w.bed.client();
     let mut expandable = class("berth-grow", "WaitForFirstConsumer", "Delete", &[("pool", "fast")]);
     expandable.allow_volume_expansion = Some(true);
-    Api::<StorageClass>::all(client.clone()).create(&PostParams::default(), &expandable).await.unwrap();
+    add_class(&w, expandable).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
     claims.create(&PostParams::default(), &claim("data", "berth-grow", "32Mi")).await.unwrap();

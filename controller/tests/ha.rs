@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, ListParams, PostParams};
 use testbed::kube_util::wait_for;
+use testbed::process::Proc;
 
 /// A short lease, so takeovers happen within seconds.
 const LEASE_SECONDS: u64 = 4;
@@ -22,14 +22,8 @@ struct Claims {
 
 impl Claims {
     async fn new(w: &World) -> Claims {
+        add_class(w, class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")])).await;
         let client = w.bed.client();
-        Api::<StorageClass>::all(client.clone())
-            .create(
-                &PostParams::default(),
-                &class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")]),
-            )
-            .await
-            .unwrap();
         Claims { claims: Api::namespaced(client.clone(), "app"), pods: Api::namespaced(client, "app") }
     }
 
@@ -45,6 +39,18 @@ impl Claims {
     }
 }
 
+/// Replica a (the failpoints build with `a_points`, if given) leads; then replica b stands by. Both with `lease`.
+async fn leader_and_standby(w: &World, lease: &[&str], a_points: Option<&str>) -> (Proc, Proc) {
+    let a = match a_points {
+        Some(points) => start_with_failpoints(w, "replica-a", lease, points).await,
+        None => w.bed.start_controller_named("replica-a", &controller_bin(), lease, &[]).await.unwrap(),
+    };
+    wait_for_log(&a, &["leading"], WAIT).await;
+    let b = w.bed.start_controller_named("replica-b", &controller_bin(), lease, &[]).await.unwrap();
+    wait_for_log(&b, &["standing by"], WAIT).await;
+    (a, b)
+}
+
 fn provisioned(log: &str, volume: &str) -> bool {
     log.lines().any(|l| l.contains("provisioned") && l.contains(volume))
 }
@@ -52,10 +58,7 @@ fn provisioned(log: &str, volume: &str) -> bool {
 #[tokio::test(flavor = "multi_thread")]
 async fn one_of_two_replicas_acts_and_the_other_takes_over_when_it_is_killed() {
     let mut w = world_without_controller(&[256 * MI, 256 * MI]).await;
-    let mut a = w.bed.start_controller_named("replica-a", &controller_bin(), &SHORT_LEASE, &[]).await.unwrap();
-    wait_for_log(&a, &["leading"], WAIT).await;
-    let b = w.bed.start_controller_named("replica-b", &controller_bin(), &SHORT_LEASE, &[]).await.unwrap();
-    wait_for_log(&b, &["standing by"], WAIT).await;
+    let (mut a, b) = leader_and_standby(&w, &SHORT_LEASE, None).await;
 
     let c = Claims::new(&w).await;
     let one = c.add("one").await;
@@ -89,10 +92,7 @@ async fn sigterm_hands_the_lease_to_the_standby_at_once() {
     let mut w = world_without_controller(&[256 * MI]).await;
     // A long lease: a standby that had to wait for it to expire would take 60 s.
     let long_lease = ["--lease-duration-seconds=60", "--lease-renew-before-seconds=20"];
-    let mut a = w.bed.start_controller_named("replica-a", &controller_bin(), &long_lease, &[]).await.unwrap();
-    wait_for_log(&a, &["leading"], WAIT).await;
-    let b = w.bed.start_controller_named("replica-b", &controller_bin(), &long_lease, &[]).await.unwrap();
-    wait_for_log(&b, &["standing by"], WAIT).await;
+    let (mut a, b) = leader_and_standby(&w, &long_lease, None).await;
 
     let status = a.signal_and_wait(libc::SIGTERM, Duration::from_secs(30)).expect("the leader stops on SIGTERM");
     assert!(status.success(), "{status}");
@@ -113,14 +113,7 @@ async fn a_leader_stopped_past_its_lease_is_refused_when_it_resumes() {
     // Replica a pauses 1.5 s before each agent create, so it can be stopped with a create about to be sent; once
     // it notices it lost the lease it waits 5 s more before exiting, so that late create does go out.
     let a_points = "provision-before-agent-create=return(1500);leader-before-exit=return(5000)";
-    let mut a = w
-        .bed
-        .start_controller_named("replica-a", &controller_with_failpoints(), &SHORT_LEASE, &[("FAILPOINTS", a_points)])
-        .await
-        .unwrap();
-    wait_for_log(&a, &["leading"], WAIT).await;
-    let b = w.bed.start_controller_named("replica-b", &controller_bin(), &SHORT_LEASE, &[]).await.unwrap();
-    wait_for_log(&b, &["standing by"], WAIT).await;
+    let (mut a, b) = leader_and_standby(&w, &SHORT_LEASE, Some(a_points)).await;
 
     let c = Claims::new(&w).await;
     let one = c.add("one").await;

@@ -40,8 +40,7 @@ async fn prometheus_sees_what_the_agents_report_and_every_dashboard_query_has_da
     claims.delete("data", &DeleteParams::default()).await.unwrap();
     wait_deleted(&Api::<PersistentVolume>::all(client.clone()), &pv, WAIT).await.unwrap();
 
-    let line = wait_for_log(&w.controllers[0], &["serving /healthz"], WAIT).await;
-    let controller = line.split("address=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let controller = metrics_address(&w.controllers[0]).await;
     let agents: Vec<_> = w.agents.iter().collect();
     let prometheus = w.bed.start_prometheus(&agents, &[controller]).await.unwrap();
 

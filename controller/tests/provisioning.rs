@@ -16,10 +16,7 @@ use testbed::kube_util::{wait_deleted, wait_for};
 async fn wait_for_first_consumer_claim_gets_a_volume_on_the_pods_node_and_loses_it_on_delete() {
     let w = world(&[256 * MI, 256 * MI]).await;
     let client = w.bed.client();
-    Api::<StorageClass>::all(client.clone())
-        .create(&PostParams::default(), &class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")]))
-        .await
-        .unwrap();
+    add_class(&w, class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")])).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
     claims.create(&PostParams::default(), &claim("data", "berth-local", "64Mi")).await.unwrap();
@@ -63,10 +60,7 @@ async fn immediate_claim_lands_on_the_node_with_most_free_space_and_retain_keeps
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
     claims.create(&PostParams::default(), &claim("kept", "berth-keep", "32Mi")).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    Api::<StorageClass>::all(client.clone())
-        .create(&PostParams::default(), &class("berth-keep", "Immediate", "Retain", &[("pool", "fast")]))
-        .await
-        .unwrap();
+    add_class(&w, class("berth-keep", "Immediate", "Retain", &[("pool", "fast")])).await;
     let c = wait_for(&claims, "kept", WAIT, bound).await.unwrap();
     let pv_name = c.spec.unwrap().volume_name.unwrap();
     assert_eq!(all_volume_dirs(&w), vec![format!("node-1/{pv_name}")], "the 512 MiB node has the most free space");
@@ -210,10 +204,7 @@ async fn the_orphan_audit_removes_volumes_nobody_claims() {
 async fn a_pv_object_deleted_first_still_frees_its_volume() {
     let w = world(&[128 * MI]).await;
     let client = w.bed.client();
-    Api::<StorageClass>::all(client.clone())
-        .create(&PostParams::default(), &class("berth-now", "Immediate", "Delete", &[("pool", "fast")]))
-        .await
-        .unwrap();
+    add_class(&w, class("berth-now", "Immediate", "Delete", &[("pool", "fast")])).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
     claims.create(&PostParams::default(), &claim("data", "berth-now", "8Mi")).await.unwrap();
     let c = wait_for(&claims, "data", WAIT, bound).await.unwrap();
@@ -237,10 +228,7 @@ async fn a_pv_object_deleted_first_still_frees_its_volume() {
 async fn a_released_volume_of_a_node_that_left_waits_or_is_forgotten_by_policy() {
     let mut w = world(&[256 * MI]).await;
     let client = w.bed.client();
-    Api::<StorageClass>::all(client.clone())
-        .create(&PostParams::default(), &class("berth-now", "Immediate", "Delete", &[("pool", "fast")]))
-        .await
-        .unwrap();
+    add_class(&w, class("berth-now", "Immediate", "Delete", &[("pool", "fast")])).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
     claims.create(&PostParams::default(), &claim("data", "berth-now", "16Mi")).await.unwrap();
     let pv_name = wait_for(&claims, "data", WAIT, bound).await.unwrap().spec.unwrap().volume_name.unwrap();

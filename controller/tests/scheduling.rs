@@ -58,10 +58,7 @@ fn pv_node(pv: &PersistentVolume) -> String {
 }
 
 async fn create_class(w: &World, name: &str, pool: &str) {
-    Api::<StorageClass>::all(w.bed.client())
-        .create(&PostParams::default(), &class(name, "WaitForFirstConsumer", "Delete", &[("pool", pool)]))
-        .await
-        .unwrap();
+    add_class(w, class(name, "WaitForFirstConsumer", "Delete", &[("pool", pool)])).await;
 }
 
 fn unschedulable_message(pod: &Pod) -> Option<String> {
@@ -205,16 +202,7 @@ async fn four_replicas_of_30_gib_on_three_40_gib_nodes_one_per_node_and_the_four
 async fn space_taken_after_scheduling_sends_the_pod_to_a_node_with_room() {
     let mut w = world_without_controller(&[512 * MI, 512 * MI]).await;
     // The controller pauses 3 s before each agent create: the window in which the space is taken.
-    let controller = w
-        .bed
-        .start_controller_named(
-            "controller",
-            &controller_with_failpoints(),
-            &[],
-            &[("FAILPOINTS", "provision-before-agent-create=return(3000)")],
-        )
-        .await
-        .unwrap();
+    let controller = start_with_failpoints(&w, "controller", &[], "provision-before-agent-create=return(3000)").await;
     create_class(&w, "berth-local", "fast").await;
     wait_capacities(&w, "berth-local", |c| c.len() == 2).await;
     let client = w.bed.client();

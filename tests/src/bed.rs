@@ -450,23 +450,18 @@ where
 impl TestBed {
     /// Writes a kubeconfig for this bed's API server that authenticates with a bearer `token`.
     pub(crate) fn write_token_kubeconfig(&self, path: &Path, token: &str) -> Result<()> {
-        let config = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "berth-testbed", "cluster": {
-                "server": self.api_server,
-                "certificate-authority": self.pki.ca_cert,
-            }}],
-            "users": [{"name": "token", "user": {"token": token}}],
-            "contexts": [{"name": "berth-testbed", "context": {"cluster": "berth-testbed", "user": "token"}}],
-            "current-context": "berth-testbed",
-        });
-        std::fs::write(path, serde_json::to_vec_pretty(&config)?)?;
-        Ok(())
+        write_kubeconfig_as(path, &self.api_server, &self.pki, ("token", serde_json::json!({"token": token})))
     }
 }
 
 fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<()> {
+    let admin = serde_json::json!({"client-certificate": pki.admin_cert, "client-key": pki.admin_key});
+    write_kubeconfig_as(path, server, pki, ("admin", admin))
+}
+
+/// A kubeconfig for the bed's API server (trusting its CA) with the credentials of `user` (name, entry).
+fn write_kubeconfig_as(path: &Path, server: &str, pki: &Pki, user: (&str, serde_json::Value)) -> Result<()> {
+    let (name, credentials) = user;
     let config = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -474,11 +469,8 @@ fn write_kubeconfig(path: &Path, server: &str, pki: &Pki) -> Result<()> {
             "server": server,
             "certificate-authority": pki.ca_cert,
         }}],
-        "users": [{"name": "admin", "user": {
-            "client-certificate": pki.admin_cert,
-            "client-key": pki.admin_key,
-        }}],
-        "contexts": [{"name": "berth-testbed", "context": {"cluster": "berth-testbed", "user": "admin"}}],
+        "users": [{"name": name, "user": credentials}],
+        "contexts": [{"name": "berth-testbed", "context": {"cluster": "berth-testbed", "user": name}}],
         "current-context": "berth-testbed",
     });
     // JSON is YAML: kubectl and kube-rs read it as a kubeconfig.

@@ -11,9 +11,8 @@ use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, ServiceAccount};
 use kube::api::{Api, ObjectMeta, PostParams};
 
 use crate::TestBed;
+use crate::agents::{CONTROLLER_NAMESPACE as NAMESPACE, CONTROLLER_SERVICE_ACCOUNT};
 
-pub const NAMESPACE: &str = "berth-system";
-pub const CONTROLLER_SERVICE_ACCOUNT: &str = "berth-controller";
 pub const AGENT_SERVICE_ACCOUNT: &str = "berth-agent";
 
 /// Long enough for any test and for a `hack/up` session of a day.

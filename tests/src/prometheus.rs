@@ -49,7 +49,6 @@ impl TestBed {
         });
         // JSON is YAML.
         std::fs::write(dir.join("prometheus.yml"), serde_json::to_vec_pretty(&config)?)?;
-        let binary = which("prometheus").context("prometheus is missing (hack/deps installs Debian's package)")?;
         let port = free_port(self.address())?;
         let url = format!("http://{}:{port}", self.address());
         let args = vec![
@@ -57,7 +56,10 @@ impl TestBed {
             format!("--storage.tsdb.path={}", dir.join("data").display()),
             format!("--web.listen-address={}:{port}", self.address()),
         ];
-        let mut proc = Proc::spawn("prometheus", &binary, &args, &self.dir().join("logs/prometheus.log"))?;
+        // A bare name: the spawn looks it up on PATH.
+        let mut proc =
+            Proc::spawn("prometheus", Path::new("prometheus"), &args, &self.dir().join("logs/prometheus.log"))
+                .context("prometheus (hack/deps installs Debian's package)")?;
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -94,8 +96,4 @@ impl Prometheus {
         }
         Ok(out)
     }
-}
-
-fn which(program: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.is_file())
 }

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use kube::api::{Api, ListParams, ObjectMeta};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use testbed::agents::{AgentProcess, PoolSpec};
 use testbed::kube_util::create_namespace;
 use testbed::process::Proc;
@@ -55,6 +55,11 @@ pub async fn world(disks: &[u64]) -> World {
     w
 }
 
+/// Creates the StorageClass `class`.
+pub async fn add_class(w: &World, class: StorageClass) {
+    Api::<StorageClass>::all(w.bed.client()).create(&PostParams::default(), &class).await.unwrap();
+}
+
 pub fn controller_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_berth-controller"))
 }
@@ -63,6 +68,11 @@ pub fn controller_bin() -> PathBuf {
 pub fn controller_with_failpoints() -> PathBuf {
     testbed::bins::workspace_binary_with_features("berth-controller", "berth-controller-failpoints", &["failpoints"])
         .unwrap()
+}
+
+/// Starts the failpoints build of the controller as replica `name` with `args`, `points` set (FAILPOINTS syntax).
+pub async fn start_with_failpoints(w: &World, name: &str, args: &[&str], points: &str) -> Proc {
+    w.bed.start_controller_named(name, &controller_with_failpoints(), args, &[("FAILPOINTS", points)]).await.unwrap()
 }
 
 /// Waits until `proc`'s log has a line containing every one of `needles`; that line.
@@ -177,10 +187,16 @@ pub fn all_volume_dirs(w: &World) -> Vec<String> {
     all
 }
 
-/// The replica's `/metrics` text (its address is in its log).
-pub async fn metrics_of(proc: &Proc) -> String {
+/// Where the replica serves its metrics (`host:port`, from its log).
+pub async fn metrics_address(proc: &Proc) -> String {
     let line = wait_for_log(proc, &["serving /healthz"], WAIT).await;
     let address = line.split("address=").nth(1).expect("the address is logged").split_whitespace().next().unwrap();
+    address.to_owned()
+}
+
+/// The replica's `/metrics` text.
+pub async fn metrics_of(proc: &Proc) -> String {
+    let address = metrics_address(proc).await;
     reqwest::get(format!("http://{address}/metrics")).await.unwrap().text().await.unwrap()
 }
 

@@ -488,6 +488,33 @@ async fn volumes_grow_when_the_pool_has_room_and_never_shrink() {
     let resp = other.header("berth-leader-epoch", "1").json(&json!({"sizeBytes": MI})).send().await.unwrap();
     assert_eq!(refusal(resp).await.1, ErrorReason::NotFound);
     assert_eq!(refusal(expand(64 * MI, 0).await.unwrap()).await.1, ErrorReason::StaleEpoch);
+    // Hostile bodies: not JSON, an unknown field, a size that is not a number, too large.
+    let url = w.agent.url(&format!("/v1/volumes/{VOL}/expand"));
+    let hostile: [Vec<u8>; 4] = [
+        b"{not json".to_vec(),
+        br#"{"sizeBytes": 67108864, "path": "/etc"}"#.to_vec(),
+        br#"{"sizeBytes": "64Mi"}"#.to_vec(),
+        vec![b' '; 64 * 1024],
+    ];
+    for (body, want) in hostile.into_iter().zip([
+        ErrorReason::Invalid,
+        ErrorReason::Invalid,
+        ErrorReason::Invalid,
+        ErrorReason::TooLarge,
+    ]) {
+        let resp = w
+            .http
+            .post(&url)
+            .bearer_auth(&w.token)
+            .header("berth-leader-epoch", "1")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refusal(resp).await.1, want);
+    }
+    assert_eq!(w.pool("fast").await.allocated_bytes, 32 * MI, "refused requests changed nothing");
 
     // The new size is on disk: a restarted agent has it, and the data is there.
     w.agent.kill();

@@ -79,6 +79,11 @@ pub struct Volume {
     /// The options of the agent's mount of the volume.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mount_options: Vec<String>,
+    /// Bytes the volume uses now, where its pool can tell: the project quota's count for directory volumes on a
+    /// filesystem with project quotas, the volume's own filesystem for lvm `Filesystem` volumes. Only in answers
+    /// to `GET`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_bytes: Option<u64>,
 }
 
 /// A pool's state and capacity (terms.md: capacity, allocated, free, maximum volume size, pool ready).
@@ -101,7 +106,8 @@ pub struct PoolStatus {
     pub maximum_volume_size_bytes: u64,
     #[schemars(extend("format" = "int32"))]
     pub volumes: u32,
-    /// How volume sizes are enforced: `none` (a directory volume can outgrow its size) or `quota`.
+    /// How volume sizes are enforced: `none` (a directory volume can outgrow its size), `quota` (a project quota
+    /// per directory volume) or `device` (lvm: each volume is a block device of its size).
     pub enforcement: String,
 }
 

@@ -82,6 +82,7 @@ pub fn to_api(r: &VolumeRecord) -> Volume {
         created_at: r.created_at.clone(),
         fs_type: r.fs_type.clone(),
         mount_options: r.mount_options.clone(),
+        used_bytes: None,
     }
 }
 
@@ -290,6 +291,7 @@ impl Agent {
             fs_type: resolved_fs_type(pool.backend.kind(), req),
             mount_options: req.mount_options.clone(),
             path: String::new(),
+            project_id: None,
         };
         let made = pool.backend.create(record)?;
         let api = to_api(&made);
@@ -392,11 +394,28 @@ impl Agent {
     }
 
     pub fn volume(&self, name: &str) -> Option<Volume> {
-        self.lock().volumes.get(name).map(to_api)
+        let state = self.lock();
+        let record = state.volumes.get(name)?;
+        Some(self.with_usage(&[record]).remove(0))
     }
 
+    /// Every volume, with the bytes it uses where its pool can tell.
     pub fn volumes(&self) -> Vec<Volume> {
-        self.lock().volumes.values().map(to_api).collect()
+        let state = self.lock();
+        let records: Vec<&VolumeRecord> = state.volumes.values().collect();
+        self.with_usage(&records)
+    }
+
+    fn with_usage(&self, records: &[&VolumeRecord]) -> Vec<Volume> {
+        let mut out: Vec<Volume> = records.iter().map(|r| to_api(r)).collect();
+        for pool in &self.pools {
+            let (idx, of_pool): (Vec<usize>, Vec<&VolumeRecord>) =
+                records.iter().enumerate().filter(|(_, r)| r.pool == pool.config.name).map(|(i, r)| (i, *r)).unzip();
+            for (i, used) in idx.into_iter().zip(pool.backend.used_bytes(&of_pool)) {
+                out[i].used_bytes = used;
+            }
+        }
+        out
     }
 
     /// Every pool's status and capacity, as of now (recovering pools that have become ready).
@@ -416,11 +435,13 @@ impl Agent {
         for (pool, probe) in self.pools.iter().zip(probes) {
             let mine = || state.volumes.values().filter(|v| v.pool == pool.config.name);
             let volumes = mine().count() as u32;
-            let (ready, reason, cap) = match probe {
-                Ok(probe) => (true, None, self.capacity_of(pool, &probe, &fs_ids, &state.volumes)),
+            let (ready, reason, cap, enforcement) = match probe {
+                Ok(probe) => {
+                    (true, None, self.capacity_of(pool, &probe, &fs_ids, &state.volumes), probe.enforcement())
+                }
                 Err(e) => {
                     let allocated = mine().map(|v| v.size_bytes).sum();
-                    (false, Some(e.message), Capacity { allocated, ..Capacity::default() })
+                    (false, Some(e.message), Capacity { allocated, ..Capacity::default() }, pool.backend.enforcement())
                 }
             };
             statuses.push(PoolStatus {
@@ -433,7 +454,7 @@ impl Agent {
                 free_bytes: cap.free,
                 maximum_volume_size_bytes: cap.maximum_volume_size,
                 volumes,
-                enforcement: pool.backend.enforcement().into(),
+                enforcement: enforcement.as_str().into(),
             });
         }
         statuses
@@ -466,7 +487,7 @@ impl Agent {
         volumes: &BTreeMap<String, VolumeRecord>,
     ) -> Capacity {
         let (fs, fs_id) = match *probe {
-            PoolProbe::Filesystem { fs, fs_id } => (fs, fs_id),
+            PoolProbe::Filesystem { fs, fs_id, .. } => (fs, fs_id),
             PoolProbe::Exact(capacity) => return capacity,
         };
         let sharing: Vec<&str> = self
@@ -479,10 +500,18 @@ impl Agent {
             .filter(|(_, id)| id.is_none_or(|id| id == fs_id))
             .map(|(p, _)| p.config.name.as_str())
             .collect();
-        let usage = |v: &VolumeRecord| VolumeUsage { size_bytes: v.size_bytes, used_bytes: None };
-        let own: Vec<VolumeUsage> = volumes.values().filter(|v| v.pool == pool.config.name).map(usage).collect();
+        // What each volume uses, where its pool's filesystem counts it (project quotas): exact accounting.
+        let usage_in = |p: &Pool| {
+            let of_p: Vec<&VolumeRecord> = volumes.values().filter(|v| v.pool == p.config.name).collect();
+            let used = p.backend.used_bytes(&of_p);
+            of_p.iter()
+                .zip(used)
+                .map(|(v, used_bytes)| VolumeUsage { size_bytes: v.size_bytes, used_bytes })
+                .collect::<Vec<_>>()
+        };
+        let own = usage_in(pool);
         let others: Vec<VolumeUsage> =
-            volumes.values().filter(|v| sharing.contains(&v.pool.as_str())).map(usage).collect();
+            self.pools.iter().filter(|p| sharing.contains(&p.config.name.as_str())).flat_map(usage_in).collect();
         let limits = PoolLimits { cap: pool.config.capacity, headroom: pool.config.headroom };
         pool_capacity(limits, fs, &own, &others)
     }

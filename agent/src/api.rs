@@ -82,7 +82,14 @@ async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
     }
 }
 
+/// Pool metrics are kept current by the sampler; volume metrics are read at scrape time (one quota or statvfs
+/// call per volume), so they are exact and a deleted volume's series goes at once.
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
+    let agent = s.agent.clone();
+    match tokio::task::spawn_blocking(move || agent.volumes()).await {
+        Ok(volumes) => s.metrics.set_volumes(&s.agent.node, &volumes),
+        Err(e) => tracing::error!(error = %e, "reading volume usage for /metrics failed"),
+    }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
         .into_response()
 }

@@ -1,8 +1,10 @@
 //! The agent's Prometheus metrics (prefix `berth_`; names in docs/metrics.md).
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
-use berth::agent_api::PoolStatus;
+use berth::agent_api::{PoolStatus, Volume};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,6 +16,23 @@ pub struct PoolLabels {
     pub node: String,
     pub pool: String,
     pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EnforcementLabels {
+    pub node: String,
+    pub pool: String,
+    pub backend: String,
+    pub enforcement: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct VolumeLabels {
+    pub node: String,
+    pub pool: String,
+    pub volume: String,
+    pub namespace: String,
+    pub claim: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -31,6 +50,13 @@ pub struct Metrics {
     free: Family<PoolLabels, Bytes>,
     volumes: Family<PoolLabels, Gauge>,
     ready: Family<PoolLabels, Gauge>,
+    enforcement: Family<EnforcementLabels, Gauge>,
+    /// The enforcement last reported per pool, so a change removes the old series.
+    enforcement_now: Mutex<BTreeMap<String, EnforcementLabels>>,
+    volume_size: Family<VolumeLabels, Bytes>,
+    volume_used: Family<VolumeLabels, Bytes>,
+    /// The volumes last reported, so deleted ones lose their series.
+    volumes_now: Mutex<BTreeSet<VolumeLabels>>,
     operations: Family<OperationLabels, Histogram, fn() -> Histogram>,
 }
 
@@ -42,6 +68,9 @@ impl Metrics {
         let free = Family::<PoolLabels, Bytes>::default();
         let volumes = Family::<PoolLabels, Gauge>::default();
         let ready = Family::<PoolLabels, Gauge>::default();
+        let enforcement = Family::<EnforcementLabels, Gauge>::default();
+        let volume_size = Family::<VolumeLabels, Bytes>::default();
+        let volume_used = Family::<VolumeLabels, Bytes>::default();
         let operations: Family<OperationLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16)));
         registry.register("pool_capacity_bytes", "The most the pool may ever hand out", capacity.clone());
@@ -50,11 +79,35 @@ impl Metrics {
         registry.register("pool_volumes", "Live volumes in the pool", volumes.clone());
         registry.register("pool_ready", "1 if the pool's root and marker are present, else 0", ready.clone());
         registry.register(
+            "pool_enforcement",
+            "1 for how the pool keeps volumes within their sizes: none, quota (project quotas) or device (lvm)",
+            enforcement.clone(),
+        );
+        registry.register("volume_size_bytes", "The size promised to the volume", volume_size.clone());
+        registry.register(
+            "volume_used_bytes",
+            "Bytes the volume uses, where its pool can tell (project quotas; lvm filesystems)",
+            volume_used.clone(),
+        );
+        registry.register(
             "agent_operation_duration_seconds",
             "Duration of volume operations by operation and result",
             operations.clone(),
         );
-        Metrics { registry, capacity, allocated, free, volumes, ready, operations }
+        Metrics {
+            registry,
+            capacity,
+            allocated,
+            free,
+            volumes,
+            ready,
+            enforcement,
+            enforcement_now: Mutex::default(),
+            volume_size,
+            volume_used,
+            volumes_now: Mutex::default(),
+            operations,
+        }
     }
 
     pub fn set_pools(&self, node: &str, pools: &[PoolStatus]) {
@@ -65,7 +118,50 @@ impl Metrics {
             self.free.get_or_create(&l).set(p.free_bytes);
             self.volumes.get_or_create(&l).set(p.volumes.into());
             self.ready.get_or_create(&l).set(p.ready.into());
+            let e = EnforcementLabels {
+                node: node.into(),
+                pool: p.name.clone(),
+                backend: p.backend.clone(),
+                enforcement: p.enforcement.clone(),
+            };
+            let mut now = self.enforcement_now.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(old) = now.insert(p.name.clone(), e.clone())
+                && old != e
+            {
+                self.enforcement.remove(&old);
+            }
+            self.enforcement.get_or_create(&e).set(1);
         }
+    }
+
+    /// Each volume's size and, where known, used bytes; series of volumes no longer there are removed.
+    pub fn set_volumes(&self, node: &str, volumes: &[Volume]) {
+        let mut now = self.volumes_now.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = BTreeSet::new();
+        for v in volumes {
+            let l = VolumeLabels {
+                node: node.into(),
+                pool: v.pool.clone(),
+                volume: v.name.clone(),
+                namespace: v.claim.namespace.clone(),
+                claim: v.claim.name.clone(),
+            };
+            self.volume_size.get_or_create(&l).set(v.size_bytes);
+            match v.used_bytes {
+                Some(used) => {
+                    self.volume_used.get_or_create(&l).set(used);
+                }
+                None => {
+                    self.volume_used.remove(&l);
+                }
+            }
+            seen.insert(l);
+        }
+        for gone in now.difference(&seen) {
+            self.volume_size.remove(gone);
+            self.volume_used.remove(gone);
+        }
+        *now = seen;
     }
 
     pub fn observe(&self, operation: &str, result: &str, seconds: f64) {

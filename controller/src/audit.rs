@@ -136,6 +136,7 @@ mod tests {
             created_at: created.into(),
             fs_type: None,
             mount_options: vec![],
+            used_bytes: None,
         }
     }
 

@@ -160,6 +160,7 @@ mod tests {
             created_at: "2026-11-29T00:00:00Z".into(),
             fs_type: None,
             mount_options: vec![],
+            used_bytes: None,
         }
     }
 

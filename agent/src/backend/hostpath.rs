@@ -9,20 +9,33 @@
 //! Create builds `<volume>` complete in `.berth-tmp/` and renames it into place: one atomic step, so a crash
 //! leaves either a complete volume or debris. Delete renames it into `.berth-tmp/` first (it leaves the
 //! inventory at once), then removes it without following symlinks or crossing mounts.
+//!
+//! On a filesystem with project quotas (XFS or ext4 mounted with `prjquota`), `<volume>/` is put in a project of
+//! its own, with inheritance, while it is still in `.berth-tmp/` and empty; the project's hard limit is the
+//! volume's size plus [`QUOTA_ALLOWANCE`]. The directory's project ID is the record of which ID a volume has
+//! (read back at start); an ID is free when no file on the filesystem carries it (see [`quota::first_free`]).
 
 use std::ffi::CString;
+use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Backend, BackendError, DATA_DIR, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord, io, make_data_dir};
+use super::quota::{self, QuotaState};
+use super::{
+    Backend, BackendError, DATA_DIR, Enforcement, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord, io, make_data_dir,
+};
 use crate::capacity::FsUsage;
 use crate::safe_remove::remove_tree;
 
 pub const POOL_MARKER: &str = ".berth-pool";
 const STAGING: &str = ".berth-tmp";
 const VOLUME_MARKER: &str = "volume.json";
+/// What a volume's project may hold beyond its size: Berth's own files in it (the directories and the marker,
+/// twice while the marker is replaced), so the pod can write every byte it asked for.
+pub const QUOTA_ALLOWANCE: u64 = 64 << 10;
 
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -34,11 +47,13 @@ struct PoolMarker {
 pub struct HostPath {
     pool: String,
     root: PathBuf,
+    /// Where the next search for a free project ID starts (a hint: the filesystem decides what is free).
+    next_project: AtomicU32,
 }
 
 impl HostPath {
     pub fn new(pool: &str, root: &Path) -> HostPath {
-        HostPath { pool: pool.to_owned(), root: root.to_owned() }
+        HostPath { pool: pool.to_owned(), root: root.to_owned(), next_project: AtomicU32::new(0) }
     }
 
     /// The explicit init step (`berth-agent init-pool`): creates the root if needed and writes the marker.
@@ -108,6 +123,44 @@ impl HostPath {
     fn data_path(&self, name: &str) -> PathBuf {
         self.root.join(name).join(DATA_DIR)
     }
+
+    /// The pool root, opened: what quota calls name the filesystem by.
+    fn open_root(&self) -> Result<File, BackendError> {
+        File::open(&self.root).map_err(|e| io(self.root.display(), e))
+    }
+
+    /// Puts the new, empty volume directory `dir` in a project of its own limited to `size_bytes`.
+    fn give_project(&self, fs: &File, dir: &Path, size_bytes: u64) -> Result<u32, BackendError> {
+        let start = self.next_project.load(Ordering::Relaxed);
+        let id = quota::first_free(start, |id| quota::usage(fs, id).map(|u| u.inodes))
+            .map_err(|e| io("finding a free project ID", e))?;
+        quota::set_limit(fs, id, size_bytes + QUOTA_ALLOWANCE).map_err(|e| io(format!("limiting project {id}"), e))?;
+        let d = File::open(dir).map_err(|e| io(dir.display(), e))?;
+        quota::set_project(&d, id).map_err(|e| io(format!("putting {} in project {id}", dir.display()), e))?;
+        self.next_project.store(id.wrapping_add(1), Ordering::Relaxed);
+        Ok(id)
+    }
+
+    /// At start: the project of each volume, read from its directory, and its limit set again from the marker's
+    /// size (which heals an expansion interrupted between the two).
+    fn recover_project(&self, fs: Option<&File>, record: &mut VolumeRecord) {
+        let dir = self.root.join(&record.name);
+        let id = match File::open(&dir).and_then(|d| quota::project_of(&d)) {
+            Ok(0) | Err(_) => {
+                if fs.is_some() {
+                    tracing::warn!(pool = %self.pool, volume = %record.name, "volume has no project quota (made before quotas were on); its size is not enforced");
+                }
+                return;
+            }
+            Ok(id) => id,
+        };
+        record.project_id = Some(id);
+        if let Some(fs) = fs
+            && let Err(e) = quota::set_limit(fs, id, record.size_bytes + QUOTA_ALLOWANCE)
+        {
+            tracing::error!(pool = %self.pool, volume = %record.name, project = id, error = %e, "cannot set the volume's quota");
+        }
+    }
 }
 
 fn write_synced(path: &Path, body: &[u8]) -> Result<(), BackendError> {
@@ -132,9 +185,14 @@ impl Backend for HostPath {
         let st =
             rustix::fs::statvfs(c.as_c_str()).map_err(|e| BackendError::NotReady(format!("statvfs {root}: {e}")))?;
         let fs_id = std::fs::metadata(&self.root).map_err(|e| BackendError::NotReady(e.to_string()))?.dev();
+        let enforcement = match quota::state(&self.open_root().map_err(|e| BackendError::NotReady(e.to_string()))?) {
+            QuotaState::Enforced => Enforcement::Quota,
+            QuotaState::Accounted | QuotaState::Off => Enforcement::None,
+        };
         Ok(PoolProbe::Filesystem {
             fs: FsUsage { size_bytes: st.f_blocks * st.f_frsize, available_bytes: st.f_bavail * st.f_frsize },
             fs_id,
+            enforcement,
         })
     }
 
@@ -151,6 +209,8 @@ impl Backend for HostPath {
                 }
             }
         }
+        let root = self.open_root()?;
+        let quotas = (quota::state(&root) != QuotaState::Off).then_some(&root);
         let mut volumes = Vec::new();
         for entry in std::fs::read_dir(&self.root).map_err(|e| io(self.root.display(), e))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -166,6 +226,7 @@ impl Backend for HostPath {
                     if record.version == VOLUME_MARKER_VERSION && record.name == name && record.pool == self.pool =>
                 {
                     record.path = self.data_path(&name).display().to_string();
+                    self.recover_project(quotas, &mut record);
                     volumes.push(record);
                 }
                 // Not ours, or from a newer Berth: never touched, only reported.
@@ -186,6 +247,17 @@ impl Backend for HostPath {
         let staging = self.ensure_staging()?;
         let work = staging.join(format!("create-{}-{:08x}", record.name, fastrand::u32(..)));
         std::fs::DirBuilder::new().mode(0o711).create(&work).map_err(|e| io(work.display(), e))?;
+        // The project goes on while the directory is empty: files only take a project when they are made.
+        let root = self.open_root()?;
+        if quota::state(&root) != QuotaState::Off {
+            match self.give_project(&root, &work, record.size_bytes) {
+                Ok(id) => record.project_id = Some(id),
+                Err(e) => {
+                    let _ = remove_tree(&work);
+                    return Err(e);
+                }
+            }
+        }
         make_data_dir(&work, &record)?;
         let body = serde_json::to_vec_pretty(&record).expect("serialisable");
         write_synced(&work.join(VOLUME_MARKER), &body)?;
@@ -207,8 +279,16 @@ impl Backend for HostPath {
 
     fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError> {
         self.check_marker()?;
-        // Without size enforcement the directory needs nothing: the new size is the marker's (and the pool's
-        // accounting's). The marker is replaced by rename, so it is never half-written.
+        // The quota first, then the marker: a crash in between leaves the old size in the marker, and the start
+        // sets the quota back to it (the controller retries the expansion). Without a project the directory
+        // needs nothing. The marker is replaced by rename, so it is never half-written.
+        let root = self.open_root()?;
+        if let Some(id) = record.project_id
+            && quota::state(&root) != QuotaState::Off
+        {
+            quota::set_limit(&root, id, size_bytes + QUOTA_ALLOWANCE)
+                .map_err(|e| io(format!("raising the quota of project {id}"), e))?;
+        }
         let mut grown = record.clone();
         grown.size_bytes = size_bytes;
         let dir = self.root.join(&record.name);
@@ -218,6 +298,17 @@ impl Backend for HostPath {
         std::fs::rename(&tmp, dir.join(VOLUME_MARKER)).map_err(|e| io(dir.join(VOLUME_MARKER).display(), e))?;
         sync_dir(&dir)?;
         Ok(grown)
+    }
+
+    fn used_bytes(&self, volumes: &[&VolumeRecord]) -> Vec<Option<u64>> {
+        let root = match self.open_root() {
+            Ok(root) if volumes.iter().any(|v| v.project_id.is_some()) => root,
+            _ => return vec![None; volumes.len()],
+        };
+        volumes
+            .iter()
+            .map(|v| v.project_id.and_then(|id| quota::usage(&root, id).ok()).map(|u| u.bytes))
+            .collect()
     }
 
     fn detach(&self, name: &str) -> Result<Option<PathBuf>, BackendError> {

@@ -23,7 +23,9 @@ use std::process::Command;
 use berth::agent_api::{ClaimRef, VolumeMode};
 
 use super::lvm2::{LvRow, Lvm, LvmError, VgRow};
-use super::{Backend, BackendError, DATA_DIR, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord, io, make_data_dir};
+use super::{
+    Backend, BackendError, DATA_DIR, Enforcement, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord, io, make_data_dir,
+};
 use crate::capacity::{LvmSpace, PoolLimits, lvm_capacity};
 
 const TAG: &str = "berth:";
@@ -141,6 +143,7 @@ pub fn record_from_tags(tags: &[String]) -> Result<VolumeRecord, String> {
         fs_type: get("fs").ok().map(str::to_owned),
         mount_options,
         path: String::new(),
+        project_id: None,
     })
 }
 
@@ -354,8 +357,8 @@ impl Backend for LvmPool {
         "lvm"
     }
 
-    fn enforcement(&self) -> &'static str {
-        "device"
+    fn enforcement(&self) -> Enforcement {
+        Enforcement::Device
     }
 
     fn probe(&self, own_sizes: &[u64]) -> Result<PoolProbe, BackendError> {
@@ -465,6 +468,21 @@ impl Backend for LvmPool {
         }
     }
 
+    /// What the volume's own filesystem says is used, read through `<mount>/data` (which exists only while it is
+    /// mounted); block volumes have no such number.
+    fn used_bytes(&self, volumes: &[&VolumeRecord]) -> Vec<Option<u64>> {
+        volumes
+            .iter()
+            .map(|v| {
+                let data = self.mount_point(&v.name).join(DATA_DIR);
+                (v.volume_mode == VolumeMode::Filesystem)
+                    .then(|| rustix::fs::statvfs(&data).ok())
+                    .flatten()
+                    .map(|st| st.f_blocks.saturating_sub(st.f_bfree) * st.f_frsize)
+            })
+            .collect()
+    }
+
     /// lvextend (to whole extents), then the filesystem grown while mounted (resize2fs on the device, xfs_growfs
     /// on the mount point), then the size tag. Each step is idempotent, so a repeat after a crash completes it.
     fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError> {
@@ -527,6 +545,7 @@ mod tests {
             fs_type: Some("xfs".into()),
             mount_options: vec!["noatime".into(), "nodiscard".into()],
             path: String::new(),
+            project_id: None,
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod hostpath;
 pub mod lvm;
 pub mod lvm2;
+pub mod quota;
 
 use berth::agent_api::{ClaimRef, VolumeMode};
 use serde::{Deserialize, Serialize};
@@ -36,9 +37,33 @@ pub struct VolumeRecord {
     /// The host path a PV points at (derived, not stored in the marker).
     #[serde(skip)]
     pub path: String,
+    /// The project quota ID of a directory volume (read from the directory itself, not stored in the marker).
+    #[serde(skip)]
+    pub project_id: Option<u32>,
 }
 
 pub const VOLUME_MARKER_VERSION: u32 = 1;
+
+/// How a pool keeps volumes within their sizes (`enforcement` in the pool's status; terms.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforcement {
+    /// Nothing does: a directory volume can outgrow its size.
+    None,
+    /// A project quota per directory volume.
+    Quota,
+    /// Each volume is a block device of its size.
+    Device,
+}
+
+impl Enforcement {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcement::None => "none",
+            Enforcement::Quota => "quota",
+            Enforcement::Device => "device",
+        }
+    }
+}
 
 /// What a ready pool's storage looks like now.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -48,6 +73,8 @@ pub enum PoolProbe {
         fs: FsUsage,
         /// Identifies the filesystem, so pools sharing one are accounted together.
         fs_id: u64,
+        /// Whether the filesystem enforces its volumes' project quotas now.
+        enforcement: Enforcement,
     },
     /// A pool whose storage accounts for itself (lvm: the volume group or thin pool knows what it gave out); the
     /// capacity is already computed from the pool's volumes.
@@ -59,6 +86,13 @@ impl PoolProbe {
         match self {
             PoolProbe::Filesystem { fs_id, .. } => Some(*fs_id),
             PoolProbe::Exact(_) => None,
+        }
+    }
+
+    pub fn enforcement(&self) -> Enforcement {
+        match self {
+            PoolProbe::Filesystem { enforcement, .. } => *enforcement,
+            PoolProbe::Exact(_) => Enforcement::Device,
         }
     }
 }
@@ -97,9 +131,9 @@ const DATA_DIR: &str = "data";
 /// What the agent core needs of a backend. Calls are serialised by the core; they may block (file I/O).
 pub trait Backend: Send + Sync {
     fn kind(&self) -> &'static str;
-    /// How volume sizes are enforced: `none` (a directory can outgrow its size) or `device` (a block device).
-    fn enforcement(&self) -> &'static str {
-        "none"
+    /// How volume sizes are enforced while the pool is not ready (a ready pool's probe says).
+    fn enforcement(&self) -> Enforcement {
+        Enforcement::None
     }
     /// Ready (root present with this pool's marker) and the storage's usage; `NotReady` with the reason.
     /// `own_sizes` are the sizes promised to this pool's volumes (for backends that compute exact capacity).
@@ -116,6 +150,9 @@ pub trait Backend: Send + Sync {
     /// Grows the volume to `size_bytes` while it may be in use, and records the new size in its marker (atomic:
     /// after a crash the marker has the old size or the new one). The core has checked the space.
     fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError>;
+    /// Bytes each of `volumes` (this pool's) uses now, where the storage counts it (a project quota, a mounted
+    /// filesystem); `None` where nothing does. Cheap: called on every sample.
+    fn used_bytes(&self, volumes: &[&VolumeRecord]) -> Vec<Option<u64>>;
     /// Removes the data of a detached volume. May be slow; runs without the agent's lock. What it cannot remove
     /// is debris that [`Backend::recover`] retries.
     fn purge(&self, detached: &std::path::Path) -> Result<(), BackendError>;

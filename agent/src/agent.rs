@@ -436,9 +436,7 @@ impl Agent {
             let mine = || state.volumes.values().filter(|v| v.pool == pool.config.name);
             let volumes = mine().count() as u32;
             let (ready, reason, cap, enforcement) = match probe {
-                Ok(probe) => {
-                    (true, None, self.capacity_of(pool, &probe, &fs_ids, &state.volumes), probe.enforcement())
-                }
+                Ok(probe) => (true, None, self.capacity_of(pool, &probe, &fs_ids, &state.volumes), probe.enforcement()),
                 Err(e) => {
                     let allocated = mine().map(|v| v.size_bytes).sum();
                     (false, Some(e.message), Capacity { allocated, ..Capacity::default() }, pool.backend.enforcement())

@@ -7,6 +7,9 @@ use std::process::Command;
 use serde_json::Value;
 use testbed::vm::guest_disk;
 
+#[path = "vm_guest/quotas.rs"]
+mod quotas;
+
 fn in_vm() {
     assert_eq!(
         std::env::var("BERTH_IN_VM").as_deref(),
@@ -207,15 +210,21 @@ mod lvm_agent {
     const URL: &str = "https://127.0.0.1:7443";
 
     impl GuestAgent {
-        /// Starts `berth-agent run` and waits for the BerthNode to carry a certificate other than the one before.
+        /// Starts `berth-agent run` with the lvm pools' config (see [`GuestAgent::start_with`]).
         pub async fn start(phase: &str) -> GuestAgent {
+            GuestAgent::start_with(phase, &config()).await
+        }
+
+        /// Starts `berth-agent run` with `config` and waits for the BerthNode to carry a certificate other than
+        /// the one before.
+        pub async fn start_with(phase: &str, config: &Path) -> GuestAgent {
             let client = kube::Client::try_default().await.expect("KUBECONFIG reaches the host's API server");
             let nodes: Api<BerthNode> = Api::all(client);
             let old = nodes.get_opt(NODE).await.unwrap().and_then(|n| n.status).map(|s| s.certificate);
             let log = std::fs::File::create(base().join(format!("agent-{phase}.log"))).unwrap();
             let child = Command::new(env("BERTH_AGENT_BIN"))
                 .args(["run", "--config"])
-                .arg(config())
+                .arg(config)
                 .args(["--node-name", NODE, "--listen", "127.0.0.1:7443", "--state-dir"])
                 .arg(base().join("state"))
                 .env("RUST_LOG", "info,kube=warn")

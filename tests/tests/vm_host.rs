@@ -153,6 +153,16 @@ fn lvm_pools_through_the_agent_across_a_reboot() {
     }
 }
 
+/// Project quotas on directory volumes (XFS and ext4) through the agent in a real kernel, across a real reboot:
+/// writes past a volume's size fail, expansion raises the limit, projects and limits are found on disk again.
+#[test]
+fn hostpath_quotas_across_a_reboot() {
+    let world = lvm_world("quota.img");
+    for phase in ["quotas::quota_phase_one", "quotas::quota_phase_two"] {
+        world.run_phase(phase);
+    }
+}
+
 /// LV create+delete through the agent against bare lvcreate/lvremove in the same boot (docs/benchmarks.md).
 #[test]
 fn lvm_create_delete_benchmark() {

@@ -305,10 +305,7 @@ impl Backend for HostPath {
             Ok(root) if volumes.iter().any(|v| v.project_id.is_some()) => root,
             _ => return vec![None; volumes.len()],
         };
-        volumes
-            .iter()
-            .map(|v| v.project_id.and_then(|id| quota::usage(&root, id).ok()).map(|u| u.bytes))
-            .collect()
+        volumes.iter().map(|v| v.project_id.and_then(|id| quota::usage(&root, id).ok()).map(|u| u.bytes)).collect()
     }
 
     fn detach(&self, name: &str) -> Result<Option<PathBuf>, BackendError> {

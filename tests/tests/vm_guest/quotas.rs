@@ -1,0 +1,242 @@
+//! Project quotas on directory volumes through the real agent, in the guest's kernel (the host's has no quota
+//! support). Three hostpath pools on LVs of the disk `quota.img`: `xfs` (XFS mounted with `prjquota`), `ext4`
+//! (ext4 with the quota and project features, mounted with `prjquota`) and `plain` (ext4 without quotas). Writes
+//! are made by an unprivileged user (uid 999, the volumes' owner), as a pod's would be. Two boots:
+//! `quota_phase_one` fills, refuses and grows volumes; `quota_phase_two` finds their projects and limits on disk.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use berth::agent_api::Volume;
+use berth::berth_node::BerthNode;
+use serde_json::json;
+
+use crate::lvm_agent::{GuestAgent, MI, NODE, base, body, env, pools, root, volumes};
+use crate::{in_vm, lvm, sh};
+
+const XA: &str = "pvc-22222222-0000-4000-8000-00000000000a";
+const XB: &str = "pvc-22222222-0000-4000-8000-00000000000b";
+const XC: &str = "pvc-22222222-0000-4000-8000-00000000000c";
+const XD: &str = "pvc-22222222-0000-4000-8000-00000000000d";
+const EA: &str = "pvc-22222222-0000-4000-8000-0000000000ea";
+const PA: &str = "pvc-22222222-0000-4000-8000-0000000000fa";
+const POOLS: [&str; 3] = ["xfs", "ext4", "plain"];
+const USER: u32 = 999;
+/// The agent's allowance for its own files in a volume's project (hostpath.rs `QUOTA_ALLOWANCE`).
+const ALLOWANCE: u64 = 64 << 10;
+
+fn owned() -> serde_json::Value {
+    json!({"uid": USER, "gid": USER, "mode": 0o2770})
+}
+
+fn config() -> PathBuf {
+    let path = base().join("quota-agent.toml");
+    let pools: String = POOLS
+        .iter()
+        .map(|p| format!("[[pool]]\nname = \"{p}\"\nbackend = \"hostpath\"\nroot = {:?}\n\n", root(p)))
+        .collect();
+    std::fs::write(&path, pools).unwrap();
+    path
+}
+
+/// Mounts the three pools' filesystems (made by phase one) at their roots.
+fn mount_pools() {
+    for (pool, options) in [("xfs", "prjquota"), ("ext4", "prjquota"), ("plain", "defaults")] {
+        std::fs::create_dir_all(root(pool)).unwrap();
+        sh("mount", &["-o", options, &format!("/dev/mapper/quota-{pool}"), root(pool).to_str().unwrap()]);
+    }
+}
+
+fn unmount_pools() {
+    for pool in POOLS {
+        sh("umount", &[root(pool).to_str().unwrap()]);
+    }
+}
+
+/// Writes `mib` MiB of zeroes to `file` as `uid` (synced, so the filesystem has counted them): `Err` carries
+/// dd's message.
+fn write_as(uid: u32, file: &Path, mib: u64) -> Result<(), String> {
+    let out = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", file.display()))
+        .args(["bs=1M", &format!("count={mib}"), "conv=fsync"])
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+}
+
+fn fails_with(result: Result<(), String>, error: &str, what: &str) {
+    match result {
+        Ok(()) => panic!("{what}: the write succeeded; it should have failed with {error:?}"),
+        Err(e) => assert!(e.contains(error), "{what}: expected {error:?}, got {e}"),
+    }
+}
+
+/// The project ID of a volume's directory (lsattr -p prints it first).
+fn project_of(pool: &str, volume: &str) -> u32 {
+    let out = sh("lsattr", &["-pd", root(pool).join(volume).to_str().unwrap()]);
+    out.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn free_of(list: &berth::agent_api::PoolList, pool: &str) -> u64 {
+    list.pools.iter().find(|p| p.name == pool).unwrap().free_bytes
+}
+
+fn used_of(list: &[Volume], name: &str) -> Option<u64> {
+    list.iter().find(|v| v.name == name).unwrap().used_bytes
+}
+
+async fn metrics(agent: &GuestAgent) -> String {
+    agent.http.get("https://127.0.0.1:7443/metrics").send().await.unwrap().text().await.unwrap()
+}
+
+fn data(v: &str, pool: &str) -> PathBuf {
+    root(pool).join(v).join("data")
+}
+
+fn init_pools() {
+    for pool in POOLS {
+        let out = Command::new(env("BERTH_AGENT_BIN"))
+            .args(["init-pool", "--config"])
+            .arg(config())
+            .args(["--pool", pool])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "init-pool {pool}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by vm_host::hostpath_quotas_across_a_reboot in a boot of its own"]
+async fn quota_phase_one() {
+    in_vm();
+    sh("modprobe", &["dm_mod"]);
+    let disk = testbed::vm::guest_disk("quota.img").unwrap();
+    lvm(&["pvcreate", "-y", disk.to_str().unwrap()]);
+    lvm(&["vgcreate", "quota", disk.to_str().unwrap()]);
+    for (lv, size) in [("xfs", "320m"), ("ext4", "128m"), ("plain", "128m")] {
+        lvm(&["lvcreate", "-y", "-L", size, "-n", lv, "quota"]);
+    }
+    sh("mkfs.xfs", &["-q", "/dev/mapper/quota-xfs"]);
+    sh("mkfs.ext4", &["-q", "-O", "quota,project", "-I", "256", "/dev/mapper/quota-ext4"]);
+    sh("mkfs.ext4", &["-q", "/dev/mapper/quota-plain"]);
+    mount_pools();
+    init_pools();
+    let agent = GuestAgent::start_with("quota-one", &config()).await;
+
+    // Enforcement follows each filesystem's quota state, in the API and in the BerthNode.
+    let list = pools(&agent).await;
+    let enforcement: Vec<(&str, &str)> = list.pools.iter().map(|p| (p.name.as_str(), p.enforcement.as_str())).collect();
+    assert_eq!(enforcement, [("xfs", "quota"), ("ext4", "quota"), ("plain", "none")]);
+    let nodes: kube::Api<BerthNode> = kube::Api::all(kube::Client::try_default().await.unwrap());
+    testbed::kube_util::wait_for(&nodes, NODE, Duration::from_secs(60), |n| {
+        n.status.as_ref().is_some_and(|s| {
+            s.pools.iter().map(|p| (p.name.as_str(), p.enforcement.as_str())).eq(enforcement.iter().copied())
+        })
+    })
+    .await
+    .expect("the BerthNode reports each pool's enforcement");
+
+    agent.create(XA, &body("xfs", 64 * MI, owned())).await;
+    agent.create(XB, &body("xfs", 64 * MI, owned())).await;
+    agent.create(EA, &body("ext4", 32 * MI, owned())).await;
+    agent.create(PA, &body("plain", 16 * MI, owned())).await;
+    let (xa_id, xb_id) = (project_of("xfs", XA), project_of("xfs", XB));
+    assert!(xa_id >= 1_000_000_000 && xb_id >= 1_000_000_000, "Berth's project IDs: {xa_id}, {xb_id}");
+    assert_ne!(xa_id, xb_id, "two volumes of one filesystem share a project");
+    assert_eq!(project_of("xfs", &format!("{XA}/data")), xa_id, "data/ inherits the volume's project");
+    let before = pools(&agent).await;
+
+    // A volume's whole size is writable by its owner; a byte past it is not. XFS says ENOSPC, ext4 EDQUOT.
+    write_as(USER, &data(XA, "xfs").join("fill"), 64).expect("the full size of an xfs volume");
+    fails_with(write_as(USER, &data(XA, "xfs").join("past"), 1), "No space left on device", "xfs past the quota");
+    write_as(USER, &data(EA, "ext4").join("fill"), 32).expect("the full size of an ext4 volume");
+    fails_with(write_as(USER, &data(EA, "ext4").join("past"), 1), "Disk quota exceeded", "ext4 past the quota");
+    // The kernel facts docs/storageclass.md tells users: XFS holds root to the limit too; ext4 lets a process
+    // with CAP_SYS_RESOURCE (root, a privileged container) write past it.
+    fails_with(write_as(0, &data(XA, "xfs").join("root"), 1), "No space left on device", "root past an xfs quota");
+    write_as(0, &data(EA, "ext4").join("root"), 1).expect("root ignores an ext4 hard limit");
+    std::fs::remove_file(data(EA, "ext4").join("root")).unwrap();
+    // Without quotas nothing stops a volume at its size.
+    write_as(USER, &data(PA, "plain").join("fill"), 32).expect("a volume without enforcement outgrows its size");
+
+    // Used bytes are the quota's count: exact, so bytes written inside a volume's size change no pool's free
+    // space (the filesystem's available space went down by what the volume may no longer claim). Without
+    // quotas the agent cannot tell, and counts the written bytes twice: free space drops.
+    let after = pools(&agent).await;
+    let list = volumes(&agent).await.volumes;
+    let xa_used = used_of(&list, XA).expect("usage of a volume with a project");
+    assert!((64 * MI..=64 * MI + ALLOWANCE).contains(&xa_used), "xfs volume uses {xa_used}");
+    let ea_used = used_of(&list, EA).expect("usage of an ext4 volume with a project");
+    assert!((32 * MI..=32 * MI + ALLOWANCE).contains(&ea_used), "ext4 volume uses {ea_used}");
+    assert_eq!(used_of(&list, PA), None, "no usage without quotas");
+    let drift = free_of(&before, "xfs").abs_diff(free_of(&after, "xfs"));
+    assert!(drift <= 2 * MI, "writing inside the size moved the xfs pool's free space by {drift}");
+    assert!(free_of(&before, "plain") - free_of(&after, "plain") >= 16 * MI, "the plain pool counts conservatively");
+    let text = metrics(&agent).await;
+    for (pool, volume) in [("xfs", XA), ("ext4", EA)] {
+        let series = format!("berth_volume_used_bytes{{node=\"{NODE}\",pool=\"{pool}\",volume=\"{volume}\"");
+        assert!(text.contains(&series), "{series} in:\n{text}");
+    }
+    assert!(!text.contains(&format!("berth_volume_used_bytes{{node=\"{NODE}\",pool=\"plain\"")), "{text}");
+    assert!(text.contains(
+        "berth_pool_enforcement{node=\"node-0\",pool=\"plain\",backend=\"hostpath\",enforcement=\"none\"} 1"
+    ));
+
+    // Expansion raises the limit: the next 16 MiB fit, then the new limit holds.
+    assert_eq!(agent.expand(XA, 96 * MI).await.size_bytes, 96 * MI);
+    write_as(USER, &data(XA, "xfs").join("more"), 16).expect("writing into the grown xfs volume");
+    fails_with(write_as(USER, &data(XA, "xfs").join("much"), 32), "No space left on device", "past the new size");
+    agent.expand(EA, 48 * MI).await;
+    write_as(USER, &data(EA, "ext4").join("more"), 8).expect("writing into the grown ext4 volume");
+
+    // As if the agent had crashed between raising a quota and rewriting the marker: the limit is wrong on disk.
+    // The next start sets it back from the marker.
+    sh("xfs_quota", &["-x", "-c", &format!("limit -p bhard=1g {xa_id}"), root("xfs").to_str().unwrap()]);
+    std::fs::write(base().join("quota-projects"), format!("{xa_id} {xb_id}")).unwrap();
+    agent.stop();
+    unmount_pools();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by vm_host::hostpath_quotas_across_a_reboot in a boot of its own"]
+async fn quota_phase_two() {
+    in_vm();
+    sh("modprobe", &["dm_mod"]);
+    lvm(&["vgchange", "-ay", "quota"]);
+    mount_pools();
+    let agent = GuestAgent::start_with("quota-two", &config()).await;
+    let recorded = std::fs::read_to_string(base().join("quota-projects")).unwrap();
+    let ids: Vec<u32> = recorded.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    assert_eq!([project_of("xfs", XA), project_of("xfs", XB)], [ids[0], ids[1]], "projects are on disk");
+    let list = volumes(&agent).await.volumes;
+    assert_eq!(list.iter().find(|v| v.name == XA).unwrap().size_bytes, 96 * MI);
+
+    // The 1 GiB limit set behind the agent's back is gone: the marker's 96 MiB holds again.
+    fails_with(write_as(USER, &data(XA, "xfs").join("again"), 32), "No space left on device", "after the restart");
+
+    // A new volume gets a project no file carries: not one of the recovered volumes'.
+    agent.create(XC, &body("xfs", 8 * MI, owned())).await;
+    let xc_id = project_of("xfs", XC);
+    assert!(!ids.contains(&xc_id), "{XC} got project {xc_id}, already in use ({ids:?})");
+    // A deleted volume's ID is free again once no file carries it (a restarted agent searches from the first
+    // ID), and its next owner gets a limit of its own size, not the old one's.
+    agent.delete(XB).await;
+    agent.stop();
+    let agent = GuestAgent::start_with("quota-two-restarted", &config()).await;
+    agent.create(XD, &body("xfs", 8 * MI, owned())).await;
+    assert_eq!(project_of("xfs", XD), ids[1], "{XD} reuses the deleted {XB}'s project");
+    fails_with(write_as(USER, &data(XD, "xfs").join("fill"), 16), "No space left on device", "a reused ID's limit");
+    let text = metrics(&agent).await;
+    assert!(!text.contains(XB), "the deleted volume's series are gone:\n{text}");
+    assert!(text.contains(&format!("volume=\"{XD}\"")), "{text}");
+    for v in [XA, XC, XD, EA, PA] {
+        agent.delete(v).await;
+    }
+    agent.stop();
+    unmount_pools();
+}

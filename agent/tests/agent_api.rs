@@ -61,6 +61,10 @@ impl World {
             .unwrap()
     }
 
+    async fn metrics(&self) -> String {
+        self.http.get(self.agent.url("/metrics")).send().await.unwrap().text().await.unwrap()
+    }
+
     async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
         let resp = self.http.get(self.agent.url(path)).bearer_auth(&self.token).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK, "GET {path}");
@@ -129,6 +133,20 @@ async fn create_repeat_conflict_delete() {
     assert_eq!(w.on_disk(), vec![format!("fast/{VOL}")]);
     let listed: VolumeList = w.get("/v1/volumes").await;
     assert_eq!(listed.volumes, vec![made.clone()]);
+    // The host's filesystems have no project quotas: no enforcement, no used bytes; the size is a metric.
+    assert_eq!(w.pool("fast").await.enforcement, "none");
+    assert_eq!(listed.volumes[0].used_bytes, None);
+    let size_series = format!(
+        r#"berth_volume_size_bytes{{node="node-0",pool="fast",volume="{VOL}",namespace="db",claim="data-0"}} {}"#,
+        10 * MI
+    );
+    let metrics = w.metrics().await;
+    assert!(metrics.contains(&size_series), "{metrics}");
+    assert!(
+        metrics
+            .contains(r#"berth_pool_enforcement{node="node-0",pool="fast",backend="hostpath",enforcement="none"} 1"#)
+    );
+    assert!(!metrics.contains("berth_volume_used_bytes{"), "no usage is known without quotas");
 
     // Ownership and mode from the request.
     let mut owned = create_body("slow", MI);
@@ -151,6 +169,9 @@ async fn create_repeat_conflict_delete() {
     assert_eq!(refusal(missing).await.1, ErrorReason::NotFound);
     assert_eq!(w.on_disk(), vec![format!("slow/{VOL2}")]);
     assert!(!w.agent.pool_root("fast").join(VOL).exists());
+    let metrics = w.metrics().await;
+    assert!(!metrics.contains(VOL), "a deleted volume's series go with it:\n{metrics}");
+    assert!(metrics.contains(&format!(r#"volume="{VOL2}""#)));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -198,6 +219,20 @@ async fn restart_recovers_the_inventory_and_removes_debris() {
     w.http = w.agent.http().unwrap();
     let listed: VolumeList = w.get("/v1/volumes").await;
     assert_eq!(listed.volumes, vec![made.clone()]);
+    // The host's filesystems have no project quotas: no enforcement, no used bytes; the size is a metric.
+    assert_eq!(w.pool("fast").await.enforcement, "none");
+    assert_eq!(listed.volumes[0].used_bytes, None);
+    let size_series = format!(
+        r#"berth_volume_size_bytes{{node="node-0",pool="fast",volume="{VOL}",namespace="db",claim="data-0"}} {}"#,
+        10 * MI
+    );
+    let metrics = w.metrics().await;
+    assert!(metrics.contains(&size_series), "{metrics}");
+    assert!(
+        metrics
+            .contains(r#"berth_pool_enforcement{node="node-0",pool="fast",backend="hostpath",enforcement="none"} 1"#)
+    );
+    assert!(!metrics.contains("berth_volume_used_bytes{"), "no usage is known without quotas");
     assert_eq!(std::fs::read_to_string(Path::new(&made.path).join("db.sqlite")).unwrap(), "precious");
     assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0, "debris left in {}", staging.display());
     assert_eq!(w.pool("fast").await.allocated_bytes, 5 * MI);
@@ -224,7 +259,7 @@ async fn a_pool_without_its_marker_is_not_ready_and_gets_nothing() {
     .unwrap();
     assert_eq!(node.status.unwrap().summary.pools, "fast (not ready),slow");
     // A pool root that was never initialised is not ready either: the agent does not create roots itself.
-    let metrics = w.http.get(w.agent.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = w.metrics().await;
     assert!(metrics.contains(r#"berth_pool_ready{node="node-0",pool="fast",backend="hostpath"} 0"#), "{metrics}");
     assert!(metrics.contains(r#"berth_pool_ready{node="node-0",pool="slow",backend="hostpath"} 1"#));
 }

@@ -457,6 +457,12 @@ async fn lvm_agent_phase_one() {
     assert_eq!(block.path, format!("/dev/mapper/berth-berth--{}", BLOCK.replace('-', "--")));
     assert!(is_block_device(&block.path));
     write_block_token(&block.path, &token);
+    // Used bytes of a filesystem volume are its own filesystem's; a raw block volume has none.
+    let listed = volumes(&agent).await.volumes;
+    let used = |name: &str| listed.iter().find(|v| v.name == name).unwrap().used_bytes;
+    assert!(used(FS_EXT4).is_some_and(|u| u > 0 && u < SMALL), "ext4 volume uses {:?}", used(FS_EXT4));
+    assert!(used(THIN_XFS).is_some_and(|u| u > 0 && u < XFS_SIZE), "thin xfs volume uses {:?}", used(THIN_XFS));
+    assert_eq!(used(BLOCK), None);
     // The same request again: the same volume.
     let again = agent.put(FS_XFS, &body("thick", XFS_SIZE, FS_EXTRA("xfs"))).await;
     assert_eq!(again.status(), reqwest::StatusCode::OK);

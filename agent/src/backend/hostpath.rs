@@ -301,8 +301,8 @@ impl Backend for HostPath {
     }
 
     fn used_bytes(&self, volumes: &[&VolumeRecord]) -> Vec<Option<u64>> {
-        let root = match self.open_root() {
-            Ok(root) if volumes.iter().any(|v| v.project_id.is_some()) => root,
+        let root = match volumes.iter().any(|v| v.project_id.is_some()).then(|| self.open_root()) {
+            Some(Ok(root)) => root,
             _ => return vec![None; volumes.len()],
         };
         volumes.iter().map(|v| v.project_id.and_then(|id| quota::usage(&root, id).ok()).map(|u| u.bytes)).collect()

@@ -180,8 +180,8 @@ mod tests {
     fn kernel_abi_numbers() {
         // Values from <linux/fs.h>, <linux/quota.h> and <linux/dqblk_xfs.h> on Linux 6.x.
         assert_eq!(size_of::<FsXattr>(), 28);
-        assert_eq!(FS_IOC_FSGETXATTR as u64, 0x801c_581f);
-        assert_eq!(FS_IOC_FSSETXATTR as u64, 0x401c_5820);
+        assert_eq!(FS_IOC_FSGETXATTR, 0x801c_581f);
+        assert_eq!(FS_IOC_FSSETXATTR, 0x401c_5820);
         assert_eq!(qcmd(libc::Q_GETQUOTA, PRJQUOTA), 0x8000_0702_u32 as i32);
         assert_eq!(qcmd(Q_XGETQSTATV, PRJQUOTA), 0x0058_0802);
         assert_eq!(size_of::<libc::dqblk>(), 72);

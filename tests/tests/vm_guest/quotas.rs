@@ -1,6 +1,7 @@
 //! Project quotas on directory volumes through the real agent, in the guest's kernel (the host's has no quota
 //! support). Three hostpath pools on LVs of the disk `quota.img`: `xfs` (XFS mounted with `prjquota`), `ext4`
-//! (ext4 with the quota and project features, mounted with `prjquota`) and `plain` (ext4 without quotas). Writes
+//! (ext4 with the quota and project features, mounted with `prjquota`), `acct` (the same ext4 mounted without
+//! `prjquota`: usage counted, limits not enforced) and `plain` (ext4 without quotas). Writes
 //! are made by an unprivileged user (uid 999, the volumes' owner), as a pod's would be. Two boots:
 //! `quota_phase_one` fills, refuses and grows volumes; `quota_phase_two` finds their projects and limits on disk.
 
@@ -22,7 +23,8 @@ const XC: &str = "pvc-22222222-0000-4000-8000-00000000000c";
 const XD: &str = "pvc-22222222-0000-4000-8000-00000000000d";
 const EA: &str = "pvc-22222222-0000-4000-8000-0000000000ea";
 const PA: &str = "pvc-22222222-0000-4000-8000-0000000000fa";
-const POOLS: [&str; 3] = ["xfs", "ext4", "plain"];
+const AA: &str = "pvc-22222222-0000-4000-8000-0000000000aa";
+const POOLS: [&str; 4] = ["xfs", "ext4", "acct", "plain"];
 const USER: u32 = 999;
 /// The agent's allowance for its own files in a volume's project (hostpath.rs `QUOTA_ALLOWANCE`).
 const ALLOWANCE: u64 = 64 << 10;
@@ -43,7 +45,7 @@ fn config() -> PathBuf {
 
 /// Mounts the three pools' filesystems (made by phase one) at their roots.
 fn mount_pools() {
-    for (pool, options) in [("xfs", "prjquota"), ("ext4", "prjquota"), ("plain", "defaults")] {
+    for (pool, options) in [("xfs", "prjquota"), ("ext4", "prjquota"), ("acct", "defaults"), ("plain", "defaults")] {
         std::fs::create_dir_all(root(pool)).unwrap();
         sh("mount", &["-o", options, &format!("/dev/mapper/quota-{pool}"), root(pool).to_str().unwrap()]);
     }
@@ -118,11 +120,13 @@ async fn quota_phase_one() {
     let disk = testbed::vm::guest_disk("quota.img").unwrap();
     lvm(&["pvcreate", "-y", disk.to_str().unwrap()]);
     lvm(&["vgcreate", "quota", disk.to_str().unwrap()]);
-    for (lv, size) in [("xfs", "320m"), ("ext4", "128m"), ("plain", "128m")] {
+    for (lv, size) in [("xfs", "320m"), ("ext4", "128m"), ("acct", "64m"), ("plain", "128m")] {
         lvm(&["lvcreate", "-y", "-L", size, "-n", lv, "quota"]);
     }
     sh("mkfs.xfs", &["-q", "/dev/mapper/quota-xfs"]);
-    sh("mkfs.ext4", &["-q", "-O", "quota,project", "-I", "256", "/dev/mapper/quota-ext4"]);
+    for lv in ["ext4", "acct"] {
+        sh("mkfs.ext4", &["-q", "-O", "quota,project", "-I", "256", &format!("/dev/mapper/quota-{lv}")]);
+    }
     sh("mkfs.ext4", &["-q", "/dev/mapper/quota-plain"]);
     mount_pools();
     init_pools();
@@ -131,7 +135,7 @@ async fn quota_phase_one() {
     // Enforcement follows each filesystem's quota state, in the API and in the BerthNode.
     let list = pools(&agent).await;
     let enforcement: Vec<(&str, &str)> = list.pools.iter().map(|p| (p.name.as_str(), p.enforcement.as_str())).collect();
-    assert_eq!(enforcement, [("xfs", "quota"), ("ext4", "quota"), ("plain", "none")]);
+    assert_eq!(enforcement, [("xfs", "quota"), ("ext4", "quota"), ("acct", "none"), ("plain", "none")]);
     let nodes: kube::Api<BerthNode> = kube::Api::all(kube::Client::try_default().await.unwrap());
     testbed::kube_util::wait_for(&nodes, NODE, Duration::from_secs(60), |n| {
         n.status.as_ref().is_some_and(|s| {
@@ -145,6 +149,7 @@ async fn quota_phase_one() {
     agent.create(XB, &body("xfs", 64 * MI, owned())).await;
     agent.create(EA, &body("ext4", 32 * MI, owned())).await;
     agent.create(PA, &body("plain", 16 * MI, owned())).await;
+    agent.create(AA, &body("acct", 8 * MI, owned())).await;
     let (xa_id, xb_id) = (project_of("xfs", XA), project_of("xfs", XB));
     assert!(xa_id >= 1_000_000_000 && xb_id >= 1_000_000_000, "Berth's project IDs: {xa_id}, {xb_id}");
     assert_ne!(xa_id, xb_id, "two volumes of one filesystem share a project");
@@ -163,6 +168,8 @@ async fn quota_phase_one() {
     std::fs::remove_file(data(EA, "ext4").join("root")).unwrap();
     // Without quotas nothing stops a volume at its size.
     write_as(USER, &data(PA, "plain").join("fill"), 32).expect("a volume without enforcement outgrows its size");
+    // Counted but not enforced (ext4 mounted without prjquota): the volume outgrows its size, its usage is known.
+    write_as(USER, &data(AA, "acct").join("fill"), 16).expect("quotas counted but not enforced");
 
     // Used bytes are the quota's count: exact, so bytes written inside a volume's size change no pool's free
     // space (the filesystem's available space went down by what the volume may no longer claim). Without
@@ -174,6 +181,7 @@ async fn quota_phase_one() {
     let ea_used = used_of(&list, EA).expect("usage of an ext4 volume with a project");
     assert!((32 * MI..=32 * MI + ALLOWANCE).contains(&ea_used), "ext4 volume uses {ea_used}");
     assert_eq!(used_of(&list, PA), None, "no usage without quotas");
+    assert!(used_of(&list, AA).is_some_and(|u| u >= 16 * MI), "usage counted without enforcement");
     let drift = free_of(&before, "xfs").abs_diff(free_of(&after, "xfs"));
     assert!(drift <= 2 * MI, "writing inside the size moved the xfs pool's free space by {drift}");
     assert!(free_of(&before, "plain") - free_of(&after, "plain") >= 16 * MI, "the plain pool counts conservatively");
@@ -234,7 +242,7 @@ async fn quota_phase_two() {
     let text = metrics(&agent).await;
     assert!(!text.contains(XB), "the deleted volume's series are gone:\n{text}");
     assert!(text.contains(&format!("volume=\"{XD}\"")), "{text}");
-    for v in [XA, XC, XD, EA, PA] {
+    for v in [XA, XC, XD, EA, PA, AA] {
         agent.delete(v).await;
     }
     agent.stop();

@@ -488,7 +488,7 @@ impl Agent {
             PoolProbe::Filesystem { fs, fs_id, .. } => (fs, fs_id),
             PoolProbe::Exact(capacity) => return capacity,
         };
-        let sharing: Vec<&str> = self
+        let sharing: Vec<(&Pool, &Option<u64>)> = self
             .pools
             .iter()
             .zip(fs_ids)
@@ -496,20 +496,19 @@ impl Agent {
             // Pools whose storage accounts for itself (lvm) share no filesystem with directory pools.
             .filter(|(p, _)| p.backend.kind() == "hostpath")
             .filter(|(_, id)| id.is_none_or(|id| id == fs_id))
-            .map(|(p, _)| p.config.name.as_str())
             .collect();
-        // What each volume uses, where its pool's filesystem counts it (project quotas): exact accounting.
-        let usage_in = |p: &Pool| {
+        // What each volume uses, where its pool's filesystem counts it (project quotas): exact accounting. A pool
+        // that is not ready now cannot be asked: its volumes count as unused (conservative).
+        let usage_in = |p: &Pool, ready: bool| {
             let of_p: Vec<&VolumeRecord> = volumes.values().filter(|v| v.pool == p.config.name).collect();
-            let used = p.backend.used_bytes(&of_p);
+            let used = if ready { p.backend.used_bytes(&of_p) } else { vec![None; of_p.len()] };
             of_p.iter()
                 .zip(used)
                 .map(|(v, used_bytes)| VolumeUsage { size_bytes: v.size_bytes, used_bytes })
                 .collect::<Vec<_>>()
         };
-        let own = usage_in(pool);
-        let others: Vec<VolumeUsage> =
-            self.pools.iter().filter(|p| sharing.contains(&p.config.name.as_str())).flat_map(usage_in).collect();
+        let own = usage_in(pool, true);
+        let others: Vec<VolumeUsage> = sharing.iter().flat_map(|(p, id)| usage_in(p, id.is_some())).collect();
         let limits = PoolLimits { cap: pool.config.capacity, headroom: pool.config.headroom };
         pool_capacity(limits, fs, &own, &others)
     }

@@ -13,13 +13,13 @@
 //! On a filesystem with project quotas (XFS or ext4 mounted with `prjquota`), `<volume>/` is put in a project of
 //! its own, with inheritance, while it is still in `.berth-tmp/` and empty; the project's hard limit is the
 //! volume's size plus [`QUOTA_ALLOWANCE`]. The directory's project ID is the record of which ID a volume has
-//! (read back at start); an ID is free when no file on the filesystem carries it (see [`quota::first_free`]).
+//! (read back at start); an ID is free when no file on the filesystem carries it (see [`quota::first_free`]), and
+//! the search starts at a random ID, so a pod cannot guess another volume's. A root that itself passes a project
+//! on (PROJINHERIT, set up by hand) gets no per-volume projects: renames between projects would fail (EXDEV).
 
-use std::ffi::CString;
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -47,13 +47,11 @@ struct PoolMarker {
 pub struct HostPath {
     pool: String,
     root: PathBuf,
-    /// Where the next search for a free project ID starts (a hint: the filesystem decides what is free).
-    next_project: AtomicU32,
 }
 
 impl HostPath {
     pub fn new(pool: &str, root: &Path) -> HostPath {
-        HostPath { pool: pool.to_owned(), root: root.to_owned(), next_project: AtomicU32::new(0) }
+        HostPath { pool: pool.to_owned(), root: root.to_owned() }
     }
 
     /// The explicit init step (`berth-agent init-pool`): creates the root if needed and writes the marker.
@@ -129,15 +127,22 @@ impl HostPath {
         File::open(&self.root).map_err(|e| io(self.root.display(), e))
     }
 
+    /// The pool's project quota state: the filesystem's, unless the root itself passes a project on.
+    fn quotas(&self, root: &File) -> std::io::Result<QuotaState> {
+        if quota::project_of(root).is_ok_and(|p| p.inherit) {
+            return Ok(QuotaState::Off);
+        }
+        quota::state(root)
+    }
+
     /// Puts the new, empty volume directory `dir` in a project of its own limited to `size_bytes`.
     fn give_project(&self, fs: &File, dir: &Path, size_bytes: u64) -> Result<u32, BackendError> {
-        let start = self.next_project.load(Ordering::Relaxed);
+        let start = fastrand::u32(quota::PROJECT_IDS);
         let id = quota::first_free(start, |id| quota::usage(fs, id).map(|u| u.inodes))
             .map_err(|e| io("finding a free project ID", e))?;
         quota::set_limit(fs, id, size_bytes + QUOTA_ALLOWANCE).map_err(|e| io(format!("limiting project {id}"), e))?;
         let d = File::open(dir).map_err(|e| io(dir.display(), e))?;
         quota::set_project(&d, id).map_err(|e| io(format!("putting {} in project {id}", dir.display()), e))?;
-        self.next_project.store(id.wrapping_add(1), Ordering::Relaxed);
         Ok(id)
     }
 
@@ -145,14 +150,15 @@ impl HostPath {
     /// size (which heals an expansion interrupted between the two).
     fn recover_project(&self, fs: Option<&File>, record: &mut VolumeRecord) {
         let dir = self.root.join(&record.name);
+        // Only IDs of Berth's range are a volume's own; anything else was inherited or set by someone else.
         let id = match File::open(&dir).and_then(|d| quota::project_of(&d)) {
-            Ok(0) | Err(_) => {
+            Ok(p) if quota::PROJECT_IDS.contains(&p.id) => p.id,
+            _ => {
                 if fs.is_some() {
                     tracing::warn!(pool = %self.pool, volume = %record.name, "volume has no project quota (made before quotas were on); its size is not enforced");
                 }
                 return;
             }
-            Ok(id) => id,
         };
         record.project_id = Some(id);
         if let Some(fs) = fs
@@ -180,12 +186,13 @@ impl Backend for HostPath {
 
     fn probe(&self, _own_sizes: &[u64]) -> Result<PoolProbe, BackendError> {
         self.check_marker()?;
-        let root = self.root.to_str().ok_or_else(|| BackendError::NotReady("root is not UTF-8".into()))?;
-        let c = CString::new(root).map_err(|e| BackendError::NotReady(e.to_string()))?;
-        let st =
-            rustix::fs::statvfs(c.as_c_str()).map_err(|e| BackendError::NotReady(format!("statvfs {root}: {e}")))?;
-        let fs_id = std::fs::metadata(&self.root).map_err(|e| BackendError::NotReady(e.to_string()))?.dev();
-        let enforcement = match quota::state(&self.open_root().map_err(|e| BackendError::NotReady(e.to_string()))?) {
+        let not_ready = |what: &str, e: &dyn std::fmt::Display| {
+            BackendError::NotReady(format!("{what} of {}: {e}", self.root.display()))
+        };
+        let root = File::open(&self.root).map_err(|e| not_ready("opening", &e))?;
+        let st = rustix::fs::fstatvfs(&root).map_err(|e| not_ready("statvfs", &e))?;
+        let fs_id = root.metadata().map_err(|e| not_ready("stat", &e))?.dev();
+        let enforcement = match self.quotas(&root).map_err(|e| not_ready("project quota state", &e))? {
             QuotaState::Enforced => Enforcement::Quota,
             QuotaState::Accounted | QuotaState::Off => Enforcement::None,
         };
@@ -210,7 +217,11 @@ impl Backend for HostPath {
             }
         }
         let root = self.open_root()?;
-        let quotas = (quota::state(&root) != QuotaState::Off).then_some(&root);
+        if quota::project_of(&root).is_ok_and(|p| p.inherit) {
+            tracing::warn!(pool = %self.pool, root = %self.root.display(), "the pool root passes its project on to what is made in it (PROJINHERIT): volumes get no project quotas of their own; clear it with `chattr -P -p 0` to have them");
+        }
+        let state = self.quotas(&root).map_err(|e| io(format!("project quota state of {}", self.root.display()), e))?;
+        let quotas = (state != QuotaState::Off).then_some(&root);
         let mut volumes = Vec::new();
         for entry in std::fs::read_dir(&self.root).map_err(|e| io(self.root.display(), e))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -249,8 +260,9 @@ impl Backend for HostPath {
         std::fs::DirBuilder::new().mode(0o711).create(&work).map_err(|e| io(work.display(), e))?;
         // The project goes on while the directory is empty: files only take a project when they are made.
         let root = self.open_root()?;
-        if quota::state(&root) != QuotaState::Off {
-            match self.give_project(&root, &work, record.size_bytes) {
+        let state = self.quotas(&root).map_err(|e| io(format!("project quota state of {}", self.root.display()), e));
+        if !matches!(state, Ok(QuotaState::Off)) {
+            match state.and_then(|_| self.give_project(&root, &work, record.size_bytes)) {
                 Ok(id) => record.project_id = Some(id),
                 Err(e) => {
                     let _ = remove_tree(&work);
@@ -283,9 +295,17 @@ impl Backend for HostPath {
         // sets the quota back to it (the controller retries the expansion). Without a project the directory
         // needs nothing. The marker is replaced by rename, so it is never half-written.
         let root = self.open_root()?;
-        if let Some(id) = record.project_id
-            && quota::state(&root) != QuotaState::Off
-        {
+        if let Some(id) = record.project_id {
+            // A limit not raised now would stay at the old size on disk: refuse until quotas are back (the
+            // controller retries), rather than record a size the quota does not give.
+            let state = self.quotas(&root).map_err(|e| io("project quota state", e))?;
+            if state == QuotaState::Off {
+                return Err(BackendError::NotReady(format!(
+                    "volume {} has project {id} but {} has no project quotas now (mounted without prjquota?): its limit cannot be raised",
+                    record.name,
+                    self.root.display()
+                )));
+            }
             quota::set_limit(&root, id, size_bytes + QUOTA_ALLOWANCE)
                 .map_err(|e| io(format!("raising the quota of project {id}"), e))?;
         }
@@ -301,8 +321,11 @@ impl Backend for HostPath {
     }
 
     fn used_bytes(&self, volumes: &[&VolumeRecord]) -> Vec<Option<u64>> {
-        let root = match volumes.iter().any(|v| v.project_id.is_some()).then(|| self.open_root()) {
-            Some(Ok(root)) => root,
+        // Only from the pool's own filesystem: an unmounted pool's root is a directory of another one, whose
+        // projects of the same IDs are not these volumes.
+        let root = match volumes.iter().any(|v| v.project_id.is_some()).then(|| (self.check_marker(), self.open_root()))
+        {
+            Some((Ok(()), Ok(root))) => root,
             _ => return vec![None; volumes.len()],
         };
         volumes.iter().map(|v| v.project_id.and_then(|id| quota::usage(&root, id).ok()).map(|u| u.bytes)).collect()

@@ -8,8 +8,9 @@
 //! Kernel behaviour this is built around (docs/storageclass.md tells users):
 //! - XFS refuses a write past a project's limit with ENOSPC ("No space left on device"), for root too.
 //! - ext4 refuses it with EDQUOT ("Disk quota exceeded"), but a process with CAP_SYS_RESOURCE ignores the limit.
-//! - Project IDs change only through this ioctl from the initial user namespace; a process owning a file can use
-//!   it too (`chattr -p`), which is the known limit of project quotas as isolation.
+//! - Project IDs change only through this ioctl from the initial user namespace; a process owning a file (or with
+//!   CAP_FOWNER) can use it too (`chattr -p`), moving the file out of its volume's project and into any other: the
+//!   known limit of project quotas as isolation. Berth picks IDs at random so another volume's is not guessable.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -27,9 +28,9 @@ const FS_XFLAG_PROJINHERIT: u32 = 0x0000_0200;
 /// Quota block limits are counted in 1 KiB blocks (`QIF_DQBLKSIZE`).
 const QUOTA_BLOCK: u64 = 1024;
 
-/// The first project ID Berth hands out: far above the small numbers administrators pick by hand
-/// (`/etc/projid`) and kubelet's own range (from 1048577); within 32 bits for XFS (projid32bit, the default).
-pub const FIRST_PROJECT_ID: u32 = 1_000_000_000;
+/// Berth's project IDs: far above the small numbers administrators pick by hand (`/etc/projid`) and kubelet's own
+/// range (from 1048577); within 32 bits for XFS (projid32bit, the default). `u32::MAX` is the kernel's invalid ID.
+pub const PROJECT_IDS: std::ops::RangeInclusive<u32> = 1_000_000_000..=u32::MAX - 1;
 
 /// `struct fsxattr` of `<linux/fs.h>`.
 #[repr(C)]
@@ -43,13 +44,8 @@ struct FsXattr {
     pad: [u8; 8],
 }
 
-/// `_IOR('X', 31, struct fsxattr)` and `_IOW('X', 32, struct fsxattr)`.
-const FS_IOC_FSGETXATTR: libc::Ioctl = ioc(2, 31);
-const FS_IOC_FSSETXATTR: libc::Ioctl = ioc(1, 32);
-
-const fn ioc(direction: u32, nr: u32) -> libc::Ioctl {
-    ((direction << 30) | ((size_of::<FsXattr>() as u32) << 16) | ((b'X' as u32) << 8) | nr) as libc::Ioctl
-}
+const FS_IOC_FSGETXATTR: libc::Ioctl = libc::_IOR::<FsXattr>(b'X' as u32, 31);
+const FS_IOC_FSSETXATTR: libc::Ioctl = libc::_IOW::<FsXattr>(b'X' as u32, 32);
 
 /// `QCMD(cmd, type)` of `<sys/quota.h>`.
 const fn qcmd(cmd: libc::c_int, kind: libc::c_int) -> libc::c_int {
@@ -90,28 +86,46 @@ fn quotactl(fs: &File, cmd: libc::c_int, id: u32, data: *mut libc::c_void) -> st
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
-/// The project quota state of the filesystem `fs` is on. Any failure (no quota support at all, a kernel without
-/// `quotactl_fd`) reads as `Off`: directories then work without limits, as before.
-pub fn state(fs: &File) -> QuotaState {
+/// The project quota state of the filesystem `fs` is on.
+pub fn state(fs: &File) -> std::io::Result<QuotaState> {
     let mut st = QuotaStatV { version: FS_QSTATV_VERSION1, pad1: 0, flags: 0, rest: [0; 252] };
-    if quotactl(fs, qcmd(Q_XGETQSTATV, PRJQUOTA), 0, (&raw mut st).cast()).is_err() {
-        return QuotaState::Off;
-    }
-    match (st.flags & FS_QUOTA_PDQ_ACCT != 0, st.flags & FS_QUOTA_PDQ_ENFD != 0) {
+    state_from(quotactl(fs, qcmd(Q_XGETQSTATV, PRJQUOTA), 0, (&raw mut st).cast()).map(|()| st.flags))
+}
+
+/// The state from `Q_XGETQSTATV`'s flags, or from its error: the errors of a filesystem or kernel without project
+/// quotas mean `Off`; any other (EIO, ENOMEM…) is not an answer, and a volume must not be made without its limit
+/// because of it.
+fn state_from(flags: std::io::Result<u16>) -> std::io::Result<QuotaState> {
+    let flags = match flags {
+        Ok(flags) => flags,
+        Err(e) => {
+            let none = [libc::ENOSYS, libc::ESRCH, libc::EINVAL, libc::EOPNOTSUPP, libc::ENOTTY];
+            return if e.raw_os_error().is_some_and(|n| none.contains(&n)) { Ok(QuotaState::Off) } else { Err(e) };
+        }
+    };
+    Ok(match (flags & FS_QUOTA_PDQ_ACCT != 0, flags & FS_QUOTA_PDQ_ENFD != 0) {
         (true, true) => QuotaState::Enforced,
         (true, false) => QuotaState::Accounted,
         _ => QuotaState::Off,
-    }
+    })
 }
 
-/// The project ID of the file or directory `f`.
-pub fn project_of(f: &File) -> std::io::Result<u32> {
+/// The project of a file or directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Project {
+    pub id: u32,
+    /// New files and directories made inside take its ID.
+    pub inherit: bool,
+}
+
+/// The project of the file or directory `f`.
+pub fn project_of(f: &File) -> std::io::Result<Project> {
     let mut attr = FsXattr::default();
     // SAFETY: FS_IOC_FSGETXATTR writes one `struct fsxattr`, which `attr` is.
     if unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FSGETXATTR, &raw mut attr) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(attr.projid)
+    Ok(Project { id: attr.projid, inherit: attr.xflags & FS_XFLAG_PROJINHERIT != 0 })
 }
 
 /// Puts the directory `dir` in project `id`, with inheritance: what is made inside it afterwards is in `id` too.
@@ -157,13 +171,14 @@ pub fn usage(fs: &File, id: u32) -> std::io::Result<ProjectUsage> {
     }
 }
 
-/// The first project ID from `start` on (wrapping to [`FIRST_PROJECT_ID`]) that no file on the filesystem
+/// The first project ID of [`PROJECT_IDS`] from `start` on (wrapping round) that no file on the filesystem
 /// carries, by `inodes_of(id)`. A file that carries an ID is counted in its usage, so an ID without inodes is
 /// free: live volumes, volumes being removed and other tools' projects all have inodes. The caller serialises
 /// allocations (the agent's lock) and marks the directory before the next one, so two volumes never share an ID.
 pub fn first_free(start: u32, mut inodes_of: impl FnMut(u32) -> std::io::Result<u64>) -> std::io::Result<u32> {
-    let start = start.max(FIRST_PROJECT_ID);
-    let ids = (start..=u32::MAX).chain(FIRST_PROJECT_ID..start);
+    let (first, last) = (*PROJECT_IDS.start(), *PROJECT_IDS.end());
+    let start = start.clamp(first, last);
+    let ids = (start..=last).chain(first..start);
     for id in ids {
         if inodes_of(id)? == 0 {
             return Ok(id);
@@ -180,8 +195,8 @@ mod tests {
     fn kernel_abi_numbers() {
         // Values from <linux/fs.h>, <linux/quota.h> and <linux/dqblk_xfs.h> on Linux 6.x.
         assert_eq!(size_of::<FsXattr>(), 28);
-        assert_eq!(FS_IOC_FSGETXATTR, 0x801c_581f);
-        assert_eq!(FS_IOC_FSSETXATTR, 0x401c_5820);
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!((FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR), (0x801c_581f, 0x401c_5820));
         assert_eq!(qcmd(libc::Q_GETQUOTA, PRJQUOTA), 0x8000_0702_u32 as i32);
         assert_eq!(qcmd(Q_XGETQSTATV, PRJQUOTA), 0x0058_0802);
         assert_eq!(size_of::<libc::dqblk>(), 72);
@@ -199,14 +214,29 @@ mod tests {
     }
 
     #[test]
+    fn only_the_errors_of_no_quotas_mean_off() {
+        let err = |n| Err(std::io::Error::from_raw_os_error(n));
+        for n in [libc::ENOSYS, libc::ESRCH, libc::EOPNOTSUPP, libc::ENOTTY] {
+            assert_eq!(state_from(err(n)).unwrap(), QuotaState::Off, "errno {n}");
+        }
+        assert!(state_from(err(libc::EIO)).is_err(), "an I/O error is not 'no quotas'");
+        assert_eq!(state_from(Ok(FS_QUOTA_PDQ_ACCT | FS_QUOTA_PDQ_ENFD)).unwrap(), QuotaState::Enforced);
+        assert_eq!(state_from(Ok(FS_QUOTA_PDQ_ACCT)).unwrap(), QuotaState::Accounted);
+        // User and group quotas only (bits 0-3): no project quotas.
+        assert_eq!(state_from(Ok(0b1111)).unwrap(), QuotaState::Off);
+    }
+
+    #[test]
     fn allocation_skips_ids_with_files_and_wraps() {
-        let used = [FIRST_PROJECT_ID, FIRST_PROJECT_ID + 1, FIRST_PROJECT_ID + 3];
+        let first = *PROJECT_IDS.start();
+        let used = [first, first + 1, first + 3];
         let inodes = |id: u32| Ok(if used.contains(&id) { 3 } else { 0 });
-        assert_eq!(first_free(0, inodes).unwrap(), FIRST_PROJECT_ID + 2);
-        assert_eq!(first_free(FIRST_PROJECT_ID + 3, inodes).unwrap(), FIRST_PROJECT_ID + 4);
-        // From the top of the range it wraps to the bottom rather than failing.
-        let top = |id: u32| Ok(if id == u32::MAX { 1 } else { 0 });
-        assert_eq!(first_free(u32::MAX, top).unwrap(), FIRST_PROJECT_ID);
+        assert_eq!(first_free(0, inodes).unwrap(), first + 2);
+        assert_eq!(first_free(first + 3, inodes).unwrap(), first + 4);
+        // From the top of the range it wraps to the bottom rather than failing; the kernel's invalid ID is never
+        // handed out.
+        let top = |id: u32| Ok(if id == u32::MAX - 1 { 1 } else { 0 });
+        assert_eq!(first_free(u32::MAX, top).unwrap(), first);
         // An error reading usage is not mistaken for a free ID.
         assert!(first_free(0, |_| Err(std::io::Error::other("EIO"))).is_err());
     }

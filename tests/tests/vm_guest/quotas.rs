@@ -1,7 +1,9 @@
 //! Project quotas on directory volumes through the real agent, in the guest's kernel (the host's has no quota
-//! support). Three hostpath pools on LVs of the disk `quota.img`: `xfs` (XFS mounted with `prjquota`), `ext4`
-//! (ext4 with the quota and project features, mounted with `prjquota`), `acct` (the same ext4 mounted without
-//! `prjquota`: usage counted, limits not enforced) and `plain` (ext4 without quotas). Writes
+//! support). Hostpath pools on LVs of the disk `quota.img`, each LV mounted at `<base>/mnt-<lv>`: `xfs` (XFS
+//! mounted with `prjquota`), `inherit` (on the same XFS, under a root that passes project 7 on to what is made in
+//! it, as an administrator may have set up), `ext4` (ext4 with the quota and project features, mounted with
+//! `prjquota`), `acct` (the same ext4 mounted without `prjquota`: usage counted, limits not enforced) and `plain`
+//! (ext4 without quotas). Writes
 //! are made by an unprivileged user (uid 999, the volumes' owner), as a pod's would be. Two boots:
 //! `quota_phase_one` fills, refuses and grows volumes; `quota_phase_two` finds their projects and limits on disk.
 
@@ -14,7 +16,7 @@ use berth::agent_api::Volume;
 use berth::berth_node::BerthNode;
 use serde_json::json;
 
-use crate::lvm_agent::{GuestAgent, MI, NODE, base, body, env, pools, root, volumes};
+use crate::lvm_agent::{GuestAgent, MI, NODE, base, body, env, pools, volumes};
 use crate::{in_vm, lvm, sh};
 
 const XA: &str = "pvc-22222222-0000-4000-8000-00000000000a";
@@ -24,13 +26,27 @@ const XD: &str = "pvc-22222222-0000-4000-8000-00000000000d";
 const EA: &str = "pvc-22222222-0000-4000-8000-0000000000ea";
 const PA: &str = "pvc-22222222-0000-4000-8000-0000000000fa";
 const AA: &str = "pvc-22222222-0000-4000-8000-0000000000aa";
-const POOLS: [&str; 4] = ["xfs", "ext4", "acct", "plain"];
+const IA: &str = "pvc-22222222-0000-4000-8000-0000000000ba";
+const POOLS: [&str; 5] = ["xfs", "inherit", "ext4", "acct", "plain"];
+/// The LVs (filesystems) and their mount options.
+const LVS: [(&str, &str, &str); 4] = [
+    ("xfs", "320m", "prjquota"),
+    ("ext4", "128m", "prjquota"),
+    ("acct", "64m", "defaults"),
+    ("plain", "128m", "defaults"),
+];
 const USER: u32 = 999;
 /// The agent's allowance for its own files in a volume's project (hostpath.rs `QUOTA_ALLOWANCE`).
 const ALLOWANCE: u64 = 64 << 10;
 
 fn owned() -> serde_json::Value {
     json!({"uid": USER, "gid": USER, "mode": 0o2770})
+}
+
+/// A pool's root: a directory of its LV's mount (`inherit` shares the xfs LV).
+fn root(pool: &str) -> PathBuf {
+    let lv = if pool == "inherit" { "xfs" } else { pool };
+    base().join(format!("mnt-{lv}")).join(pool)
 }
 
 fn config() -> PathBuf {
@@ -43,17 +59,18 @@ fn config() -> PathBuf {
     path
 }
 
-/// Mounts the three pools' filesystems (made by phase one) at their roots.
+/// Mounts the LVs' filesystems (made by phase one).
 fn mount_pools() {
-    for (pool, options) in [("xfs", "prjquota"), ("ext4", "prjquota"), ("acct", "defaults"), ("plain", "defaults")] {
-        std::fs::create_dir_all(root(pool)).unwrap();
-        sh("mount", &["-o", options, &format!("/dev/mapper/quota-{pool}"), root(pool).to_str().unwrap()]);
+    for (lv, _, options) in LVS {
+        let mount = base().join(format!("mnt-{lv}"));
+        std::fs::create_dir_all(&mount).unwrap();
+        sh("mount", &["-o", options, &format!("/dev/mapper/quota-{lv}"), mount.to_str().unwrap()]);
     }
 }
 
 fn unmount_pools() {
-    for pool in POOLS {
-        sh("umount", &[root(pool).to_str().unwrap()]);
+    for (lv, _, _) in LVS {
+        sh("umount", &[base().join(format!("mnt-{lv}")).to_str().unwrap()]);
     }
 }
 
@@ -120,7 +137,7 @@ async fn quota_phase_one() {
     let disk = testbed::vm::guest_disk("quota.img").unwrap();
     lvm(&["pvcreate", "-y", disk.to_str().unwrap()]);
     lvm(&["vgcreate", "quota", disk.to_str().unwrap()]);
-    for (lv, size) in [("xfs", "320m"), ("ext4", "128m"), ("acct", "64m"), ("plain", "128m")] {
+    for (lv, size, _) in LVS {
         lvm(&["lvcreate", "-y", "-L", size, "-n", lv, "quota"]);
     }
     sh("mkfs.xfs", &["-q", "/dev/mapper/quota-xfs"]);
@@ -129,13 +146,16 @@ async fn quota_phase_one() {
     }
     sh("mkfs.ext4", &["-q", "/dev/mapper/quota-plain"]);
     mount_pools();
+    std::fs::create_dir(root("inherit")).unwrap();
+    sh("xfs_io", &["-c", "chproj 7", "-c", "chattr +P", root("inherit").to_str().unwrap()]);
     init_pools();
     let agent = GuestAgent::start_with("quota-one", &config()).await;
 
     // Enforcement follows each filesystem's quota state, in the API and in the BerthNode.
     let list = pools(&agent).await;
     let enforcement: Vec<(&str, &str)> = list.pools.iter().map(|p| (p.name.as_str(), p.enforcement.as_str())).collect();
-    assert_eq!(enforcement, [("xfs", "quota"), ("ext4", "quota"), ("acct", "none"), ("plain", "none")]);
+    let expected = [("xfs", "quota"), ("inherit", "none"), ("ext4", "quota"), ("acct", "none"), ("plain", "none")];
+    assert_eq!(enforcement, expected);
     let nodes: kube::Api<BerthNode> = kube::Api::all(kube::Client::try_default().await.unwrap());
     testbed::kube_util::wait_for(&nodes, NODE, Duration::from_secs(60), |n| {
         n.status.as_ref().is_some_and(|s| {
@@ -150,6 +170,10 @@ async fn quota_phase_one() {
     agent.create(EA, &body("ext4", 32 * MI, owned())).await;
     agent.create(PA, &body("plain", 16 * MI, owned())).await;
     agent.create(AA, &body("acct", 8 * MI, owned())).await;
+    // Under a root that passes its own project on, a volume stays in that project (a project of its own could
+    // not be renamed in: EXDEV) and the pool does not claim to enforce anything.
+    agent.create(IA, &body("inherit", 8 * MI, owned())).await;
+    assert_eq!(project_of("inherit", IA), 7);
     let (xa_id, xb_id) = (project_of("xfs", XA), project_of("xfs", XB));
     assert!(xa_id >= 1_000_000_000 && xb_id >= 1_000_000_000, "Berth's project IDs: {xa_id}, {xb_id}");
     assert_ne!(xa_id, xb_id, "two volumes of one filesystem share a project");
@@ -182,13 +206,16 @@ async fn quota_phase_one() {
     assert!((32 * MI..=32 * MI + ALLOWANCE).contains(&ea_used), "ext4 volume uses {ea_used}");
     assert_eq!(used_of(&list, PA), None, "no usage without quotas");
     assert!(used_of(&list, AA).is_some_and(|u| u >= 16 * MI), "usage counted without enforcement");
+    assert_eq!(used_of(&list, IA), None, "project 7 is not the volume's own: its usage is not the volume's");
     let drift = free_of(&before, "xfs").abs_diff(free_of(&after, "xfs"));
     assert!(drift <= 2 * MI, "writing inside the size moved the xfs pool's free space by {drift}");
     assert!(free_of(&before, "plain") - free_of(&after, "plain") >= 16 * MI, "the plain pool counts conservatively");
     let text = metrics(&agent).await;
-    for (pool, volume) in [("xfs", XA), ("ext4", EA)] {
+    for (pool, volume, used) in [("xfs", XA, xa_used), ("ext4", EA, ea_used)] {
         let series = format!("berth_volume_used_bytes{{node=\"{NODE}\",pool=\"{pool}\",volume=\"{volume}\"");
-        assert!(text.contains(&series), "{series} in:\n{text}");
+        let line = text.lines().find(|l| l.starts_with(&series)).unwrap_or_else(|| panic!("{series} in:\n{text}"));
+        let value: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(value.abs_diff(used) <= MI, "{line}: the API said {used}");
     }
     assert!(!text.contains(&format!("berth_volume_used_bytes{{node=\"{NODE}\",pool=\"plain\"")), "{text}");
     assert!(text.contains(
@@ -201,6 +228,7 @@ async fn quota_phase_one() {
     fails_with(write_as(USER, &data(XA, "xfs").join("much"), 32), "No space left on device", "past the new size");
     agent.expand(EA, 48 * MI).await;
     write_as(USER, &data(EA, "ext4").join("more"), 8).expect("writing into the grown ext4 volume");
+    fails_with(write_as(USER, &data(EA, "ext4").join("much"), 16), "Disk quota exceeded", "past the new ext4 size");
 
     // As if the agent had crashed between raising a quota and rewriting the marker: the limit is wrong on disk.
     // The next start sets it back from the marker.
@@ -231,18 +259,18 @@ async fn quota_phase_two() {
     agent.create(XC, &body("xfs", 8 * MI, owned())).await;
     let xc_id = project_of("xfs", XC);
     assert!(!ids.contains(&xc_id), "{XC} got project {xc_id}, already in use ({ids:?})");
-    // A deleted volume's ID is free again once no file carries it (a restarted agent searches from the first
-    // ID), and its next owner gets a limit of its own size, not the old one's.
+    // After a delete the next volume gets a project of its own and a limit of its own size.
     agent.delete(XB).await;
-    agent.stop();
-    let agent = GuestAgent::start_with("quota-two-restarted", &config()).await;
     agent.create(XD, &body("xfs", 8 * MI, owned())).await;
-    assert_eq!(project_of("xfs", XD), ids[1], "{XD} reuses the deleted {XB}'s project");
-    fails_with(write_as(USER, &data(XD, "xfs").join("fill"), 16), "No space left on device", "a reused ID's limit");
+    let xd_id = project_of("xfs", XD);
+    assert!(xd_id != ids[0] && xd_id != xc_id, "{XD} got project {xd_id}, already in use");
+    fails_with(write_as(USER, &data(XD, "xfs").join("fill"), 16), "No space left on device", "a new volume's limit");
+    // The volume under the inheriting root is back, still in project 7, and can be deleted (no EXDEV).
+    assert_eq!(project_of("inherit", IA), 7);
     let text = metrics(&agent).await;
     assert!(!text.contains(XB), "the deleted volume's series are gone:\n{text}");
     assert!(text.contains(&format!("volume=\"{XD}\"")), "{text}");
-    for v in [XA, XC, XD, EA, PA, AA] {
+    for v in [XA, XC, XD, EA, PA, AA, IA] {
         agent.delete(v).await;
     }
     agent.stop();

@@ -188,6 +188,19 @@ mod lvm_agent {
         super::lv_report("berth").iter().map(|l| l["lv_name"].as_str().unwrap().to_owned()).collect()
     }
 
+    /// `berth-agent init-pool` for each of `pools` in `config`.
+    pub fn init_pools(config: &Path, pools: &[&str]) {
+        for pool in pools {
+            let out = Command::new(env("BERTH_AGENT_BIN"))
+                .args(["init-pool", "--config"])
+                .arg(config)
+                .args(["--pool", pool])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "init-pool {pool}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
     pub fn config() -> PathBuf {
         let path = base().join("agent.toml");
         let pools = format!(
@@ -427,15 +440,7 @@ async fn lvm_agent_phase_one() {
     lvm(&["pvcreate", "-y", disk]);
     lvm(&["vgcreate", "berth", disk]);
     lvm(&["lvcreate", "-y", "-L", "256m", "-T", "berth/thin"]);
-    for pool in ["thick", "thin"] {
-        let out = Command::new(env("BERTH_AGENT_BIN"))
-            .args(["init-pool", "--config"])
-            .arg(config())
-            .args(["--pool", pool])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "init-pool {pool}: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    init_pools(&config(), &["thick", "thin"]);
     let token = env("BERTH_TOKEN");
     let agent = GuestAgent::start("one").await;
     let p = pools(&agent).await;
@@ -632,15 +637,7 @@ async fn lvm_agent_benchmark() {
     lvm(&["pvcreate", "-y", disk]);
     lvm(&["vgcreate", "berth", disk]);
     lvm(&["lvcreate", "-y", "-L", "128m", "-T", "berth/thin"]);
-    for pool in ["thick", "thin"] {
-        let out = Command::new(env("BERTH_AGENT_BIN"))
-            .args(["init-pool", "--config"])
-            .arg(config())
-            .args(["--pool", pool])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "init-pool {pool}: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    init_pools(&config(), &["thick", "thin"]);
     let rounds: usize = std::env::var("BERTH_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
     let size = "16m";
     let median = |mut v: Vec<f64>| {

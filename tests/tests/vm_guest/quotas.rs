@@ -16,7 +16,7 @@ use berth::agent_api::Volume;
 use berth::berth_node::BerthNode;
 use serde_json::json;
 
-use crate::lvm_agent::{GuestAgent, MI, NODE, base, body, env, pools, volumes};
+use crate::lvm_agent::{GuestAgent, MI, NODE, base, body, init_pools, pools, volumes};
 use crate::{in_vm, lvm, sh};
 
 const XA: &str = "pvc-22222222-0000-4000-8000-00000000000a";
@@ -117,18 +117,6 @@ fn data(v: &str, pool: &str) -> PathBuf {
     root(pool).join(v).join("data")
 }
 
-fn init_pools() {
-    for pool in POOLS {
-        let out = Command::new(env("BERTH_AGENT_BIN"))
-            .args(["init-pool", "--config"])
-            .arg(config())
-            .args(["--pool", pool])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "init-pool {pool}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "run by vm_host::hostpath_quotas_across_a_reboot in a boot of its own"]
 async fn quota_phase_one() {
@@ -148,7 +136,7 @@ async fn quota_phase_one() {
     mount_pools();
     std::fs::create_dir(root("inherit")).unwrap();
     sh("xfs_io", &["-c", "chproj 7", "-c", "chattr +P", root("inherit").to_str().unwrap()]);
-    init_pools();
+    init_pools(&config(), &POOLS);
     let agent = GuestAgent::start_with("quota-one", &config()).await;
 
     // Enforcement follows each filesystem's quota state, in the API and in the BerthNode.

@@ -163,6 +163,15 @@ fn hostpath_quotas_across_a_reboot() {
     }
 }
 
+/// Directory volume create+delete through the agent with and without project quotas (docs/benchmarks.md).
+#[test]
+fn hostpath_quota_benchmark() {
+    let world = lvm_world("qbench.img");
+    let run = world.run_phase("quotas::quota_benchmark");
+    let line = run.output.lines().find(|l| l.contains("BENCH ")).expect("the guest printed its result");
+    println!("{line}");
+}
+
 /// LV create+delete through the agent against bare lvcreate/lvremove in the same boot (docs/benchmarks.md).
 #[test]
 fn lvm_create_delete_benchmark() {

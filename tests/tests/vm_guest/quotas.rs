@@ -264,3 +264,59 @@ async fn quota_phase_two() {
     agent.stop();
     unmount_pools();
 }
+
+/// Create+delete of a directory volume through the agent on XFS with project quotas, against the same on an XFS
+/// without them, alternating in one boot (docs/benchmarks.md).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by vm_host::hostpath_quota_benchmark in a boot of its own"]
+async fn quota_benchmark() {
+    use std::time::Instant;
+    in_vm();
+    sh("modprobe", &["dm_mod"]);
+    let disk = testbed::vm::guest_disk("qbench.img").unwrap();
+    lvm(&["pvcreate", "-y", disk.to_str().unwrap()]);
+    lvm(&["vgcreate", "quota", disk.to_str().unwrap()]);
+    let pools = [("quota", "prjquota"), ("noquota", "noquota")];
+    let mut toml = String::new();
+    for (pool, options) in pools {
+        lvm(&["lvcreate", "-y", "-L", "320m", "-n", pool, "quota"]);
+        sh("mkfs.xfs", &["-q", &format!("/dev/mapper/quota-{pool}")]);
+        let mount = base().join(format!("mnt-{pool}"));
+        std::fs::create_dir_all(&mount).unwrap();
+        sh("mount", &["-o", options, &format!("/dev/mapper/quota-{pool}"), mount.to_str().unwrap()]);
+        toml += &format!("[[pool]]\nname = \"{pool}\"\nbackend = \"hostpath\"\nroot = {:?}\n\n", mount.join(pool));
+    }
+    let config = base().join("qbench-agent.toml");
+    std::fs::write(&config, toml).unwrap();
+    init_pools(&config, &["quota", "noquota"]);
+    let agent = GuestAgent::start_with("qbench", &config).await;
+    let list = pools_of(&agent).await;
+    assert_eq!(list, [("quota".to_owned(), "quota".to_owned()), ("noquota".to_owned(), "none".to_owned())]);
+    let rounds: usize = std::env::var("BERTH_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(30);
+    let mut times: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    // A warm-up round each (the token review is then cached, as for a controller calling repeatedly), then the
+    // pools alternate so drift in the machine's speed falls on both.
+    for round in 0..=rounds {
+        for (pool, _) in pools {
+            let name = format!("pvc-qbench-{pool}-{round}");
+            let t = Instant::now();
+            agent.create(&name, &body(pool, MI, owned())).await;
+            agent.delete(&name).await;
+            if round > 0 {
+                times.entry(pool).or_default().push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    agent.stop();
+    let median = |pool: &str| {
+        let mut v = times[pool].clone();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (with, without) = (median("quota"), median("noquota"));
+    println!("BENCH rounds={rounds} quota_ms={with:.1} noquota_ms={without:.1} ratio={:.2}", with / without);
+}
+
+async fn pools_of(agent: &GuestAgent) -> Vec<(String, String)> {
+    pools(agent).await.pools.into_iter().map(|p| (p.name, p.enforcement)).collect()
+}

@@ -407,15 +407,16 @@ impl Agent {
     }
 
     fn with_usage(&self, records: &[&VolumeRecord]) -> Vec<Volume> {
-        let mut out: Vec<Volume> = records.iter().map(|r| to_api(r)).collect();
-        for pool in &self.pools {
-            let (idx, of_pool): (Vec<usize>, Vec<&VolumeRecord>) =
-                records.iter().enumerate().filter(|(_, r)| r.pool == pool.config.name).map(|(i, r)| (i, *r)).unzip();
-            for (i, used) in idx.into_iter().zip(pool.backend.used_bytes(&of_pool)) {
-                out[i].used_bytes = used;
-            }
-        }
-        out
+        let used: BTreeMap<&str, Option<u64>> = self
+            .pools
+            .iter()
+            .flat_map(|pool| pool_usage(pool, records.iter().copied()))
+            .map(|(r, used)| (r.name.as_str(), used))
+            .collect();
+        records
+            .iter()
+            .map(|r| Volume { used_bytes: used.get(r.name.as_str()).copied().flatten(), ..to_api(r) })
+            .collect()
     }
 
     /// Every pool's status and capacity, as of now (recovering pools that have become ready).
@@ -500,18 +501,28 @@ impl Agent {
         // What each volume uses, where its pool's filesystem counts it (project quotas): exact accounting. A pool
         // that is not ready now cannot be asked: its volumes count as unused (conservative).
         let usage_in = |p: &Pool, ready: bool| {
-            let of_p: Vec<&VolumeRecord> = volumes.values().filter(|v| v.pool == p.config.name).collect();
-            let used = if ready { p.backend.used_bytes(&of_p) } else { vec![None; of_p.len()] };
-            of_p.iter()
-                .zip(used)
-                .map(|(v, used_bytes)| VolumeUsage { size_bytes: v.size_bytes, used_bytes })
-                .collect::<Vec<_>>()
+            let used: Vec<(&VolumeRecord, Option<u64>)> = if ready {
+                pool_usage(p, volumes.values())
+            } else {
+                volumes.values().filter(|v| v.pool == p.config.name).map(|v| (v, None)).collect()
+            };
+            used.into_iter().map(|(v, used_bytes)| VolumeUsage { size_bytes: v.size_bytes, used_bytes })
         };
-        let own = usage_in(pool, true);
+        let own: Vec<VolumeUsage> = usage_in(pool, true).collect();
         let others: Vec<VolumeUsage> = sharing.iter().flat_map(|(p, id)| usage_in(p, id.is_some())).collect();
         let limits = PoolLimits { cap: pool.config.capacity, headroom: pool.config.headroom };
         pool_capacity(limits, fs, &own, &others)
     }
+}
+
+/// `pool`'s volumes among `volumes`, each with the bytes it uses where the pool can tell (one backend call).
+fn pool_usage<'a>(
+    pool: &Pool,
+    volumes: impl IntoIterator<Item = &'a VolumeRecord>,
+) -> Vec<(&'a VolumeRecord, Option<u64>)> {
+    let of_pool: Vec<&VolumeRecord> = volumes.into_iter().filter(|v| v.pool == pool.config.name).collect();
+    let used = pool.backend.used_bytes(&of_pool);
+    of_pool.into_iter().zip(used).collect()
 }
 
 /// The sizes promised to `pool`'s volumes.

@@ -111,6 +111,7 @@ impl Metrics {
     }
 
     pub fn set_pools(&self, node: &str, pools: &[PoolStatus]) {
+        let mut enforcement_now = self.enforcement_now.lock().unwrap_or_else(|p| p.into_inner());
         for p in pools {
             let l = PoolLabels { node: node.into(), pool: p.name.clone(), backend: p.backend.clone() };
             self.capacity.get_or_create(&l).set(p.capacity_bytes);
@@ -124,8 +125,7 @@ impl Metrics {
                 backend: p.backend.clone(),
                 enforcement: p.enforcement.clone(),
             };
-            let mut now = self.enforcement_now.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(old) = now.insert(p.name.clone(), e.clone())
+            if let Some(old) = enforcement_now.insert(p.name.clone(), e.clone())
                 && old != e
             {
                 self.enforcement.remove(&old);

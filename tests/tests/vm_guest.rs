@@ -34,6 +34,14 @@ fn lvm(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Makes the volume group `vg` on the whole disk image `image` (attached by the host side).
+fn volume_group(image: &str, vg: &str) {
+    let disk = guest_disk(image).unwrap_or_else(|e| panic!("disk {image}: {e}"));
+    let disk = disk.to_str().unwrap();
+    lvm(&["pvcreate", "-y", disk]);
+    lvm(&["vgcreate", vg, disk]);
+}
+
 fn lv_report(vg: &str) -> Vec<Value> {
     let json = lvm(&[
         "lvs",
@@ -67,10 +75,7 @@ fn kernel_is_the_vms_not_the_hosts() {
 fn lvm_smoke_active_volume_with_a_device_node() {
     in_vm();
     sh("modprobe", &["dm_mod"]);
-    let disk = guest_disk("smoke.img").expect("the smoke disk is attached");
-    let disk = disk.to_str().unwrap();
-    lvm(&["pvcreate", "-y", disk]);
-    lvm(&["vgcreate", "berth-smoke", disk]);
+    volume_group("smoke.img", "berth-smoke");
     lvm(&["lvcreate", "-y", "-L", "64m", "-n", "vol-1", "berth-smoke"]);
     let lvs = lv_report("berth-smoke");
     assert_eq!(lvs.len(), 1, "{lvs:?}");
@@ -104,10 +109,7 @@ fn host_loopback_is_reachable() {
 fn reboot_phase_one() {
     in_vm();
     sh("modprobe", &["dm_mod"]);
-    let disk = guest_disk("reboot.img").unwrap();
-    let disk = disk.to_str().unwrap();
-    lvm(&["pvcreate", "-y", disk]);
-    lvm(&["vgcreate", "berth-reboot", disk]);
+    volume_group("reboot.img", "berth-reboot");
     lvm(&["lvcreate", "-y", "-L", "32m", "-n", "data", "berth-reboot"]);
     let dev = lv_report("berth-reboot")[0]["lv_dm_path"].as_str().unwrap().to_owned();
     sh("mkfs.ext4", &["-q", &dev]);
@@ -282,16 +284,19 @@ mod lvm_agent {
             serde_json::from_str(&text).unwrap()
         }
 
-        pub async fn expand(&self, name: &str, size: u64) -> Volume {
-            let resp = self
-                .http
+        pub async fn post_expand(&self, name: &str, size: u64) -> reqwest::Response {
+            self.http
                 .post(format!("{URL}/v1/volumes/{name}/expand"))
                 .bearer_auth(&self.token)
                 .header("berth-leader-epoch", "1")
                 .json(&json!({ "sizeBytes": size }))
                 .send()
                 .await
-                .unwrap();
+                .unwrap()
+        }
+
+        pub async fn expand(&self, name: &str, size: u64) -> Volume {
+            let resp = self.post_expand(name, size).await;
             let status = resp.status();
             let text = resp.text().await.unwrap();
             assert_eq!(status, StatusCode::OK, "expand {name}: {text}");
@@ -435,10 +440,7 @@ async fn lvm_agent_phase_one() {
     in_vm();
     sh("modprobe", &["dm_mod"]);
     sh("modprobe", &["dm_thin_pool"]);
-    let disk = guest_disk("lvm.img").unwrap();
-    let disk = disk.to_str().unwrap();
-    lvm(&["pvcreate", "-y", disk]);
-    lvm(&["vgcreate", "berth", disk]);
+    volume_group("lvm.img", "berth");
     lvm(&["lvcreate", "-y", "-L", "256m", "-T", "berth/thin"]);
     init_pools(&config(), &["thick", "thin"]);
     let token = env("BERTH_TOKEN");
@@ -632,10 +634,7 @@ async fn lvm_agent_benchmark() {
     in_vm();
     sh("modprobe", &["dm_mod"]);
     sh("modprobe", &["dm_thin_pool"]);
-    let disk = guest_disk("bench.img").unwrap();
-    let disk = disk.to_str().unwrap();
-    lvm(&["pvcreate", "-y", disk]);
-    lvm(&["vgcreate", "berth", disk]);
+    volume_group("bench.img", "berth");
     lvm(&["lvcreate", "-y", "-L", "128m", "-T", "berth/thin"]);
     init_pools(&config(), &["thick", "thin"]);
     let rounds: usize = std::env::var("BERTH_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
@@ -698,10 +697,7 @@ async fn lvm_e2e_agent() {
     in_vm();
     sh("modprobe", &["dm_mod"]);
     sh("modprobe", &["dm_thin_pool"]);
-    let disk = guest_disk("e2e.img").unwrap();
-    let disk = disk.to_str().unwrap();
-    lvm(&["pvcreate", "-y", disk]);
-    lvm(&["vgcreate", "berth", disk]);
+    volume_group("e2e.img", "berth");
     lvm(&["lvcreate", "-y", "-L", "128m", "-T", "berth/thin"]);
     // The example classes name the pools "lvm" and "lvm-thin".
     let config = base().join("e2e.toml");

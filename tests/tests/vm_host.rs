@@ -134,6 +134,13 @@ impl LvmWorld {
         println!("{phase}: {:.1} s", run.elapsed.as_secs_f64());
         run
     }
+
+    /// Runs a guest benchmark phase and prints its result line (`BENCH …`).
+    fn run_benchmark(&self, phase: &str) {
+        let run = self.run_phase(phase);
+        let line = run.output.lines().find(|l| l.contains("BENCH ")).expect("the guest printed its result");
+        println!("{line}");
+    }
 }
 
 impl Drop for LvmWorld {
@@ -166,19 +173,13 @@ fn hostpath_quotas_across_a_reboot() {
 /// Directory volume create+delete through the agent with and without project quotas (docs/benchmarks.md).
 #[test]
 fn hostpath_quota_benchmark() {
-    let world = lvm_world("qbench.img");
-    let run = world.run_phase("quotas::quota_benchmark");
-    let line = run.output.lines().find(|l| l.contains("BENCH ")).expect("the guest printed its result");
-    println!("{line}");
+    lvm_world("qbench.img").run_benchmark("quotas::quota_benchmark");
 }
 
 /// LV create+delete through the agent against bare lvcreate/lvremove in the same boot (docs/benchmarks.md).
 #[test]
 fn lvm_create_delete_benchmark() {
-    let world = lvm_world("bench.img");
-    let run = world.run_phase("lvm_agent_benchmark");
-    let line = run.output.lines().find(|l| l.contains("BENCH ")).expect("the guest printed its result");
-    println!("{line}");
+    lvm_world("bench.img").run_benchmark("lvm_agent_benchmark");
 }
 
 /// End to end across the VM boundary: the control plane and the controller here, one node's agent with its lvm

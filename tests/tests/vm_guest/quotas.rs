@@ -12,12 +12,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use berth::agent_api::Volume;
+use berth::agent_api::{ErrorReason, Volume};
 use berth::berth_node::BerthNode;
 use serde_json::json;
 
-use crate::lvm_agent::{GuestAgent, MI, NODE, base, body, init_pools, pools, volumes};
-use crate::{in_vm, lvm, sh};
+use crate::lvm_agent::{GuestAgent, MI, NODE, base, body, init_pools, pools, refusal, volumes};
+use crate::{in_vm, lvm, sh, volume_group};
 
 const XA: &str = "pvc-22222222-0000-4000-8000-00000000000a";
 const XB: &str = "pvc-22222222-0000-4000-8000-00000000000b";
@@ -122,9 +122,7 @@ fn data(v: &str, pool: &str) -> PathBuf {
 async fn quota_phase_one() {
     in_vm();
     sh("modprobe", &["dm_mod"]);
-    let disk = testbed::vm::guest_disk("quota.img").unwrap();
-    lvm(&["pvcreate", "-y", disk.to_str().unwrap()]);
-    lvm(&["vgcreate", "quota", disk.to_str().unwrap()]);
+    volume_group("quota.img", "quota");
     for (lv, size, _) in LVS {
         lvm(&["lvcreate", "-y", "-L", size, "-n", lv, "quota"]);
     }
@@ -258,6 +256,24 @@ async fn quota_phase_two() {
     let text = metrics(&agent).await;
     assert!(!text.contains(XB), "the deleted volume's series are gone:\n{text}");
     assert!(text.contains(&format!("volume=\"{XD}\"")), "{text}");
+    // The same XFS mounted without quotas: the pool says `none`, and growing a volume that has a project is
+    // refused (its limit could not be raised) and changes nothing.
+    agent.stop();
+    let xfs = base().join("mnt-xfs");
+    sh("umount", &[xfs.to_str().unwrap()]);
+    sh("mount", &["-o", "noquota", "/dev/mapper/quota-xfs", xfs.to_str().unwrap()]);
+    let agent = GuestAgent::start_with("quota-two-noquota", &config()).await;
+    assert!(pools_of(&agent).await.contains(&("xfs".to_owned(), "none".to_owned())));
+    // (A small growth: without quotas the pool counts conservatively and has only a few MiB left to add.)
+    let (status, reason, message) = refusal(agent.post_expand(XA, 100 * MI).await).await;
+    assert_eq!((status.as_u16(), reason), (503, ErrorReason::PoolNotReady), "{message}");
+    assert!(message.contains("no project quotas"), "{message}");
+    let list = volumes(&agent).await.volumes;
+    assert_eq!(
+        list.iter().find(|v| v.name == XA).unwrap().size_bytes,
+        96 * MI,
+        "the refused expansion changed nothing"
+    );
     for v in [XA, XC, XD, EA, PA, AA, IA] {
         agent.delete(v).await;
     }
@@ -273,9 +289,7 @@ async fn quota_benchmark() {
     use std::time::Instant;
     in_vm();
     sh("modprobe", &["dm_mod"]);
-    let disk = testbed::vm::guest_disk("qbench.img").unwrap();
-    lvm(&["pvcreate", "-y", disk.to_str().unwrap()]);
-    lvm(&["vgcreate", "quota", disk.to_str().unwrap()]);
+    volume_group("qbench.img", "quota");
     let pools = [("quota", "prjquota"), ("noquota", "noquota")];
     let mut toml = String::new();
     for (pool, options) in pools {

@@ -84,6 +84,29 @@ pub struct Volume {
     /// to `GET`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used_bytes: Option<u64>,
+    /// Whether a PV has been made for the volume: `false` from its create until the controller marks it
+    /// (`PUT /v1/volumes/{name}/published`), `true` ever after, also once that PV is gone (a Retain volume reclaimed
+    /// by hand keeps its data). Only a volume that was never published may be removed as an orphan. `None` in
+    /// answers of agents older than this field: their volumes count as published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<bool>,
+}
+
+impl Volume {
+    /// Whether the agent says the volume was never published (`false` only when it says so).
+    pub fn never_published(&self) -> bool {
+        self.published == Some(false)
+    }
+}
+
+/// The query of `DELETE /v1/volumes/{name}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeleteVolumeQuery {
+    /// Delete only a volume that was never published (409 `Published` otherwise): what the orphan audit and an
+    /// abandoned provisioning attempt send, so that a volume with data somebody kept is never removed by them.
+    #[serde(default)]
+    pub unpublished_only: bool,
 }
 
 /// A pool's state and capacity (terms.md: capacity, allocated, free, maximum volume size, pool ready).
@@ -137,8 +160,10 @@ pub enum ErrorReason {
     NotFound,
     /// 409: the volume exists with other parameters.
     Conflict,
-    /// 409: a mutating request from an older leadership epoch than one already seen.
+    /// 409: a mutating request from an older leadership epoch than one already seen (`newestEpoch` says which).
     StaleEpoch,
+    /// 409: a delete with `unpublishedOnly` of a volume that has been published.
+    Published,
     /// 413: the body is larger than [`MAX_BODY_BYTES`].
     TooLarge,
     /// 422: the pool is not configured on this node.
@@ -161,4 +186,8 @@ pub enum ErrorReason {
 pub struct ErrorBody {
     pub reason: ErrorReason,
     pub message: String,
+    /// With `StaleEpoch`: the newest epoch the agent has seen. A leader that still holds its lease raises its own
+    /// epoch above it (a Lease deleted and made again starts counting from zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newest_epoch: Option<u64>,
 }

@@ -21,11 +21,13 @@ pub const MAX_MODE: u32 = 0o2777;
 pub struct Refusal {
     pub reason: ErrorReason,
     pub message: String,
+    /// With `StaleEpoch`: the newest epoch seen, so a leader whose epoch fell behind can raise it.
+    pub newest_epoch: Option<u64>,
 }
 
 impl Refusal {
     pub fn new(reason: ErrorReason, message: impl Into<String>) -> Refusal {
-        Refusal { reason, message: message.into() }
+        Refusal { reason, message: message.into(), newest_epoch: None }
     }
 }
 
@@ -83,6 +85,7 @@ pub fn to_api(r: &VolumeRecord) -> Volume {
         fs_type: r.fs_type.clone(),
         mount_options: r.mount_options.clone(),
         used_bytes: None,
+        published: Some(r.published),
     }
 }
 
@@ -193,10 +196,13 @@ impl Agent {
 
     fn admit_epoch(&self, epoch: u64) -> Result<(), Refusal> {
         self.fence.admit(epoch).map_err(|e| match e {
-            AdmitError::Stale { newest } => Refusal::new(
-                ErrorReason::StaleEpoch,
-                format!("leadership epoch {epoch} is older than {newest}, already seen"),
-            ),
+            AdmitError::Stale { newest } => Refusal {
+                newest_epoch: Some(newest),
+                ..Refusal::new(
+                    ErrorReason::StaleEpoch,
+                    format!("leadership epoch {epoch} is older than {newest}, already seen"),
+                )
+            },
             AdmitError::NotPersisted(m) => Refusal::new(ErrorReason::Internal, m),
         })
     }
@@ -292,6 +298,7 @@ impl Agent {
             mount_options: req.mount_options.clone(),
             path: String::new(),
             project_id: None,
+            published: false,
         };
         let made = pool.backend.create(record)?;
         let api = to_api(&made);
@@ -357,10 +364,35 @@ impl Agent {
         Ok(())
     }
 
-    /// Deletes a volume; `Ok(false)` if there was none (deleting twice succeeds). The volume leaves the inventory
-    /// as soon as it is moved aside; its contents are removed after the lock is released, so a large volume does
-    /// not hold up other requests.
-    pub fn delete(&self, name: &str, epoch: u64) -> Result<bool, Refusal> {
+    /// Records that a PV has been made for the volume: from now on it is never an orphan (agent_api::Volume::
+    /// published). Idempotent.
+    pub fn publish(&self, name: &str, epoch: u64) -> Result<Volume, Refusal> {
+        berth::validate::volume_name(name).map_err(|e| Refusal::new(ErrorReason::Invalid, e.to_string()))?;
+        let mut state = self.lock();
+        self.admit_epoch(epoch)?;
+        self.ensure_all_recovered(&mut state, name)?;
+        let record =
+            state.volumes.get(name).cloned().ok_or_else(|| {
+                Refusal::new(ErrorReason::NotFound, format!("no volume {name} on node {}", self.node))
+            })?;
+        if record.published {
+            return Ok(to_api(&record));
+        }
+        let pool = self.pool(&record.pool).ok_or_else(|| {
+            Refusal::new(ErrorReason::Internal, format!("volume {name} belongs to unconfigured pool {:?}", record.pool))
+        })?;
+        pool.backend.publish(&record)?;
+        let published = VolumeRecord { published: true, ..record };
+        let api = to_api(&published);
+        state.volumes.insert(name.to_owned(), published);
+        Ok(api)
+    }
+
+    /// Deletes a volume; `Ok(false)` if there was none (deleting twice succeeds). With `unpublished_only`, a
+    /// volume that has been published is refused (`Published`), decided under the same lock as the delete. The
+    /// volume leaves the inventory as soon as it is moved aside; its contents are removed after the lock is
+    /// released, so a large volume does not hold up other requests.
+    pub fn delete(&self, name: &str, epoch: u64, unpublished_only: bool) -> Result<bool, Refusal> {
         berth::validate::volume_name(name).map_err(|e| Refusal::new(ErrorReason::Invalid, e.to_string()))?;
         let (pool, detached) = {
             let mut state = self.lock();
@@ -370,6 +402,15 @@ impl Agent {
                 self.ensure_all_recovered(&mut state, name)?;
             }
             let Some(record) = state.volumes.get(name) else { return Ok(false) };
+            if unpublished_only && record.published {
+                return Err(Refusal::new(
+                    ErrorReason::Published,
+                    format!(
+                        "volume {name} has been published (a PV was made for it): it is not deleted as unpublished; \
+                         a Delete-policy PV's release or an administrator removes it"
+                    ),
+                ));
+            }
             let pool = self.pool(&record.pool).ok_or_else(|| {
                 Refusal::new(
                     ErrorReason::Internal,

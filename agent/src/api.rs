@@ -7,14 +7,14 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use berth::agent_api::{
-    CreateVolumeRequest, EPOCH_HEADER, ErrorBody, ErrorReason, ExpandVolumeRequest, MAX_BODY_BYTES, PoolList,
-    VolumeList,
+    CreateVolumeRequest, DeleteVolumeQuery, EPOCH_HEADER, ErrorBody, ErrorReason, ExpandVolumeRequest, MAX_BODY_BYTES,
+    PoolList, VolumeList,
 };
 
 use crate::agent::{Agent, Created, Refusal};
@@ -38,6 +38,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/volumes/{name}", get(get_volume).put(create_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/expand", post(expand_volume))
+        .route("/v1/volumes/{name}/published", put(publish_volume))
         .fallback(|| async { Refusal::new(ErrorReason::NotFound, "no such endpoint (see docs/agent-api.md)") })
         .method_not_allowed_fallback(|| async {
             (
@@ -45,6 +46,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
                 axum::Json(ErrorBody {
                     reason: ErrorReason::Invalid,
                     message: "method not allowed on this endpoint".into(),
+                    newest_epoch: None,
                 }),
             )
         })
@@ -58,7 +60,7 @@ fn status_of(reason: ErrorReason) -> StatusCode {
         ErrorReason::Unauthenticated => StatusCode::UNAUTHORIZED,
         ErrorReason::Forbidden => StatusCode::FORBIDDEN,
         ErrorReason::NotFound => StatusCode::NOT_FOUND,
-        ErrorReason::Conflict | ErrorReason::StaleEpoch => StatusCode::CONFLICT,
+        ErrorReason::Conflict | ErrorReason::StaleEpoch | ErrorReason::Published => StatusCode::CONFLICT,
         ErrorReason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorReason::UnknownPool | ErrorReason::Unsupported => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorReason::PoolNotReady | ErrorReason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -69,7 +71,7 @@ fn status_of(reason: ErrorReason) -> StatusCode {
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        let body = ErrorBody { reason: self.reason, message: self.message };
+        let body = ErrorBody { reason: self.reason, message: self.message, newest_epoch: self.newest_epoch };
         (status_of(self.reason), axum::Json(body)).into_response()
     }
 }
@@ -239,7 +241,8 @@ async fn expand_volume(
     result
 }
 
-async fn delete_volume(
+/// `PUT /v1/volumes/{name}/published`: a PV has been made for the volume; it is never an orphan from now on.
+async fn publish_volume(
     State(s): State<Arc<ApiState>>,
     Path(name): Path<String>,
     headers: HeaderMap,
@@ -250,8 +253,31 @@ async fn delete_volume(
         let epoch = admit_mutation(&s, &headers)?;
         let agent = s.agent.clone();
         let volume_name = name.clone();
-        let existed =
-            tokio::task::spawn_blocking(move || agent.delete(&volume_name, epoch)).await.map_err(internal)??;
+        let volume =
+            tokio::task::spawn_blocking(move || agent.publish(&volume_name, epoch)).await.map_err(internal)??;
+        Ok(axum::Json(volume).into_response())
+    }
+    .await;
+    record(&s, "publish", &name, started, &result);
+    result
+}
+
+async fn delete_volume(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<DeleteVolumeQuery>, QueryRejection>,
+) -> Result<Response, Refusal> {
+    let started = Instant::now();
+    let result = async {
+        authenticate(&s, &headers).await?;
+        let epoch = admit_mutation(&s, &headers)?;
+        let Query(query) = query.map_err(|e| Refusal::new(ErrorReason::Invalid, format!("query: {e}")))?;
+        let agent = s.agent.clone();
+        let volume_name = name.clone();
+        let existed = tokio::task::spawn_blocking(move || agent.delete(&volume_name, epoch, query.unpublished_only))
+            .await
+            .map_err(internal)??;
         Ok(axum::Json(serde_json::json!({ "deleted": existed })).into_response())
     }
     .await;

@@ -61,6 +61,27 @@ impl World {
             .unwrap()
     }
 
+    /// `DELETE …?unpublishedOnly=true`: what the orphan audit sends.
+    async fn delete_unpublished(&self, name: &str, epoch: u64) -> reqwest::Response {
+        self.http
+            .delete(self.agent.url(&format!("/v1/volumes/{name}?unpublishedOnly=true")))
+            .bearer_auth(&self.token)
+            .header("berth-leader-epoch", epoch.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn publish(&self, name: &str, epoch: u64) -> reqwest::Response {
+        self.http
+            .put(self.agent.url(&format!("/v1/volumes/{name}/published")))
+            .bearer_auth(&self.token)
+            .header("berth-leader-epoch", epoch.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn metrics(&self) -> String {
         self.http.get(self.agent.url("/metrics")).send().await.unwrap().text().await.unwrap()
     }
@@ -303,8 +324,12 @@ async fn only_the_controller_with_a_token_for_this_node_may_call() {
 async fn an_older_leadership_epoch_is_refused() {
     let w = world().await;
     assert_eq!(w.put(VOL, 7, &create_body("fast", MI)).await.status(), StatusCode::CREATED);
-    let (code, reason, message) = refusal(w.delete(VOL, 6).await).await;
-    assert_eq!((code, reason), (StatusCode::CONFLICT, ErrorReason::StaleEpoch), "{message}");
+    let stale = w.delete(VOL, 6).await;
+    assert_eq!(stale.status(), StatusCode::CONFLICT);
+    let body: ErrorBody = stale.json().await.unwrap();
+    assert_eq!(body.reason, ErrorReason::StaleEpoch, "{}", body.message);
+    // The refusal says which epoch the agent has seen, so a leader whose Lease was made anew can rise above it.
+    assert_eq!(body.newest_epoch, Some(7), "{}", body.message);
     let (_, reason, _) = refusal(w.put(VOL2, 3, &create_body("fast", MI)).await).await;
     assert_eq!(reason, ErrorReason::StaleEpoch);
     assert_eq!(w.on_disk(), vec![format!("fast/{VOL}")]);
@@ -388,7 +413,7 @@ async fn hostile_input_is_refused_and_changes_nothing() {
         ("Upper".into(), good.clone(), ErrorReason::Invalid),
     ];
     for (name, body, expected) in cases {
-        let resp = send_raw(name.clone(), body).await.unwrap();
+        let resp = send_raw(name.clone(), body).await.unwrap_or_else(|e| panic!("{name}: {e:?}"));
         let status = resp.status();
         assert!(status.is_client_error(), "{name}: {status}");
         let (_, reason, message) = refusal(resp).await;
@@ -397,7 +422,8 @@ async fn hostile_input_is_refused_and_changes_nothing() {
     }
     assert!(w.on_disk().is_empty(), "{:?}", w.on_disk());
     let staging = w.agent.pool_root("fast").join(".berth-tmp");
-    assert!(!staging.exists() || std::fs::read_dir(&staging).unwrap().count() == 0);
+    let left: Vec<_> = std::fs::read_dir(&staging).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "left in {}: {left:?}", staging.display());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -544,4 +570,56 @@ async fn volumes_grow_when_the_pool_has_room_and_never_shrink() {
     let listed: VolumeList = w.get("/v1/volumes").await;
     assert_eq!(listed.volumes.iter().map(|v| v.size_bytes).collect::<Vec<_>>(), [32 * MI]);
     assert_eq!(std::fs::read_to_string(Path::new(&made.path).join("db.sqlite")).unwrap(), "precious");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_published_volume_is_never_deleted_as_unpublished_also_after_a_restart() {
+    let mut w = world().await;
+    let made: Volume = w.put(VOL, 1, &create_body("fast", MI)).await.json().await.unwrap();
+    assert_eq!(made.published, Some(false), "a new volume has no PV yet");
+    let other: Volume = w.put(VOL2, 1, &create_body("fast", MI)).await.json().await.unwrap();
+    let dir = w.agent.pool_root("fast").join(VOL);
+    assert!(dir.join("unpublished").is_file(), "the mark is on disk beside the marker");
+
+    let published = w.publish(VOL, 1).await;
+    assert_eq!(published.status(), StatusCode::OK);
+    assert_eq!(published.json::<Volume>().await.unwrap().published, Some(true));
+    assert!(!dir.join("unpublished").exists());
+    assert_eq!(w.publish(VOL, 1).await.status(), StatusCode::OK, "publishing twice is fine");
+    let (code, reason, _) = refusal(w.publish("pvc-00000000-0000-4000-8000-00000000000f", 1).await).await;
+    assert_eq!((code, reason), (StatusCode::NOT_FOUND, ErrorReason::NotFound));
+    // Publishing is a mutation, fenced like the others: once epoch 9 was seen, 8 is refused.
+    assert_eq!(w.put(VOL2, 9, &create_body("fast", MI)).await.status(), StatusCode::OK);
+    assert_eq!(refusal(w.publish(VOL2, 8).await).await.1, ErrorReason::StaleEpoch);
+
+    // The mark survives a restart, both ways.
+    std::fs::write(Path::new(&made.path).join("kept"), "data").unwrap();
+    w.agent.kill();
+    w.agent.start().await.unwrap();
+    w.http = w.agent.http().unwrap();
+    let listed: VolumeList = w.get("/v1/volumes").await;
+    let flags: Vec<(String, Option<bool>)> = listed.volumes.iter().map(|v| (v.name.clone(), v.published)).collect();
+    assert_eq!(flags, vec![(VOL.to_owned(), Some(true)), (VOL2.to_owned(), Some(false))]);
+
+    // The conditional delete: refused for the published volume (nothing changes), done for the other.
+    let (code, reason, message) = refusal(w.delete_unpublished(VOL, 9).await).await;
+    assert_eq!((code, reason), (StatusCode::CONFLICT, ErrorReason::Published), "{message}");
+    assert_eq!(std::fs::read_to_string(Path::new(&made.path).join("kept")).unwrap(), "data");
+    let del = w.delete_unpublished(VOL2, 9).await;
+    assert_eq!(del.json::<Value>().await.unwrap(), json!({"deleted": true}));
+    assert!(!Path::new(&other.path).exists());
+    // A query the agent does not know is refused, not ignored.
+    let resp = w
+        .http
+        .delete(w.agent.url(&format!("/v1/volumes/{VOL}?force=true")))
+        .bearer_auth(&w.token)
+        .header("berth-leader-epoch", "9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refusal(resp).await.1, ErrorReason::Invalid);
+    assert_eq!(w.on_disk(), vec![format!("fast/{VOL}")]);
+    // The plain delete (a Delete-policy PV released) still removes a published volume.
+    assert_eq!(w.delete(VOL, 9).await.json::<Value>().await.unwrap(), json!({"deleted": true}));
+    assert!(w.on_disk().is_empty());
 }

@@ -3,7 +3,7 @@
 //! on every mutating call.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth::agent_api::{CreateVolumeRequest, EPOCH_HEADER, ErrorBody, ErrorReason, ExpandVolumeRequest, Volume};
@@ -13,13 +13,16 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
 use thiserror::Error;
 
+use crate::leader::{Leadership, LeaseError};
+
 #[derive(Debug, Error)]
 pub enum AgentError {
     /// The agent answered with a typed refusal.
     #[error("agent refused ({reason:?}): {message}")]
     Refused { reason: ErrorReason, message: String },
-    /// The agent has seen a newer leader's epoch: this replica no longer leads. Not retried, no event: the new
-    /// leader does the work, and this replica exits as soon as its lease loop notices.
+    /// The agent has seen a newer epoch and this replica no longer holds the lease: another leads. Not retried,
+    /// no event: the new leader does the work, and this replica exits as soon as its lease loop notices. (While
+    /// it still holds the lease, a `StaleEpoch` answer raises its epoch instead: see [`AgentClient::send`].)
     #[error("a newer leader has taken over: {0}")]
     Deposed(String),
     /// No usable answer: connection, TLS or timeout. The agent may or may not have acted.
@@ -36,7 +39,8 @@ pub struct AgentClient {
     client: kube::Client,
     sa_namespace: String,
     sa_name: String,
-    epoch: u64,
+    /// The epoch every mutating call carries, and what raises it.
+    leadership: Arc<Leadership>,
     /// Node → (token, renew after).
     tokens: Mutex<HashMap<String, (String, Instant)>>,
     /// Pinned certificate → HTTPS client.
@@ -44,8 +48,13 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    pub fn new(client: kube::Client, sa_namespace: String, sa_name: String, epoch: u64) -> AgentClient {
-        AgentClient { client, sa_namespace, sa_name, epoch, tokens: Mutex::default(), https: Mutex::default() }
+    pub fn new(
+        client: kube::Client,
+        sa_namespace: String,
+        sa_name: String,
+        leadership: Arc<Leadership>,
+    ) -> AgentClient {
+        AgentClient { client, sa_namespace, sa_name, leadership, tokens: Mutex::default(), https: Mutex::default() }
     }
 
     async fn token(&self, node: &str) -> Result<String, AgentError> {
@@ -94,6 +103,9 @@ impl AgentClient {
         Ok(client)
     }
 
+    /// One call. An agent that has seen a newer epoch than this leader's (`StaleEpoch`) makes the leader raise
+    /// its epoch above it while it still holds the lease — a Lease deleted and made again counts from zero — and
+    /// the call is sent once more; only a replica that no longer holds the lease gets [`AgentError::Deposed`].
     async fn send(
         &self,
         node: &str,
@@ -102,25 +114,47 @@ impl AgentClient {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<reqwest::Response, AgentError> {
-        let token = self.token(node).await?;
-        let mut request = self
-            .https(&status.certificate)?
-            .request(method, format!("{}{path}", status.endpoint))
-            .bearer_auth(token)
-            .header(EPOCH_HEADER, self.epoch.to_string());
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response =
-            request.send().await.map_err(|e| AgentError::Unreachable(format!("{}: {e}", status.endpoint)))?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        let code = response.status();
-        match response.json::<ErrorBody>().await {
-            Ok(body) if body.reason == ErrorReason::StaleEpoch => Err(AgentError::Deposed(body.message)),
-            Ok(body) => Err(AgentError::Refused { reason: body.reason, message: body.message }),
-            Err(_) => Err(AgentError::Other(format!("agent answered {code} without an error body"))),
+        let mut raised = false;
+        loop {
+            let token = self.token(node).await?;
+            let epoch = self.leadership.epoch();
+            let mut request = self
+                .https(&status.certificate)?
+                .request(method.clone(), format!("{}{path}", status.endpoint))
+                .bearer_auth(token)
+                .header(EPOCH_HEADER, epoch.to_string());
+            if let Some(body) = &body {
+                request = request.json(body);
+            }
+            let response =
+                request.send().await.map_err(|e| AgentError::Unreachable(format!("{}: {e}", status.endpoint)))?;
+            if response.status().is_success() {
+                return Ok(response);
+            }
+            let code = response.status();
+            let body = match response.json::<ErrorBody>().await {
+                Ok(body) if body.reason == ErrorReason::StaleEpoch => body,
+                Ok(body) => return Err(AgentError::Refused { reason: body.reason, message: body.message }),
+                Err(_) => return Err(AgentError::Other(format!("agent answered {code} without an error body"))),
+            };
+            if raised {
+                return Err(AgentError::Other(format!(
+                    "node {node}: epoch {epoch} still refused after raising it: {}",
+                    body.message
+                )));
+            }
+            // An agent too old to say its newest epoch: one above ours, and again if that is not enough.
+            let newest = body.newest_epoch.unwrap_or(epoch);
+            match self.leadership.raise_above(newest).await {
+                Ok(_) => raised = true,
+                Err(LeaseError::Lost(why)) => return Err(AgentError::Deposed(format!("{}; {why}", body.message))),
+                Err(e) => {
+                    return Err(AgentError::Other(format!(
+                        "node {node} refused epoch {epoch} as stale ({}) and raising it failed: {e}",
+                        body.message
+                    )));
+                }
+            }
         }
     }
 
@@ -165,9 +199,42 @@ impl AgentClient {
         Ok(list.volumes)
     }
 
-    /// Deletes the volume; `false` if the agent had none.
+    /// The volume, `None` if the agent has none.
+    pub async fn get(&self, node: &str, status: &BerthNodeStatus, name: &str) -> Result<Option<Volume>, AgentError> {
+        match self.send(node, status, reqwest::Method::GET, &format!("/v1/volumes/{name}"), None).await {
+            Ok(response) => {
+                response.json().await.map(Some).map_err(|e| AgentError::Other(format!("agent's volume: {e}")))
+            }
+            Err(AgentError::Refused { reason: ErrorReason::NotFound, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records on the agent that the volume's PV exists: it is never an orphan from now on.
+    pub async fn publish(&self, node: &str, status: &BerthNodeStatus, name: &str) -> Result<Volume, AgentError> {
+        let path = format!("/v1/volumes/{name}/published");
+        let response = self.send(node, status, reqwest::Method::PUT, &path, None).await?;
+        response.json().await.map_err(|e| AgentError::Other(format!("agent's volume: {e}")))
+    }
+
+    /// Deletes the volume (a Delete-policy PV was released); `false` if the agent had none.
     pub async fn delete(&self, node: &str, status: &BerthNodeStatus, name: &str) -> Result<bool, AgentError> {
-        let response = self.send(node, status, reqwest::Method::DELETE, &format!("/v1/volumes/{name}"), None).await?;
+        self.delete_at(node, status, &format!("/v1/volumes/{name}")).await
+    }
+
+    /// Deletes the volume only if it was never published (`Refused { reason: Published }` otherwise): for
+    /// volumes no PV was ever made for (orphans, earlier attempts of a claim on another node).
+    pub async fn delete_unpublished(
+        &self,
+        node: &str,
+        status: &BerthNodeStatus,
+        name: &str,
+    ) -> Result<bool, AgentError> {
+        self.delete_at(node, status, &format!("/v1/volumes/{name}?unpublishedOnly=true")).await
+    }
+
+    async fn delete_at(&self, node: &str, status: &BerthNodeStatus, path: &str) -> Result<bool, AgentError> {
+        let response = self.send(node, status, reqwest::Method::DELETE, path, None).await?;
         let body: serde_json::Value = response.json().await.map_err(|e| AgentError::Other(e.to_string()))?;
         Ok(body["deleted"].as_bool().unwrap_or(false))
     }

@@ -159,7 +159,7 @@ pub async fn run(ctx: Arc<Context>, namespace: String, mut changes: UnboundedRec
             }
         }
         if listed {
-            let wanted = desired(&ctx.provisioner, &ctx.caches.classes.state(), &ctx.node_views());
+            let wanted = desired(berth::PROVISIONER_NAME, &ctx.caches.classes.state(), &ctx.node_views());
             if !sync(&api, &namespace, &wanted, &mut published).await {
                 listed = false;
             }

@@ -27,7 +27,6 @@ pub struct Caches {
 
 pub struct Context {
     pub client: kube::Client,
-    pub provisioner: String,
     pub caches: Caches,
     pub agents: AgentClient,
     pub recorder: Recorder,
@@ -46,7 +45,6 @@ const REPEAT_EVENTS_AFTER: Duration = Duration::from_secs(600);
 impl Context {
     pub fn new(
         client: kube::Client,
-        provisioner: String,
         caches: Caches,
         agents: AgentClient,
         recorder: Recorder,
@@ -55,7 +53,6 @@ impl Context {
     ) -> Context {
         Context {
             client,
-            provisioner,
             caches,
             agents,
             recorder,

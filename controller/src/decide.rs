@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 
 use crate::params::{self, ClassParams, PvSource};
-use crate::pv::NodeRef;
+use crate::pv::{NODE_ANNOTATION, NodeRef};
 
 /// What the controller knows of a node: its labels (None when the Node object is gone) and its agent's pools
 /// (None when it has no BerthNode, i.e. no agent).
@@ -52,12 +52,19 @@ pub enum Decision {
     Refuse { message: String, retry: Retry },
     /// The selected node cannot take the volume: event, then remove `selected-node`.
     Reschedule { message: String },
-    /// Ask `node`'s agent for the volume, then create the PV.
-    Provision { node: NodeRef, params: ClassParams, request: CreateVolumeRequest },
+    /// Ask `node`'s agent for the volume, then create the PV. `abandon`: the node an earlier attempt chose (the
+    /// claim's `local.berth.dev/node`), whose agent may hold a volume for the claim that must go first.
+    Provision { node: NodeRef, params: ClassParams, request: CreateVolumeRequest, abandon: Option<String> },
 }
 
 fn refuse(message: impl Into<String>, retry: Retry) -> Decision {
     Decision::Refuse { message: message.into(), retry }
+}
+
+/// The node on which an earlier attempt asked for the claim's volume (`local.berth.dev/node`, written on the claim
+/// before the agent is called): the only node that may hold a volume for the claim without a PV.
+pub fn recorded_node(claim: &PersistentVolumeClaim) -> Option<&str> {
+    claim.metadata.annotations.as_ref()?.get(NODE_ANNOTATION).map(String::as_str).filter(|n| !n.is_empty())
 }
 
 /// The provisioner a claim is for: the GA annotation, else the beta one.
@@ -183,9 +190,10 @@ pub fn decide(
                 params.pool, pool.maximum_volume_size_bytes
             ));
         }
+        let abandon = recorded_node(claim).filter(|r| *r != node.name).map(str::to_owned);
         let node = NodeRef { name: node.name.clone(), hostname: hostname.to_owned() };
         let request = for_pool(request, pool, class);
-        return Decision::Provision { node, params, request };
+        return Decision::Provision { node, params, request, abandon };
     }
 
     // Immediate binding: Berth picks the node — the most free space in the pool among the allowed nodes, ties
@@ -202,17 +210,32 @@ pub fn decide(
                 })
         }
     };
+    let provision_on = |n: &NodeView, request: CreateVolumeRequest, params: ClassParams, abandon: Option<String>| {
+        Decision::Provision {
+            node: NodeRef { name: n.name.clone(), hostname: n.hostname().expect("filtered").to_owned() },
+            request: for_pool(request, n.pool(&params.pool).expect("filtered"), class),
+            params,
+            abandon,
+        }
+    };
+    // An earlier attempt chose a node: stay there while it can serve the pool, whatever its free space says now
+    // (the volume may already be there, counted in it). Moving would make a second volume.
+    let recorded = recorded_node(claim);
+    let serves = |n: &NodeView| {
+        allowed(n)
+            && n.hostname().is_some()
+            && n.pool(&params.pool).is_some_and(|p| p.ready && !(block && p.backend == "hostpath"))
+    };
+    if let Some(n) = recorded.and_then(|r| nodes.iter().find(|n| n.name == r)).filter(|n| serves(n)) {
+        return provision_on(n, request, params, None);
+    }
     let best = nodes
         .iter()
         .filter(|n| allowed(n) && n.hostname().is_some())
         .filter_map(|n| n.pool(&params.pool).filter(|p| fits(p)).map(|p| (n, p.free_bytes)))
         .max_by(|(a, fa), (b, fb)| fa.cmp(fb).then_with(|| b.name.cmp(&a.name)));
     match best {
-        Some((n, _)) => Decision::Provision {
-            node: NodeRef { name: n.name.clone(), hostname: n.hostname().expect("filtered").to_owned() },
-            request: for_pool(request, n.pool(&params.pool).expect("filtered"), class),
-            params,
-        },
+        Some((n, _)) => provision_on(n, request, params, recorded.map(str::to_owned)),
         None if !pool_anywhere => nowhere(),
         None => refuse(format!("no allowed node has {size} bytes free in pool {:?}", params.pool), Retry::Backoff),
     }
@@ -454,5 +477,53 @@ mod tests {
         );
         let d = decide(P, &claim("100Gi", None), Some(&limited), false, &nodes);
         assert!(matches!(d, Decision::Refuse { retry: Retry::Backoff, .. }), "{d:?}");
+    }
+
+    fn recorded(mut c: PersistentVolumeClaim, node: &str) -> PersistentVolumeClaim {
+        c.metadata.annotations.get_or_insert_default().insert(NODE_ANNOTATION.into(), node.into());
+        c
+    }
+
+    fn abandoned(d: &Decision) -> Option<&str> {
+        match d {
+            Decision::Provision { abandon, .. } => abandon.as_deref(),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn an_immediate_claim_stays_on_the_node_an_earlier_attempt_chose() {
+        let now = class("Immediate", &[("pool", "fast")]);
+        // The earlier attempt's volume counts in a's free space now: a fresh pick would take b.
+        let nodes = [node("a", Some(vec![pool("fast", 40 * GI)])), node("b", Some(vec![pool("fast", 50 * GI)]))];
+        let d = decide(P, &recorded(claim("10Gi", None), "a"), Some(&now), false, &nodes);
+        assert_eq!((provisioned_on(&d), abandoned(&d)), (Some(("a", "host-a")), None), "{d:?}");
+        // Also when the pool there reports less than the claim asks: the volume may already be there; the agent
+        // answers (200 for the volume it has, 507 if it has none and no room).
+        let full = [node("a", Some(vec![pool("fast", GI)])), node("b", Some(vec![pool("fast", 50 * GI)]))];
+        let d = decide(P, &recorded(claim("10Gi", None), "a"), Some(&now), false, &full);
+        assert_eq!(provisioned_on(&d), Some(("a", "host-a")), "{d:?}");
+        // A recorded node that cannot serve the pool any more: another one, and the recorded one is abandoned.
+        for gone in [
+            node("a", None),
+            node("a", Some(vec![pool("slow", 99 * GI)])),
+            node("a", Some(vec![PoolStatus { ready: false, ..pool("fast", 99 * GI) }])),
+            NodeView { name: "a".into(), labels: None, pools: Some(vec![pool("fast", 99 * GI)]) },
+        ] {
+            let nodes = [gone.clone(), node("b", Some(vec![pool("fast", 50 * GI)]))];
+            let d = decide(P, &recorded(claim("10Gi", None), "a"), Some(&now), false, &nodes);
+            assert_eq!((provisioned_on(&d), abandoned(&d)), (Some(("b", "host-b")), Some("a")), "{gone:?}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn a_wffc_claim_moved_by_the_scheduler_abandons_its_earlier_node() {
+        let nodes = [node("a", Some(vec![pool("fast", 50 * GI)])), node("b", Some(vec![pool("fast", 50 * GI)]))];
+        let d = decide(P, &recorded(claim("10Gi", Some("b")), "a"), Some(&wffc()), false, &nodes);
+        assert_eq!((provisioned_on(&d), abandoned(&d)), (Some(("b", "host-b")), Some("a")), "{d:?}");
+        let d = decide(P, &recorded(claim("10Gi", Some("b")), "b"), Some(&wffc()), false, &nodes);
+        assert_eq!((provisioned_on(&d), abandoned(&d)), (Some(("b", "host-b")), None), "{d:?}");
+        let d = decide(P, &claim("10Gi", Some("b")), Some(&wffc()), false, &nodes);
+        assert_eq!(abandoned(&d), None);
     }
 }

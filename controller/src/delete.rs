@@ -16,8 +16,9 @@ use crate::metrics::Outcome;
 use crate::provision::Error;
 use crate::pv::NODE_ANNOTATION;
 
-fn ours(pv: &PersistentVolume, provisioner: &str) -> bool {
-    pv.metadata.annotations.as_ref().and_then(|a| a.get(keys::PROVISIONED_BY)).map(String::as_str) == Some(provisioner)
+pub fn ours(pv: &PersistentVolume) -> bool {
+    pv.metadata.annotations.as_ref().and_then(|a| a.get(keys::PROVISIONED_BY)).map(String::as_str)
+        == Some(berth::PROVISIONER_NAME)
 }
 
 async fn drop_finalizer(ctx: &Context, pv: &PersistentVolume) -> Result<(), kube::Error> {
@@ -51,20 +52,32 @@ pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<A
 }
 
 async fn delete(pv: Arc<PersistentVolume>, ctx: Arc<Context>, started: std::time::Instant) -> Result<Action, Error> {
-    if !ours(&pv, &ctx.provisioner) {
+    if !ours(&pv) {
         return Ok(Action::await_change());
     }
     let name = pv.metadata.name.clone().unwrap_or_default();
     let spec = pv.spec.clone().unwrap_or_default();
     let has_finalizer =
         pv.metadata.finalizers.as_ref().is_some_and(|f| f.iter().any(|f| f == keys::PV_DELETION_FINALIZER));
+    let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("");
     if spec.persistent_volume_reclaim_policy.as_deref() != Some("Delete") {
         if has_finalizer {
             drop_finalizer(&ctx, &pv).await?;
         }
+        if phase == "Released" {
+            let node = pv.metadata.annotations.as_ref().and_then(|a| a.get(NODE_ANNOTATION)).cloned();
+            let path = spec.local.as_ref().map(|l| l.path.clone()).or(spec.host_path.as_ref().map(|h| h.path.clone()));
+            let note = format!(
+                "the claim is gone; reclaim policy {} keeps the volume and its data on node {} at {} (reusing or \
+                 freeing it: docs/storageclass.md, \"Retained volumes\")",
+                spec.persistent_volume_reclaim_policy.as_deref().unwrap_or("Retain"),
+                node.as_deref().unwrap_or("?"),
+                path.as_deref().unwrap_or("?")
+            );
+            ctx.event(pv.as_ref(), false, "VolumeRetained", note).await;
+        }
         return Ok(Action::await_change());
     }
-    let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("");
     let deleting = pv.metadata.deletion_timestamp.is_some();
     if phase != "Released" && !(deleting && phase != "Bound") {
         return Ok(Action::await_change());

@@ -39,25 +39,29 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 /// Run two replicas: they elect a leader on a Lease in --namespace; the others stand by with warm caches and take
 /// over when the lease expires (at once when the leader is stopped with SIGTERM, which releases it). See
 /// ARCHITECTURE.md.
+///
+/// It serves the provisioner `local.berth.dev` (StorageClasses name it), one install per cluster.
 #[derive(Parser, Debug)]
 #[command(name = "berth-controller", version)]
 pub struct Args {
-    /// The provisioner name StorageClasses use.
-    #[arg(long, default_value = berth::PROVISIONER_NAME)]
-    provisioner: String,
     /// Namespace of the controller's ServiceAccount (tokens for the agents are requested for it).
     #[arg(long, env = "BERTH_NAMESPACE", default_value = "berth-system")]
     namespace: String,
     /// The controller's ServiceAccount: agents accept only its tokens.
     #[arg(long, default_value = "berth-controller")]
     service_account: String,
-    /// Seconds between two orphan audits (volumes on agents without a PV, PVs without a volume).
+    /// Seconds between two orphan audits. Each compares every agent's volumes with the PVs: a volume with a PV is
+    /// marked published on its agent (also once at start); a published volume without a PV (a Retain volume
+    /// whose PV an administrator deleted) is reported, never deleted; a volume never published whose claim is
+    /// gone, or whose claim's volume is on another node, is an orphan; a PV whose volume is missing is reported.
     #[arg(long, default_value_t = 60)]
     orphan_audit_interval_seconds: u64,
-    /// A volume without a PV or a live claim is an orphan only when older than this many seconds.
+    /// A never-published volume is an orphan only when older than this many seconds.
     #[arg(long, default_value_t = 600)]
     orphan_grace_seconds: u64,
-    /// What to do with an orphan volume: delete it, or only report it in the log.
+    /// What to do with an orphan (a volume no PV was ever made for, left by a crash or a claim deleted while it
+    /// was provisioned): delete it, or only report it in the log. Volumes that had a PV are never deleted by the
+    /// audit, whatever this says.
     #[arg(long, value_enum, default_value = "delete")]
     orphan_action: audit::OrphanAction,
     /// A released Delete-policy PV whose Node object is gone: wait for the node (event, retries), or forget
@@ -160,15 +164,16 @@ pub async fn main() -> Result<()> {
     }
     metrics.set_ready();
 
-    let mut leadership = leader::Leadership::new(
-        client.clone(),
-        &args.namespace,
-        leader::lease_name(&args.provisioner),
-        args.identity.clone(),
-        std::time::Duration::from_secs(args.lease_duration_seconds),
-        std::time::Duration::from_secs(args.lease_renew_before_seconds),
-    )
-    .await?;
+    let leadership = Arc::new(
+        leader::Leadership::new(
+            client.clone(),
+            &args.namespace,
+            args.identity.clone(),
+            std::time::Duration::from_secs(args.lease_duration_seconds),
+            std::time::Duration::from_secs(args.lease_renew_before_seconds),
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
     tracing::info!(identity = %leadership.identity(), "standing by until this replica holds the lease");
     let epoch = tokio::select! {
         epoch = leadership.acquire() => epoch,
@@ -177,13 +182,21 @@ pub async fn main() -> Result<()> {
             return Ok(());
         }
     };
+    // Renewed from now on, whatever else is slow (fencing many agents, say).
+    let mut held = tokio::spawn({
+        let leadership = leadership.clone();
+        async move { leadership.hold().await }
+    });
 
     let reporter = Reporter { controller: "berth-controller".into(), instance: Some(args.identity.clone()) };
-    let agents =
-        agent_client::AgentClient::new(client.clone(), args.namespace.clone(), args.service_account.clone(), epoch);
+    let agents = agent_client::AgentClient::new(
+        client.clone(),
+        args.namespace.clone(),
+        args.service_account.clone(),
+        leadership.clone(),
+    );
     let ctx = Arc::new(context::Context::new(
         client.clone(),
-        args.provisioner.clone(),
         context::Caches { classes, nodes, berth_nodes, volumes },
         agents,
         Recorder::new(client.clone(), reporter),
@@ -191,9 +204,12 @@ pub async fn main() -> Result<()> {
         metrics.clone(),
     ));
     metrics.leader.set(1);
-    tracing::info!(provisioner = %args.provisioner, epoch, identity = %leadership.identity(), "leading");
+    tracing::info!(epoch, identity = %leadership.identity(), "leading");
+    // Every agent learns the epoch before any work, and again whenever it is raised (an agent had seen a newer
+    // one): a deposed leader's late calls are then refused everywhere.
     fence_agents(&ctx).await;
-    capacity::check_csidriver(&client, &args.provisioner).await;
+    tokio::spawn(refence_on_raise(ctx.clone(), leadership.epoch_changes()));
+    capacity::check_csidriver(&client, berth::PROVISIONER_NAME).await;
     tokio::spawn(capacity::run(
         ctx.clone(),
         args.namespace.clone(),
@@ -226,12 +242,14 @@ pub async fn main() -> Result<()> {
     tokio::select! {
         _ = work => {
             audit.abort();
+            held.abort();
             leadership.release().await;
             tracing::info!("stopped");
             Ok(())
         }
-        why = leadership.hold() => {
+        why = &mut held => {
             // Work in flight is not waited for: the agents refuse it (fenced), and a restart stands by.
+            let why = why.unwrap_or_else(|e| format!("the lease task failed: {e}"));
             failpoints::pause("leader-before-exit").await;
             tracing::error!(%why, "lost leadership; exiting");
             std::process::exit(1);
@@ -246,7 +264,7 @@ async fn gauges(ctx: Arc<context::Context>, claims: reflector::Store<PersistentV
             .state()
             .iter()
             .filter(|c| {
-                decide::claim_provisioner(c) == Some(ctx.provisioner.as_str())
+                decide::claim_provisioner(c) == Some(berth::PROVISIONER_NAME)
                     && c.metadata.deletion_timestamp.is_none()
                     && c.spec.as_ref().is_none_or(|s| s.volume_name.is_none())
                     && berth::naming::volume_name(c.metadata.uid.as_deref().unwrap_or_default())
@@ -270,7 +288,16 @@ async fn gauges(ctx: Arc<context::Context>, claims: reflector::Store<PersistentV
     }
 }
 
-/// Announces the new epoch to every agent known now (agents that appear later get it with the first call).
+/// Fences every agent again each time the epoch is raised.
+async fn refence_on_raise(ctx: Arc<context::Context>, mut epoch: tokio::sync::watch::Receiver<u64>) {
+    epoch.mark_unchanged();
+    while epoch.changed().await.is_ok() {
+        fence_agents(&ctx).await;
+    }
+}
+
+/// Announces the epoch to every agent known now (agents that appear later get it with the first call). An agent
+/// that had seen a newer epoch makes this leader raise its own first (agent_client.rs).
 async fn fence_agents(ctx: &context::Context) {
     let calls = ctx.caches.berth_nodes.state().into_iter().filter_map(|b| {
         let status = b.status.clone()?;

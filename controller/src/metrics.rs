@@ -67,7 +67,9 @@ pub struct Metrics {
     pub workqueue_depth: Gauge,
     agents: Family<StateLabels, Gauge>,
     orphans: Family<PoolLabels, Gauge>,
+    retained: Family<PoolLabels, Gauge>,
     pub missing_volumes: Gauge,
+    pub audits: Counter,
     pub leader: Gauge,
     ready: AtomicBool,
 }
@@ -87,7 +89,9 @@ impl Metrics {
             workqueue_depth: Gauge::default(),
             agents: Family::default(),
             orphans: Family::default(),
+            retained: Family::default(),
             missing_volumes: Gauge::default(),
+            audits: Counter::default(),
             leader: Gauge::default(),
             ready: AtomicBool::new(false),
             registry: Registry::default(),
@@ -116,9 +120,15 @@ impl Metrics {
         );
         registry.register(
             "orphan_volumes",
-            "Volumes without a PV or a live claim found by the last orphan audit, by node and pool",
+            "Volumes never published (no PV was ever made for them) whose claim is gone or moved, found by the last orphan audit, by node and pool",
             m.orphans.clone(),
         );
+        registry.register(
+            "retained_volumes",
+            "Volumes that had a PV and have none now (a Retain volume whose PV was deleted): kept, never deleted by Berth; by node and pool",
+            m.retained.clone(),
+        );
+        registry.register("orphan_audits", "Completed orphan audits", m.audits.clone());
         registry.register(
             "missing_volumes",
             "PVs whose volume their agent does not have, found by the last orphan audit",
@@ -145,11 +155,13 @@ impl Metrics {
         self.agents.get_or_create(&StateLabels { state: "ready".into() }).set(ready);
     }
 
-    /// Replaces the orphan counts with those of the last audit (a node and pool without orphans reads 0).
-    pub fn set_orphans(&self, counts: &[((String, String), i64)]) {
-        self.orphans.clear();
-        for ((node, pool), n) in counts {
-            self.orphans.get_or_create(&PoolLabels { node: node.clone(), pool: pool.clone() }).set(*n);
+    /// Replaces the orphan and retained counts with those of the last audit (a node and pool without any reads 0).
+    pub fn set_audit_counts(&self, orphans: &[((String, String), i64)], retained: &[((String, String), i64)]) {
+        for (family, counts) in [(&self.orphans, orphans), (&self.retained, retained)] {
+            family.clear();
+            for ((node, pool), n) in counts {
+                family.get_or_create(&PoolLabels { node: node.clone(), pool: pool.clone() }).set(*n);
+            }
         }
     }
 

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth::agent_api::ErrorReason;
+use berth::agent_api::{CreateVolumeRequest, ErrorReason};
 use berth::keys;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 
@@ -15,7 +16,8 @@ use crate::agent_client::AgentError;
 use crate::context::Context;
 use crate::decide::{Decision, Retry, decide};
 use crate::metrics::Outcome;
-use crate::pv;
+use crate::params::ClassParams;
+use crate::pv::{self, NODE_ANNOTATION, NodeRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,7 +45,8 @@ async fn provision(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>, started
     let Ok(volume_name) = berth::naming::volume_name(&uid) else { return Ok(Action::await_change()) };
     let class_name = claim.spec.as_ref().and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
     let class = ctx.class(&class_name);
-    let decision = decide(&ctx.provisioner, &claim, class.as_deref(), ctx.pv_exists(&volume_name), &ctx.node_views());
+    let decision =
+        decide(berth::PROVISIONER_NAME, &claim, class.as_deref(), ctx.pv_exists(&volume_name), &ctx.node_views());
     let key = format!("claim/{uid}");
     match decision {
         Decision::NotOurs | Decision::WaitForScheduler => Ok(Action::await_change()),
@@ -65,97 +68,248 @@ async fn provision(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>, started
             reschedule(&ctx, &claim, (&class_name, started), message).await?;
             Ok(Action::await_change())
         }
-        Decision::Provision { node, params, request } => {
-            let Some(berth_node) = ctx.berth_node(&node.name) else {
-                return Ok(Action::requeue(Duration::from_secs(1)));
-            };
-            let Some(status) = berth_node.status.as_ref() else { return Ok(Action::requeue(Duration::from_secs(1))) };
-            ctx.event(
-                claim.as_ref(),
-                false,
-                "Provisioning",
-                format!(
-                    "External provisioner is provisioning volume for claim on node {} (pool {:?})",
-                    node.name, params.pool
-                ),
-            )
-            .await;
-            crate::failpoints::pause("provision-before-agent-create").await;
-            let volume = match ctx.agents.create(&node.name, status, &volume_name, &request).await {
-                Ok(v) => v,
-                Err(AgentError::Refused {
-                    reason:
-                        ErrorReason::InsufficientSpace
-                        | ErrorReason::PoolNotReady
-                        | ErrorReason::UnknownPool
-                        | ErrorReason::Unsupported,
-                    message,
-                }) => {
-                    reschedule(
-                        &ctx,
-                        &claim,
-                        (&class_name, started),
-                        format!("node {}: {message}; asking the scheduler for another node", node.name),
-                    )
-                    .await?;
-                    return Ok(Action::await_change());
-                }
-                Err(AgentError::Deposed(m)) => {
-                    tracing::warn!(claim = ?claim.metadata.name, volume = %volume_name, node = %node.name, message = %m, "deposed; leaving the claim to the new leader");
-                    return Ok(Action::await_change());
-                }
-                Err(AgentError::Unreachable(m)) if ctx.attempts(&key) + 1 >= UNREACHABLE_ATTEMPTS => {
-                    // The silent agent may have made the volume: the orphan audit removes it if no PV follows.
-                    reschedule(
-                        &ctx,
-                        &claim,
-                        (&class_name, started),
-                        format!("the agent of node {} does not answer ({m})", node.name),
-                    )
-                    .await?;
-                    ctx.succeeded(&key);
-                    return Ok(Action::await_change());
-                }
-                Err(e) => {
-                    ctx.event(claim.as_ref(), true, "ProvisioningFailed", format!("node {}: {e}; retrying", node.name))
-                        .await;
-                    return Err(e.into());
-                }
-            };
-            // Crash test: the volume exists, its PV does not yet.
-            fail::fail_point!("provision-after-agent-create", |_| std::process::abort());
-            crate::failpoints::pause("provision-before-pv-create").await;
-            if claim_gone(&ctx, &claim).await? {
-                // Deleted while its volume was being made: nobody can use the volume, so it goes now. (Should
-                // this delete fail, the orphan audit removes the volume: it has neither PV nor claim.)
-                ctx.agents.delete(&node.name, status, &volume_name).await?;
-                ctx.succeeded(&key);
-                tracing::info!(claim = %format!("{}/{}", request.claim.namespace, request.claim.name), volume = %volume_name, node = %node.name, "claim deleted while provisioning; its volume is removed");
-                return Ok(Action::await_change());
-            }
+        Decision::Provision { node, params, request, abandon } => {
             let class = class.expect("decide checked the class");
-            let object = pv::build(&claim, &class, &params, &node, &volume);
-            let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-            match pvs.create(&PostParams::default(), &object).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(e)) if e.code == 409 => {} // made by an earlier attempt
-                Err(e) => return Err(e.into()),
-            }
-            // Crash test: the PV exists, the success is not yet recorded.
-            fail::fail_point!("provision-after-pv-create", |_| std::process::abort());
-            ctx.succeeded(&key);
-            ctx.metrics.provisioned(&class_name, Outcome::Success, started.elapsed());
-            ctx.event(
-                claim.as_ref(),
-                false,
-                "ProvisioningSucceeded",
-                format!("Successfully provisioned volume {volume_name} on node {} at {}", node.name, volume.path),
-            )
-            .await;
-            tracing::info!(claim = %format!("{}/{}", request.claim.namespace, request.claim.name), volume = %volume_name, node = %node.name, "provisioned");
-            Ok(Action::await_change())
+            let attempt = Attempt { ctx: &ctx, claim: &claim, class: &class, key: &key, started, volume: &volume_name };
+            attempt.run(node, params, request, abandon).await
         }
     }
+}
+
+/// One provisioning attempt for a claim: abandon the node of an earlier attempt if the decision moved, record
+/// the node on the claim, agent create, PV, publish.
+struct Attempt<'a> {
+    ctx: &'a Arc<Context>,
+    claim: &'a PersistentVolumeClaim,
+    class: &'a StorageClass,
+    key: &'a str,
+    started: Instant,
+    volume: &'a str,
+}
+
+impl Attempt<'_> {
+    fn class_name(&self) -> &str {
+        self.class.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    fn immediate(&self) -> bool {
+        self.class.volume_binding_mode.as_deref() != Some("WaitForFirstConsumer")
+    }
+
+    async fn run(
+        &self,
+        node: NodeRef,
+        params: ClassParams,
+        request: CreateVolumeRequest,
+        abandon: Option<String>,
+    ) -> Result<Action, Error> {
+        let ctx = self.ctx;
+        let Some(status) = ctx.berth_node(&node.name).and_then(|b| b.status.clone()) else {
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        };
+        if let Some(earlier) = &abandon
+            && let Some(action) = self.abandon(earlier).await?
+        {
+            return Ok(action);
+        }
+        // The node is durable state before the agent is asked: a retry, a restart or another leader finds it and
+        // stays there (or removes what was made there first), so one claim never gets two volumes.
+        self.record_node(Some(&node.name)).await?;
+        ctx.event(
+            self.claim,
+            false,
+            "Provisioning",
+            format!(
+                "External provisioner is provisioning volume for claim on node {} (pool {:?})",
+                node.name, params.pool
+            ),
+        )
+        .await;
+        crate::failpoints::pause("provision-before-agent-create").await;
+        let volume = match ctx.agents.create(&node.name, &status, self.volume, &request).await {
+            Ok(v) => v,
+            Err(AgentError::Refused {
+                reason:
+                    ErrorReason::InsufficientSpace
+                    | ErrorReason::PoolNotReady
+                    | ErrorReason::UnknownPool
+                    | ErrorReason::Unsupported,
+                message,
+            }) => {
+                // A refusal changes nothing: no volume of the claim is on that node.
+                let message = format!("node {}: {message}", node.name);
+                return self.elsewhere(message).await;
+            }
+            Err(AgentError::Deposed(m)) => {
+                tracing::error!(claim = ?self.claim.metadata.name, volume = %self.volume, node = %node.name, message = %m, "deposed; leaving the claim to the new leader");
+                return Ok(Action::await_change());
+            }
+            Err(AgentError::Unreachable(m))
+                if !self.immediate() && ctx.attempts(self.key) + 1 >= UNREACHABLE_ATTEMPTS =>
+            {
+                // The silent agent may have made the volume: the claim keeps this node as its recorded one, so
+                // the next node's attempt removes it first (or the orphan audit does, once the agent answers).
+                reschedule(
+                    ctx,
+                    self.claim,
+                    (self.class_name(), self.started),
+                    format!("the agent of node {} does not answer ({m})", node.name),
+                )
+                .await?;
+                ctx.succeeded(self.key);
+                return Ok(Action::await_change());
+            }
+            Err(e) => {
+                ctx.event(self.claim, true, "ProvisioningFailed", format!("node {}: {e}; retrying", node.name)).await;
+                return Err(e.into());
+            }
+        };
+        // Crash test: the volume exists, its PV does not yet.
+        fail::fail_point!("provision-after-agent-create", |_| std::process::abort());
+        crate::failpoints::pause("provision-before-pv-create").await;
+        if claim_gone(ctx, self.claim).await? {
+            // Deleted while its volume was being made: nobody can use the volume, so it goes now. (Should this
+            // delete fail, the orphan audit removes the volume: it has neither PV nor claim.)
+            ctx.agents.delete_unpublished(&node.name, &status, self.volume).await?;
+            ctx.succeeded(self.key);
+            tracing::info!(claim = %claim_key(self.claim), volume = %self.volume, node = %node.name, "claim deleted while provisioning; its volume is removed");
+            return Ok(Action::await_change());
+        }
+        let object = pv::build(self.claim, self.class, &params, &node, &volume);
+        let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+        match pvs.create(&PostParams::default(), &object).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                // Made by an earlier attempt — on this node, or the volume just made is a second one.
+                let existing = pvs.get_opt(self.volume).await?;
+                let on = existing.as_ref().and_then(|p| p.metadata.annotations.as_ref()?.get(NODE_ANNOTATION).cloned());
+                if on.as_deref() != Some(node.name.as_str()) {
+                    tracing::warn!(claim = %claim_key(self.claim), volume = %self.volume, node = %node.name, pv_node = ?on, "the claim's PV exists for another node; removing the volume just made here");
+                    ctx.agents.delete_unpublished(&node.name, &status, self.volume).await?;
+                    return Ok(Action::await_change());
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        // Crash test: the PV exists, the success is not yet recorded.
+        fail::fail_point!("provision-after-pv-create", |_| std::process::abort());
+        // From now on the volume is never an orphan, also after its PV is gone (Retain). Should this call fail,
+        // the orphan audit marks it (it marks every volume that has a PV, and does so at start).
+        if let Err(e) = ctx.agents.publish(&node.name, &status, self.volume).await {
+            tracing::warn!(volume = %self.volume, node = %node.name, error = %e, "cannot mark the volume published yet; the orphan audit will");
+        }
+        ctx.succeeded(self.key);
+        ctx.metrics.provisioned(self.class_name(), Outcome::Success, self.started.elapsed());
+        ctx.event(
+            self.claim,
+            false,
+            "ProvisioningSucceeded",
+            format!("Successfully provisioned volume {} on node {} at {}", self.volume, node.name, volume.path),
+        )
+        .await;
+        tracing::info!(claim = %claim_key(self.claim), volume = %self.volume, node = %node.name, "provisioned");
+        Ok(Action::await_change())
+    }
+
+    /// Removes what an earlier attempt may have made on `earlier` (only a volume never published: one without a
+    /// PV, as this claim's is). `Some(action)` when the attempt cannot go on now.
+    async fn abandon(&self, earlier: &str) -> Result<Option<Action>, Error> {
+        let ctx = self.ctx;
+        let Some(status) = ctx.berth_node(earlier).and_then(|b| b.status.clone()) else {
+            tracing::warn!(claim = %claim_key(self.claim), volume = %self.volume, node = %earlier, "the node of an earlier attempt has no agent now; if it made the volume, the orphan audit removes it once the agent is back");
+            return Ok(None);
+        };
+        let key = format!("{}/abandon", self.key);
+        match ctx.agents.delete_unpublished(earlier, &status, self.volume).await {
+            Ok(existed) => {
+                ctx.succeeded(&key);
+                if existed {
+                    tracing::info!(claim = %claim_key(self.claim), volume = %self.volume, node = %earlier, "removed the volume an earlier attempt made on another node");
+                }
+                Ok(None)
+            }
+            Err(AgentError::Refused { reason: ErrorReason::Published, message }) => {
+                // A PV was made for it once, and is gone now: its data may be wanted. Never a second volume.
+                let note = format!(
+                    "node {earlier} holds volume {} of this claim, which had a PV that is gone; not making another \
+                     volume elsewhere ({message})",
+                    self.volume
+                );
+                ctx.event(self.claim, true, "ProvisioningFailed", note).await;
+                Ok(Some(Action::await_change()))
+            }
+            Err(AgentError::Deposed(m)) => {
+                tracing::error!(volume = %self.volume, node = %earlier, message = %m, "deposed; leaving the claim to the new leader");
+                Ok(Some(Action::await_change()))
+            }
+            Err(AgentError::Unreachable(m)) if ctx.attempts(&key) + 1 >= UNREACHABLE_ATTEMPTS => {
+                ctx.succeeded(&key);
+                let note = format!(
+                    "the agent of node {earlier}, where an earlier attempt asked for the volume, does not answer ({m}); \
+                     going on, and the orphan audit removes a volume made there once it answers"
+                );
+                ctx.event(self.claim, true, "ProvisioningFailed", note).await;
+                Ok(None)
+            }
+            Err(e) => {
+                ctx.next_backoff(&key);
+                ctx.event(
+                    self.claim,
+                    true,
+                    "ProvisioningFailed",
+                    format!("removing the volume of an earlier attempt on node {earlier}: {e}; retrying"),
+                )
+                .await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The node cannot take the volume: WaitForFirstConsumer asks the scheduler for another node; Immediate
+    /// forgets the node (nothing was made there), so the next attempt picks again.
+    async fn elsewhere(&self, message: String) -> Result<Action, Error> {
+        if self.immediate() {
+            self.ctx.metrics.provisioned(self.class_name(), Outcome::Refused, self.started.elapsed());
+            self.ctx.event(self.claim, true, "ProvisioningFailed", format!("{message}; trying another node")).await;
+            self.record_node(None).await?;
+            return Ok(Action::requeue(self.ctx.next_backoff(self.key)));
+        }
+        reschedule(
+            self.ctx,
+            self.claim,
+            (self.class_name(), self.started),
+            format!("{message}; asking the scheduler for another node"),
+        )
+        .await?;
+        Ok(Action::await_change())
+    }
+
+    /// Writes (or with `None` removes) the claim's `local.berth.dev/node`, only over the version of the claim the
+    /// decision was made from (a changed claim fails with 409 and is looked at again).
+    async fn record_node(&self, node: Option<&str>) -> Result<(), kube::Error> {
+        if crate::decide::recorded_node(self.claim) == node {
+            return Ok(());
+        }
+        let claims: Api<PersistentVolumeClaim> =
+            Api::namespaced(self.ctx.client.clone(), self.claim.metadata.namespace.as_deref().unwrap_or_default());
+        let patch = serde_json::json!({
+            "metadata": {
+                "annotations": {NODE_ANNOTATION: node},
+                "resourceVersion": self.claim.metadata.resource_version,
+            }
+        });
+        let name = self.claim.metadata.name.as_deref().unwrap_or_default();
+        claims.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        Ok(())
+    }
+}
+
+fn claim_key(claim: &PersistentVolumeClaim) -> String {
+    format!(
+        "{}/{}",
+        claim.metadata.namespace.as_deref().unwrap_or_default(),
+        claim.metadata.name.as_deref().unwrap_or_default()
+    )
 }
 
 /// Whether the claim is gone, replaced (another uid) or being deleted, asked of the API server rather than the

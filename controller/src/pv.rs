@@ -161,6 +161,7 @@ mod tests {
             fs_type: None,
             mount_options: vec![],
             used_bytes: None,
+            published: Some(false),
         }
     }
 

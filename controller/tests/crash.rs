@@ -4,11 +4,9 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use testbed::kube_util::{wait_deleted, wait_for};
 
 /// Aborts the controller at `failpoint`, checks what it left (a volume, and a PV if `pv_left`), restarts it and
@@ -71,8 +69,96 @@ async fn a_claim_deleted_while_its_volume_is_made_leaves_nothing() {
     // Retain would keep a PV and its volume for good: neither may exist.
     assert!(Api::<PersistentVolume>::all(client).list(&ListParams::default()).await.unwrap().items.is_empty());
     assert!(all_volume_dirs(&w).is_empty(), "{:?}", all_volume_dirs(&w));
-    // Nothing comes later either (a late PV would be created within the reconcile that logged the line).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(all_volume_dirs(&w).is_empty());
+    // Nothing comes later: that reconcile returned right after the line, and a deleted claim is not looked at
+    // again (the controller watches claims that exist).
     w.controllers.push(controller);
+}
+
+/// The free space of `node`'s pool `fast`, as its BerthNode reports it.
+fn free_of(n: &berth::berth_node::BerthNode) -> u64 {
+    n.status.as_ref().and_then(|s| s.pools.iter().find(|p| p.name == "fast")).map_or(0, |p| p.free_bytes)
+}
+
+/// Immediate: Berth picks the node itself, by free space. After a crash between the agent's create and the PV's,
+/// the node that has the volume reports less free space than the other; the restarted controller must stay with
+/// the node it chose (recorded on the claim before the agent was called) instead of making a second volume.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_immediate_claim_aborted_after_its_volume_was_made_stays_on_that_node() {
+    let mut w = world_without_controller(&[256 * MI, 256 * MI]).await;
+    let client = w.bed.client();
+    let mut crashing =
+        start_with_failpoints(&w, "controller", &AUDIT_REPORTS, "provision-after-agent-create=return").await;
+    add_class(&w, class("berth-now", "Immediate", "Delete", &[("pool", "fast")])).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    let created = claims.create(&PostParams::default(), &claim("data", "berth-now", "64Mi")).await.unwrap();
+    let volume = format!("pvc-{}", created.metadata.uid.unwrap());
+    crashing.wait_exit(WAIT).expect("the controller aborts after the agent's create");
+    let dirs = all_volume_dirs(&w);
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let first = dirs[0].split('/').next().unwrap().to_owned();
+    let other = if first == "node-0" { "node-1" } else { "node-0" };
+    let recorded = claims.get("data").await.unwrap().metadata.annotations.unwrap_or_default();
+    assert_eq!(recorded.get("local.berth.dev/node"), Some(&first), "the node is on the claim before the agent call");
+
+    // What a fresh pick goes by: the node with the volume now has less free space than the other.
+    let berth_nodes: Api<berth::berth_node::BerthNode> = Api::all(client.clone());
+    let other_free = free_of(&berth_nodes.get(other).await.unwrap());
+    wait_for(&berth_nodes, &first, WAIT, |n| free_of(n) + 32 * MI < other_free).await.unwrap();
+
+    w.controllers
+        .push(w.bed.start_controller_named("controller", &controller_bin(), &AUDIT_REPORTS, &[]).await.unwrap());
+    wait_for(&claims, "data", WAIT, bound).await.unwrap();
+    let pv = Api::<PersistentVolume>::all(client).get(&volume).await.unwrap();
+    assert_eq!(
+        pv.metadata.annotations.unwrap()["local.berth.dev/node"],
+        first,
+        "the PV is on the node with the volume"
+    );
+    assert_eq!(all_volume_dirs(&w), vec![format!("{first}/{volume}")], "exactly one volume in the cluster");
+    assert_eq!(agent_creates(&w, &volume), 1);
+}
+
+/// WaitForFirstConsumer: the controller aborts after the agent made the volume on the selected node; while it is
+/// down, that node is cordoned and the scheduler picks the other. The restarted controller removes the first
+/// volume (never published) before making the claim's volume on the new node: one volume, and the pod runs there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_whose_selected_node_changed_after_an_abort_ends_with_one_volume_on_the_new_node() {
+    let mut w = world_without_controller(&[256 * MI, 256 * MI]).await;
+    let client = w.bed.client();
+    let mut crashing =
+        start_with_failpoints(&w, "controller", &AUDIT_REPORTS, "provision-after-agent-create=return").await;
+    add_class(&w, class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")])).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
+    let created = claims.create(&PostParams::default(), &claim("data", "berth-local", "64Mi")).await.unwrap();
+    let volume = format!("pvc-{}", created.metadata.uid.unwrap());
+    pods.create(&PostParams::default(), &pod("db", "data")).await.unwrap();
+    crashing.wait_exit(WAIT).expect("the controller aborts after the agent's create");
+    let selected = |c: &PersistentVolumeClaim| {
+        c.metadata.annotations.as_ref().and_then(|a| a.get("volume.kubernetes.io/selected-node")).cloned()
+    };
+    let first = selected(&claims.get("data").await.unwrap()).expect("the scheduler selected a node");
+    assert_eq!(all_volume_dirs(&w), vec![format!("{first}/{volume}")]);
+    let second = if first == "node-0" { "node-1" } else { "node-0" };
+
+    // An operator cordons the node; the scheduler is asked again (as Berth's own reschedule does) and picks the
+    // other one.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let cordon = serde_json::json!({"spec": {"unschedulable": true}});
+    nodes.patch(&first, &PatchParams::default(), &Patch::Merge(&cordon)).await.unwrap();
+    let unselect = serde_json::json!({"metadata": {"annotations": {"volume.kubernetes.io/selected-node": null}}});
+    claims.patch("data", &PatchParams::default(), &Patch::Merge(&unselect)).await.unwrap();
+    wait_for(&claims, "data", WAIT, |c| selected(c).as_deref() == Some(second)).await.unwrap();
+
+    w.controllers
+        .push(w.bed.start_controller_named("controller", &controller_bin(), &AUDIT_REPORTS, &[]).await.unwrap());
+    wait_for(&claims, "data", WAIT, bound).await.unwrap();
+    let pv = Api::<PersistentVolume>::all(client.clone()).get(&volume).await.unwrap();
+    assert_eq!(pv.metadata.annotations.unwrap()["local.berth.dev/node"], second);
+    assert_eq!(all_volume_dirs(&w), vec![format!("{second}/{volume}")], "exactly one volume, on the new node");
+    let log = w.controllers[0].log_text();
+    assert!(log.contains("removed the volume an earlier attempt made on another node"), "{log}");
+    wait_for(&pods, "db", WAIT, |p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(second))
+        .await
+        .unwrap();
 }

@@ -6,8 +6,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use kube::api::{Api, ListParams, PostParams};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use testbed::kube_util::wait_for;
 use testbed::process::Proc;
 
@@ -51,6 +53,8 @@ async fn leader_and_standby(w: &World, lease: &[&str], a_points: Option<&str>) -
     (a, b)
 }
 
+/// Whether the log says `volume` was provisioned by that replica. (The line comes after the PV, so a claim can be
+/// Bound a moment before it: wait for the line where it must be there.)
 fn provisioned(log: &str, volume: &str) -> bool {
     log.lines().any(|l| l.contains("provisioned") && l.contains(volume))
 }
@@ -63,7 +67,7 @@ async fn one_of_two_replicas_acts_and_the_other_takes_over_when_it_is_killed() {
     let c = Claims::new(&w).await;
     let one = c.add("one").await;
     c.wait_bound("one").await;
-    assert!(provisioned(&a.log_text(), &one), "the leader provisioned {one}");
+    wait_for_log(&a, &["provisioned", &one], WAIT).await;
     assert!(!provisioned(&b.log_text(), &one), "the standby did nothing");
     assert!(!b.log_text().contains("leading"), "one leader at a time");
     let (a_metrics, b_metrics) = (metrics_of(&a).await, metrics_of(&b).await);
@@ -79,7 +83,7 @@ async fn one_of_two_replicas_acts_and_the_other_takes_over_when_it_is_killed() {
     let two = c.add("two").await;
     c.wait_bound("two").await;
     let took = killed.elapsed();
-    assert!(provisioned(&b.log_text(), &two), "the new leader provisioned {two}");
+    wait_for_log(&b, &["provisioned", &two], WAIT).await;
     // The standby waits for the lease to expire (up to LEASE_SECONDS after the last renewal), then provisions at
     // once; the slack is for the scheduler and the binding.
     assert!(took < Duration::from_secs(LEASE_SECONDS + 6), "took over and provisioned in {took:?}");
@@ -103,7 +107,7 @@ async fn sigterm_hands_the_lease_to_the_standby_at_once() {
     let c = Claims::new(&w).await;
     let one = c.add("one").await;
     c.wait_bound("one").await;
-    assert!(provisioned(&b.log_text(), &one));
+    wait_for_log(&b, &["provisioned", &one], WAIT).await;
     w.controllers.extend([a, b]);
 }
 
@@ -131,7 +135,7 @@ async fn a_leader_stopped_past_its_lease_is_refused_when_it_resumes() {
     // The standby takes over past the lease, fences the agents, and provisions "two" itself.
     wait_for_log(&b, &["leading"], WAIT).await;
     c.wait_bound("two").await;
-    assert!(provisioned(&b.log_text(), &two));
+    wait_for_log(&b, &["provisioned", &two], WAIT).await;
 
     a.signal(libc::SIGCONT);
     let status = a.wait_exit(Duration::from_secs(30)).expect("the deposed leader exits");
@@ -148,4 +152,148 @@ async fn a_leader_stopped_past_its_lease_is_refused_when_it_resumes() {
     let pvs = Api::<PersistentVolume>::all(w.bed.client()).list(&ListParams::default()).await.unwrap().items;
     assert_eq!(pvs.len(), 2);
     w.controllers.extend([a, b]);
+}
+
+fn leases(w: &World) -> Api<Lease> {
+    Api::namespaced(w.bed.client(), "berth-system")
+}
+
+/// The agent's answer to `PUT /v1/epoch` with `epoch`.
+async fn fence_status(w: &World, epoch: u64) -> u16 {
+    let agent = &w.agents[0];
+    let token = w.bed.controller_token(&agent.node).await.unwrap();
+    let resp = agent
+        .http()
+        .unwrap()
+        .put(agent.url("/v1/epoch"))
+        .bearer_auth(token)
+        .header("berth-leader-epoch", epoch.to_string())
+        .send()
+        .await
+        .unwrap();
+    resp.status().as_u16()
+}
+
+/// A Lease deleted while the controller is stopped (an uninstall and reinstall, a GitOps prune) is made anew and
+/// counts from 1, while the agents keep the epoch they last saw. The new leader raises its epoch above theirs and
+/// works; the epoch from before the deletion stays refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_lease_does_not_send_the_epoch_backwards() {
+    let mut w = world_without_controller(&[256 * MI]).await;
+    // A Lease that has seen 41 transitions: the first leader's epoch is 42.
+    let lease = Lease {
+        metadata: ObjectMeta { name: Some("local.berth.dev".into()), ..Default::default() },
+        spec: Some(LeaseSpec { lease_transitions: Some(41), ..Default::default() }),
+    };
+    leases(&w).create(&PostParams::default(), &lease).await.unwrap();
+    let mut a = w.bed.start_controller_named("replica-a", &controller_bin(), &[], &[]).await.unwrap();
+    wait_for_log(&a, &["leading", "epoch=42"], WAIT).await;
+    let c = Claims::new(&w).await;
+    c.add("one").await;
+    c.wait_bound("one").await;
+    assert!(a.signal_and_wait(libc::SIGTERM, Duration::from_secs(30)).unwrap().success());
+    leases(&w).delete("local.berth.dev", &Default::default()).await.unwrap();
+
+    let b = w.bed.start_controller_named("replica-b", &controller_bin(), &[], &[]).await.unwrap();
+    wait_for_log(&b, &["leading", "epoch=1"], WAIT).await;
+    let two = c.add("two").await;
+    c.wait_bound("two").await;
+    wait_for_log(&b, &["provisioned", &two], WAIT).await;
+    let raised = wait_for_log(&b, &["raised the epoch above it"], WAIT).await;
+    assert!(raised.contains("agents_newest=42"), "{raised}");
+    let epoch = leases(&w).get("local.berth.dev").await.unwrap().spec.unwrap().lease_transitions.unwrap();
+    assert!(epoch > 42, "the Lease carries the raised epoch: {epoch}");
+    assert_eq!(fence_status(&w, 42).await, 409, "the epoch from before the deletion is refused");
+    w.controllers.extend([a, b]);
+}
+
+/// The write that takes the lease is the one that sets the epoch: if it fails, the replica does not hold the
+/// lease (so it cannot hold it without acting), retries, and leads within the lease time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_epoch_write_is_retried_and_never_leaves_the_lease_held_without_a_leader() {
+    let mut w = world_without_controller(&[256 * MI]).await;
+    let a = start_with_failpoints(&w, "replica-a", &SHORT_LEASE, "leader-epoch-write=1*return(injected)").await;
+    wait_for_log(&a, &["cannot take the lease yet", "failpoint: injected"], WAIT).await;
+    let failed = Instant::now();
+    wait_for_log(&a, &["leading"], WAIT).await;
+    assert!(failed.elapsed() < Duration::from_secs(LEASE_SECONDS), "led {:?} after the failure", failed.elapsed());
+    let c = Claims::new(&w).await;
+    let one = c.add("one").await;
+    c.wait_bound("one").await;
+    wait_for_log(&a, &["provisioned", &one], WAIT).await;
+    w.controllers.push(a);
+    drop(w);
+
+    // A replica whose every epoch write fails never holds the lease: another takes it at once, not after a lease
+    // term, once the first is stopped.
+    let mut w = world_without_controller(&[256 * MI]).await;
+    let failing = start_with_failpoints(&w, "replica-f", &SHORT_LEASE, "leader-epoch-write=return(injected)").await;
+    wait_for_log(&failing, &["cannot take the lease yet"], WAIT).await;
+    let holder = leases(&w).get_opt("local.berth.dev").await.unwrap().and_then(|l| l.spec?.holder_identity);
+    assert_eq!(holder, None, "the failing replica holds nothing");
+    let b = w.bed.start_controller_named("replica-b", &controller_bin(), &SHORT_LEASE, &[]).await.unwrap();
+    wait_for_log(&b, &["leading"], WAIT).await;
+    assert!(!failing.log_text().contains("leading"));
+    w.controllers.extend([failing, b]);
+}
+
+/// The controller's Role without the rule that lets it write its Lease: renewals are refused with 403.
+async fn lease_writes(w: &World, allowed: bool) {
+    let roles: Api<Role> = Api::namespaced(w.bed.client(), "berth-system");
+    let mut role = roles.get("berth-controller").await.unwrap();
+    let rules = role.rules.get_or_insert_default();
+    let writes = |r: &PolicyRule| r.resource_names.as_deref() == Some(&["local.berth.dev".to_string()][..]);
+    if allowed {
+        if !rules.iter().any(writes) {
+            rules.push(PolicyRule {
+                api_groups: Some(vec!["coordination.k8s.io".into()]),
+                resources: Some(vec!["leases".into()]),
+                resource_names: Some(vec!["local.berth.dev".into()]),
+                verbs: vec!["update".into(), "patch".into()],
+                ..Default::default()
+            });
+        }
+    } else {
+        rules.retain(|r| !writes(r));
+    }
+    roles.replace("berth-controller", &PostParams::default(), &role).await.unwrap();
+}
+
+/// A renewal that fails is retried until the lease would run out (client-go's renew deadline): a leader rides out
+/// a short API outage, and exits only once its lease has run out.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_renewals_are_retried_until_the_lease_runs_out() {
+    let mut w = world_without_controller(&[256 * MI]).await;
+    // Renewed every 4 s; 7 s of retries (12 s less a 1 s margin, from the last renewal) before giving up.
+    let lease = ["--lease-duration-seconds=12", "--lease-renew-before-seconds=8"];
+    let mut a = w.bed.start_controller_named("replica-a", &controller_bin(), &lease, &[]).await.unwrap();
+    wait_for_log(&a, &["leading"], WAIT).await;
+
+    lease_writes(&w, false).await;
+    wait_for_log(&a, &["renewing the lease failed; retrying until it runs out"], WAIT).await;
+    lease_writes(&w, true).await;
+    wait_for_log(&a, &["lease renewed after failed attempts"], WAIT).await;
+    a.ensure_running().expect("the leader rode out the failed renewals");
+    let c = Claims::new(&w).await;
+    let one = c.add("one").await;
+    c.wait_bound("one").await;
+    wait_for_log(&a, &["provisioned", &one], WAIT).await;
+
+    // An outage that outlasts the lease: the leader exits, only after the lease ran out.
+    lease_writes(&w, false).await;
+    let first_failure = {
+        let before = a.log_text().matches("renewing the lease failed").count();
+        let deadline = Instant::now() + WAIT;
+        while a.log_text().matches("renewing the lease failed").count() == before {
+            assert!(Instant::now() < deadline, "no failed renewal");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Instant::now()
+    };
+    let status = a.wait_exit(Duration::from_secs(30)).expect("the leader exits once its lease ran out");
+    assert!(!status.success(), "{status}");
+    let exited_after = first_failure.elapsed();
+    assert!(exited_after >= Duration::from_secs(2), "it gave up {exited_after:?} after the first failure, too soon");
+    assert!(a.log_text().contains("was not renewed before it ran out"), "{}", a.log_text());
+    w.controllers.push(a);
 }

@@ -59,7 +59,7 @@ async fn immediate_claim_lands_on_the_node_with_most_free_space_and_retain_keeps
     // The claim comes before its class: refused at first ("not found"), provisioned once the class exists.
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
     claims.create(&PostParams::default(), &claim("kept", "berth-keep", "32Mi")).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for_event(&w, "kept", "ProvisioningFailed", "not found").await;
     add_class(&w, class("berth-keep", "Immediate", "Retain", &[("pool", "fast")])).await;
     let c = wait_for(&claims, "kept", WAIT, bound).await.unwrap();
     let pv_name = c.spec.unwrap().volume_name.unwrap();
@@ -74,7 +74,9 @@ async fn immediate_claim_lands_on_the_node_with_most_free_space_and_retain_keeps
         pv.metadata.finalizers.unwrap_or_default().iter().filter(|f| f.contains("external-provisioner")).count(),
         0
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The controller has looked at the released PV (and says what it keeps, and where), and deleted nothing.
+    let said = wait_for_event(&w, &pv_name, "VolumeRetained", "keeps the volume").await;
+    assert!(said.contains("node-1") && said.contains(&pv_name), "{said}");
     assert!(pvs.get_opt(&pv_name).await.unwrap().is_some(), "a Retain PV was deleted");
     assert_eq!(all_volume_dirs(&w), vec![format!("node-1/{pv_name}")], "a Retain volume was deleted");
 }
@@ -153,25 +155,28 @@ async fn refusals_are_events_and_create_nothing() {
     };
     let before = snapshot().await;
     assert_eq!(before.len(), 1, "{before:?}");
+    let refusals = r#"berth_controller_provisions_total{class="nowhere",result="refused"}"#;
+    let refused_before = sample(&metrics_of(&w.controllers[0]).await, refusals);
     for i in 0..3 {
         classes
             .create(&PostParams::default(), &class(&format!("other-{i}"), "Immediate", "Delete", &[("pool", "x")]))
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Proof the claim was looked at again after the changes: each look counts a refusal.
+    wait_for_sample(&w.controllers[0], refusals, refused_before + 3.0).await;
     assert_eq!(snapshot().await, before, "the same refusal was published again");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_orphan_audit_removes_volumes_nobody_claims() {
-    let w = world(&[128 * MI]).await;
+    let w = world_with_controller(&[128 * MI], &AUDIT_DELETES).await;
     let agent = &w.agents[0];
     let http = agent.http().unwrap();
     let token = w.bed.controller_token("node-0").await.unwrap();
     let make = |name: &str, claim: &str| {
         let body = serde_json::json!({"pool": "fast", "sizeBytes": MI, "claim": {"namespace": "app", "name": claim}});
-        // Epoch 1: older than the controller's (its start time), so the controller's later delete is admitted.
+        // Epoch 1: no newer than the controller's (the first epoch of a new Lease), so its later delete is admitted.
         http.put(agent.url(&format!("/v1/volumes/{name}")))
             .bearer_auth(&token)
             .header("berth-leader-epoch", "1")

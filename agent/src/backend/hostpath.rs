@@ -4,6 +4,8 @@
 //! <root>/.berth-pool              pool marker {"pool": "<name>", "version": 1}; without it the pool is not ready
 //! <root>/.berth-tmp/              volumes being made or removed; anything here at start is debris
 //! <root>/<volume>/volume.json     the volume's marker (VolumeRecord)
+//! <root>/<volume>/unpublished     present from the create until a PV is made for the volume (the controller's
+//!                                 `PUT …/published`); a volume without it is never an orphan
 //! <root>/<volume>/data/           what the PV points at; the pod sees only this
 //! ```
 //! Create builds `<volume>` complete in `.berth-tmp/` and renames it into place: one atomic step, so a crash
@@ -33,6 +35,10 @@ use crate::safe_remove::remove_tree;
 pub const POOL_MARKER: &str = ".berth-pool";
 const STAGING: &str = ".berth-tmp";
 const VOLUME_MARKER: &str = "volume.json";
+/// An empty file beside the marker while no PV has been made for the volume. Its absence is what "published"
+/// means, so volumes made before the mark existed read as published (nothing is deleted on a guess), and older
+/// agents, which do not know it, still read the marker.
+const UNPUBLISHED: &str = "unpublished";
 /// What a volume's project may hold beyond its size: Berth's own files in it (the directories and the marker,
 /// twice while the marker is replaced), so the pod can write every byte it asked for.
 pub const QUOTA_ALLOWANCE: u64 = 64 << 10;
@@ -237,6 +243,8 @@ impl Backend for HostPath {
                     if record.version == VOLUME_MARKER_VERSION && record.name == name && record.pool == self.pool =>
                 {
                     record.path = self.data_path(&name).display().to_string();
+                    // Only a mark that is certainly there counts: an unreadable one reads as published.
+                    record.published = std::fs::symlink_metadata(entry.path().join(UNPUBLISHED)).is_err();
                     self.recover_project(quotas, &mut record);
                     volumes.push(record);
                 }
@@ -271,6 +279,9 @@ impl Backend for HostPath {
             }
         }
         make_data_dir(&work, &record)?;
+        if !record.published {
+            write_synced(&work.join(UNPUBLISHED), b"")?;
+        }
         let body = serde_json::to_vec_pretty(&record).expect("serialisable");
         write_synced(&work.join(VOLUME_MARKER), &body)?;
         sync_dir(&work)?;
@@ -318,6 +329,19 @@ impl Backend for HostPath {
         std::fs::rename(&tmp, dir.join(VOLUME_MARKER)).map_err(|e| io(dir.join(VOLUME_MARKER).display(), e))?;
         sync_dir(&dir)?;
         Ok(grown)
+    }
+
+    fn publish(&self, record: &VolumeRecord) -> Result<(), BackendError> {
+        self.check_marker()?;
+        let dir = self.root.join(&record.name);
+        let mark = dir.join(UNPUBLISHED);
+        match std::fs::remove_file(&mark) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(mark.display(), e)),
+        }
+        // Durable before the answer: a crash must not bring the mark back after the controller was told.
+        sync_dir(&dir)
     }
 
     fn used_bytes(&self, volumes: &[&VolumeRecord]) -> Vec<Option<u64>> {

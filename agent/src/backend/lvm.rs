@@ -15,6 +15,7 @@
 //! A create tags the new LV `berth:creating` and lifts the tag when the filesystem is made and mounted; a delete
 //! unmounts, tags the LV `berth:deleting` (it leaves the inventory), and the purge zeroes a thick LV before
 //! `lvremove`. An LV found with either tag at start is debris of an interrupted operation and is removed.
+//! A new LV also carries `berth:unpublished` until the controller says its PV exists (`publish`).
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -31,6 +32,9 @@ use crate::capacity::{LvmSpace, PoolLimits, lvm_capacity};
 const TAG: &str = "berth:";
 const CREATING: &str = "berth:creating";
 const DELETING: &str = "berth:deleting";
+/// On an LV from its create until a PV is made for it (the controller's `PUT …/published`). Its absence is what
+/// "published" means, so LVs made before the tag existed read as published, never as orphans.
+const UNPUBLISHED: &str = "berth:unpublished";
 /// The LV of volume `pvc-…` is `berth-pvc-…`: a fixed prefix keeps every DNS-1123 label clear of lvm2's reserved
 /// names (`snapshot…`, `pvmove…`) and marks the LV as Berth's to anyone reading `lvs`.
 const LV_PREFIX: &str = "berth-";
@@ -144,6 +148,7 @@ pub fn record_from_tags(tags: &[String]) -> Result<VolumeRecord, String> {
         mount_options,
         path: String::new(),
         project_id: None,
+        published: !tags.iter().any(|t| t == UNPUBLISHED),
     })
 }
 
@@ -442,7 +447,8 @@ impl Backend for LvmPool {
                 name.clone(),
             ]),
         }
-        for tag in record_tags(&record)?.into_iter().chain([CREATING.to_owned()]) {
+        let unpublished = (!record.published).then(|| UNPUBLISHED.to_owned());
+        for tag in record_tags(&record)?.into_iter().chain([CREATING.to_owned()]).chain(unpublished) {
             args.extend(["--addtag".into(), tag]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -466,6 +472,17 @@ impl Backend for LvmPool {
                 Err(e)
             }
         }
+    }
+
+    fn publish(&self, record: &VolumeRecord) -> Result<(), BackendError> {
+        self.check_marked()?;
+        let lv = self.lvm.lv(&self.vg, &lv_name(&record.name)).map_err(backend_error)?;
+        if lv.tags.iter().any(|t| t == UNPUBLISHED) {
+            // lvm2 commits the metadata change before it returns.
+            let full = format!("{}/{}", self.vg, lv.name);
+            self.lvm.run(&["lvchange", "--deltag", UNPUBLISHED, &full]).map_err(backend_error)?;
+        }
+        Ok(())
     }
 
     /// What the volume's own filesystem says is used, read through `<mount>/data` (which exists only while it is
@@ -546,6 +563,7 @@ mod tests {
             mount_options: vec!["noatime".into(), "nodiscard".into()],
             path: String::new(),
             project_id: None,
+            published: true,
         }
     }
 

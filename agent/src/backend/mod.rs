@@ -40,6 +40,11 @@ pub struct VolumeRecord {
     /// The project quota ID of a directory volume (read from the directory itself, not stored in the marker).
     #[serde(skip)]
     pub project_id: Option<u32>,
+    /// Whether a PV was ever made for the volume (agent_api::Volume::published). Kept beside the marker, not in
+    /// it: a new volume carries an "unpublished" mark (a file, an LV tag) that publishing removes, so volumes of
+    /// agents that predate the mark read as published, and older agents still read this one's marker.
+    #[serde(skip)]
+    pub published: bool,
 }
 
 pub const VOLUME_MARKER_VERSION: u32 = 1;
@@ -147,6 +152,8 @@ pub trait Backend: Send + Sync {
     /// is left to [`Backend::purge`], if anything; a missing volume is success (`None`). Fails with `NotReady`
     /// when the pool cannot be inspected: "not there" must never be guessed from an unmounted disk.
     fn detach(&self, name: &str) -> Result<Option<std::path::PathBuf>, BackendError>;
+    /// Removes the volume's "unpublished" mark, durably (a PV has been made for it). Idempotent.
+    fn publish(&self, record: &VolumeRecord) -> Result<(), BackendError>;
     /// Grows the volume to `size_bytes` while it may be in use, and records the new size in its marker (atomic:
     /// after a crash the marker has the old size or the new one). The core has checked the space.
     fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError>;

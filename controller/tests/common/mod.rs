@@ -46,13 +46,63 @@ pub async fn world_with_pools(disks: &[u64], pools: &[PoolSpec]) -> World {
     World { bed, agents, controllers: Vec::new() }
 }
 
-/// [`world_without_controller`] plus one controller.
+/// The orphan audit every second with a 3 s grace period, reporting only: it runs all along (and must never get
+/// in the way), but cannot delete anything, so a test of the delete path cannot pass thanks to it.
+pub const AUDIT_REPORTS: [&str; 3] =
+    ["--orphan-audit-interval-seconds=1", "--orphan-grace-seconds=3", "--orphan-action=report"];
+/// The same audit, deleting orphans: only for the tests of the audit itself.
+pub const AUDIT_DELETES: [&str; 3] =
+    ["--orphan-audit-interval-seconds=1", "--orphan-grace-seconds=3", "--orphan-action=delete"];
+
+/// [`world_without_controller`] plus one controller whose audit only reports ([`AUDIT_REPORTS`]).
 pub async fn world(disks: &[u64]) -> World {
+    world_with_controller(disks, &AUDIT_REPORTS).await
+}
+
+/// [`world_without_controller`] plus one controller started with `args`.
+pub async fn world_with_controller(disks: &[u64], args: &[&str]) -> World {
     let mut w = world_without_controller(disks).await;
-    // A fast orphan audit, so its test does not wait minutes.
-    let fast_audit = ["--orphan-audit-interval-seconds=1", "--orphan-grace-seconds=3"];
-    w.controllers.push(w.bed.start_controller(&controller_bin(), &fast_audit).await.unwrap());
+    w.controllers.push(w.bed.start_controller(&controller_bin(), args).await.unwrap());
     w
+}
+
+/// Events whose reason is `reason` on the object named `name`, in any namespace: their messages.
+pub async fn event_messages(w: &World, name: &str, reason: &str) -> Vec<String> {
+    let events: Api<Event> = Api::all(w.bed.client());
+    let list = events.list(&ListParams::default()).await.unwrap().items;
+    list.into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(name) && e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.message)
+        .collect()
+}
+
+/// Waits for an event `reason` on the object `name` whose message contains `words`; its message.
+pub async fn wait_for_event(w: &World, name: &str, reason: &str, words: &str) -> String {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let messages = event_messages(w, name, reason).await;
+        if let Some(m) = messages.iter().find(|m| m.contains(words)) {
+            return m.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {reason} event on {name} mentioning {words:?} within {WAIT:?}; its {reason} events: {messages:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the replica's `/metrics` sample `series` is at least `at_least`; its value.
+pub async fn wait_for_sample(proc: &Proc, series: &str, at_least: f64) -> f64 {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let value = sample(&metrics_of(proc).await, series);
+        if value >= at_least {
+            return value;
+        }
+        assert!(std::time::Instant::now() < deadline, "{series} stayed at {value}, below {at_least}, for {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Creates the StorageClass `class`.
@@ -189,7 +239,10 @@ pub fn all_volume_dirs(w: &World) -> Vec<String> {
 
 /// Where the replica serves its metrics (`host:port`, from its log).
 pub async fn metrics_address(proc: &Proc) -> String {
-    let line = wait_for_log(proc, &["serving /healthz"], WAIT).await;
+    wait_for_log(proc, &["serving /healthz"], WAIT).await;
+    // The last one: a replica restarted under the same name appends to the same log.
+    let text = proc.log_text();
+    let line = text.lines().rfind(|l| l.contains("serving /healthz")).expect("just seen");
     let address = line.split("address=").nth(1).expect("the address is logged").split_whitespace().next().unwrap();
     address.to_owned()
 }

@@ -77,7 +77,21 @@ async fn a_resized_claim_grows_online_and_an_impossible_resize_changes_nothing()
         assert!(Instant::now() < deadline, "no VolumeResizeFailed event");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The controller tries again (space may appear) and is refused again: still nothing changed.
+    let refusals = || {
+        let needle = format!("volume=\"{pv_name}\"");
+        agent
+            .log()
+            .lines()
+            .filter(|l| l.contains("operation=\"expand\"") && l.contains(&needle))
+            .filter(|l| l.contains("InsufficientSpace"))
+            .count()
+    };
+    let deadline = Instant::now() + WAIT;
+    while refusals() < 2 {
+        assert!(Instant::now() < deadline, "the impossible resize was not retried; the agent's log:\n{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(status_capacity(&claims.get("data").await.unwrap()).as_deref(), Some("64Mi"));
     assert_eq!(pvs.get(&pv_name).await.unwrap().spec.unwrap().capacity.unwrap()["storage"].0, "64Mi");
     assert_eq!(agent_size().await, 64 * MI);

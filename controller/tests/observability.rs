@@ -54,7 +54,14 @@ async fn prometheus_sees_what_the_agents_report_and_every_dashboard_query_has_da
         assert!(Instant::now() < deadline, "targets not up: {up:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    loop {
+        let scrapes = prometheus.query("count_over_time(up[5m])").await.unwrap();
+        if scrapes.len() == 3 && scrapes.iter().all(|(_, v)| *v >= 2.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "targets not scraped twice: {scrapes:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     // Free bytes per node and pool: what each agent reports (its BerthNode status carries the same numbers).
     let mut reported = BTreeMap::new();

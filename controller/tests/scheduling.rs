@@ -264,13 +264,19 @@ async fn each_class_sees_only_its_pools_capacity_and_objects_follow_classes_and_
     assert_eq!(small, BTreeMap::from([(h0.clone(), 100 * MI), (h1.clone(), 100 * MI)]));
     assert_eq!(large, BTreeMap::from([(h0.clone(), 300 * MI), (h1.clone(), 300 * MI)]));
 
-    // An idle minute rewrites nothing (the agents' 60 s heartbeat passes in it).
+    // An idle heartbeat rewrites nothing: every agent rewrites its BerthNode (the 60 s heartbeat), and no
+    // capacity object changes for it.
     let api: Api<CSIStorageCapacity> = Api::namespaced(w.bed.client(), "berth-system");
     let versions = |list: Vec<CSIStorageCapacity>| -> BTreeMap<String, String> {
         list.into_iter().map(|c| (c.metadata.name.unwrap(), c.metadata.resource_version.unwrap())).collect()
     };
     let before = versions(api.list(&ListParams::default()).await.unwrap().items);
-    tokio::time::sleep(Duration::from_secs(65)).await;
+    let berth_nodes: Api<berth::berth_node::BerthNode> = Api::all(w.bed.client());
+    let heartbeat = |n: &berth::berth_node::BerthNode| n.status.as_ref().map(|s| s.heartbeat_time.clone());
+    for node in ["node-0", "node-1"] {
+        let first = heartbeat(&berth_nodes.get(node).await.unwrap());
+        wait_for(&berth_nodes, node, Duration::from_secs(90), |n| heartbeat(n) != first).await.unwrap();
+    }
     assert_eq!(versions(api.list(&ListParams::default()).await.unwrap().items), before, "rewritten while idle");
 
     // A class goes: its objects go (owner reference). A node's agent goes: its objects go.

@@ -78,17 +78,8 @@ async fn a_resized_claim_grows_online_and_an_impossible_resize_changes_nothing()
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The controller tries again (space may appear) and is refused again: still nothing changed.
-    let refusals = || {
-        let needle = format!("volume=\"{pv_name}\"");
-        agent
-            .log()
-            .lines()
-            .filter(|l| l.contains("operation=\"expand\"") && l.contains(&needle))
-            .filter(|l| l.contains("InsufficientSpace"))
-            .count()
-    };
     let deadline = Instant::now() + WAIT;
-    while refusals() < 2 {
+    while agent_operations(agent, "expand", &pv_name, "InsufficientSpace") < 2 {
         assert!(Instant::now() < deadline, "the impossible resize was not retried; the agent's log:\n{}", agent.log());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -67,9 +67,7 @@ async fn immediate_claim_lands_on_the_node_with_most_free_space_and_retain_keeps
 
     claims.delete("kept", &DeleteParams::default()).await.unwrap();
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    let pv = wait_for(&pvs, &pv_name, WAIT, |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released"))
-        .await
-        .unwrap();
+    let pv = wait_for(&pvs, &pv_name, WAIT, released).await.unwrap();
     assert_eq!(
         pv.metadata.finalizers.unwrap_or_default().iter().filter(|f| f.contains("external-provisioner")).count(),
         0

@@ -29,9 +29,7 @@ async fn kept_by_hand(w: &World, name: &str) -> std::path::PathBuf {
     let data = Path::new(&pvs.get(&pv).await.unwrap().spec.unwrap().local.unwrap().path).to_owned();
     std::fs::write(data.join("precious.db"), format!("the data of {name}")).unwrap();
     claims.delete(name, &DeleteParams::default()).await.unwrap();
-    wait_for(&pvs, &pv, WAIT, |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released"))
-        .await
-        .unwrap();
+    wait_for(&pvs, &pv, WAIT, released).await.unwrap();
     pvs.delete(&pv, &DeleteParams::default()).await.unwrap();
     wait_deleted(&pvs, &pv, WAIT).await.unwrap();
     data

@@ -99,7 +99,7 @@ async fn an_upgrade_from_the_landed_version_deletes_nothing() {
         let made = claims.create(&PostParams::default(), &c).await.unwrap();
         uids.insert(made.metadata.name.unwrap(), made.metadata.uid.unwrap());
     }
-    let mut released = None;
+    let mut released_pv = None;
     for pv in &old.pvs {
         let mut pv = pv.clone();
         let path = pv["spec"]["local"]["path"].as_str().unwrap().replace(&old.pool_root, &root.display().to_string());
@@ -109,19 +109,17 @@ async fn an_upgrade_from_the_landed_version_deletes_nothing() {
         }
         match uids.get(claim_name(&pv)) {
             Some(uid) => pv["spec"]["claimRef"]["uid"] = uid.clone().into(),
-            None => released = Some(pv["metadata"]["name"].as_str().unwrap().to_owned()),
+            None => released_pv = Some(pv["metadata"]["name"].as_str().unwrap().to_owned()),
         }
         let mut pv: PersistentVolume = serde_json::from_value(pv).unwrap();
         pv.status = None;
         pvs.create(&PostParams::default(), &pv).await.unwrap();
     }
-    let released = released.expect("the recording has a Released PV");
+    let released_pv = released_pv.expect("the recording has a Released PV");
     for name in uids.keys() {
         wait_for(&claims, name, WAIT, bound).await.unwrap();
     }
-    wait_for(&pvs, &released, WAIT, |p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released"))
-        .await
-        .unwrap();
+    wait_for(&pvs, &released_pv, WAIT, released).await.unwrap();
     let with_pv: Vec<String> = old.pvs.iter().map(|p| p["metadata"]["name"].as_str().unwrap().to_owned()).collect();
     let reclaimed: Vec<&String> = volumes.iter().filter(|v| !with_pv.contains(v)).collect();
     assert_eq!(reclaimed.len(), 1, "the recording has one volume whose PV was deleted by hand: {volumes:?}");
@@ -140,8 +138,7 @@ async fn an_upgrade_from_the_landed_version_deletes_nothing() {
     for name in uids.keys() {
         assert!(bound(&claims.get(name).await.unwrap()), "{name} is no longer Bound");
     }
-    let phase = pvs.get(&released).await.unwrap().status.and_then(|s| s.phase);
-    assert_eq!(phase.as_deref(), Some("Released"));
+    assert!(released(&pvs.get(&released_pv).await.unwrap()), "{released_pv} is no longer Released");
     // The volume without a PV is reported as retained, not deleted.
     let note = wait_for_event(&w, "node-0", "RetainedVolume", &reclaimed).await;
     assert!(note.contains("its data is kept"), "{note}");

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    Container, Event, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, Pod,
-    PodSpec, Volume, VolumeResourceRequirements,
+    Container, Event, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, Pod, PodSpec, Volume, VolumeResourceRequirements,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -144,16 +144,14 @@ pub async fn wait_for_log(proc: &Proc, needles: &[&str], timeout: Duration) -> S
 
 /// How many times the agents created `volume` (HTTP 201, not the 200 of an idempotent repeat).
 pub fn agent_creates(w: &World, volume: &str) -> usize {
-    let needle = format!("volume=\"{volume}\"");
-    w.agents
-        .iter()
-        .map(|a| {
-            a.log()
-                .lines()
-                .filter(|l| l.contains("operation=\"create\"") && l.contains(&needle) && l.contains("status=201"))
-                .count()
-        })
-        .sum()
+    w.agents.iter().map(|a| agent_operations(a, "create", volume, "status=201")).sum()
+}
+
+/// How many of `agent`'s log lines for `operation` on `volume` contain `outcome` (`status=201`, or a refusal's
+/// reason such as `InsufficientSpace`).
+pub fn agent_operations(agent: &AgentProcess, operation: &str, volume: &str, outcome: &str) -> usize {
+    let (operation, volume) = (format!("operation=\"{operation}\""), format!("volume=\"{volume}\""));
+    agent.log().lines().filter(|l| l.contains(&operation) && l.contains(&volume) && l.contains(outcome)).count()
 }
 
 pub fn class(name: &str, mode: &str, reclaim: &str, params: &[(&str, &str)]) -> StorageClass {
@@ -208,6 +206,10 @@ pub fn pod(name: &str, claim: &str) -> Pod {
 
 pub fn bound(c: &PersistentVolumeClaim) -> bool {
     c.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+}
+
+pub fn released(p: &PersistentVolume) -> bool {
+    p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Released")
 }
 
 /// Reasons of the events on a claim, oldest first.

@@ -132,6 +132,10 @@ pub struct PoolStatus {
     /// How volume sizes are enforced: `none` (a directory volume can outgrow its size), `quota` (a project quota
     /// per directory volume) or `device` (lvm: each volume is a block device of its size).
     pub enforcement: String,
+    /// Why `enforcement` is `none` although the pool's filesystem has project quotas: the kernel refuses the agent
+    /// them (without CAP_SYS_ADMIN, or under a seccomp profile refusing quotactl; deploy/quota grants it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

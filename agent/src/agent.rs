@@ -477,11 +477,15 @@ impl Agent {
         for (pool, probe) in self.pools.iter().zip(probes) {
             let mine = || state.volumes.values().filter(|v| v.pool == pool.config.name);
             let volumes = mine().count() as u32;
-            let (ready, reason, cap, enforcement) = match probe {
-                Ok(probe) => (true, None, self.capacity_of(pool, &probe, &fs_ids, &state.volumes), probe.enforcement()),
+            let (ready, reason, cap, enforcement, enforcement_reason) = match probe {
+                Ok(probe) => {
+                    let cap = self.capacity_of(pool, &probe, &fs_ids, &state.volumes);
+                    (true, None, cap, probe.enforcement(), probe.enforcement_reason())
+                }
                 Err(e) => {
                     let allocated = mine().map(|v| v.size_bytes).sum();
-                    (false, Some(e.message), Capacity { allocated, ..Capacity::default() }, pool.backend.enforcement())
+                    let cap = Capacity { allocated, ..Capacity::default() };
+                    (false, Some(e.message), cap, pool.backend.enforcement(), None)
                 }
             };
             statuses.push(PoolStatus {
@@ -495,6 +499,7 @@ impl Agent {
                 maximum_volume_size_bytes: cap.maximum_volume_size,
                 volumes,
                 enforcement: enforcement.as_str().into(),
+                enforcement_reason: enforcement_reason.map(str::to_owned),
             });
         }
         statuses

@@ -36,6 +36,7 @@ pub fn meaningful_change(last: &[PoolStatus], now: &[PoolStatus]) -> bool {
             || a.allocated_bytes != b.allocated_bytes
             || a.volumes != b.volumes
             || a.enforcement != b.enforcement
+            || a.enforcement_reason != b.enforcement_reason
             || moved(a.free_bytes, b.free_bytes)
             || moved(a.maximum_volume_size_bytes, b.maximum_volume_size_bytes)
             // Reaching zero always counts: the scheduler must stop sending volumes here.
@@ -164,6 +165,7 @@ mod tests {
             maximum_volume_size_bytes: free,
             volumes: 0,
             enforcement: "none".into(),
+            enforcement_reason: None,
         }
     }
 

@@ -247,6 +247,7 @@ mod tests {
             maximum_volume_size_bytes: free,
             volumes: 0,
             enforcement: "none".into(),
+            enforcement_reason: None,
         }
     }
 

@@ -117,3 +117,77 @@ async fn an_agents_token_may_write_only_its_own_nodes_berthnode() {
     );
     as_agent.patch_status("node-0", &PatchParams::default(), &Patch::Merge(&status)).await.expect("its own status");
 }
+
+/// The agent container's `securityContext` in the JSON of a DaemonSet.
+fn agent_security(daemonset: &serde_json::Value) -> &serde_json::Value {
+    let containers = daemonset["spec"]["template"]["spec"]["containers"].as_array().unwrap();
+    &containers.iter().find(|c| c["name"] == "agent").expect("the agent container")["securityContext"]
+}
+
+/// The quota component (deploy/quota) on the base, alone and with the lvm component in either order: the server
+/// takes each as it is, the agent gains CAP_SYS_ADMIN and keeps the rest of its confinement, and with lvm the
+/// privileged container wins.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_quota_component_adds_sys_admin_and_composes_with_lvm() {
+    let bed = TestBed::start(TestBedConfig::nodes(0)).await.unwrap();
+    // Overlays as a user would write them; kustomize wants relative paths to the base.
+    let dir = tempfile::tempdir_in(repo_root().join("target")).unwrap();
+    let overlay = |name: &str, components: &[&str]| {
+        let path = dir.path().join(name);
+        std::fs::create_dir(&path).unwrap();
+        let components: String = components.iter().map(|c| format!("- ../../../deploy/{c}\n")).collect();
+        let body = format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n- ../../../deploy\n\
+             components:\n{components}"
+        );
+        std::fs::write(path.join("kustomization.yaml"), body).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let apply = |args: &[&str]| {
+        let out = bed.kubectl(args).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "kubectl {args:?}: {stderr}");
+        assert!(!stderr.contains("Warning"), "kubectl {args:?}: the API server warned: {stderr}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let base: serde_json::Value = {
+        let render = kubectl_ok(
+            &bed,
+            &["apply", "-k", repo_root().join("deploy").to_str().unwrap(), "--dry-run=client", "-o", "json"],
+        );
+        serde_json::from_str(&render).unwrap()
+    };
+    let base_ds = base["items"].as_array().unwrap().iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+    let base_add = agent_security(base_ds)["capabilities"]["add"].as_array().unwrap().clone();
+    assert!(!base_add.contains(&"SYS_ADMIN".into()), "the base grants CAP_SYS_ADMIN: {base_add:?}");
+
+    apply(&["apply", "-k", &overlay("quota", &["quota"])]);
+    let ds: serde_json::Value = serde_json::from_str(&kubectl_ok(
+        &bed,
+        &["get", "daemonset", "berth-agent", "-n", "berth-system", "-o", "json"],
+    ))
+    .unwrap();
+    let security = agent_security(&ds);
+    let mut expected = base_add.clone();
+    expected.push("SYS_ADMIN".into());
+    assert_eq!(security["capabilities"]["add"].as_array().unwrap(), &expected, "the base's capabilities and SYS_ADMIN");
+    assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(security["privileged"], false);
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    let volumes = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    assert!(!volumes.iter().any(|v| v["hostPath"]["path"] == "/dev"), "no host /dev without lvm");
+
+    for order in [["quota", "lvm"], ["lvm", "quota"]] {
+        let name = order.join("-");
+        let list: serde_json::Value =
+            serde_json::from_str(&apply(&["apply", "-k", &overlay(&name, &order), "--dry-run=server", "-o", "json"]))
+                .unwrap();
+        let ds = list["items"].as_array().unwrap().iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+        let security = agent_security(ds);
+        assert_eq!(security["privileged"], true, "{name}: privileged wins");
+        assert_eq!(security["allowPrivilegeEscalation"], true, "{name}");
+        let volumes = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+        assert!(volumes.iter().any(|v| v["hostPath"]["path"] == "/dev"), "{name}: lvm's host /dev");
+    }
+}

@@ -233,11 +233,25 @@ mod lvm_agent {
         /// Starts `berth-agent run` with `config` and waits for the BerthNode to carry a certificate other than
         /// the one before.
         pub async fn start_with(phase: &str, config: &Path) -> GuestAgent {
+            GuestAgent::start_under(phase, config, &[]).await
+        }
+
+        /// [`GuestAgent::start_with`], the agent started by `wrapper` (a program and its arguments, such as
+        /// `setpriv …`, which execs the agent's command line given after them) when it is not empty.
+        pub async fn start_under(phase: &str, config: &Path, wrapper: &[&str]) -> GuestAgent {
             let client = kube::Client::try_default().await.expect("KUBECONFIG reaches the host's API server");
             let nodes: Api<BerthNode> = Api::all(client);
             let old = nodes.get_opt(NODE).await.unwrap().and_then(|n| n.status).map(|s| s.certificate);
             let log = std::fs::File::create(base().join(format!("agent-{phase}.log"))).unwrap();
-            let child = Command::new(env("BERTH_AGENT_BIN"))
+            let mut command = match wrapper.split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(env("BERTH_AGENT_BIN"));
+                    c
+                }
+                None => Command::new(env("BERTH_AGENT_BIN")),
+            };
+            let child = command
                 .args(["run", "--config"])
                 .arg(config)
                 .args(["--node-name", NODE, "--listen", "127.0.0.1:7443", "--state-dir"])
@@ -321,6 +335,10 @@ mod lvm_agent {
             let resp = self.http.get(format!("{URL}{path}")).bearer_auth(&self.token).send().await.unwrap();
             assert_eq!(resp.status(), StatusCode::OK, "GET {path}");
             resp.json().await.unwrap()
+        }
+
+        pub fn pid(&self) -> u32 {
+            self.child.id()
         }
 
         pub fn stop(mut self) {

@@ -18,14 +18,20 @@
 //! (read back at start); an ID is free when no file on the filesystem carries it (see [`quota::first_free`]), and
 //! the search starts at a random ID, so a pod cannot guess another volume's. A root that itself passes a project
 //! on (PROJINHERIT, set up by hand) gets no per-volume projects: renames between projects would fail (EXDEV).
+//!
+//! An agent the kernel refuses quotas (no CAP_SYS_ADMIN, or a seccomp profile refusing quotactl: the base
+//! DaemonSet; deploy/quota grants it) serves the pool as if the filesystem had none: plain directories,
+//! `enforcement: none`, with the reason in the pool's status and a warning in the log ([`enforcement_of`]).
 
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use super::quota::{self, QuotaState};
+use super::quota::{self, QuotaState, Refused};
 use super::{
     Backend, BackendError, DATA_DIR, Enforcement, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord, io, make_data_dir,
 };
@@ -53,11 +59,46 @@ struct PoolMarker {
 pub struct HostPath {
     pool: String,
     root: PathBuf,
+    /// What the kernel refused the agent at a create, though the quota state showed nothing refused: a process's
+    /// capabilities and seccomp filter never grow, so it holds until the agent restarts.
+    refused_at_create: OnceLock<Refused>,
+    /// Whether the pool's refused quotas have been logged (once per pool, not once per sample).
+    refusal_logged: AtomicBool,
+}
+
+/// How a pool whose filesystem's quota state is `state` holds volumes to their sizes, and why it does not when the
+/// filesystem could (the pool's `enforcementReason`).
+pub fn enforcement_of(state: QuotaState) -> (Enforcement, Option<&'static str>) {
+    match state {
+        QuotaState::Enforced => (Enforcement::Quota, None),
+        QuotaState::Accounted | QuotaState::Off => (Enforcement::None, None),
+        QuotaState::Refused(Refused::Quotactl) => (
+            Enforcement::None,
+            Some(
+                "the filesystem has project quotas, but the kernel refuses the agent quotactl: the agent lacks \
+                 CAP_SYS_ADMIN, or seccomp refuses quotactl; grant it with the deploy/quota component. New volumes \
+                 get no size limit",
+            ),
+        ),
+        QuotaState::Refused(Refused::SetProject) => (
+            Enforcement::None,
+            Some(
+                "the filesystem has project quotas, but the kernel refuses the agent setting a directory's project \
+                 (FS_IOC_FSSETXATTR: it needs CAP_FOWNER, and no security module refusing the ioctl). New volumes \
+                 get no size limit",
+            ),
+        ),
+    }
 }
 
 impl HostPath {
     pub fn new(pool: &str, root: &Path) -> HostPath {
-        HostPath { pool: pool.to_owned(), root: root.to_owned() }
+        HostPath {
+            pool: pool.to_owned(),
+            root: root.to_owned(),
+            refused_at_create: OnceLock::new(),
+            refusal_logged: AtomicBool::new(false),
+        }
     }
 
     /// The explicit init step (`berth-agent init-pool`): creates the root if needed and writes the marker.
@@ -133,23 +174,58 @@ impl HostPath {
         File::open(&self.root).map_err(|e| io(self.root.display(), e))
     }
 
-    /// The pool's project quota state: the filesystem's, unless the root itself passes a project on.
+    /// The pool's project quota state: the filesystem's, unless the root itself passes a project on, or the kernel
+    /// refuses the agent what using it takes. The first refusal seen is logged.
     fn quotas(&self, root: &File) -> std::io::Result<QuotaState> {
         if quota::project_of(root).is_ok_and(|p| p.inherit) {
             return Ok(QuotaState::Off);
         }
-        quota::state(root)
+        let state = match (quota::state(root)?, self.refused_at_create.get()) {
+            (s, Some(&refused)) if s.gives_projects() => QuotaState::Refused(refused),
+            (s, _) => s,
+        };
+        self.log_refusal(state, None);
+        Ok(state)
     }
 
-    /// Puts the new, empty volume directory `dir` in a project of its own limited to `size_bytes`.
-    fn give_project(&self, fs: &File, dir: &Path, size_bytes: u64) -> Result<u32, BackendError> {
+    /// A warning naming the pool, its root and the reason, the first time its quotas are seen refused.
+    fn log_refusal(&self, state: QuotaState, error: Option<&std::io::Error>) {
+        if let (QuotaState::Refused(_), (_, Some(reason))) = (state, enforcement_of(state))
+            && !self.refusal_logged.swap(true, Ordering::Relaxed)
+        {
+            let error = error.map(|e| e.to_string());
+            tracing::warn!(pool = %self.pool, root = %self.root.display(), reason, error, "project quotas are refused to the agent: the pool makes volumes without size limits (enforcement none)");
+        }
+    }
+
+    /// Puts the new, empty volume directory `dir` in a project of its own limited to `size_bytes`. `None`: the
+    /// kernel refused the agent (recorded: the pool makes plain directories from now on).
+    fn give_project(&self, fs: &File, dir: &Path, size_bytes: u64) -> Result<Option<u32>, BackendError> {
         let start = fastrand::u32(quota::PROJECT_IDS);
-        let id = quota::first_free(start, |id| quota::usage(fs, id).map(|u| u.inodes))
-            .map_err(|e| io("finding a free project ID", e))?;
-        quota::set_limit(fs, id, size_bytes + QUOTA_ALLOWANCE).map_err(|e| io(format!("limiting project {id}"), e))?;
+        let refused = |kind: Refused, e: &std::io::Error| {
+            if !quota::is_refusal(e) {
+                return false;
+            }
+            let _ = self.refused_at_create.set(kind);
+            self.log_refusal(QuotaState::Refused(kind), Some(e));
+            true
+        };
+        let id = match quota::first_free(start, |id| quota::usage(fs, id).map(|u| u.inodes)) {
+            Ok(id) => id,
+            Err(e) if refused(Refused::Quotactl, &e) => return Ok(None),
+            Err(e) => return Err(io("finding a free project ID", e)),
+        };
+        match quota::set_limit(fs, id, size_bytes + QUOTA_ALLOWANCE) {
+            Ok(()) => {}
+            Err(e) if refused(Refused::Quotactl, &e) => return Ok(None),
+            Err(e) => return Err(io(format!("limiting project {id}"), e)),
+        }
         let d = File::open(dir).map_err(|e| io(dir.display(), e))?;
-        quota::set_project(&d, id).map_err(|e| io(format!("putting {} in project {id}", dir.display()), e))?;
-        Ok(id)
+        match quota::set_project(&d, id) {
+            Ok(()) => Ok(Some(id)),
+            Err(e) if refused(Refused::SetProject, &e) => Ok(None),
+            Err(e) => Err(io(format!("putting {} in project {id}", dir.display()), e)),
+        }
     }
 
     /// At start: the project of each volume, read from its directory, and its limit set again from the marker's
@@ -198,14 +274,13 @@ impl Backend for HostPath {
         let root = File::open(&self.root).map_err(|e| not_ready("opening", &e))?;
         let st = rustix::fs::fstatvfs(&root).map_err(|e| not_ready("statvfs", &e))?;
         let fs_id = root.metadata().map_err(|e| not_ready("stat", &e))?.dev();
-        let enforcement = match self.quotas(&root).map_err(|e| not_ready("project quota state", &e))? {
-            QuotaState::Enforced => Enforcement::Quota,
-            QuotaState::Accounted | QuotaState::Off => Enforcement::None,
-        };
+        let (enforcement, enforcement_reason) =
+            enforcement_of(self.quotas(&root).map_err(|e| not_ready("project quota state", &e))?);
         Ok(PoolProbe::Filesystem {
             fs: FsUsage { size_bytes: st.f_blocks * st.f_frsize, available_bytes: st.f_bavail * st.f_frsize },
             fs_id,
             enforcement,
+            enforcement_reason,
         })
     }
 
@@ -227,7 +302,7 @@ impl Backend for HostPath {
             tracing::warn!(pool = %self.pool, root = %self.root.display(), "the pool root passes its project on to what is made in it (PROJINHERIT): volumes get no project quotas of their own; clear it with `chattr -P -p 0` to have them");
         }
         let state = self.quotas(&root).map_err(|e| io(format!("project quota state of {}", self.root.display()), e))?;
-        let quotas = (state != QuotaState::Off).then_some(&root);
+        let quotas = state.gives_projects().then_some(&root);
         let mut volumes = Vec::new();
         for entry in std::fs::read_dir(&self.root).map_err(|e| io(self.root.display(), e))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -269,13 +344,16 @@ impl Backend for HostPath {
         // The project goes on while the directory is empty: files only take a project when they are made.
         let root = self.open_root()?;
         let state = self.quotas(&root).map_err(|e| io(format!("project quota state of {}", self.root.display()), e));
-        if !matches!(state, Ok(QuotaState::Off)) {
-            match state.and_then(|_| self.give_project(&root, &work, record.size_bytes)) {
-                Ok(id) => record.project_id = Some(id),
-                Err(e) => {
-                    let _ = remove_tree(&work);
-                    return Err(e);
-                }
+        // Refused quotas make the same plain directory as none at all.
+        let given = match state {
+            Ok(s) if !s.gives_projects() => Ok(None),
+            state => state.and_then(|_| self.give_project(&root, &work, record.size_bytes)),
+        };
+        match given {
+            Ok(id) => record.project_id = id,
+            Err(e) => {
+                let _ = remove_tree(&work);
+                return Err(e);
             }
         }
         make_data_dir(&work, &record)?;
@@ -313,6 +391,13 @@ impl Backend for HostPath {
             if state == QuotaState::Off {
                 return Err(BackendError::NotReady(format!(
                     "volume {} has project {id} but {} has no project quotas now (mounted without prjquota?): its limit cannot be raised",
+                    record.name,
+                    self.root.display()
+                )));
+            }
+            if let (QuotaState::Refused(_), (_, Some(reason))) = (state, enforcement_of(state)) {
+                return Err(BackendError::NotReady(format!(
+                    "volume {} has project {id} but its limit cannot be raised on {}: {reason}",
                     record.name,
                     self.root.display()
                 )));
@@ -375,5 +460,27 @@ impl Backend for HostPath {
 
     fn purge(&self, detached: &Path) -> Result<(), BackendError> {
         remove_tree(detached).map_err(|e| io(detached.display(), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_quotas_enforce_nothing_and_say_why() {
+        assert_eq!(enforcement_of(QuotaState::Enforced), (Enforcement::Quota, None));
+        // The filesystem's own choices need no reason: not mounted with quotas, counted but not enforced.
+        assert_eq!(enforcement_of(QuotaState::Off), (Enforcement::None, None));
+        assert_eq!(enforcement_of(QuotaState::Accounted), (Enforcement::None, None));
+        let (enforcement, reason) = enforcement_of(QuotaState::Refused(Refused::Quotactl));
+        assert_eq!(enforcement, Enforcement::None);
+        let reason = reason.expect("a reason for refused quotas");
+        for words in ["CAP_SYS_ADMIN", "seccomp", "deploy/quota"] {
+            assert!(reason.contains(words), "{reason}");
+        }
+        let (enforcement, reason) = enforcement_of(QuotaState::Refused(Refused::SetProject));
+        assert_eq!(enforcement, Enforcement::None);
+        assert!(reason.is_some_and(|r| r.contains("CAP_FOWNER")));
     }
 }

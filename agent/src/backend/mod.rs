@@ -80,6 +80,8 @@ pub enum PoolProbe {
         fs_id: u64,
         /// Whether the filesystem enforces its volumes' project quotas now.
         enforcement: Enforcement,
+        /// Why not, when the filesystem could (the agent is refused its quotas).
+        enforcement_reason: Option<&'static str>,
     },
     /// A pool whose storage accounts for itself (lvm: the volume group or thin pool knows what it gave out); the
     /// capacity is already computed from the pool's volumes.
@@ -98,6 +100,13 @@ impl PoolProbe {
         match self {
             PoolProbe::Filesystem { enforcement, .. } => *enforcement,
             PoolProbe::Exact(_) => Enforcement::Device,
+        }
+    }
+
+    pub fn enforcement_reason(&self) -> Option<&'static str> {
+        match self {
+            PoolProbe::Filesystem { enforcement_reason, .. } => *enforcement_reason,
+            PoolProbe::Exact(_) => None,
         }
     }
 }

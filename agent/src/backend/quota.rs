@@ -11,9 +11,16 @@
 //! - Project IDs change only through this ioctl from the initial user namespace; a process owning a file (or with
 //!   CAP_FOWNER) can use it too (`chattr -p`), moving the file out of its volume's project and into any other: the
 //!   known limit of project quotas as isolation. Berth picks IDs at random so another volume's is not guessable.
+//!
+//! Privileges: reading the quota state (`Q_XGETQSTATV`) needs none; every other quota call on a project
+//! (`Q_GETQUOTA`, `Q_SETQUOTA`) needs CAP_SYS_ADMIN, and container runtimes' default seccomp profiles (containerd's
+//! and Docker's `RuntimeDefault`) allow the `quotactl` and `quotactl_fd` syscalls at all only to a container that
+//! has CAP_SYS_ADMIN; others get EPERM. Setting a directory's project needs only its ownership or CAP_FOWNER, from
+//! the initial user namespace. An agent refused quotactl cannot give volumes limits: [`QuotaState::Refused`].
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 
 /// `PRJQUOTA` in `<linux/quota.h>`.
 const PRJQUOTA: libc::c_int = 2;
@@ -70,6 +77,30 @@ pub enum QuotaState {
     Accounted,
     /// No project quotas (not mounted with them, or a filesystem without them).
     Off,
+    /// The filesystem has project quotas (or its mount asks for them), but the kernel refuses the agent what
+    /// using them takes (EPERM or EACCES): volumes can get no projects.
+    Refused(Refused),
+}
+
+impl QuotaState {
+    /// Whether new volumes get projects of their own (and recovered ones their limits back).
+    pub fn gives_projects(self) -> bool {
+        matches!(self, QuotaState::Enforced | QuotaState::Accounted)
+    }
+}
+
+/// What the kernel refused the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// `quotactl`: the agent lacks CAP_SYS_ADMIN, or a seccomp profile refuses the syscall.
+    Quotactl,
+    /// `FS_IOC_FSSETXATTR` of a new volume's directory: a security module, or an agent without CAP_FOWNER.
+    SetProject,
+}
+
+/// Whether `e` is the kernel refusing the caller (EPERM, EACCES) rather than failing.
+pub fn is_refusal(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES))
 }
 
 /// Usage of one project.
@@ -86,28 +117,75 @@ fn quotactl(fs: &File, cmd: libc::c_int, id: u32, data: *mut libc::c_void) -> st
     if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
-/// The project quota state of the filesystem `fs` is on.
+/// The project quota state of the filesystem `fs` is on, as far as the agent may use it.
 pub fn state(fs: &File) -> std::io::Result<QuotaState> {
     let mut st = QuotaStatV { version: FS_QSTATV_VERSION1, pad1: 0, flags: 0, rest: [0; 252] };
-    state_from(quotactl(fs, qcmd(Q_XGETQSTATV, PRJQUOTA), 0, (&raw mut st).cast()).map(|()| st.flags))
+    let flags = quotactl(fs, qcmd(Q_XGETQSTATV, PRJQUOTA), 0, (&raw mut st).cast()).map(|()| st.flags);
+    // Project 0 is every file's until it is given another, so asking for its usage creates nothing.
+    let access = || usage(fs, 0).map(drop);
+    let options = || {
+        let dev = fs.metadata().ok()?.dev();
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        super_options(&mountinfo, (rustix::fs::major(dev), rustix::fs::minor(dev))).map(str::to_owned)
+    };
+    state_from(flags, access, options)
 }
 
-/// The state from `Q_XGETQSTATV`'s flags, or from its error: the errors of a filesystem or kernel without project
-/// quotas mean `Off`; any other (EIO, ENOMEM…) is not an answer, and a volume must not be made without its limit
-/// because of it.
-fn state_from(flags: std::io::Result<u16>) -> std::io::Result<QuotaState> {
+/// The state from the kernel's answers: `flags`, `Q_XGETQSTATV`'s; `access`, asked when they show quotas, a call
+/// that needs what using them needs (reading the state needs no privilege, so a kernel that shows quotas may still
+/// refuse every other call); `options`, asked when `Q_XGETQSTATV` itself is refused (a seccomp profile refuses the
+/// syscall whatever it asks), the filesystem's mount options from mountinfo (`None`: not found).
+///
+/// The errors of a filesystem or kernel without project quotas mean `Off`; a refusal means `Refused` unless the
+/// mount options say the filesystem has no project quotas anyway (a pool without them is not worth a warning);
+/// any other error (EIO, ENOMEM…) is not an answer, and a volume must not be made without its limit because of it.
+fn state_from(
+    flags: std::io::Result<u16>,
+    access: impl FnOnce() -> std::io::Result<()>,
+    options: impl FnOnce() -> Option<String>,
+) -> std::io::Result<QuotaState> {
     let flags = match flags {
         Ok(flags) => flags,
+        Err(e) if is_refusal(&e) => {
+            let off = options().is_some_and(|o| !asks_for_project_quotas(&o));
+            return Ok(if off { QuotaState::Off } else { QuotaState::Refused(Refused::Quotactl) });
+        }
         Err(e) => {
             let none = [libc::ENOSYS, libc::ESRCH, libc::EINVAL, libc::EOPNOTSUPP, libc::ENOTTY];
             return if e.raw_os_error().is_some_and(|n| none.contains(&n)) { Ok(QuotaState::Off) } else { Err(e) };
         }
     };
-    Ok(match (flags & FS_QUOTA_PDQ_ACCT != 0, flags & FS_QUOTA_PDQ_ENFD != 0) {
+    let state = match (flags & FS_QUOTA_PDQ_ACCT != 0, flags & FS_QUOTA_PDQ_ENFD != 0) {
         (true, true) => QuotaState::Enforced,
         (true, false) => QuotaState::Accounted,
-        _ => QuotaState::Off,
+        _ => return Ok(QuotaState::Off),
+    };
+    // Only a refusal changes the answer: another error here is for the create's own calls to report.
+    Ok(match access() {
+        Err(e) if is_refusal(&e) => QuotaState::Refused(Refused::Quotactl),
+        _ => state,
     })
+}
+
+/// The super options (per filesystem, so any mount of it will do) of the filesystem on device `dev` in
+/// `/proc/self/mountinfo` text.
+fn super_options(mountinfo: &str, dev: (u32, u32)) -> Option<&str> {
+    let dev = format!("{}:{}", dev.0, dev.1);
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        if mount.split(' ').nth(2)? != dev {
+            return None;
+        }
+        // "<fstype> <source> <super options>"
+        fs.split(' ').nth(2)
+    })
+}
+
+/// Whether mount options ask for project quotas: XFS shows `prjquota` (enforced) or `pqnoenforce` (counted only),
+/// ext4 `prjquota`. (ext4 with the quota feature but without the option counts usage and enforces nothing: its
+/// options do not show it, and no limit would hold there anyway.)
+fn asks_for_project_quotas(options: &str) -> bool {
+    options.split(',').any(|o| matches!(o, "prjquota" | "pquota" | "pqnoenforce"))
 }
 
 /// The project of a file or directory.
@@ -213,17 +291,74 @@ mod tests {
         assert_eq!(limit_blocks(1 << 30), 1 << 20);
     }
 
+    fn err<T>(n: i32) -> std::io::Result<T> {
+        Err(std::io::Error::from_raw_os_error(n))
+    }
+
+    /// The state from `Q_XGETQSTATV`'s answer, the privileged call allowed and no mount options found.
+    fn state_of(flags: std::io::Result<u16>) -> std::io::Result<QuotaState> {
+        state_from(flags, || Ok(()), || None)
+    }
+
     #[test]
     fn only_the_errors_of_no_quotas_mean_off() {
-        let err = |n| Err(std::io::Error::from_raw_os_error(n));
         for n in [libc::ENOSYS, libc::ESRCH, libc::EOPNOTSUPP, libc::ENOTTY] {
-            assert_eq!(state_from(err(n)).unwrap(), QuotaState::Off, "errno {n}");
+            assert_eq!(state_of(err(n)).unwrap(), QuotaState::Off, "errno {n}");
         }
-        assert!(state_from(err(libc::EIO)).is_err(), "an I/O error is not 'no quotas'");
-        assert_eq!(state_from(Ok(FS_QUOTA_PDQ_ACCT | FS_QUOTA_PDQ_ENFD)).unwrap(), QuotaState::Enforced);
-        assert_eq!(state_from(Ok(FS_QUOTA_PDQ_ACCT)).unwrap(), QuotaState::Accounted);
+        assert!(state_of(err(libc::EIO)).is_err(), "an I/O error is not 'no quotas'");
+        assert_eq!(state_of(Ok(FS_QUOTA_PDQ_ACCT | FS_QUOTA_PDQ_ENFD)).unwrap(), QuotaState::Enforced);
+        assert_eq!(state_of(Ok(FS_QUOTA_PDQ_ACCT)).unwrap(), QuotaState::Accounted);
         // User and group quotas only (bits 0-3): no project quotas.
-        assert_eq!(state_from(Ok(0b1111)).unwrap(), QuotaState::Off);
+        assert_eq!(state_of(Ok(0b1111)).unwrap(), QuotaState::Off);
+        assert!(QuotaState::Enforced.gives_projects() && QuotaState::Accounted.gives_projects());
+        assert!(!QuotaState::Off.gives_projects());
+    }
+
+    #[test]
+    fn quotas_the_kernel_refuses_the_agent_are_refused_not_off() {
+        const REFUSED: QuotaState = QuotaState::Refused(Refused::Quotactl);
+        let enforced = || Ok(FS_QUOTA_PDQ_ACCT | FS_QUOTA_PDQ_ENFD);
+        let never = || -> Option<String> { panic!("mount options are read only when the state is refused") };
+        // Without CAP_SYS_ADMIN (no seccomp filter): the state is shown, every other call refused with EPERM.
+        for n in [libc::EPERM, libc::EACCES] {
+            assert_eq!(state_from(enforced(), || err(n), never).unwrap(), REFUSED, "errno {n}");
+        }
+        assert_eq!(state_from(Ok(FS_QUOTA_PDQ_ACCT), || err(libc::EPERM), never).unwrap(), REFUSED);
+        // Another error of that call is not a refusal: the create's own calls report it.
+        assert_eq!(state_from(enforced(), || err(libc::EIO), never).unwrap(), QuotaState::Enforced);
+        // Without quotas the privileged call is not made at all.
+        let unasked = || -> std::io::Result<()> { panic!("no quotas, nothing to ask") };
+        assert_eq!(state_from(Ok(0), unasked, never).unwrap(), QuotaState::Off);
+        assert_eq!(state_from(err(libc::ENOSYS), unasked, never).unwrap(), QuotaState::Off);
+
+        // Under RuntimeDefault seccomp without CAP_SYS_ADMIN even the state is refused: the mount options tell
+        // whether there was anything to refuse.
+        let refused_state =
+            |options: Option<&str>| state_from(err(libc::EPERM), unasked, || options.map(str::to_owned)).unwrap();
+        assert_eq!(refused_state(Some("rw,attr2,inode64,logbufs=8,logbsize=32k,prjquota")), REFUSED, "xfs");
+        assert_eq!(refused_state(Some("rw,attr2,inode64,pqnoenforce")), REFUSED, "xfs, counted only");
+        assert_eq!(refused_state(Some("rw,relatime,prjquota")), REFUSED, "ext4");
+        assert_eq!(refused_state(Some("rw,attr2,inode64,logbufs=8,logbsize=32k,noquota")), QuotaState::Off);
+        assert_eq!(refused_state(Some("rw,relatime,usrquota")), QuotaState::Off, "user quotas only");
+        assert_eq!(refused_state(Some("rw")), QuotaState::Off, "tmpfs, ext4 without quotas");
+        // Options not found: the refusal stands (loud rather than silent).
+        assert_eq!(refused_state(None), REFUSED);
+        assert!(!REFUSED.gives_projects());
+    }
+
+    #[test]
+    fn super_options_are_found_by_device() {
+        let mountinfo = "\
+22 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro
+98 22 253:3 / /var/lib/berth/pools rw,relatime shared:50 - xfs /dev/mapper/vg-berth rw,attr2,inode64,prjquota
+99 98 253:3 /fast /var/lib/berth/pools/fast rw,relatime shared:50 - xfs /dev/mapper/vg-berth rw,attr2,inode64,prjquota
+";
+        assert_eq!(super_options(mountinfo, (253, 3)), Some("rw,attr2,inode64,prjquota"));
+        assert_eq!(super_options(mountinfo, (259, 2)), Some("rw,errors=remount-ro"));
+        assert_eq!(super_options(mountinfo, (8, 1)), None);
+        // Optional fields before the separator vary in number: the device is always the third field.
+        let more = "30 22 0:27 / /tmp rw shared:3 master:2 - tmpfs tmpfs rw,size=1024k\n";
+        assert_eq!(super_options(more, (0, 27)), Some("rw,size=1024k"));
     }
 
     #[test]

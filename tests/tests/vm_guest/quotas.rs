@@ -5,7 +5,8 @@
 //! `prjquota`), `acct` (the same ext4 mounted without `prjquota`: usage counted, limits not enforced) and `plain`
 //! (ext4 without quotas). Writes
 //! are made by an unprivileged user (uid 999, the volumes' owner), as a pod's would be. Two boots:
-//! `quota_phase_one` fills, refuses and grows volumes; `quota_phase_two` finds their projects and limits on disk.
+//! `quota_phase_one` fills, refuses and grows volumes; `quota_phase_two` finds their projects and limits on disk,
+//! then runs the agent without quotas on the disk and without CAP_SYS_ADMIN.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ const EA: &str = "pvc-22222222-0000-4000-8000-0000000000ea";
 const PA: &str = "pvc-22222222-0000-4000-8000-0000000000fa";
 const AA: &str = "pvc-22222222-0000-4000-8000-0000000000aa";
 const IA: &str = "pvc-22222222-0000-4000-8000-0000000000ba";
+const XU: &str = "pvc-22222222-0000-4000-8000-0000000000ca";
 const POOLS: [&str; 5] = ["xfs", "inherit", "ext4", "acct", "plain"];
 /// The LVs (filesystems) and their mount options.
 const LVS: [(&str, &str, &str); 4] = [
@@ -274,11 +276,88 @@ async fn quota_phase_two() {
         96 * MI,
         "the refused expansion changed nothing"
     );
-    for v in [XA, XC, XD, EA, PA, AA, IA] {
+    agent.stop();
+
+    // Quotas back, but an agent without CAP_SYS_ADMIN, as the base DaemonSet runs it (without deploy/quota). Here
+    // no seccomp filter refuses quotactl as a whole (RuntimeDefault would): the kernel shows the quota state and
+    // refuses every call that uses it with EPERM. The pools work, as if their filesystems had no quotas, and say
+    // why.
+    sh("umount", &[xfs.to_str().unwrap()]);
+    sh("mount", &["-o", "prjquota", "/dev/mapper/quota-xfs", xfs.to_str().unwrap()]);
+    let agent = GuestAgent::start_under("quota-two-unprivileged", &config(), &WITHOUT_SYS_ADMIN).await;
+    assert!(!has_sys_admin(agent.pid()), "the agent runs without CAP_SYS_ADMIN");
+    let list = pools(&agent).await;
+    let refused = ["xfs", "ext4", "acct"];
+    for p in &list.pools {
+        assert!(p.ready, "{}: {:?}", p.name, p.reason);
+        assert_eq!(p.enforcement, "none", "{}", p.name);
+        // The pools whose filesystems have project quotas say why they do not use them; the others need no reason.
+        let reason = p.enforcement_reason.as_deref();
+        if refused.contains(&p.name.as_str()) {
+            let reason = reason.unwrap_or_else(|| panic!("{}: no enforcementReason", p.name));
+            assert!(reason.contains("CAP_SYS_ADMIN") && reason.contains("deploy/quota"), "{}: {reason}", p.name);
+        } else {
+            assert_eq!(reason, None, "{}", p.name);
+        }
+    }
+    let nodes: kube::Api<BerthNode> = kube::Api::all(kube::Client::try_default().await.unwrap());
+    testbed::kube_util::wait_for(&nodes, NODE, Duration::from_secs(60), |n| {
+        n.status.as_ref().is_some_and(|s| {
+            s.pools
+                .iter()
+                .any(|p| p.name == "xfs" && p.enforcement_reason.as_deref().is_some_and(|r| r.contains("deploy/quota")))
+        })
+    })
+    .await
+    .expect("the BerthNode says why the xfs pool enforces nothing");
+    // Growing a volume that has a project is refused: its limit could not be raised. (First: without usage from
+    // the quotas the pool counts conservatively, and has little left to add once the next volume is filled.)
+    let (status, reason, message) = refusal(agent.post_expand(XA, 100 * MI).await).await;
+    assert_eq!((status.as_u16(), reason), (503, ErrorReason::PoolNotReady), "{message}");
+    assert!(message.contains("CAP_SYS_ADMIN"), "{message}");
+    // A create makes a plain directory: no project, no limit.
+    agent.create(XU, &body("xfs", 8 * MI, owned())).await;
+    assert_eq!(project_of("xfs", XU), 0, "a volume of an agent refused quotas has no project");
+    write_as(USER, &data(XU, "xfs").join("fill"), 16).expect("nothing limits a volume without a project");
+    // One warning per refused pool, naming it and its root, however many samples saw it.
+    let log = std::fs::read_to_string(base().join("agent-quota-two-unprivileged.log")).unwrap();
+    for pool in POOLS {
+        let warnings = log
+            .lines()
+            .filter(|l| l.contains("project quotas are refused") && l.contains(&format!("pool={pool} ")))
+            .collect::<Vec<_>>();
+        let expected = usize::from(refused.contains(&pool));
+        assert_eq!(warnings.len(), expected, "{pool}:\n{log}");
+        if let Some(w) = warnings.first() {
+            assert!(w.contains(&root(pool).display().to_string()) && w.contains("CAP_SYS_ADMIN"), "{w}");
+        }
+    }
+    // Putting a directory in a project needs no CAP_SYS_ADMIN (ownership or CAP_FOWNER, docs/storageclass.md):
+    // quotactl is what the agent lacks.
+    let probe = xfs.join("chproj-probe");
+    std::fs::create_dir(&probe).unwrap();
+    let mut chproj = WITHOUT_SYS_ADMIN.to_vec();
+    chproj.extend(["xfs_io", "-c", "chproj 4242", probe.to_str().unwrap()]);
+    sh(chproj[0], &chproj[1..]);
+    assert_eq!(sh("lsattr", &["-pd", probe.to_str().unwrap()]).split_whitespace().next(), Some("4242"));
+    std::fs::remove_dir(&probe).unwrap();
+
+    for v in [XA, XC, XD, EA, PA, AA, IA, XU] {
         agent.delete(v).await;
     }
     agent.stop();
     unmount_pools();
+}
+
+/// util-linux's setpriv, removing CAP_SYS_ADMIN from the bounding and inheritable sets before it execs what
+/// follows: a process of uid 0 then starts without it.
+const WITHOUT_SYS_ADMIN: [&str; 5] = ["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin"];
+
+/// Whether process `pid` has CAP_SYS_ADMIN (bit 21) in its effective set.
+fn has_sys_admin(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
+    u64::from_str_radix(hex, 16).unwrap() & (1 << 21) != 0
 }
 
 /// Create+delete of a directory volume through the agent on XFS with project quotas, against the same on an XFS

@@ -18,10 +18,19 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     hack/build-release /out
 
-# glibc and libgcc of Debian 12, like the build stage; no shell, no package manager. Runs as uid 65532 by default
-# (the controller); the agent's DaemonSet sets uid 0 itself. LVM pools will need lvm2's tools in the agent's
-# image: that becomes a Debian-slim based stage when the lvm backend lands.
-FROM gcr.io/distroless/cc-debian12:nonroot
+# Debian 12 slim: the same Debian, and so the same glibc, as the build stage's rust:…-bookworm. The agent runs
+# lvm2's lvm, mkfs.xfs/mkfs.ext4, xfs_growfs/resize2fs, mount/umount and blkdiscard for LVM pools; image/packages
+# lists the packages that bring them (installed without Recommends, nothing else), image/lvmlocal.conf sets lvm2
+# up for a container without udev. Distroless has none of these tools and no package manager to add them.
+# hack/build-image builds the same image without Docker (docs/images.md). Runs as uid 65532 by default (the
+# controller); the agent's DaemonSet sets uid 0 itself.
+FROM docker.io/library/debian:bookworm-slim
+RUN --mount=type=bind,source=image/packages,target=/tmp/packages \
+    packages=$(sed -e 's/#.*//' /tmp/packages) \
+    && apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $packages \
+    && rm -rf /var/lib/apt/lists/*
+COPY image/lvmlocal.conf /etc/lvm/lvmlocal.conf
 COPY --from=build /out/berth-agent /out/berth-controller /usr/local/bin/
 USER 65532:65532
 LABEL org.opencontainers.image.title="Berth" \

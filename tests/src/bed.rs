@@ -7,15 +7,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::bins::{KubeBins, repo_root};
+use crate::egress::EgressProxy;
 use crate::node_disk::{NodeDisk, path_str};
 use crate::pki::Pki;
 use crate::ports::{bed_address, free_port};
 use crate::process::Proc;
+use crate::real_node::{RealNode, RealNodeSpec};
 use crate::reaper;
+use crate::vm::HOST_FROM_GUEST;
 
 /// kube-controller-manager's client limits in the test bed (its defaults are 20 QPS / burst 30): high enough that
 /// a benchmark creating hundreds of claims measures Berth, not a throttled PV binder.
@@ -49,6 +53,8 @@ pub const NODE_ADDRESS_ANNOTATION: &str = "testbed.berth.dev/address";
 
 const KWOK_STAGES: &str = include_str!("kwok-stages.yaml");
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// From the guest's start to its Node Ready: 65–76 s were seen under TCG, with the images imported first.
+const REAL_NODE_READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsType {
@@ -84,12 +90,14 @@ pub struct TestBedConfig {
     pub nodes: Vec<NodeSpec>,
     /// Where the bed's directory is made (default: the system temp dir). A qemu guest cannot see the host's /tmp.
     pub base_dir: Option<PathBuf>,
+    /// A real node (kubelet, containerd and kube-proxy in a qemu guest) besides the simulated ones.
+    pub real_node: Option<RealNodeSpec>,
 }
 
 impl TestBedConfig {
     /// `n` simulated nodes sharing the host's disk.
     pub fn nodes(n: usize) -> Self {
-        TestBedConfig { nodes: vec![NodeSpec::default(); n], base_dir: None }
+        TestBedConfig { nodes: vec![NodeSpec::default(); n], ..TestBedConfig::default() }
     }
 
     /// One simulated node per size, each with its own filesystem of that size.
@@ -98,7 +106,17 @@ impl TestBedConfig {
             .iter()
             .map(|&size_bytes| NodeSpec { disk: Some(NodeDiskSpec { size_bytes, fs }), labels: BTreeMap::new() })
             .collect();
-        TestBedConfig { nodes, base_dir: None }
+        TestBedConfig { nodes, ..TestBedConfig::default() }
+    }
+
+    /// One real node and no simulated ones; the bed's directory under the repository's `target/` (the guest
+    /// reads its configuration there).
+    pub fn real_node() -> Self {
+        TestBedConfig {
+            nodes: vec![],
+            base_dir: Some(repo_root().join("target/beds")),
+            real_node: Some(RealNodeSpec::default()),
+        }
     }
 }
 
@@ -120,10 +138,16 @@ struct Resources {
     dir: PathBuf,
     procs: Vec<Proc>,
     nodes: Vec<SimNode>,
+    real_node: Option<RealNode>,
+    egress: Option<EgressProxy>,
 }
 
 impl Drop for Resources {
     fn drop(&mut self) {
+        if let Some(node) = self.real_node.take() {
+            let _ = std::fs::write(self.dir.join("logs/real-node-console.log"), node.console_tail(usize::MAX));
+        }
+        self.egress = None;
         while let Some(mut p) = self.procs.pop() {
             p.stop(Duration::from_secs(10));
         }
@@ -165,7 +189,8 @@ impl TestBed {
         std::fs::create_dir_all(&base)?;
         reaper::reap_dead_beds(&base);
         let dir = tempfile::Builder::new().prefix(reaper::DIR_PREFIX).tempdir_in(&base)?.keep();
-        let mut res = Resources { dir: dir.clone(), procs: Vec::new(), nodes: Vec::new() };
+        let mut res =
+            Resources { dir: dir.clone(), procs: Vec::new(), nodes: Vec::new(), real_node: None, egress: None };
         reaper::claim(&dir)?;
         for sub in ["logs", "etcd", "pki", "nodes"] {
             std::fs::create_dir_all(dir.join(sub))?;
@@ -185,7 +210,8 @@ impl TestBed {
             res.nodes.push(SimNode { hostname: format!("host-{i}"), name, address: node_address, disk });
         }
 
-        let pki = Pki::write(&dir.join("pki"), &[address])?;
+        let clients = config.real_node.as_ref().map(crate::real_node::client_identities).unwrap_or_default();
+        let pki = Pki::write_with_clients(&dir.join("pki"), &[address], &clients)?;
         let http = reqwest::Client::builder()
             .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&pki.ca_cert)?)?)
             .identity(reqwest::Identity::from_pem(&pki.admin_identity_pem()?)?)
@@ -215,7 +241,7 @@ impl TestBed {
         // kube-apiserver: on 127.0.0.1, the one loopback address a qemu guest can reach (as 10.0.2.2).
         let api_port = free_port(Ipv4Addr::LOCALHOST)?;
         let api_server = format!("https://127.0.0.1:{api_port}");
-        let apiserver_args = vec![
+        let mut apiserver_args = vec![
             format!("--etcd-servers={client_url}"),
             "--bind-address=127.0.0.1".into(),
             format!("--secure-port={api_port}"),
@@ -227,11 +253,28 @@ impl TestBed {
             format!("--service-account-key-file={}", s(&pki.sa_public_key)?),
             format!("--service-account-signing-key-file={}", s(&pki.sa_private_key)?),
             "--authorization-mode=Node,RBAC".into(),
+            // As a real cluster does: a kubelet may change only its own Node and the pods bound to it.
+            "--enable-admission-plugins=NodeRestriction".into(),
             "--allow-privileged=true".into(),
             // The `kubernetes` Service's endpoints would be this loopback address, which Endpoints reject.
             "--endpoint-reconciler-type=none".into(),
             "--profiling=false".into(),
         ];
+        if config.real_node.is_some() {
+            // The API server's way to a kubelet in a guest: CONNECT through the egress proxy (crate::egress),
+            // to the address the kubelet reports, authenticated as the admin (the kubelet asks the API server
+            // whether that identity may exec, read logs …).
+            let egress = EgressProxy::start(&dir.join("egress.sock"))?;
+            let egress_config = dir.join("egress-selector.yaml");
+            std::fs::write(&egress_config, egress.apiserver_config())?;
+            apiserver_args.extend([
+                format!("--egress-selector-config-file={}", s(&egress_config)?),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                format!("--kubelet-client-certificate={}", s(&pki.admin_cert)?),
+                format!("--kubelet-client-key={}", s(&pki.admin_key)?),
+            ]);
+            res.egress = Some(egress);
+        }
         res.procs.push(Proc::spawn(
             "kube-apiserver",
             &bins.path("kube-apiserver"),
@@ -347,6 +390,13 @@ impl TestBed {
             Ok(all)
         })
         .await?;
+        if let Some(spec) = &config.real_node {
+            kubernetes_endpoints(&client, api_port).await?;
+            let egress = res.egress.as_ref().expect("made with the API server");
+            let node = RealNode::boot(&dir.join("real-node"), spec.clone(), api_port, &pki, egress, &dir.join("logs"))?;
+            res.real_node = Some(node);
+            wait_real_node(&mut res, &nodes, &spec.name).await?;
+        }
         // The serviceaccount controller gives every namespace its `default` account; pods need it.
         let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
         wait_ready(&mut res.procs, "the default ServiceAccount", || async {
@@ -381,6 +431,11 @@ impl TestBed {
         &self.res.nodes
     }
 
+    /// The real node, if the bed has one ([`TestBedConfig::real_node`]).
+    pub fn real_node(&self) -> Option<&RealNode> {
+        self.res.real_node.as_ref()
+    }
+
     /// The bed's own loopback address (kube-controller-manager, kube-scheduler, kwok and etcd listen there).
     pub fn address(&self) -> Ipv4Addr {
         self.address
@@ -413,6 +468,61 @@ impl TestBed {
             .args(args)
             .output()?;
         Ok(out)
+    }
+}
+
+/// The `kubernetes` Service's endpoints, which the API server does not manage here (its address is loopback):
+/// the API server as a guest reaches it, so that pods on a real node reach it as in-cluster clients do.
+async fn kubernetes_endpoints(client: &kube::Client, api_port: u16) -> Result<()> {
+    let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": "kubernetes-testbed",
+            "namespace": "default",
+            "labels": {
+                "kubernetes.io/service-name": "kubernetes",
+                "endpointslice.kubernetes.io/managed-by": "testbed.berth.dev",
+            },
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [HOST_FROM_GUEST], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": api_port, "protocol": "TCP"}],
+    }))?;
+    Api::<EndpointSlice>::namespaced(client.clone(), "default")
+        .create(&PostParams::default(), &slice)
+        .await
+        .context("the kubernetes Service's EndpointSlice")?;
+    Ok(())
+}
+
+/// Waits until the real node is Ready and untainted, failing early (with its console and logs) if it stops.
+async fn wait_real_node(res: &mut Resources, nodes: &Api<Node>, name: &str) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        for p in res.procs.iter_mut() {
+            p.ensure_running().context("while waiting for the real node")?;
+        }
+        let node = res.real_node.as_mut().expect("booted");
+        node.ensure_running()?;
+        if let Some(n) = nodes.get_opt(name).await?
+            && crate::kube_util::node_is_ready(&n)
+            && crate::kube_util::node_taints(&n).is_empty()
+        {
+            println!(
+                "test bed: the real node {name} is Ready {:.0} s after its boot began",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if started.elapsed() > REAL_NODE_READY_TIMEOUT {
+            bail!(
+                "the real node {name} is not Ready after {REAL_NODE_READY_TIMEOUT:?}; its console ended with:\n{}\n{}",
+                node.console_tail(40),
+                node.log_tails()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

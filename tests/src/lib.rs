@@ -11,6 +11,9 @@
 pub mod agents;
 mod bed;
 pub mod bins;
+pub mod demo;
+pub mod deploy;
+mod egress;
 pub mod identities;
 pub mod kube_util;
 mod node_disk;
@@ -18,6 +21,7 @@ mod pki;
 mod ports;
 pub mod process;
 pub mod prometheus;
+pub mod real_node;
 mod reaper;
 pub mod vm;
 

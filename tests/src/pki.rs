@@ -34,9 +34,22 @@ const EXTRA_SERVER_NAMES: &[&str] = &[
     "10.0.2.2",
 ];
 
+/// A client certificate's subject: the user (CN) and groups (O) the API server reads from it.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    pub file_stem: String,
+    pub user: String,
+    pub groups: Vec<String>,
+}
+
 impl Pki {
     /// Writes a fresh PKI into `dir`; the serving certificate covers 127.0.0.1 and every address in `server_ips`.
     pub fn write(dir: &Path, server_ips: &[Ipv4Addr]) -> Result<Pki> {
+        Pki::write_with_clients(dir, server_ips, &[])
+    }
+
+    /// [`Pki::write`] plus a client certificate for each [`ClientIdentity`], at [`Pki::client`]'s paths.
+    pub fn write_with_clients(dir: &Path, server_ips: &[Ipv4Addr], clients: &[ClientIdentity]) -> Result<Pki> {
         std::fs::create_dir_all(dir)?;
         let pki = Pki {
             ca_cert: dir.join("ca.crt"),
@@ -77,11 +90,30 @@ impl Pki {
         write(&pki.admin_cert, &admin.signed_by(&admin_key, &issuer)?.pem())?;
         write(&pki.admin_key, &admin_key.serialize_pem())?;
 
+        for client in clients {
+            let mut params = CertificateParams::new(Vec::<String>::new())?;
+            params.distinguished_name.push(DnType::CommonName, client.user.clone());
+            for group in &client.groups {
+                params.distinguished_name.push(DnType::OrganizationName, group.clone());
+            }
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let key = KeyPair::generate()?;
+            let (cert_path, key_path) = pki.client(&client.file_stem);
+            write(&cert_path, &params.signed_by(&key, &issuer)?.pem())?;
+            write(&key_path, &key.serialize_pem())?;
+        }
+
         // ES256 service-account tokens: kube-apiserver signs with the private key, verifies with the public one.
         let sa = KeyPair::generate()?;
         write(&pki.sa_private_key, &sa.serialize_pem())?;
         write(&pki.sa_public_key, &sa.public_key_pem())?;
         Ok(pki)
+    }
+
+    /// The certificate and key of the client identity written as `file_stem` by [`Pki::write_with_clients`].
+    pub fn client(&self, file_stem: &str) -> (PathBuf, PathBuf) {
+        let dir = self.ca_cert.parent().expect("the CA certificate is in the PKI directory");
+        (dir.join(format!("{file_stem}.crt")), dir.join(format!("{file_stem}.key")))
     }
 
     /// The admin identity as reqwest wants it: certificate and key in one PEM.

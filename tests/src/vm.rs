@@ -10,8 +10,10 @@
 //! With [`Vm::network`] the guest reaches the host's 127.0.0.1 — and only that address — as 10.0.2.2.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -32,6 +34,7 @@ pub struct Vm {
     network: bool,
     /// (host port on 127.0.0.1, guest port).
     forwards: Vec<(u16, u16)>,
+    deadline: Duration,
 }
 
 /// What a guest command did.
@@ -61,6 +64,7 @@ impl Vm {
             env: vec![],
             network: false,
             forwards: vec![],
+            deadline: Duration::from_secs(15 * 60),
         })
     }
 
@@ -74,6 +78,11 @@ impl Vm {
     /// serial limit), since the guest finds the disk by it.
     pub fn disk(mut self, image: impl Into<PathBuf>) -> Self {
         self.disks.push(image.into());
+        self
+    }
+
+    pub fn cpus(mut self, cpus: u32) -> Self {
+        self.cpus = cpus;
         self
     }
 
@@ -108,10 +117,56 @@ impl Vm {
         self
     }
 
+    /// The longest a guest command may run (boot included) before it is killed; default 15 minutes.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
     /// Boots, runs `command` (a bash command line) as root in the guest, streams its output to stdout with a
     /// `[vm]` prefix, and returns its exit status. The guest also gets `BERTH_IN_VM=1` and
     /// `BERTH_HOST_KERNEL=<the host's kernel release>`.
+    ///
+    /// A boot that has not reached the command within [`BOOT_DEADLINE`] is killed and retried once (seen on a
+    /// fresh machine: one boot spun 13 minutes without output, the same run by hand took 16 s); a command that
+    /// outlives [`Vm::deadline`] is killed. Either way the error carries the end of the guest's console.
     pub fn run(&self, command: &str) -> Result<VmRun> {
+        let started = Instant::now();
+        let mut guest = self.boot(command)?;
+        let status = guest.wait(self.deadline.saturating_sub(started.elapsed()))?;
+        Ok(VmRun { status, output: guest.output(), elapsed: started.elapsed() })
+    }
+
+    /// Boots and starts `command` as [`Vm::run`] does (the same boot deadline and retry), but returns once the
+    /// command has started: the guest runs until [`RunningVm::stop`] or drop.
+    pub fn spawn(&self, command: &str) -> Result<RunningVm> {
+        self.boot(command)
+    }
+
+    /// Launches the guest and waits for its command to start, retrying a hung boot once.
+    fn boot(&self, command: &str) -> Result<RunningVm> {
+        let mut guest = self.launch(command)?;
+        if guest.wait_for_boot(BOOT_DEADLINE)? {
+            return Ok(guest);
+        }
+        println!(
+            "[vm] the guest did not reach its command within {BOOT_DEADLINE:?}; its console so far:\n{}\n[vm] retrying the boot once",
+            tail(&guest.output(), 60)
+        );
+        guest.kill();
+        let mut guest = self.launch(command)?;
+        if guest.wait_for_boot(BOOT_DEADLINE)? {
+            println!("[vm] the second boot reached its command (the first hung)");
+            return Ok(guest);
+        }
+        let console = tail(&guest.output(), 60);
+        guest.kill();
+        bail!(
+            "two boots in a row did not reach the guest command within {BOOT_DEADLINE:?} each; console of the second:\n{console}"
+        )
+    }
+
+    fn launch(&self, command: &str) -> Result<RunningVm> {
         for disk in &self.disks {
             let name = disk.file_name().unwrap_or_default().to_string_lossy();
             if name.len() > 20 || name.contains([',', '=']) {
@@ -132,7 +187,10 @@ impl Vm {
                 .with_context(|| format!("{} (two disks with one file name?)", link.display()))?;
         }
         let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_owned();
-        let mut text = String::from("set -e\n");
+        // The marker tells the host that the boot is over and the command runs; the console before it (kernel
+        // and init messages, when vng prints any) is kept but only printed when the boot fails. Not `vng --verbose`: with it the
+        // guest command's own output is lost (seen with virtme-ng 1.42).
+        let mut text = format!("set -e\necho {BOOT_MARKER}\n");
         for (k, v) in [("BERTH_IN_VM", "1"), ("BERTH_HOST_KERNEL", host_kernel.as_str())]
             .into_iter()
             .chain(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -149,6 +207,7 @@ impl Vm {
                 "[ -n \"$nic\" ] || { echo 'vm: no network interface after 30 s' >&2; exit 90; }\n",
                 "ip link set \"$nic\" up && ip addr add 10.0.2.15/24 dev \"$nic\" && ip route add default via 10.0.2.2 ",
                 "|| { echo \"vm: cannot configure $nic\" >&2; exit 90; }\n",
+                "export BERTH_VM_NIC=$nic\n",
             ));
         }
         text.push_str("set +e\n");
@@ -181,27 +240,144 @@ impl Vm {
         }
         cmd.arg("--exec").arg(format!("bash {}", script.display()));
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let started = Instant::now();
+        // Its own process group, so that a kill reaches qemu too (vng runs it as a child); and killed with the
+        // thread that started it if the test process dies without unwinding.
+        cmd.process_group(0);
+        // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = cmd.spawn().context("starting vng (PyPI package virtme-ng; .ci/run installs it)")?;
+        let output = Arc::new(Mutex::new(String::new()));
+        let (booted_tx, booted) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
-        let err_thread = std::thread::spawn(move || stream(BufReader::new(stderr)));
-        let mut output = stream(BufReader::new(child.stdout.take().expect("piped")));
-        output.push_str(&err_thread.join().unwrap_or_default());
-        let status = child.wait()?;
-        let Some(code) = status.code() else { bail!("vng was killed ({status})") };
-        Ok(VmRun { status: code, output, elapsed: started.elapsed() })
+        let readers = vec![
+            stream(BufReader::new(stdout), output.clone(), Some(booted_tx)),
+            stream(BufReader::new(stderr), output.clone(), None),
+        ];
+        Ok(RunningVm { child, output, booted, readers, _run_dir: run_dir, started: Instant::now() })
     }
 }
 
-fn stream(reader: impl BufRead) -> String {
-    let mut all = String::new();
-    for line in reader.split(b'\n').map_while(Result::ok) {
-        let line = String::from_utf8_lossy(&line).replace('\r', "");
-        println!("[vm] {line}");
-        all.push_str(&line);
-        all.push('\n');
+/// How long a boot may take to reach the guest command: 25–60 s is usual under TCG.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(240);
+const BOOT_MARKER: &str = "berth-vm: the guest command starts";
+
+/// A guest started by [`Vm::spawn`] (or being run by [`Vm::run`]): killed, with qemu, on drop.
+pub struct RunningVm {
+    child: Child,
+    output: Arc<Mutex<String>>,
+    booted: mpsc::Receiver<()>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    _run_dir: tempfile::TempDir,
+    started: Instant,
+}
+
+impl RunningVm {
+    /// Everything the guest and qemu printed so far, console included.
+    pub fn output(&self) -> String {
+        self.output.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
-    all
+
+    /// The last `lines` lines of [`RunningVm::output`].
+    pub fn output_tail(&self, lines: usize) -> String {
+        tail(&self.output(), lines)
+    }
+
+    /// Whether the guest is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills the guest (qemu and vng) and waits for it.
+    pub fn stop(mut self) {
+        self.kill();
+    }
+
+    fn wait_for_boot(&mut self, deadline: Duration) -> Result<bool> {
+        match self.booted.recv_timeout(deadline) {
+            Ok(()) => Ok(true),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(false),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = self.child.wait()?;
+                bail!("the guest exited ({status}) before its command started; console:\n{}", self.output_tail(60))
+            }
+        }
+    }
+
+    /// Waits for the guest command's exit status, killing the guest once `deadline` has passed.
+    fn wait(&mut self, deadline: Duration) -> Result<i32> {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+                let Some(code) = status.code() else { bail!("vng was killed ({status})") };
+                return Ok(code);
+            }
+            if Instant::now() > until {
+                self.kill();
+                bail!(
+                    "the guest command did not finish within {:?} of its boot and was killed; its output ended with:\n{}",
+                    self.started.elapsed(),
+                    self.output_tail(60)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn kill(&mut self) {
+        // SAFETY: kill(2) on the process group of our own child, which is not yet reaped.
+        unsafe { libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// Collects the lines of `reader` into `all`. Lines before the boot marker are the console (kept, not printed);
+/// from the marker on they are printed with a `[vm]` prefix, and `booted` hears of the marker.
+fn stream(
+    reader: impl BufRead + Send + 'static,
+    all: Arc<Mutex<String>>,
+    booted: Option<mpsc::Sender<()>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut printing = booted.is_none();
+        for line in reader.split(b'\n').map_while(Result::ok) {
+            let line = String::from_utf8_lossy(&line).replace('\r', "");
+            if !printing && line.contains(BOOT_MARKER) {
+                printing = true;
+                if let Some(tx) = &booted {
+                    let _ = tx.send(());
+                }
+            } else if printing {
+                println!("[vm] {line}");
+            }
+            let mut all = all.lock().unwrap_or_else(|p| p.into_inner());
+            all.push_str(&line);
+            all.push('\n');
+        }
+    })
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn shell_quote(s: &str) -> String {

@@ -87,7 +87,8 @@ fn lvm_world(image_name: &str) -> LvmWorld {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let beds = repo_root().join("target/vm-beds");
     std::fs::create_dir_all(&beds).unwrap();
-    let config = testbed::TestBedConfig { nodes: vec![testbed::NodeSpec::default()], base_dir: Some(beds) };
+    let config =
+        testbed::TestBedConfig { nodes: vec![testbed::NodeSpec::default()], base_dir: Some(beds), real_node: None };
     let bed = rt.block_on(testbed::TestBed::start(config)).unwrap();
     rt.block_on(bed.install_berth()).unwrap();
     assert_eq!(bed.nodes()[0].name, "node-0");

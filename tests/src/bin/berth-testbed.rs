@@ -82,7 +82,7 @@ async fn main() -> Result<()> {
             ..Default::default()
         })
         .collect();
-    let config = TestBedConfig { nodes: node_specs, base_dir: args.base_dir.clone() };
+    let config = TestBedConfig { nodes: node_specs, base_dir: args.base_dir.clone(), real_node: None };
     if let Some(pid_file) = &args.pid_file {
         std::fs::write(pid_file, std::process::id().to_string())?;
     }

@@ -1,0 +1,305 @@
+//! A real Kubernetes node: kubelet, containerd (with runc and the CNI plugins) and kube-proxy in a qemu guest
+//! running the Debian kernel, registered with the bed's API server on the host.
+//!
+//! How the pieces reach each other (docs/real-node.md has the picture):
+//! - kubelet and kube-proxy reach the API server at 10.0.2.2 (qemu's name for the host's 127.0.0.1), each with
+//!   a client certificate of its own: `system:node:<name>` in `system:nodes` for the kubelet (the Node
+//!   authorizer and NodeRestriction apply to it as in a real cluster), `system:kube-proxy` for kube-proxy.
+//! - Pods reach it as in-cluster clients do, through the `kubernetes` Service: the bed gives it an EndpointSlice
+//!   pointing at 10.0.2.2 and kube-proxy's iptables rules in the guest translate the Service IP.
+//! - The API server reaches the kubelet (exec, logs) through [`crate::egress::EgressProxy`]: the guest's
+//!   10.0.2.15:10250 is forwarded to a host port on 127.0.0.1.
+//!
+//! The guest's state (containerd's images and containers, kubelet's pods, Berth's pools) lives on virtual disks
+//! made fresh for every node under the bed's directory; the guest's root is the host's, read-only.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{Context, Result, bail};
+
+use crate::bins::repo_root;
+use crate::egress::EgressProxy;
+use crate::pki::{ClientIdentity, Pki};
+use crate::ports::free_port;
+use crate::vm::{HOST_FROM_GUEST, RunningVm, Vm};
+
+const NODE_SCRIPT: &str = include_str!("node.sh");
+/// The guest's address on qemu's user network, which the kubelet reports as its InternalIP.
+pub const GUEST_ADDRESS: &str = "10.0.2.15";
+const KUBELET_PORT: u16 = 10250;
+/// The pod network of the node (the CNI bridge's range) and the Service range of the bed's API server.
+pub const POD_CIDR: &str = "10.244.0.0/24";
+/// Sizes of the node's virtual disks (sparse files): state, the XFS quota pool, the volume group.
+const STATE_DISK: u64 = 8 << 30;
+const XFS_DISK: u64 = 2 << 30;
+const LVM_DISK: u64 = 2 << 30;
+
+/// What a real node is called: its Node name and (deliberately different) `kubernetes.io/hostname` label.
+#[derive(Debug, Clone)]
+pub struct RealNodeSpec {
+    pub name: String,
+    pub hostname: String,
+}
+
+impl Default for RealNodeSpec {
+    fn default() -> Self {
+        RealNodeSpec { name: "berth-node-0".into(), hostname: "host-berth-0".into() }
+    }
+}
+
+/// The client identities a real node's daemons use; the bed's PKI writes them.
+pub fn client_identities(spec: &RealNodeSpec) -> Vec<ClientIdentity> {
+    vec![
+        ClientIdentity {
+            file_stem: "kubelet".into(),
+            user: format!("system:node:{}", spec.name),
+            groups: vec!["system:nodes".into()],
+        },
+        ClientIdentity { file_stem: "kube-proxy".into(), user: "system:kube-proxy".into(), groups: vec![] },
+    ]
+}
+
+/// A running real node. Dropping it kills the guest.
+pub struct RealNode {
+    pub spec: RealNodeSpec,
+    vm: Option<RunningVm>,
+    logs: PathBuf,
+}
+
+impl RealNode {
+    /// Writes the node's configuration under `dir`, routes the API server's way to its kubelet through `egress`,
+    /// and boots it. Returns once the guest has started its daemons; the caller waits for the Node to be Ready.
+    /// The daemons' logs go to `logs` (the bed's log directory, which the guest may write).
+    pub fn boot(
+        dir: &Path,
+        spec: RealNodeSpec,
+        api_port: u16,
+        pki: &Pki,
+        egress: &EgressProxy,
+        logs: &Path,
+    ) -> Result<RealNode> {
+        let node_bins = NodeBins::locate()?;
+        let images = images_dir()?;
+        let cfg = dir.join("config");
+        let logs = logs.to_owned();
+        std::fs::create_dir_all(&cfg)?;
+        let sandbox = std::fs::read_to_string(node_bins.0.join("sandbox-image"))
+            .context("hack/node-bins output has no sandbox-image file")?;
+        write_config(&cfg, &spec, api_port, pki, sandbox.trim())?;
+        let mut vm = Vm::new()?.memory("2G").cpus(2).rwdir(&logs);
+        for (name, size) in [("node-state.img", STATE_DISK), ("node-xfs.img", XFS_DISK), ("node-lvm.img", LVM_DISK)] {
+            let image = dir.join(name);
+            std::fs::File::create_new(&image)
+                .and_then(|f| f.set_len(size))
+                .with_context(|| image.display().to_string())?;
+            vm = vm.disk(image);
+        }
+        let kubelet_port = free_port(Ipv4Addr::LOCALHOST)?;
+        vm = vm
+            .forward(kubelet_port, KUBELET_PORT)
+            .env("BERTH_NODE_DIR", cfg.display().to_string())
+            .env("BERTH_NODE_LOGS", logs.display().to_string())
+            .env("BERTH_NODE_BINS", node_bins.0.display().to_string())
+            .env("BERTH_IMAGES", images.display().to_string())
+            .env("BERTH_NODE_NAME", &spec.name)
+            .env("BERTH_NODE_HOSTNAME", &spec.hostname);
+        egress.route(&format!("{GUEST_ADDRESS}:{KUBELET_PORT}"), SocketAddr::from((Ipv4Addr::LOCALHOST, kubelet_port)));
+        let script = cfg.join("node.sh");
+        std::fs::write(&script, NODE_SCRIPT)?;
+        let running = vm.spawn(&format!("bash {}", script.display()))?;
+        Ok(RealNode { spec, vm: Some(running), logs })
+    }
+
+    /// An error with what explains it (the guest's console, the end of kubelet's log) if the guest has stopped.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        let vm = self.vm.as_mut().context("the node was stopped")?;
+        if !vm.is_running() {
+            bail!(
+                "the real node's guest exited; its console ended with:\n{}\n{}",
+                vm.output_tail(40),
+                self.log_tails()
+            );
+        }
+        Ok(())
+    }
+
+    /// The ends of the node daemons' logs (kept in the bed's directory), for failure messages.
+    pub fn log_tails(&self) -> String {
+        let mut out = String::new();
+        for name in ["kubelet.log", "containerd.log", "kube-proxy.log"] {
+            let text = std::fs::read_to_string(self.logs.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- end of {name}\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n")));
+        }
+        out
+    }
+
+    /// The guest's console (kernel and the node script), for failure messages.
+    pub fn console_tail(&self, lines: usize) -> String {
+        self.vm.as_ref().map(|vm| vm.output_tail(lines)).unwrap_or_default()
+    }
+
+    /// Where the guest writes the daemons' logs.
+    pub fn logs_dir(&self) -> &Path {
+        &self.logs
+    }
+}
+
+impl Drop for RealNode {
+    fn drop(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            vm.stop();
+        }
+    }
+}
+
+/// The node's binaries: `$BERTH_NODE_BINS`, or what `hack/node-bins` prints last (it builds on a cold cache).
+struct NodeBins(PathBuf);
+
+impl NodeBins {
+    fn locate() -> Result<NodeBins> {
+        static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+        let dir =
+            DIR.get_or_init(|| script_output("BERTH_NODE_BINS", "hack/node-bins", &[]).map_err(|e| format!("{e:#}")));
+        let dir = dir.clone().map_err(anyhow::Error::msg)?;
+        for bin in ["kubelet", "kube-proxy", "containerd", "ctr", "containerd-shim-runc-v2", "runc", "sandbox-image"] {
+            if !dir.join(bin).is_file() {
+                bail!("{} has no {bin}: run hack/node-bins, or point BERTH_NODE_BINS at its output", dir.display());
+            }
+        }
+        Ok(NodeBins(dir))
+    }
+}
+
+/// The OCI archives the node imports: `$BERTH_IMAGES`, or `hack/build-image target/images` (slow: a release build).
+fn images_dir() -> Result<PathBuf> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let out = repo_root().join("target/images");
+    let dir = DIR.get_or_init(|| {
+        script_output("BERTH_IMAGES", "hack/build-image", &[out.to_str().unwrap_or_default()])
+            .map_err(|e| format!("{e:#}"))
+    });
+    let dir = dir.clone().map_err(anyhow::Error::msg)?;
+    if !dir.join("images").is_file() {
+        bail!("{} has no images list: run hack/build-image, or point BERTH_IMAGES at its output", dir.display());
+    }
+    Ok(dir)
+}
+
+/// `$env` if set, else the last line `script args` prints.
+fn script_output(env: &str, script: &str, args: &[&str]) -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(env) {
+        return Ok(PathBuf::from(dir));
+    }
+    let path = repo_root().join(script);
+    let out = Command::new(&path)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", path.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({}); see its output above", path.display(), out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(PathBuf::from(stdout.lines().last().with_context(|| format!("{script} printed nothing"))?.trim()))
+}
+
+/// containerd's, kubelet's, kube-proxy's and the CNI configuration, and the daemons' kubeconfigs.
+fn write_config(cfg: &Path, spec: &RealNodeSpec, api_port: u16, pki: &Pki, sandbox_image: &str) -> Result<()> {
+    let server = format!("https://{HOST_FROM_GUEST}:{api_port}");
+    for identity in client_identities(spec) {
+        let (cert, key) = pki.client(&identity.file_stem);
+        let kubeconfig = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "bed", "cluster": {"server": server, "certificate-authority": pki.ca_cert}}],
+            "users": [{"name": identity.user, "user": {"client-certificate": cert, "client-key": key}}],
+            "contexts": [{"name": "bed", "context": {"cluster": "bed", "user": identity.user}}],
+            "current-context": "bed",
+        });
+        std::fs::write(
+            cfg.join(format!("{}.kubeconfig", identity.file_stem)),
+            serde_json::to_vec_pretty(&kubeconfig)?,
+        )?;
+    }
+    let cni = cfg.join("cni");
+    std::fs::create_dir_all(&cni)?;
+    // One bridge for the node's pods; masquerade what leaves the pod range (the API server at 10.0.2.2, the
+    // outside world), as a cluster's CNI does for pod-to-node-network traffic.
+    let conflist = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "berth-testbed",
+        "plugins": [
+            {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true, "hairpinMode": true,
+             "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+        ],
+    });
+    std::fs::write(cni.join("10-berth-testbed.conflist"), serde_json::to_vec_pretty(&conflist)?)?;
+    let containerd = format!(
+        r#"# containerd 2.x for the test bed's real node (tests/src/real_node/mod.rs writes it).
+version = 3
+root = "/var/lib/containerd"
+state = "/run/containerd"
+
+[grpc]
+  address = "/run/containerd/containerd.sock"
+
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  # Imported from hack/build-image's archive: no registry is reachable.
+  sandbox = "{sandbox_image}"
+
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dirs = ["/var/lib/node/cni/bin"]
+  conf_dir = "{cni}"
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+  BinaryName = "/var/lib/node/bin/runc"
+  SystemdCgroup = false
+"#,
+        cni = cni.display()
+    );
+    std::fs::write(cfg.join("containerd.toml"), containerd)?;
+    let kubelet = serde_json::json!({
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "authentication": {
+            "anonymous": {"enabled": false},
+            "webhook": {"enabled": true},
+            "x509": {"clientCAFile": pki.ca_cert},
+        },
+        "authorization": {"mode": "Webhook"},
+        // virtme-ng's init is not systemd.
+        "cgroupDriver": "cgroupfs",
+        "containerRuntimeEndpoint": "unix:///run/containerd/containerd.sock",
+        "failSwapOn": false,
+        "clusterDomain": "cluster.local",
+        // Small virtual disks: evict only when nearly full, and keep the imported images (they cannot be pulled).
+        "evictionHard": {"memory.available": "50Mi", "nodefs.available": "2%", "imagefs.available": "2%"},
+        "imageGCHighThresholdPercent": 100,
+        "imageGCLowThresholdPercent": 99,
+        "serializeImagePulls": false,
+        "nodeStatusUpdateFrequency": "5s",
+    });
+    std::fs::write(cfg.join("kubelet.yaml"), serde_json::to_vec_pretty(&kubelet)?)?;
+    let kube_proxy = serde_json::json!({
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": cfg.join("kube-proxy.kubeconfig")},
+        "mode": "iptables",
+        "clusterCIDR": POD_CIDR,
+        "hostnameOverride": spec.name,
+        // The guest's conntrack table size is the kernel's default; kube-proxy must not try to resize it.
+        "conntrack": {"maxPerCore": 0},
+        "metricsBindAddress": "127.0.0.1:10249",
+        "healthzBindAddress": "127.0.0.1:10256",
+    });
+    std::fs::write(cfg.join("kube-proxy.yaml"), serde_json::to_vec_pretty(&kube_proxy)?)?;
+    Ok(())
+}

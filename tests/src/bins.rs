@@ -69,23 +69,27 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
+/// `$env` if set, else the last line `script args` prints (hack/kube-bins, hack/node-bins and hack/build-image
+/// print their output directory last, building it first on a cold cache).
+pub(crate) fn dir_from_env_or_script(env: &str, script: &str, args: &[&str]) -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(env) {
+        return Ok(PathBuf::from(dir));
+    }
+    let path = repo_root().join(script);
+    let out = Command::new(&path)
+        .args(args)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", path.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({}); see its output above", path.display(), out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(PathBuf::from(stdout.lines().last().with_context(|| format!("{script} printed nothing"))?.trim()))
+}
+
 fn locate_dir() -> Result<PathBuf> {
-    let dir = match std::env::var_os("BERTH_KUBE_BINS") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let script = repo_root().join("hack/kube-bins");
-            let out = Command::new(&script)
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .with_context(|| format!("running {}", script.display()))?;
-            if !out.status.success() {
-                bail!("{} failed ({}); see its output above", script.display(), out.status);
-            }
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let last = stdout.lines().last().context("hack/kube-bins printed nothing")?;
-            PathBuf::from(last.trim())
-        }
-    };
+    let dir = dir_from_env_or_script("BERTH_KUBE_BINS", "hack/kube-bins", &[])?;
     for bin in ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "kwok"] {
         if !dir.join(bin).is_file() {
             bail!("{} has no {bin}: run hack/kube-bins, or point BERTH_KUBE_BINS at its output", dir.display());

@@ -37,15 +37,7 @@ impl Proc {
         let err = out.try_clone()?;
         let mut cmd = Command::new(program);
         cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(out).stderr(err);
-        // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_spawning_thread(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("starting {name} ({})", program.display()))?;
         Ok(Proc { name: name.to_owned(), child, log: log.to_owned() })
     }
@@ -131,9 +123,28 @@ impl Drop for Proc {
     }
 }
 
+/// Makes the child of `cmd` get SIGKILL when the thread that spawns it exits (`PR_SET_PDEATHSIG`; see
+/// [`Proc::spawn`] on why the thread matters).
+pub fn die_with_spawning_thread(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// The last `n` lines of a log file (for error messages).
 pub fn log_tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+    tail(&text, n)
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }

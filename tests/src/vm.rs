@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::bins::repo_root;
+use crate::process::{die_with_spawning_thread, tail};
 
 /// How the host's 127.0.0.1 is called inside a guest with [`Vm::network`].
 pub const HOST_FROM_GUEST: &str = "10.0.2.2";
@@ -145,25 +146,26 @@ impl Vm {
 
     /// Launches the guest and waits for its command to start, retrying a hung boot once.
     fn boot(&self, command: &str) -> Result<RunningVm> {
-        let mut guest = self.launch(command)?;
-        if guest.wait_for_boot(BOOT_DEADLINE)? {
-            return Ok(guest);
+        for attempt in 1..=2 {
+            let mut guest = self.launch(command)?;
+            if guest.wait_for_boot(BOOT_DEADLINE)? {
+                if attempt > 1 {
+                    println!("[vm] the second boot reached its command (the first hung)");
+                }
+                return Ok(guest);
+            }
+            let console = tail(&guest.output(), 60);
+            guest.kill();
+            if attempt > 1 {
+                bail!(
+                    "two boots in a row did not reach the guest command within {BOOT_DEADLINE:?} each; console of the second:\n{console}"
+                );
+            }
+            println!(
+                "[vm] the guest did not reach its command within {BOOT_DEADLINE:?}; its console so far:\n{console}\n[vm] retrying the boot once"
+            );
         }
-        println!(
-            "[vm] the guest did not reach its command within {BOOT_DEADLINE:?}; its console so far:\n{}\n[vm] retrying the boot once",
-            tail(&guest.output(), 60)
-        );
-        guest.kill();
-        let mut guest = self.launch(command)?;
-        if guest.wait_for_boot(BOOT_DEADLINE)? {
-            println!("[vm] the second boot reached its command (the first hung)");
-            return Ok(guest);
-        }
-        let console = tail(&guest.output(), 60);
-        guest.kill();
-        bail!(
-            "two boots in a row did not reach the guest command within {BOOT_DEADLINE:?} each; console of the second:\n{console}"
-        )
+        unreachable!("the second attempt returns or fails")
     }
 
     fn launch(&self, command: &str) -> Result<RunningVm> {
@@ -188,8 +190,8 @@ impl Vm {
         }
         let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim().to_owned();
         // The marker tells the host that the boot is over and the command runs; the console before it (kernel
-        // and init messages, when vng prints any) is kept but only printed when the boot fails. Not `vng --verbose`: with it the
-        // guest command's own output is lost (seen with virtme-ng 1.42).
+        // and init messages, when vng prints any) is kept but only printed when the boot fails. Not
+        // `vng --verbose`: with it the guest command's own output is lost (seen with virtme-ng 1.42).
         let mut text = format!("set -e\necho {BOOT_MARKER}\n");
         for (k, v) in [("BERTH_IN_VM", "1"), ("BERTH_HOST_KERNEL", host_kernel.as_str())]
             .into_iter()
@@ -207,7 +209,6 @@ impl Vm {
                 "[ -n \"$nic\" ] || { echo 'vm: no network interface after 30 s' >&2; exit 90; }\n",
                 "ip link set \"$nic\" up && ip addr add 10.0.2.15/24 dev \"$nic\" && ip route add default via 10.0.2.2 ",
                 "|| { echo \"vm: cannot configure $nic\" >&2; exit 90; }\n",
-                "export BERTH_VM_NIC=$nic\n",
             ));
         }
         text.push_str("set +e\n");
@@ -243,15 +244,7 @@ impl Vm {
         // Its own process group, so that a kill reaches qemu too (vng runs it as a child); and killed with the
         // thread that started it if the test process dies without unwinding.
         cmd.process_group(0);
-        // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_spawning_thread(&mut cmd);
         let mut child = cmd.spawn().context("starting vng (PyPI package virtme-ng; .ci/run installs it)")?;
         let output = Arc::new(Mutex::new(String::new()));
         let (booted_tx, booted) = mpsc::channel();
@@ -373,11 +366,6 @@ fn stream(
             all.push('\n');
         }
     })
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn shell_quote(s: &str) -> String {

@@ -15,15 +15,15 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
 
-use crate::bins::repo_root;
+use crate::bins::{dir_from_env_or_script, repo_root};
 use crate::egress::EgressProxy;
 use crate::pki::{ClientIdentity, Pki};
 use crate::ports::free_port;
+use crate::process::log_tail;
 use crate::vm::{HOST_FROM_GUEST, RunningVm, Vm};
 
 const NODE_SCRIPT: &str = include_str!("node.sh");
@@ -130,9 +130,7 @@ impl RealNode {
     pub fn log_tails(&self) -> String {
         let mut out = String::new();
         for name in ["kubelet.log", "containerd.log", "kube-proxy.log"] {
-            let text = std::fs::read_to_string(self.logs.join(name)).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            out.push_str(&format!("--- end of {name}\n{}\n", lines[lines.len().saturating_sub(15)..].join("\n")));
+            out.push_str(&format!("--- end of {name}\n{}\n", log_tail(&self.logs.join(name), 15)));
         }
         out
     }
@@ -162,8 +160,9 @@ struct NodeBins(PathBuf);
 impl NodeBins {
     fn locate() -> Result<NodeBins> {
         static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-        let dir =
-            DIR.get_or_init(|| script_output("BERTH_NODE_BINS", "hack/node-bins", &[]).map_err(|e| format!("{e:#}")));
+        let dir = DIR.get_or_init(|| {
+            dir_from_env_or_script("BERTH_NODE_BINS", "hack/node-bins", &[]).map_err(|e| format!("{e:#}"))
+        });
         let dir = dir.clone().map_err(anyhow::Error::msg)?;
         for bin in ["kubelet", "kube-proxy", "containerd", "ctr", "containerd-shim-runc-v2", "runc", "sandbox-image"] {
             if !dir.join(bin).is_file() {
@@ -179,7 +178,7 @@ fn images_dir() -> Result<PathBuf> {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let out = repo_root().join("target/images");
     let dir = DIR.get_or_init(|| {
-        script_output("BERTH_IMAGES", "hack/build-image", &[out.to_str().unwrap_or_default()])
+        dir_from_env_or_script("BERTH_IMAGES", "hack/build-image", &[out.to_str().unwrap_or_default()])
             .map_err(|e| format!("{e:#}"))
     });
     let dir = dir.clone().map_err(anyhow::Error::msg)?;
@@ -187,24 +186,6 @@ fn images_dir() -> Result<PathBuf> {
         bail!("{} has no images list: run hack/build-image, or point BERTH_IMAGES at its output", dir.display());
     }
     Ok(dir)
-}
-
-/// `$env` if set, else the last line `script args` prints.
-fn script_output(env: &str, script: &str, args: &[&str]) -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os(env) {
-        return Ok(PathBuf::from(dir));
-    }
-    let path = repo_root().join(script);
-    let out = Command::new(&path)
-        .args(args)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", path.display()))?;
-    if !out.status.success() {
-        bail!("{} failed ({}); see its output above", path.display(), out.status);
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    Ok(PathBuf::from(stdout.lines().last().with_context(|| format!("{script} printed nothing"))?.trim()))
 }
 
 /// containerd's, kubelet's, kube-proxy's and the CNI configuration, and the daemons' kubeconfigs.

@@ -12,6 +12,15 @@ use crate::kube_util::wait_for;
 /// The test image hack/build-image makes from Debian's busybox-static (imported into the node, never pulled).
 pub const BUSYBOX: &str = "berth.test/busybox:dev";
 
+/// What the pod of [`claim_and_pod`] does after writing its proof into the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodLife {
+    /// Reads the proof back and exits: the claim is proven once the pod has Succeeded.
+    RunsOnce,
+    /// Stays Running (Ready once its proof is readable), for a cluster a person then looks at.
+    Stays,
+}
+
 /// Creates claim `name` of `class` (`size`, e.g. "64Mi") and a pod that writes a file into it and reads it back,
 /// and waits until the pod has Succeeded; returns the Bound claim.
 pub async fn claim_used_by_a_pod(
@@ -20,6 +29,19 @@ pub async fn claim_used_by_a_pod(
     name: &str,
     class: &str,
     size: &str,
+) -> Result<PersistentVolumeClaim> {
+    claim_and_pod(client, namespace, name, class, size, PodLife::RunsOnce).await
+}
+
+/// Creates claim `name` of `class` and a pod of the same name that writes a file into it, and waits until the pod
+/// has Succeeded ([`PodLife::RunsOnce`]) or is Ready ([`PodLife::Stays`]); returns the Bound claim.
+pub async fn claim_and_pod(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    class: &str,
+    size: &str,
+    life: PodLife,
 ) -> Result<PersistentVolumeClaim> {
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
@@ -32,15 +54,27 @@ pub async fn claim_used_by_a_pod(
         },
     }))?;
     claims.create(&PostParams::default(), &claim).await.with_context(|| format!("claim {name}"))?;
+    let write = "echo written-by-the-pod > /data/proof && cat /data/proof && grep -q written /data/proof";
+    let (command, restart, probe) = match life {
+        PodLife::RunsOnce => (write.to_owned(), "Never", serde_json::Value::Null),
+        // `exec sleep`: the shell is gone, the sleeping PID 1 ignores SIGTERM, hence the short grace period.
+        PodLife::Stays => (
+            format!("{write} && exec sleep 2147483647"),
+            "Always",
+            serde_json::json!({"exec": {"command": ["grep", "-q", "written", "/data/proof"]}, "periodSeconds": 2}),
+        ),
+    };
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": name},
         "spec": {
-            "restartPolicy": "Never",
+            "restartPolicy": restart,
+            "terminationGracePeriodSeconds": 1,
             "containers": [{
                 "name": "writer",
                 "image": BUSYBOX,
                 "imagePullPolicy": "Never",
-                "command": ["sh", "-c", "echo written-by-the-pod > /data/proof && cat /data/proof && grep -q written /data/proof"],
+                "command": ["sh", "-c", command],
+                "readinessProbe": probe,
                 "volumeMounts": [{"name": "data", "mountPath": "/data"}],
             }],
             "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": name}}],
@@ -48,10 +82,18 @@ pub async fn claim_used_by_a_pod(
     }))?;
     pods.create(&PostParams::default(), &pod).await.with_context(|| format!("pod {name}"))?;
     let phase = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-    let done = wait_for(&pods, name, Duration::from_secs(180), |p| matches!(phase(p).as_str(), "Succeeded" | "Failed"))
-        .await
-        .with_context(|| format!("pod {name} using claim {name} ({class})"))?;
-    anyhow::ensure!(phase(&done) == "Succeeded", "pod {name} failed: {:#?}", done.status);
+    let ready = |p: &Pod| {
+        let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
+        conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    };
+    let done = wait_for(&pods, name, Duration::from_secs(180), |p| match life {
+        PodLife::RunsOnce => matches!(phase(p).as_str(), "Succeeded" | "Failed"),
+        PodLife::Stays => ready(p) || phase(p) == "Failed",
+    })
+    .await
+    .with_context(|| format!("pod {name} using claim {name} ({class})"))?;
+    let expected = if life == PodLife::RunsOnce { "Succeeded" } else { "Running" };
+    anyhow::ensure!(phase(&done) == expected, "pod {name} is not {expected}: {:#?}", done.status);
     let bound = claims.get(name).await?;
     anyhow::ensure!(
         bound.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"),

@@ -10,6 +10,8 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, ListParams};
 use testbed::agents::PoolSpec;
 use testbed::bins::repo_root;
+use testbed::demo::{PodLife, claim_and_pod};
+use testbed::deploy::{self, Install};
 use testbed::{FsType, NodeDiskSpec, NodeSpec, TestBed, TestBedConfig};
 
 /// Starts a local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler) with
@@ -52,6 +54,13 @@ struct Args {
     /// Exit as soon as everything is ready (after printing), instead of waiting for Ctrl-C. For smoke tests.
     #[arg(long)]
     exit_when_ready: bool,
+    /// Instead of simulated nodes: one real node (kubelet, containerd and kube-proxy in a qemu guest, from
+    /// $BERTH_NODE_BINS or hack/node-bins) with Berth installed from deploy/ as users install it: `kubectl apply -k`
+    /// through the image overlay tests/deploy/real-node, images from $BERTH_IMAGES or hack/build-image, the pool
+    /// `local` prepared with `berth-agent init-pool`, the example StorageClasses, and a claim `demo-data` used by
+    /// a Running pod. Needs root (the guest's disks). About two minutes under software emulation.
+    #[arg(long, conflicts_with_all = ["nodes", "agent_bin", "controller_bin", "demo", "prometheus"])]
+    real_node: bool,
 }
 
 fn progress(message: &str) {
@@ -61,6 +70,9 @@ fn progress(message: &str) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.real_node {
+        return real_node(&args).await;
+    }
     let sizes: Vec<u64> = args
         .pool_size
         .iter()
@@ -83,9 +95,7 @@ async fn main() -> Result<()> {
         })
         .collect();
     let config = TestBedConfig { nodes: node_specs, base_dir: args.base_dir.clone(), real_node: None };
-    if let Some(pid_file) = &args.pid_file {
-        std::fs::write(pid_file, std::process::id().to_string())?;
-    }
+    write_pid_file(&args)?;
 
     progress(&format!("starting the control plane and {nodes} simulated nodes"));
     let bed = TestBed::start(config).await.context("starting the test bed")?;
@@ -153,19 +163,72 @@ async fn main() -> Result<()> {
     if args.exit_when_ready {
         return Ok(());
     }
-    eprintln!("running; Ctrl-C or hack/down to stop and clean up");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    wait_for_signal().await?;
     progress("stopping");
     drop(prometheus);
     drop(controller);
     drop(_berth);
     drop(bed);
+    remove_pid_file(&args);
+    Ok(())
+}
+
+/// `--real-node`: the bed with one real node and Berth installed on it from deploy/.
+async fn real_node(args: &Args) -> Result<()> {
+    let mut config = TestBedConfig::real_node();
+    if let Some(dir) = &args.base_dir {
+        config.base_dir = Some(dir.clone());
+    }
+    write_pid_file(args)?;
+    progress("starting the control plane and booting the real node (about a minute until it is Ready)");
+    let bed = TestBed::start(config).await.context("starting the test bed with a real node")?;
+    let node = bed.real_node().context("the bed has no real node")?.spec.clone();
+    progress(&format!("node {} Ready after {:.0} s", node.name, bed.boot_time().as_secs_f64()));
+    progress("installing Berth: kubectl apply -k deploy/ (through tests/deploy/real-node: the local image)");
+    deploy::apply(&bed, &Install::default(), &bed.dir().join("install"))?;
+    progress("preparing the pool local: kubectl exec <agent pod> -- berth-agent init-pool --pool local");
+    deploy::init_pool(&bed, &node.name, "local").await?;
+    deploy::wait_pool(&bed.client(), &node.name, "local", Duration::from_secs(120), |p| p.ready).await?;
+    let examples = repo_root().join("deploy/examples");
+    deploy::kubectl(&bed, &["apply", "-k", examples.to_str().context("path")?])?;
+    progress("demo: claim demo-data (berth-local) and a pod writing into it");
+    claim_and_pod(&bed.client(), "default", "demo-data", "berth-local", "64Mi", PodLife::Stays).await?;
+    let show = |what: &[&str]| eprint!("{}", deploy::kubectl(&bed, what).unwrap_or_else(|e| format!("{e:#}\n")));
+    show(&["get", "nodes", "-o", "wide"]);
+    show(&["get", "pods", "-A", "-o", "wide"]);
+    show(&["get", "berthnodes"]);
+    show(&["get", "pvc,pv", "-o", "wide"]);
+    eprintln!("logs: {}/logs (kubelet.log, containerd.log, kube-proxy.log: the node's)", bed.dir().display());
+    eprintln!("kubectl of the same version: {}", bed.kubectl_path().display());
+    println!("export KUBECONFIG={}", bed.kubeconfig().display());
+    if !args.exit_when_ready {
+        wait_for_signal().await?;
+    }
+    progress("stopping");
+    drop(bed);
+    remove_pid_file(args);
+    Ok(())
+}
+
+fn write_pid_file(args: &Args) -> Result<()> {
+    if let Some(pid_file) = &args.pid_file {
+        std::fs::write(pid_file, std::process::id().to_string())?;
+    }
+    Ok(())
+}
+
+fn remove_pid_file(args: &Args) {
     if let Some(pid_file) = &args.pid_file {
         let _ = std::fs::remove_file(pid_file);
+    }
+}
+
+async fn wait_for_signal() -> Result<()> {
+    eprintln!("running; Ctrl-C or hack/down to stop and clean up");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
     Ok(())
 }

@@ -7,7 +7,9 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, PostParams};
 
-use crate::kube_util::wait_for;
+use kube::runtime::wait::await_condition;
+
+use crate::kube_util::events_of;
 
 /// The test image hack/build-image makes from Debian's busybox-static (imported into the node, never pulled).
 pub const BUSYBOX: &str = "berth.test/busybox:dev";
@@ -86,14 +88,33 @@ pub async fn claim_and_pod(
         let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
         conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
     };
-    let done = wait_for(&pods, name, Duration::from_secs(180), |p| match life {
-        PodLife::RunsOnce => matches!(phase(p).as_str(), "Succeeded" | "Failed"),
-        PodLife::Stays => ready(p) || phase(p) == "Failed",
-    })
-    .await
-    .with_context(|| format!("pod {name} using claim {name} ({class})"))?;
+    let done = tokio::time::timeout(
+        Duration::from_secs(180),
+        await_condition(pods.clone(), name, |p: Option<&Pod>| {
+            p.is_some_and(|p| match life {
+                PodLife::RunsOnce => matches!(phase(p).as_str(), "Succeeded" | "Failed"),
+                PodLife::Stays => ready(p) || phase(p) == "Failed",
+            })
+        }),
+    )
+    .await;
     let expected = if life == PodLife::RunsOnce { "Succeeded" } else { "Running" };
-    anyhow::ensure!(phase(&done) == expected, "pod {name} is not {expected}: {:#?}", done.status);
+    match done {
+        Ok(Ok(Some(pod))) if phase(&pod) == expected => {}
+        outcome => {
+            let seen = match outcome {
+                Ok(Ok(Some(pod))) => format!("{}: {:?}", phase(&pod), pod.status.and_then(|s| s.container_statuses)),
+                Ok(Ok(None)) => "deleted".into(),
+                Ok(Err(e)) => format!("watch failed: {e}"),
+                Err(_) => "not done within 180 s".into(),
+            };
+            anyhow::bail!(
+                "pod {name} using claim {name} ({class}) is not {expected} ({seen}); events:\n{}\n{}",
+                events_of(client, namespace, name).await,
+                claims.get_opt(name).await.ok().flatten().and_then(|c| c.status).map(|s| format!("{s:?}")).unwrap_or_default()
+            );
+        }
+    };
     let bound = claims.get(name).await?;
     anyhow::ensure!(
         bound.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"),

@@ -28,7 +28,8 @@ impl Install {
     /// Writes the kustomization into `dir` (made if missing) and returns `dir`.
     pub fn write(&self, dir: &Path) -> Result<PathBuf> {
         std::fs::create_dir_all(dir)?;
-        let root = repo_root();
+        // kustomize takes only relative paths to other kustomizations.
+        let root = relative(&std::path::absolute(dir)?, &repo_root());
         let mut text = format!(
             "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n- {}\n",
             root.join("tests/deploy/real-node").display()
@@ -49,6 +50,18 @@ impl Install {
         std::fs::write(dir.join("kustomization.yaml"), text)?;
         Ok(dir.to_owned())
     }
+}
+
+/// The path from directory `from` to `to`, both absolute and without `..`: `../..` up to their common part, then
+/// down.
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let common = from.components().zip(to.components()).take_while(|(a, b)| a == b).count();
+    let mut path = PathBuf::new();
+    for _ in from.components().skip(common) {
+        path.push("..");
+    }
+    to.components().skip(common).for_each(|c| path.push(c));
+    path
 }
 
 /// `kubectl <args>` against the bed; its stdout, or an error with its stderr.
@@ -84,7 +97,17 @@ pub fn describe_pods(bed: &TestBed) -> String {
     let pods = kubectl(bed, &["-n", NAMESPACE, "get", "pods", "-o", "wide"]).unwrap_or_else(|e| e.to_string());
     let events =
         kubectl(bed, &["-n", NAMESPACE, "get", "events", "--sort-by=.lastTimestamp"]).unwrap_or_else(|e| e.to_string());
-    format!("pods:\n{pods}\nevents:\n{events}")
+    // Through the API server's way to the kubelet (the egress proxy): the pods' own words on why.
+    let names = kubectl(bed, &["-n", NAMESPACE, "get", "pods", "-o", "name"]).unwrap_or_default();
+    let logs: String = names
+        .lines()
+        .map(|pod| {
+            let tail = kubectl(bed, &["-n", NAMESPACE, "logs", "--tail=25", "--all-containers", pod])
+                .unwrap_or_else(|e| e.to_string());
+            format!("--- kubectl logs {pod}\n{tail}\n")
+        })
+        .collect();
+    format!("pods:\n{pods}\nevents:\n{events}\n{logs}")
 }
 
 /// The running agent pod on `node` (the DaemonSet's, not one being replaced).
@@ -142,4 +165,17 @@ pub async fn wait_pool(
         .await
         .with_context(|| format!("pool {pool} of {node}"))?;
     Ok(find(&bn).expect("the condition found it"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_climb_to_the_common_part() {
+        let rel = |a: &str, b: &str| relative(Path::new(a), Path::new(b)).display().to_string();
+        assert_eq!(rel("/work/repo/target/beds/x/install", "/work/repo"), "../../../..");
+        assert_eq!(rel("/tmp/bed/install", "/work/repo"), "../../../work/repo");
+        assert_eq!(rel("/work/repo", "/work/repo"), "");
+    }
 }

@@ -4,9 +4,9 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount, Taint};
+use k8s_openapi::api::core::v1::{Event, Namespace, Node, ServiceAccount, Taint};
 use kube::Resource;
-use kube::api::{Api, ObjectMeta, PostParams};
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use kube::runtime::wait::await_condition;
 use serde::de::DeserializeOwned;
 
@@ -47,6 +47,26 @@ where
             let last = api.get_opt(name).await.ok().flatten();
             Err(anyhow!("{name} still exists after {timeout:?}: {last:#?}"))
         }
+    }
+}
+
+/// The events of the object `name` in `namespace`, oldest first, one line each (`Warning FailedMount: …`), for
+/// failure messages; an error reading them becomes the text.
+pub async fn events_of(client: &kube::Client, namespace: &str, name: &str) -> String {
+    let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let params = ListParams::default().fields(&format!("involvedObject.name={name}"));
+    match api.list(&params).await {
+        Ok(list) => {
+            let mut events = list.items;
+            events.sort_by_key(|e| e.last_timestamp.clone().or(e.first_timestamp.clone()).map(|t| t.0));
+            let line = |e: &Event| {
+                let kind = e.involved_object.kind.as_deref().unwrap_or("?");
+                let (ty, reason) = (e.type_.as_deref().unwrap_or("?"), e.reason.as_deref().unwrap_or("?"));
+                format!("  {kind} {ty} {reason} (x{}): {}", e.count.unwrap_or(1), e.message.as_deref().unwrap_or(""))
+            };
+            events.iter().map(line).collect::<Vec<_>>().join("\n")
+        }
+        Err(e) => format!("  (events of {namespace}/{name} unreadable: {e})"),
     }
 }
 

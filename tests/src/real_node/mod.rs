@@ -88,7 +88,16 @@ impl RealNode {
         std::fs::create_dir_all(&cfg)?;
         let sandbox = std::fs::read_to_string(node_bins.0.join("sandbox-image"))
             .context("hack/node-bins output has no sandbox-image file")?;
-        write_config(&cfg, &spec, api_port, pki, sandbox.trim())?;
+        let sandbox = sandbox.trim();
+        let listed = std::fs::read_to_string(images.join("images"))?;
+        if !listed.lines().any(|l| l.split_whitespace().nth(1) == Some(sandbox)) {
+            bail!(
+                "{} has no {sandbox}, the sandbox image this containerd runs (hack/node-bins' sandbox-image): \
+                 make it with hack/build-image --pause-ref {sandbox}",
+                images.display()
+            );
+        }
+        write_config(&cfg, &spec, api_port, pki, sandbox)?;
         let mut vm = Vm::new()?.memory("2G").cpus(2).rwdir(&logs);
         for (name, size) in [("node-state.img", STATE_DISK), ("node-xfs.img", XFS_DISK), ("node-lvm.img", LVM_DISK)] {
             let image = dir.join(name);

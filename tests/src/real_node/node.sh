@@ -44,7 +44,8 @@ step "pvcreate" lvm pvcreate -q "$vgdisk"
 step "vgcreate" lvm vgcreate -q berth "$vgdisk"
 
 # Networking for pods and Services: bridged pod traffic through iptables (kube-proxy's rules), forwarding on.
-step "loading br_netfilter" modprobe -a br_netfilter overlay
+# nf_conntrack: kube-proxy sets its timeouts in /proc/sys/net/netfilter at start and exits without it.
+step "loading br_netfilter, overlay, nf_conntrack" modprobe -a br_netfilter overlay nf_conntrack
 step "sysctls" sysctl -q -w net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1
 
 log "starting containerd"
@@ -59,10 +60,16 @@ done <"$BERTH_IMAGES/images"
 
 log "starting kube-proxy and kubelet"
 kube-proxy --config "$cfg/kube-proxy.yaml" >"$logs/kube-proxy.log" 2>&1 &
+proxy=$!
 kubelet --config "$cfg/kubelet.yaml" --kubeconfig "$cfg/kubelet.kubeconfig" --node-ip 10.0.2.15 \
   --hostname-override "$BERTH_NODE_NAME" --node-labels "kubernetes.io/hostname=$BERTH_NODE_HOSTNAME" \
   >"$logs/kubelet.log" 2>&1 &
 kubelet=$!
 log "node started"
-wait "$kubelet"
-fail "kubelet exited ($?); the end of kubelet.log: $(tail -n 20 "$logs/kubelet.log")"
+# Either daemon exiting ends the node: the host sees the guest stop and reports this line and the logs.
+wait -n "$kubelet" "$proxy"
+rc=$?
+if kill -0 "$kubelet" 2>/dev/null; then
+  fail "kube-proxy exited ($rc); the end of kube-proxy.log: $(tail -n 20 "$logs/kube-proxy.log")"
+fi
+fail "kubelet exited ($rc); the end of kubelet.log: $(tail -n 20 "$logs/kubelet.log")"

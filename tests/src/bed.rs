@@ -496,7 +496,7 @@ async fn kubernetes_endpoints(client: &kube::Client, api_port: u16) -> Result<()
     Ok(())
 }
 
-/// Waits until the real node is Ready and untainted, failing early (with its console and logs) if it stops.
+/// Waits until the real node is Ready and untainted and has imported the images, failing early (with its console and logs) if it stops.
 async fn wait_real_node(res: &mut Resources, nodes: &Api<Node>, name: &str) -> Result<()> {
     let started = Instant::now();
     loop {
@@ -505,19 +505,20 @@ async fn wait_real_node(res: &mut Resources, nodes: &Api<Node>, name: &str) -> R
         }
         let node = res.real_node.as_mut().expect("booted");
         node.ensure_running()?;
-        if let Some(n) = nodes.get_opt(name).await?
+        if node.images_imported()
+            && let Some(n) = nodes.get_opt(name).await?
             && crate::kube_util::node_is_ready(&n)
             && crate::kube_util::node_taints(&n).is_empty()
         {
             println!(
-                "test bed: the real node {name} is Ready {:.0} s after its boot began",
+                "test bed: the real node {name} is Ready, its images imported, {:.0} s after its boot began",
                 started.elapsed().as_secs_f64()
             );
             return Ok(());
         }
         if started.elapsed() > REAL_NODE_READY_TIMEOUT {
             bail!(
-                "the real node {name} is not Ready after {REAL_NODE_READY_TIMEOUT:?}; its console ended with:\n{}\n{}",
+                "the real node {name} is not Ready with its images imported after {REAL_NODE_READY_TIMEOUT:?}; its console ended with:\n{}\n{}",
                 node.console_tail(40),
                 node.log_tails()
             );

@@ -111,7 +111,14 @@ pub async fn claim_and_pod(
             anyhow::bail!(
                 "pod {name} using claim {name} ({class}) is not {expected} ({seen}); events:\n{}\n{}",
                 events_of(client, namespace, name).await,
-                claims.get_opt(name).await.ok().flatten().and_then(|c| c.status).map(|s| format!("{s:?}")).unwrap_or_default()
+                claims
+                    .get_opt(name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|c| c.status)
+                    .map(|s| format!("{s:?}"))
+                    .unwrap_or_default()
             );
         }
     };

@@ -9,7 +9,7 @@ use berth::berth_node::BerthNode;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
 use kube::api::{Api, ListParams};
-use testbed::demo::claim_used_by_a_pod;
+use testbed::demo::{PodLife, claim_and_pod, claim_used_by_a_pod};
 use testbed::deploy::{self, Install, NAMESPACE};
 use testbed::kube_util::create_namespace;
 use testbed::{TestBed, TestBedConfig};
@@ -91,7 +91,8 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
     deploy::kubectl(&bed, &["apply", "-k", &testbed::bins::repo_root().join("deploy/examples").display().to_string()])
         .unwrap();
     create_namespace(&client, "apps").await.unwrap();
-    let claim = claim_used_by_a_pod(&client, "apps", "local-data", "berth-local", "64Mi").await.unwrap();
+    // A pod that stays (hack/up --real-node's demo): Ready once it reads back what it wrote into the volume.
+    let claim = claim_and_pod(&client, "apps", "local-data", "berth-local", "64Mi", PodLife::Stays).await.unwrap();
     let pv_name = claim.spec.unwrap().volume_name.unwrap();
     let pv = Api::<PersistentVolume>::all(client.clone()).get(&pv_name).await.unwrap();
     let affinity = serde_json::to_string(&pv.spec.unwrap().node_affinity).unwrap();

@@ -149,6 +149,11 @@ impl RealNode {
         self.vm.as_ref().map(|vm| vm.output_tail(lines)).unwrap_or_default()
     }
 
+    /// Whether the guest has imported every image (node.sh imports them while kubelet starts).
+    pub fn images_imported(&self) -> bool {
+        self.logs.join("images.imported").exists()
+    }
+
     /// Where the guest writes the daemons' logs.
     pub fn logs_dir(&self) -> &Path {
         &self.logs

@@ -52,11 +52,20 @@ log "starting containerd"
 containerd --config "$cfg/containerd.toml" >"$logs/containerd.log" 2>&1 &
 for _ in $(seq 300); do ctr version >/dev/null 2>&1 && break; sleep 0.2; done
 ctr version >/dev/null 2>&1 || fail "containerd did not answer within 60 s (see containerd.log)"
-while read -r file ref; do
-  t=$SECONDS
-  step "importing $ref" ctr -n k8s.io images import "$BERTH_IMAGES/$file" >>"$logs/images.log"
-  log "imported $ref in $((SECONDS - t)) s"
-done <"$BERTH_IMAGES/images"
+# The images are imported while kubelet starts and registers (each takes about 40 s under TCG): the host waits for
+# both, the Node Ready and the marker images.imported in the logs directory. A failed import ends the node.
+import_images() {
+  local file ref t
+  while read -r file ref; do
+    t=$SECONDS
+    ctr -n k8s.io images import "$BERTH_IMAGES/$file" >>"$logs/images.log" 2>&1 ||
+      { echo "node: FAILED: importing $ref (see images.log)"; exit 1; }
+    log "imported $ref in $((SECONDS - t)) s"
+  done <"$BERTH_IMAGES/images"
+  : >"$logs/images.imported"
+}
+import_images &
+imports=$!
 
 log "starting kube-proxy and kubelet"
 kube-proxy --config "$cfg/kube-proxy.yaml" >"$logs/kube-proxy.log" 2>&1 &
@@ -66,10 +75,14 @@ kubelet --config "$cfg/kubelet.yaml" --kubeconfig "$cfg/kubelet.kubeconfig" --no
   >"$logs/kubelet.log" 2>&1 &
 kubelet=$!
 log "node started"
-# Either daemon exiting ends the node: the host sees the guest stop and reports this line and the logs.
-wait -n "$kubelet" "$proxy"
-rc=$?
-if kill -0 "$kubelet" 2>/dev/null; then
-  fail "kube-proxy exited ($rc); the end of kube-proxy.log: $(tail -n 20 "$logs/kube-proxy.log")"
-fi
-fail "kubelet exited ($rc); the end of kubelet.log: $(tail -n 20 "$logs/kubelet.log")"
+# Either daemon exiting, or a failed import, ends the node: the host sees the guest stop and reports this line and
+# the logs.
+while :; do
+  wait -n -p done "$kubelet" "$proxy" ${imports:+"$imports"}
+  rc=$?
+  case $done in
+    "$imports") [ "$rc" = 0 ] || fail "the images were not imported"; imports= ;;
+    "$proxy") fail "kube-proxy exited ($rc); the end of kube-proxy.log: $(tail -n 20 "$logs/kube-proxy.log")" ;;
+    *) fail "kubelet exited ($rc); the end of kubelet.log: $(tail -n 20 "$logs/kubelet.log")" ;;
+  esac
+done

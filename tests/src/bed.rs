@@ -496,7 +496,8 @@ async fn kubernetes_endpoints(client: &kube::Client, api_port: u16) -> Result<()
     Ok(())
 }
 
-/// Waits until the real node is Ready and untainted and has imported the images, failing early (with its console and logs) if it stops.
+/// Waits until the real node is Ready and untainted and has imported the images, failing early (with its console
+/// and logs) if it stops.
 async fn wait_real_node(res: &mut Resources, nodes: &Api<Node>, name: &str) -> Result<()> {
     let started = Instant::now();
     loop {

@@ -142,17 +142,12 @@ async fn main() -> Result<()> {
     if args.demo {
         run_demo(&bed).await?;
     }
-    let show = |what: &[&str]| -> Result<()> {
-        let out = bed.kubectl(what)?;
-        eprint!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        Ok(())
-    };
-    show(&["get", "nodes", "-o", "wide"])?;
+    show(&bed, &["get", "nodes", "-o", "wide"])?;
     if args.agent_bin.is_some() {
-        show(&["get", "berthnodes"])?;
+        show(&bed, &["get", "berthnodes"])?;
     }
     if args.demo {
-        show(&["get", "pvc,pv", "-o", "wide"])?;
+        show(&bed, &["get", "pvc,pv", "-o", "wide"])?;
     }
     if let Some(p) = &prometheus {
         eprintln!("Prometheus: {} (try: berth_pool_free_bytes)", p.url);
@@ -193,11 +188,10 @@ async fn real_node(args: &Args) -> Result<()> {
     deploy::kubectl(&bed, &["apply", "-k", examples.to_str().context("path")?])?;
     progress("demo: claim demo-data (berth-local) and a pod writing into it");
     claim_and_pod(&bed.client(), "default", "demo-data", "berth-local", "64Mi", PodLife::Stays).await?;
-    let show = |what: &[&str]| eprint!("{}", deploy::kubectl(&bed, what).unwrap_or_else(|e| format!("{e:#}\n")));
-    show(&["get", "nodes", "-o", "wide"]);
-    show(&["get", "pods", "-A", "-o", "wide"]);
-    show(&["get", "berthnodes"]);
-    show(&["get", "pvc,pv", "-o", "wide"]);
+    for what in [&["get", "nodes", "-o", "wide"][..], &["get", "pods", "-A", "-o", "wide"], &["get", "berthnodes"]] {
+        show(&bed, what)?;
+    }
+    show(&bed, &["get", "pvc,pv", "-o", "wide"])?;
     eprintln!("logs: {}/logs (kubelet.log, containerd.log, kube-proxy.log: the node's)", bed.dir().display());
     eprintln!("kubectl of the same version: {}", bed.kubectl_path().display());
     println!("export KUBECONFIG={}", bed.kubeconfig().display());
@@ -207,6 +201,13 @@ async fn real_node(args: &Args) -> Result<()> {
     progress("stopping");
     drop(bed);
     remove_pid_file(args);
+    Ok(())
+}
+
+/// Prints what `kubectl <what>` prints (its stdout and stderr) for the person who started the bed.
+fn show(bed: &TestBed, what: &[&str]) -> Result<()> {
+    let out = bed.kubectl(what)?;
+    eprint!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
 

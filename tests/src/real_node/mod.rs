@@ -82,13 +82,13 @@ impl RealNode {
         logs: &Path,
     ) -> Result<RealNode> {
         let node_bins = NodeBins::locate()?;
-        let images = images_dir()?;
         let cfg = dir.join("config");
         let logs = logs.to_owned();
         std::fs::create_dir_all(&cfg)?;
         let sandbox = std::fs::read_to_string(node_bins.0.join("sandbox-image"))
             .context("hack/node-bins output has no sandbox-image file")?;
         let sandbox = sandbox.trim();
+        let images = images_dir(sandbox)?;
         let listed = std::fs::read_to_string(images.join("images"))?;
         if !listed.lines().any(|l| l.split_whitespace().nth(1) == Some(sandbox)) {
             bail!(
@@ -187,13 +187,14 @@ impl NodeBins {
     }
 }
 
-/// The OCI archives the node imports: `$BERTH_IMAGES`, or `hack/build-image target/images` (slow: a release build).
-fn images_dir() -> Result<PathBuf> {
+/// The OCI archives the node imports: `$BERTH_IMAGES`, or `hack/build-image --pause-ref SANDBOX target/images`
+/// (slow the first time: a release build), its pause image the `sandbox` image containerd runs.
+fn images_dir(sandbox: &str) -> Result<PathBuf> {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let out = repo_root().join("target/images");
     let dir = DIR.get_or_init(|| {
-        dir_from_env_or_script("BERTH_IMAGES", "hack/build-image", &[out.to_str().unwrap_or_default()])
-            .map_err(|e| format!("{e:#}"))
+        let args = ["--pause-ref", sandbox, out.to_str().unwrap_or_default()];
+        dir_from_env_or_script("BERTH_IMAGES", "hack/build-image", &args).map_err(|e| format!("{e:#}"))
     });
     let dir = dir.clone().map_err(anyhow::Error::msg)?;
     if !dir.join("images").is_file() {

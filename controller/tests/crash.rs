@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use testbed::kube_util::{wait_deleted, wait_for};
+use testbed::kube_util::{events_of, wait_deleted, wait_for};
 
 /// Aborts the controller at `failpoint`, checks what it left (a volume, and a PV if `pv_left`), restarts it and
 /// checks the end state.
@@ -128,6 +128,11 @@ async fn a_claim_whose_selected_node_changed_after_an_abort_ends_with_one_volume
     let mut crashing =
         start_with_failpoints(&w, "controller", &AUDIT_REPORTS, "provision-after-agent-create=return").await;
     add_class(&w, class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")])).await;
+    // Both nodes' capacity published before the pod exists: the scheduler places a pod only on a node with a
+    // CSIStorageCapacity of its class, and the controller aborts right after its first create, so a node still
+    // unpublished then would stay unschedulable to the end (seen once under load in CI: the claim was never
+    // re-selected to the other node).
+    wait_capacities(&w, "berth-local", |c| c.len() == 2 && c.values().all(|&b| b > 0)).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
     let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
     let created = claims.create(&PostParams::default(), &claim("data", "berth-local", "64Mi")).await.unwrap();
@@ -148,7 +153,9 @@ async fn a_claim_whose_selected_node_changed_after_an_abort_ends_with_one_volume
     nodes.patch(&first, &PatchParams::default(), &Patch::Merge(&cordon)).await.unwrap();
     let unselect = serde_json::json!({"metadata": {"annotations": {"volume.kubernetes.io/selected-node": null}}});
     claims.patch("data", &PatchParams::default(), &Patch::Merge(&unselect)).await.unwrap();
-    wait_for(&claims, "data", WAIT, |c| selected(c).as_deref() == Some(second)).await.unwrap();
+    if let Err(e) = wait_for(&claims, "data", WAIT, |c| selected(c).as_deref() == Some(second)).await {
+        panic!("{e:#}\nthe pod's events (the scheduler's reasons):\n{}", events_of(&client, "app", "db").await);
+    }
 
     w.controllers
         .push(w.bed.start_controller_named("controller", &controller_bin(), &AUDIT_REPORTS, &[]).await.unwrap());

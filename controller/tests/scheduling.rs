@@ -19,35 +19,6 @@ use testbed::kube_util::{wait_deleted, wait_for};
 
 const GI: u64 = 1 << 30;
 
-/// The published capacity of `class` per node hostname (bytes), as kube-scheduler sees it.
-async fn capacities(w: &World, class: &str) -> BTreeMap<String, u64> {
-    let api: Api<CSIStorageCapacity> = Api::namespaced(w.bed.client(), "berth-system");
-    let list = api.list(&ListParams::default()).await.unwrap().items;
-    list.into_iter()
-        .filter(|c| c.storage_class_name == class)
-        .map(|c| {
-            let host = c.node_topology.unwrap().match_labels.unwrap()["kubernetes.io/hostname"].clone();
-            (host, berth::quantity::bytes(&c.capacity.unwrap().0).unwrap())
-        })
-        .collect()
-}
-
-async fn wait_capacities(
-    w: &World,
-    class: &str,
-    done: impl Fn(&BTreeMap<String, u64>) -> bool,
-) -> BTreeMap<String, u64> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let c = capacities(w, class).await;
-        if done(&c) {
-            return c;
-        }
-        assert!(Instant::now() < deadline, "capacity of {class} never became as expected: {c:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn hostname(w: &World, node: usize) -> String {
     w.bed.nodes()[node].hostname.clone()
 }

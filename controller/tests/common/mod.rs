@@ -5,13 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{
     Container, Event, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource, Pod, PodSpec, Volume, VolumeResourceRequirements,
 };
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use testbed::agents::{AgentProcess, PoolSpec};
@@ -258,4 +258,33 @@ pub async fn metrics_of(proc: &Proc) -> String {
 /// The value of the sample `name{labels}` (labels as written, e.g. `class="c",result="success"`), 0 if absent.
 pub fn sample(metrics: &str, series: &str) -> f64 {
     metrics.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
+/// The published capacity of `class` per node hostname (bytes), as kube-scheduler sees it.
+pub async fn capacities(w: &World, class: &str) -> BTreeMap<String, u64> {
+    let api: Api<CSIStorageCapacity> = Api::namespaced(w.bed.client(), "berth-system");
+    let list = api.list(&ListParams::default()).await.unwrap().items;
+    list.into_iter()
+        .filter(|c| c.storage_class_name == class)
+        .map(|c| {
+            let host = c.node_topology.unwrap().match_labels.unwrap()["kubernetes.io/hostname"].clone();
+            (host, berth::quantity::bytes(&c.capacity.unwrap().0).unwrap())
+        })
+        .collect()
+}
+
+pub async fn wait_capacities(
+    w: &World,
+    class: &str,
+    done: impl Fn(&BTreeMap<String, u64>) -> bool,
+) -> BTreeMap<String, u64> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let c = capacities(w, class).await;
+        if done(&c) {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "capacity of {class} never became as expected: {c:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -281,6 +281,13 @@ impl TestBed {
             &apiserver_args,
             &log("kube-apiserver"),
         )?);
+        if let Some(spec) = &config.real_node {
+            // Booted now, not once the control plane is up: the boot and the node's preparation (disks, daemons)
+            // take longer than the API server's start, and kubelet and kube-proxy retry until it answers.
+            let egress = res.egress.as_ref().expect("made with the API server");
+            let node = RealNode::boot(&dir.join("real-node"), spec.clone(), api_port, &pki, egress, &dir.join("logs"))?;
+            res.real_node = Some(node);
+        }
         let readyz = format!("{api_server}/readyz");
         wait_ready(&mut res.procs, "kube-apiserver", || probe(&http, &readyz)).await?;
 
@@ -392,9 +399,6 @@ impl TestBed {
         .await?;
         if let Some(spec) = &config.real_node {
             kubernetes_endpoints(&client, api_port).await?;
-            let egress = res.egress.as_ref().expect("made with the API server");
-            let node = RealNode::boot(&dir.join("real-node"), spec.clone(), api_port, &pki, egress, &dir.join("logs"))?;
-            res.real_node = Some(node);
             wait_real_node(&mut res, &nodes, &spec.name).await?;
         }
         // The serviceaccount controller gives every namespace its `default` account; pods need it.

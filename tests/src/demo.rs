@@ -60,10 +60,18 @@ pub async fn claim_and_pod(
     let (command, restart, probe) = match life {
         PodLife::RunsOnce => (write.to_owned(), "Never", serde_json::Value::Null),
         // `exec sleep`: the shell is gone, the sleeping PID 1 ignores SIGTERM, hence the short grace period.
+        // An exec probe starts a process in the container each time, which costs a real node under emulation
+        // dearly (every 2 s slowed all that followed: probes of other pods timed out), hence every 10 s, the
+        // first after 2 s (by then the proof is written).
         PodLife::Stays => (
             format!("{write} && exec sleep 2147483647"),
             "Always",
-            serde_json::json!({"exec": {"command": ["grep", "-q", "written", "/data/proof"]}, "periodSeconds": 2}),
+            serde_json::json!({
+                "exec": {"command": ["grep", "-q", "written", "/data/proof"]},
+                "initialDelaySeconds": 2,
+                "periodSeconds": 10,
+                "timeoutSeconds": 5,
+            }),
         ),
     };
     let pod: Pod = serde_json::from_value(serde_json::json!({

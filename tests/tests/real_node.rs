@@ -1,7 +1,7 @@
 //! Berth on a real node, exactly as deploy/ installs it: kubelet and containerd in a qemu guest (tests/src/real_node),
 //! the image hack/build-image makes, `kubectl apply -k` of deploy/ through the image overlay tests/deploy/real-node,
 //! the in-cluster tokens kubelet projects, pools prepared with `kubectl exec … berth-agent init-pool`.
-//! One boot serves every phase (hack/test-vm runs it; ~1 minute of it is the node becoming Ready).
+//! One boot serves every phase (three installs, each a DaemonSet roll) (hack/test-vm runs it; ~1 minute of it is the node becoming Ready).
 
 use std::time::{Duration, Instant};
 
@@ -16,14 +16,13 @@ use testbed::{TestBed, TestBedConfig};
 
 const POOL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The agent configuration of the quota and lvm phases: deploy/'s pool `local`, an XFS pool on the disk the node
-/// mounted with prjquota, and (lvm phase) an lvm pool on the node's volume group `berth`. The container has no
-/// udev: lvm2 is told so by the image's /etc/lvm/lvmlocal.conf.
+/// The agent configuration of every phase: deploy/agent/agent.toml as shipped (its pool `local`), an XFS pool on
+/// the disk the node mounted with prjquota and (lvm phase) an lvm pool on the node's volume group `berth`, as an
+/// operator extends it. The container has no udev: lvm2 is told so by the image's /etc/lvm/lvmlocal.conf.
 fn agent_toml(lvm: bool) -> String {
-    let mut toml = String::from(concat!(
-        "[[pool]]\nname = \"local\"\nbackend = \"hostpath\"\nroot = \"/var/lib/berth/pools/local\"\n\n",
-        "[[pool]]\nname = \"quota\"\nbackend = \"hostpath\"\nroot = \"/var/lib/berth/pools/quota\"\n",
-    ));
+    let shipped = testbed::bins::repo_root().join("deploy/agent/agent.toml");
+    let mut toml = std::fs::read_to_string(&shipped).expect("deploy/agent/agent.toml");
+    toml.push_str("\n[[pool]]\nname = \"quota\"\nbackend = \"hostpath\"\nroot = \"/var/lib/berth/pools/quota\"\n");
     if lvm {
         toml.push_str(
             "\n[[pool]]\nname = \"lvm\"\nbackend = \"lvm\"\nroot = \"/var/lib/berth/pools/lvm\"\nvolume-group = \"berth\"\n",
@@ -52,9 +51,13 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
     phase("node Ready", started);
     let work = bed.dir().join("install");
 
-    // 1. deploy/ as it is: the agent and both controller replicas run on the node with the tokens kubelet
-    //    projects; the agent publishes the node's BerthNode; a claim of berth-local is Bound and used by a pod.
-    deploy::apply(&bed, &Install::default(), &work.join("base")).unwrap();
+    // 1. deploy/ with the operator's agent configuration (deploy/agent/agent.toml as shipped, plus an XFS pool):
+    //    the agent and both controller replicas run on the node with the tokens kubelet projects; the agent
+    //    publishes the node's BerthNode; a claim of berth-local is Bound and used by a pod. The quota pool, without
+    //    deploy/quota, is ready but may not use project quotas under the shipped capabilities and RuntimeDefault
+    //    seccomp, and says so; a create there still succeeds (no size limit).
+    deploy::apply(&bed, &Install { components: vec![], agent_toml: Some(agent_toml(false)) }, &work.join("base"))
+        .unwrap();
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let ours = pods.list(&ListParams::default().labels("app.kubernetes.io/part-of=berth")).await.unwrap().items;
     assert_eq!(ours.len(), 3, "one agent and two controller pods: {}", deploy::describe_pods(&bed));
@@ -85,35 +88,33 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
         bn.status.as_ref().is_some_and(|s| s.endpoint.contains("10.244.")),
         "the agent advertises its pod IP: {bn:?}"
     );
-    let out = deploy::init_pool(&bed, &node.name, "local").await.unwrap();
-    println!("init-pool local: {}", out.trim());
+    for pool in ["local", "quota"] {
+        let out = deploy::init_pool(&bed, &node.name, pool).await.unwrap();
+        println!("init-pool {pool}: {}", out.trim());
+    }
     deploy::wait_pool(&client, &node.name, "local", POOL_TIMEOUT, |p| p.ready).await.unwrap();
-    deploy::kubectl(&bed, &["apply", "-k", &testbed::bins::repo_root().join("deploy/examples").display().to_string()])
-        .unwrap();
-    create_namespace(&client, "apps").await.unwrap();
-    // A pod that stays (hack/up --real-node's demo): Ready once it reads back what it wrote into the volume.
-    let claim = claim_and_pod(&client, "apps", "local-data", "berth-local", "64Mi", PodLife::Stays).await.unwrap();
-    let pv_name = claim.spec.unwrap().volume_name.unwrap();
-    let pv = Api::<PersistentVolume>::all(client.clone()).get(&pv_name).await.unwrap();
-    let affinity = serde_json::to_string(&pv.spec.unwrap().node_affinity).unwrap();
-    assert!(affinity.contains(&node.hostname), "the PV is pinned to the node's hostname label: {affinity}");
-    phase("deploy/ base: agent, controller, a claim used by a pod", started);
-
-    // 2. A quota pool without deploy/quota: ready, but the agent may not use project quotas under the shipped
-    //    capabilities and RuntimeDefault seccomp, and says so; a create still succeeds (no size limit).
-    deploy::apply(&bed, &Install { components: vec![], agent_toml: Some(agent_toml(false)) }, &work.join("quota-off"))
-        .unwrap();
-    let out = deploy::init_pool(&bed, &node.name, "quota").await.unwrap();
-    println!("init-pool quota: {}", out.trim());
     let pool = deploy::wait_pool(&client, &node.name, "quota", POOL_TIMEOUT, |p| p.ready).await.unwrap();
     assert_eq!(pool.enforcement, "none", "{pool:?}");
     let reason = pool.enforcement_reason.clone().unwrap_or_default();
     assert!(reason.contains("deploy/quota"), "the pool says why and what grants it: {pool:?}");
+    deploy::kubectl(&bed, &["apply", "-k", &testbed::bins::repo_root().join("deploy/examples").display().to_string()])
+        .unwrap();
     deploy::kubectl_apply_text(&bed, &storage_class("berth-quota", "quota", "")).unwrap();
-    claim_used_by_a_pod(&client, "apps", "quota-unenforced", "berth-quota", "64Mi").await.unwrap();
-    phase("quota pool without deploy/quota: enforcement none, said why", started);
+    create_namespace(&client, "apps").await.unwrap();
+    // Both claims at once (each pod's start under emulation is most of its time). local-data's pod stays
+    // (hack/up --real-node's demo): Ready once it reads back what it wrote into the volume.
+    let (claim, _) = tokio::try_join!(
+        claim_and_pod(&client, "apps", "local-data", "berth-local", "64Mi", PodLife::Stays),
+        claim_used_by_a_pod(&client, "apps", "quota-unenforced", "berth-quota", "64Mi"),
+    )
+    .unwrap();
+    let pv_name = claim.spec.unwrap().volume_name.unwrap();
+    let pv = Api::<PersistentVolume>::all(client.clone()).get(&pv_name).await.unwrap();
+    let affinity = serde_json::to_string(&pv.spec.unwrap().node_affinity).unwrap();
+    assert!(affinity.contains(&node.hostname), "the PV is pinned to the node's hostname label: {affinity}");
+    phase("deploy/: agent, controller, claims used by pods; the quota pool says why it enforces nothing", started);
 
-    // 3. With deploy/quota the same pool enforces project quotas from the shipped image.
+    // 2. With deploy/quota the same pool enforces project quotas from the shipped image.
     deploy::apply(
         &bed,
         &Install { components: vec!["quota"], agent_toml: Some(agent_toml(false)) },
@@ -127,7 +128,7 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
     claim_used_by_a_pod(&client, "apps", "quota-enforced", "berth-quota", "64Mi").await.unwrap();
     phase("deploy/quota: enforcement quota, a claim used by a pod", started);
 
-    // 4. deploy/lvm (privileged, Bidirectional propagation, the host's /dev): the lvm pool on the node's volume
+    // 3. deploy/lvm (privileged, Bidirectional propagation, the host's /dev): the lvm pool on the node's volume
     //    group is ready and a claim of berth-lvm (xfs, deploy/examples) is used by a pod.
     let install = Install { components: vec!["quota", "lvm"], agent_toml: Some(agent_toml(true)) };
     deploy::apply(&bed, &install, &work.join("lvm")).unwrap();

@@ -11,7 +11,8 @@
 //!   10.0.2.15:10250 is forwarded to a host port on 127.0.0.1.
 //!
 //! The guest's state (containerd's images and containers, kubelet's pods, Berth's pools) lives on virtual disks
-//! made fresh for every node under the bed's directory; the guest's root is the host's, read-only.
+//! under the bed's directory; the guest's root is the host's, read-only. The pool disks are fresh for every node;
+//! the state disk is a copy-on-write overlay of one baked once with the node binaries and the images (baked.rs).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,9 @@ use crate::pki::{ClientIdentity, Pki};
 use crate::ports::free_port;
 use crate::process::log_tail;
 use crate::vm::{HOST_FROM_GUEST, RunningVm, Vm};
+use baked::{BakeInputs, IMPORTED_AT_BOOT, STATE_DISK_NAME};
+
+mod baked;
 
 const NODE_SCRIPT: &str = include_str!("node.sh");
 /// The guest's address on qemu's user network, which the kubelet reports as its InternalIP.
@@ -32,8 +36,8 @@ pub const GUEST_ADDRESS: &str = "10.0.2.15";
 const KUBELET_PORT: u16 = 10250;
 /// The pod network of the node (the CNI bridge's range) and the Service range of the bed's API server.
 pub const POD_CIDR: &str = "10.244.0.0/24";
-/// Sizes of the node's virtual disks (sparse files): state, the XFS quota pool, the volume group.
-const STATE_DISK: u64 = 8 << 30;
+/// Sizes of the node's pool disks (sparse files): the XFS quota pool, the volume group. The state disk is an
+/// overlay of the baked one (baked.rs).
 const XFS_DISK: u64 = 2 << 30;
 const LVM_DISK: u64 = 2 << 30;
 
@@ -98,8 +102,17 @@ impl RealNode {
             );
         }
         write_config(&cfg, &spec, api_port, pki, sandbox)?;
-        let mut vm = Vm::new()?.memory("2G").cpus(2).rwdir(&logs);
-        for (name, size) in [("node-state.img", STATE_DISK), ("node-xfs.img", XFS_DISK), ("node-lvm.img", LVM_DISK)] {
+        let inputs = BakeInputs {
+            script: NODE_SCRIPT,
+            node_bins: &node_bins.0,
+            images: &images,
+            containerd_template: CONTAINERD_TOML,
+        };
+        let (base, key) = baked::baked_disk(&inputs, &cfg, &logs)?;
+        let state = dir.join(STATE_DISK_NAME);
+        baked::overlay(&base, &state)?;
+        let mut vm = Vm::new()?.memory("2G").cpus(2).rwdir(&logs).disk(state);
+        for (name, size) in [("node-xfs.img", XFS_DISK), ("node-lvm.img", LVM_DISK)] {
             let image = dir.join(name);
             std::fs::File::create_new(&image)
                 .and_then(|f| f.set_len(size))
@@ -113,6 +126,9 @@ impl RealNode {
             .env("BERTH_NODE_LOGS", logs.display().to_string())
             .env("BERTH_NODE_BINS", node_bins.0.display().to_string())
             .env("BERTH_IMAGES", images.display().to_string())
+            .env("BERTH_NODE_KEY", key)
+            .env("BERTH_NODE_IMPORT", IMPORTED_AT_BOOT.join(" "))
+            .env("BERTH_POD_CIDR", POD_CIDR)
             .env("BERTH_NODE_NAME", &spec.name)
             .env("BERTH_NODE_HOSTNAME", &spec.hostname);
         egress.route(&format!("{GUEST_ADDRESS}:{KUBELET_PORT}"), SocketAddr::from((Ipv4Addr::LOCALHOST, kubelet_port)));
@@ -203,6 +219,32 @@ fn images_dir(sandbox: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// containerd's configuration (`@SANDBOX@`: the sandbox image; `@CNI@`: the directory of the CNI configuration).
+/// The baked disk is keyed by it (its state is made with it).
+const CONTAINERD_TOML: &str = r#"# containerd 2.x for the test bed's real node (tests/src/real_node/mod.rs writes it).
+version = 3
+root = "/var/lib/containerd"
+state = "/run/containerd"
+
+[grpc]
+  address = "/run/containerd/containerd.sock"
+
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  # Imported from hack/build-image's archive: no registry is reachable.
+  sandbox = "@SANDBOX@"
+
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dirs = ["/var/lib/node/cni/bin"]
+  conf_dir = "@CNI@"
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+  BinaryName = "/var/lib/node/bin/runc"
+  SystemdCgroup = false
+"#;
+
 /// containerd's, kubelet's, kube-proxy's and the CNI configuration, and the daemons' kubeconfigs.
 fn write_config(cfg: &Path, spec: &RealNodeSpec, api_port: u16, pki: &Pki, sandbox_image: &str) -> Result<()> {
     let server = format!("https://{HOST_FROM_GUEST}:{api_port}");
@@ -223,44 +265,20 @@ fn write_config(cfg: &Path, spec: &RealNodeSpec, api_port: u16, pki: &Pki, sandb
     }
     let cni = cfg.join("cni");
     std::fs::create_dir_all(&cni)?;
-    // One bridge for the node's pods; masquerade what leaves the pod range (the API server at 10.0.2.2, the
-    // outside world), as a cluster's CNI does for pod-to-node-network traffic.
+    // One bridge for the node's pods, nothing more: no pod here uses host ports (no portmap), and what leaves the
+    // pod range (the API server at 10.0.2.2) is masqueraded by one rule node.sh writes, as a cluster's network
+    // does. The bridge plugin's own ipMasq would run several iptables commands for every pod started and removed,
+    // each a noticeable cost under emulation.
     let conflist = serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "berth-testbed",
         "plugins": [
-            {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": true, "hairpinMode": true,
+            {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
              "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]], "routes": [{"dst": "0.0.0.0/0"}]}},
-            {"type": "portmap", "capabilities": {"portMappings": true}},
         ],
     });
     std::fs::write(cni.join("10-berth-testbed.conflist"), serde_json::to_vec_pretty(&conflist)?)?;
-    let containerd = format!(
-        r#"# containerd 2.x for the test bed's real node (tests/src/real_node/mod.rs writes it).
-version = 3
-root = "/var/lib/containerd"
-state = "/run/containerd"
-
-[grpc]
-  address = "/run/containerd/containerd.sock"
-
-[plugins."io.containerd.cri.v1.images".pinned_images]
-  # Imported from hack/build-image's archive: no registry is reachable.
-  sandbox = "{sandbox_image}"
-
-[plugins."io.containerd.cri.v1.runtime".cni]
-  bin_dirs = ["/var/lib/node/cni/bin"]
-  conf_dir = "{cni}"
-
-[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-
-[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-  BinaryName = "/var/lib/node/bin/runc"
-  SystemdCgroup = false
-"#,
-        cni = cni.display()
-    );
+    let containerd = CONTAINERD_TOML.replace("@SANDBOX@", sandbox_image).replace("@CNI@", &cni.display().to_string());
     std::fs::write(cfg.join("containerd.toml"), containerd)?;
     let kubelet = serde_json::json!({
         "apiVersion": "kubelet.config.k8s.io/v1beta1",

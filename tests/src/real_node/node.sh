@@ -1,7 +1,10 @@
 # The real node's boot script, run as root in the qemu guest by tests/src/real_node/mod.rs after vm.rs has set up
 # the network. It turns the guest into a Kubernetes node: containerd, kube-proxy and kubelet from hack/node-bins,
-# the images from hack/build-image imported, and the disks an administrator would prepare for Berth's pools.
-# Then it waits: the node runs until the host kills the guest. Every step logs a line (node: …) to the console and
+# the images from hack/build-image, and the disks an administrator would prepare for Berth's pools. Then it
+# waits: the node runs until the host kills the guest.
+# With BERTH_NODE_MODE=bake it instead prepares the node's state disk once (tests/src/real_node/baked.rs keeps it
+# and boots every node on a copy-on-write overlay of it): the node binaries copied onto it, every image imported
+# into containerd's store, the key BERTH_NODE_KEY written; then it exits. Every step logs a line (node: …) to the console and
 # long outputs go to files in $BERTH_NODE_LOGS, which the host keeps.
 set -u
 export PATH=/var/lib/node/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -21,16 +24,59 @@ logs=$BERTH_NODE_LOGS
 # State on a virtual disk: the guest's root is the host's, read-only. /var/lib holds kubelet's, containerd's, CNI's
 # and Berth's state (nothing of the host's /var/lib is needed in the guest); /var/log holds the pods' logs.
 state=$(by_serial node-state.img) || fail "no state disk"
-step "mkfs of the state disk" mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 "$state"
+
+# containerd with this node's configuration, its logs in containerd.log; the PID in $containerd.
+start_containerd() {
+  log "starting containerd"
+  containerd --config "$cfg/containerd.toml" >>"$logs/containerd.log" 2>&1 &
+  containerd=$!
+  for _ in $(seq 300); do ctr version >/dev/null 2>&1 && return 0; sleep 0.2; done
+  fail "containerd did not answer within 60 s (see containerd.log)"
+}
+
+# import_images FILE...: imports those archives of $BERTH_IMAGES/images into containerd's k8s.io namespace.
+import_images() {
+  local file ref t
+  while read -r file ref; do
+    case " $* " in *" $file "*) ;; *) continue ;; esac
+    t=$SECONDS
+    # --local: the client reads the archive and skips every blob containerd has (the baked base layer); through
+    # the transfer API the whole archive is streamed to containerd again (70 s for Berth's 73 MB image under TCG,
+    # its content all baked already).
+    ctr -n k8s.io images import --local "$BERTH_IMAGES/$file" >>"$logs/images.log" 2>&1 ||
+      { echo "node: FAILED: importing $ref (see images.log)"; return 1; }
+    log "imported $ref in $((SECONDS - t)) s"
+  done <"$BERTH_IMAGES/images"
+}
+
+if [ "${BERTH_NODE_MODE:-run}" = bake ]; then
+  # Lazy inode tables, never initialised (noinit_itable): the disk stays sparse, the cached copy small.
+  step "mkfs of the state disk" mkfs.ext4 -q -F -E lazy_itable_init=1,lazy_journal_init=1 "$state"
+  step "mounting the state disk" mount -o noinit_itable "$state" /var/lib
+  mkdir -p /var/lib/node/bin /var/lib/node/cni/bin
+  # Go binaries run from the 9p root are about twice as slow: copy them onto the disk.
+  step "copying the node binaries" cp "$BERTH_NODE_BINS"/kubelet "$BERTH_NODE_BINS"/kube-proxy \
+    "$BERTH_NODE_BINS"/containerd "$BERTH_NODE_BINS"/ctr "$BERTH_NODE_BINS"/containerd-shim-runc-v2 \
+    "$BERTH_NODE_BINS"/runc /var/lib/node/bin/
+  step "copying the CNI plugins" cp "$BERTH_NODE_BINS"/cni/bin/* /var/lib/node/cni/bin/
+  step "loading overlay" modprobe overlay
+  start_containerd
+  # shellcheck disable=SC2046 # every archive the list names
+  import_images $(cut -d' ' -f1 "$BERTH_IMAGES/images") || fail "the images were not imported"
+  kill -TERM "$containerd" && wait "$containerd"
+  echo "$BERTH_NODE_KEY" >/var/lib/node/baked
+  step "unmounting the state disk" umount /var/lib
+  log "baked"
+  exit 0
+fi
+
 step "mounting the state disk" mount -o noinit_itable "$state" /var/lib
-mkdir -p /var/lib/node/bin /var/lib/node/cni/bin /var/lib/node/log /var/lib/berth/pools
+[ "$(cat /var/lib/node/baked 2>/dev/null)" = "$BERTH_NODE_KEY" ] ||
+  fail "the state disk is not the baked disk of key $BERTH_NODE_KEY (it has: $(cat /var/lib/node/baked 2>&1))"
+mkdir -p /var/lib/node/log /var/lib/berth/pools
 step "mounting /var/log" mount --bind /var/lib/node/log /var/log
 # containerd needs shared mount propagation for HostToContainer and Bidirectional volume mounts.
 step "making / rshared" mount --make-rshared /
-# Go binaries run from the 9p root are about twice as slow: copy them onto the disk.
-step "copying the node binaries" cp "$BERTH_NODE_BINS"/kubelet "$BERTH_NODE_BINS"/kube-proxy "$BERTH_NODE_BINS"/containerd \
-  "$BERTH_NODE_BINS"/ctr "$BERTH_NODE_BINS"/containerd-shim-runc-v2 "$BERTH_NODE_BINS"/runc /var/lib/node/bin/
-step "copying the CNI plugins" cp "$BERTH_NODE_BINS"/cni/bin/* /var/lib/node/cni/bin/
 
 # What an administrator prepares for Berth's pools (deploy/agent/agent.toml and the tests' configs name them):
 # an XFS disk mounted with project quotas, and a volume group.
@@ -47,24 +93,16 @@ step "vgcreate" lvm vgcreate -q berth "$vgdisk"
 # nf_conntrack: kube-proxy sets its timeouts in /proc/sys/net/netfilter at start and exits without it.
 step "loading br_netfilter, overlay, nf_conntrack" modprobe -a br_netfilter overlay nf_conntrack
 step "sysctls" sysctl -q -w net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1
+# Pods' traffic to outside their range (the API server at 10.0.2.2) leaves with the node's address.
+step "masquerading the pod range" iptables -t nat -A POSTROUTING -s "$BERTH_POD_CIDR" ! -d "$BERTH_POD_CIDR" -j MASQUERADE
 
-log "starting containerd"
-containerd --config "$cfg/containerd.toml" >"$logs/containerd.log" 2>&1 &
-for _ in $(seq 300); do ctr version >/dev/null 2>&1 && break; sleep 0.2; done
-ctr version >/dev/null 2>&1 || fail "containerd did not answer within 60 s (see containerd.log)"
-# The images are imported while kubelet starts and registers (each takes about 40 s under TCG): the host waits for
-# both, the Node Ready and the marker images.imported in the logs directory. A failed import ends the node.
-import_images() {
-  local file ref t
-  while read -r file ref; do
-    t=$SECONDS
-    ctr -n k8s.io images import "$BERTH_IMAGES/$file" >>"$logs/images.log" 2>&1 ||
-      { echo "node: FAILED: importing $ref (see images.log)"; exit 1; }
-    log "imported $ref in $((SECONDS - t)) s"
-  done <"$BERTH_IMAGES/images"
-  : >"$logs/images.imported"
-}
-import_images &
+start_containerd
+# The images the baked disk does not hold (BERTH_NODE_IMPORT: Berth's own, new with every build; its Debian base
+# layer is baked, so only the layer with the binaries is unpacked) are imported while kubelet starts and
+# registers: the host waits for both, the Node Ready and the marker images.imported in the logs directory. A
+# failed import ends the node.
+# shellcheck disable=SC2086 # a list of file names
+(import_images $BERTH_NODE_IMPORT && : >"$logs/images.imported") &
 imports=$!
 
 log "starting kube-proxy and kubelet"
@@ -75,6 +113,8 @@ kubelet --config "$cfg/kubelet.yaml" --kubeconfig "$cfg/kubelet.kubeconfig" --no
   >"$logs/kubelet.log" 2>&1 &
 kubelet=$!
 log "node started"
+# What the guest's CPUs do (under emulation they are what every step waits for): top every 20 s in top.log.
+(while sleep 20; do date +%T; top -b -n 1 -w 160 | head -n 18; done) >"$logs/top.log" 2>&1 &
 # Either daemon exiting, or a failed import, ends the node: the host sees the guest stop and reports this line and
 # the logs.
 while :; do

@@ -4,8 +4,8 @@
 # waits: the node runs until the host kills the guest.
 # With BERTH_NODE_MODE=bake it instead prepares the node's state disk once (tests/src/real_node/baked.rs keeps it
 # and boots every node on a copy-on-write overlay of it): the node binaries copied onto it, every image imported
-# into containerd's store, the key BERTH_NODE_KEY written; then it exits. Every step logs a line (node: …) to the console and
-# long outputs go to files in $BERTH_NODE_LOGS, which the host keeps.
+# into containerd's store, the key BERTH_NODE_KEY written; then it exits. Every step logs a line (node: …) to the
+# console and long outputs go to files in $BERTH_NODE_LOGS, which the host keeps.
 set -u
 export PATH=/var/lib/node/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 log() { echo "node: $(date +%T) $*"; }

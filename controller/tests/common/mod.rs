@@ -273,6 +273,7 @@ pub async fn capacities(w: &World, class: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// Polls [`capacities`] until `done` holds (within [`WAIT`]); the capacities then.
 pub async fn wait_capacities(
     w: &World,
     class: &str,

@@ -188,10 +188,14 @@ async fn real_node(args: &Args) -> Result<()> {
     deploy::kubectl(&bed, &["apply", "-k", examples.to_str().context("path")?])?;
     progress("demo: claim demo-data (berth-local) and a pod writing into it");
     claim_and_pod(&bed.client(), "default", "demo-data", "berth-local", "64Mi", PodLife::Stays).await?;
-    for what in [&["get", "nodes", "-o", "wide"][..], &["get", "pods", "-A", "-o", "wide"], &["get", "berthnodes"]] {
+    for what in [
+        &["get", "nodes", "-o", "wide"][..],
+        &["get", "pods", "-A", "-o", "wide"],
+        &["get", "berthnodes"],
+        &["get", "pvc,pv", "-o", "wide"],
+    ] {
         show(&bed, what)?;
     }
-    show(&bed, &["get", "pvc,pv", "-o", "wide"])?;
     eprintln!("logs: {}/logs (kubelet.log, containerd.log, kube-proxy.log: the node's)", bed.dir().display());
     eprintln!("kubectl of the same version: {}", bed.kubectl_path().display());
     println!("export KUBECONFIG={}", bed.kubeconfig().display());

@@ -63,9 +63,9 @@ pub fn key(inputs: &BakeInputs) -> Result<String> {
     sha256(text.as_bytes())
 }
 
-/// The baked state disk of `inputs` (baking it first when the cache has none), whose guest writes its logs to
-/// `logs` and reads its containerd configuration from `config_dir`.
-pub fn baked_disk(inputs: &BakeInputs, config_dir: &Path, logs: &Path) -> Result<(PathBuf, String)> {
+/// The baked state disk of `inputs`, baking it first when the cache has none: `script` (node.sh) run in `guest`,
+/// which has node.sh's configuration, binaries, images and log directory (the node's guest, less its disks).
+pub fn baked_disk(inputs: &BakeInputs, guest: Vm, script: &Path) -> Result<(PathBuf, String)> {
     let key = key(inputs)?;
     let root = cache_root().join("node-disk");
     let done = root.join(&key);
@@ -80,22 +80,13 @@ pub fn baked_disk(inputs: &BakeInputs, config_dir: &Path, logs: &Path) -> Result
     std::fs::File::create_new(&image)
         .and_then(|f| f.set_len(STATE_DISK))
         .with_context(|| image.display().to_string())?;
-    let script = config_dir.join("node.sh");
-    std::fs::write(&script, inputs.script)?;
     let started = Instant::now();
     println!("test bed: baking the real node's state disk (binaries and images, once per key {key})");
-    let run = Vm::new()?
-        .memory("2G")
-        .cpus(2)
-        .rwdir(logs)
+    let run = guest
         .disk(&image)
         .deadline(BAKE_DEADLINE)
         .env("BERTH_NODE_MODE", "bake")
         .env("BERTH_NODE_KEY", &key)
-        .env("BERTH_NODE_DIR", config_dir.display().to_string())
-        .env("BERTH_NODE_LOGS", logs.display().to_string())
-        .env("BERTH_NODE_BINS", inputs.node_bins.display().to_string())
-        .env("BERTH_IMAGES", inputs.images.display().to_string())
         .run(&format!("bash {}", script.display()))
         .context("baking the real node's state disk")?;
     if run.status != 0 || !run.output.lines().any(|l| l.starts_with("node: ") && l.ends_with(" baked")) {

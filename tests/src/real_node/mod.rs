@@ -108,10 +108,21 @@ impl RealNode {
             images: &images,
             containerd_template: CONTAINERD_TOML,
         };
-        let (base, key) = baked::baked_disk(&inputs, &cfg, &logs)?;
+        let script = cfg.join("node.sh");
+        std::fs::write(&script, NODE_SCRIPT)?;
+        // The guest of the bake and of the node: node.sh's configuration, binaries, images and log directory.
+        let guest = Vm::new()?
+            .memory("2G")
+            .cpus(2)
+            .rwdir(&logs)
+            .env("BERTH_NODE_DIR", cfg.display().to_string())
+            .env("BERTH_NODE_LOGS", logs.display().to_string())
+            .env("BERTH_NODE_BINS", node_bins.0.display().to_string())
+            .env("BERTH_IMAGES", images.display().to_string());
+        let (base, key) = baked::baked_disk(&inputs, guest.clone(), &script)?;
         let state = dir.join(STATE_DISK_NAME);
         baked::overlay(&base, &state)?;
-        let mut vm = Vm::new()?.memory("2G").cpus(2).rwdir(&logs).disk(state);
+        let mut vm = guest.disk(state);
         for (name, size) in [("node-xfs.img", XFS_DISK), ("node-lvm.img", LVM_DISK)] {
             let image = dir.join(name);
             std::fs::File::create_new(&image)
@@ -122,18 +133,12 @@ impl RealNode {
         let kubelet_port = free_port(Ipv4Addr::LOCALHOST)?;
         vm = vm
             .forward(kubelet_port, KUBELET_PORT)
-            .env("BERTH_NODE_DIR", cfg.display().to_string())
-            .env("BERTH_NODE_LOGS", logs.display().to_string())
-            .env("BERTH_NODE_BINS", node_bins.0.display().to_string())
-            .env("BERTH_IMAGES", images.display().to_string())
             .env("BERTH_NODE_KEY", key)
             .env("BERTH_NODE_IMPORT", IMPORTED_AT_BOOT.join(" "))
             .env("BERTH_POD_CIDR", POD_CIDR)
             .env("BERTH_NODE_NAME", &spec.name)
             .env("BERTH_NODE_HOSTNAME", &spec.hostname);
         egress.route(&format!("{GUEST_ADDRESS}:{KUBELET_PORT}"), SocketAddr::from((Ipv4Addr::LOCALHOST, kubelet_port)));
-        let script = cfg.join("node.sh");
-        std::fs::write(&script, NODE_SCRIPT)?;
         let running = vm.spawn(&format!("bash {}", script.display()))?;
         Ok(RealNode { spec, vm: Some(running), logs })
     }

@@ -92,6 +92,16 @@ pub fn apply(bed: &TestBed, install: &Install, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Every namespace's events in the order they were first seen, one line each (time, namespace, object, reason,
+/// message): where a run on the real node spent its time. Sorted by the objects' creation, which every event has
+/// (the scheduler's and Berth's events.k8s.io events have no lastTimestamp).
+pub fn timeline(bed: &TestBed) -> String {
+    let columns = "custom-columns=FIRST:.metadata.creationTimestamp,NAMESPACE:.metadata.namespace,\
+                   OBJECT:.involvedObject.name,REASON:.reason,MESSAGE:.message";
+    let sort = "--sort-by=.metadata.creationTimestamp";
+    kubectl(bed, &["get", "events", "-A", sort, "-o", columns]).unwrap_or_else(|e| e.to_string())
+}
+
 /// `kubectl get pods -o wide` and the namespace's events, for failure messages.
 pub fn describe_pods(bed: &TestBed) -> String {
     let pods = kubectl(bed, &["-n", NAMESPACE, "get", "pods", "-o", "wide"]).unwrap_or_else(|e| e.to_string());

@@ -140,4 +140,5 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
     // 320Mi: berth-lvm makes xfs, and mkfs.xfs refuses less than 300 MB (the agent says so, 4xx).
     claim_used_by_a_pod(&client, "apps", "lvm-data", "berth-lvm", "320Mi").await.unwrap();
     phase("deploy/lvm: the lvm pool ready, a claim used by a pod", started);
+    println!("=== real node: the events of the run\n{}", deploy::timeline(&bed));
 }

@@ -17,8 +17,9 @@ use anyhow::{Context, Result, bail};
 use crate::process::tail;
 use crate::vm::Vm;
 
-/// The archives (of hack/build-image's `images` list) imported at every boot instead of baked.
-pub const IMPORTED_AT_BOOT: &[&str] = &["berth.oci.tar"];
+/// The archives (of hack/build-image's `images` list) whose top layer is imported at every boot rather than baked,
+/// each with the archive hack/build-image writes of it without its base layer, which the boot imports.
+pub const IMPORTED_AT_BOOT: &[(&str, &str)] = &[("berth.oci.tar", "berth-top.oci.tar")];
 /// The state disk's file name: the guest finds the disk by it (its virtio serial).
 pub const STATE_DISK_NAME: &str = "node-state.img";
 /// The state disk's size (a sparse file; the bake writes a few hundred MB of it).
@@ -54,7 +55,7 @@ pub fn key(inputs: &BakeInputs) -> Result<String> {
     for line in digests.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         match fields.as_slice() {
-            [file, _manifest, _config, layers @ .., _top] if IMPORTED_AT_BOOT.contains(file) => {
+            [file, _manifest, _config, layers @ .., _top] if IMPORTED_AT_BOOT.iter().any(|(f, _)| f == file) => {
                 text.push_str(&format!("{file} {}\n", layers.join(" ")))
             }
             _ => text.push_str(&format!("{line}\n")),

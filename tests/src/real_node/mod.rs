@@ -101,6 +101,9 @@ impl RealNode {
                 images.display()
             );
         }
+        if let Some((_, top)) = IMPORTED_AT_BOOT.iter().find(|(_, top)| !images.join(top).is_file()) {
+            bail!("{} has no {top}: rerun hack/build-image", images.display());
+        }
         write_config(&cfg, &spec, api_port, pki, sandbox)?;
         let inputs = BakeInputs {
             script: NODE_SCRIPT,
@@ -134,7 +137,7 @@ impl RealNode {
         vm = vm
             .forward(kubelet_port, KUBELET_PORT)
             .env("BERTH_NODE_KEY", key)
-            .env("BERTH_NODE_IMPORT", IMPORTED_AT_BOOT.join(" "))
+            .env("BERTH_NODE_IMPORT", IMPORTED_AT_BOOT.iter().map(|(_, top)| *top).collect::<Vec<_>>().join(" "))
             .env("BERTH_POD_CIDR", POD_CIDR)
             .env("BERTH_NODE_NAME", &spec.name)
             .env("BERTH_NODE_HOSTNAME", &spec.hostname);

@@ -34,19 +34,18 @@ start_containerd() {
   fail "containerd did not answer within 60 s (see containerd.log)"
 }
 
-# import_images FILE...: imports those archives of $BERTH_IMAGES/images into containerd's k8s.io namespace.
+# import_images FILE...: imports those archives of $BERTH_IMAGES into containerd's k8s.io namespace.
 import_images() {
-  local file ref t
-  while read -r file ref; do
-    case " $* " in *" $file "*) ;; *) continue ;; esac
+  local file t
+  for file in "$@"; do
     t=$SECONDS
-    # --local: the client reads the archive and skips every blob containerd has (the baked base layer); through
-    # the transfer API the whole archive is streamed to containerd again (70 s for Berth's 73 MB image under TCG,
-    # its content all baked already).
+    # --local: the client reads the archive and skips every blob containerd has; through the transfer API the
+    # whole archive is streamed to containerd again (70 s for Berth's 73 MB image under TCG, its content all
+    # baked already).
     ctr -n k8s.io images import --local "$BERTH_IMAGES/$file" >>"$logs/images.log" 2>&1 ||
-      { echo "node: FAILED: importing $ref (see images.log)"; return 1; }
-    log "imported $ref in $((SECONDS - t)) s"
-  done <"$BERTH_IMAGES/images"
+      { echo "node: FAILED: importing $file (see images.log)"; return 1; }
+    log "imported $file in $((SECONDS - t)) s"
+  done
 }
 
 if [ "${BERTH_NODE_MODE:-run}" = bake ]; then
@@ -97,10 +96,9 @@ step "sysctls" sysctl -q -w net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-ipta
 step "masquerading the pod range" iptables -t nat -A POSTROUTING -s "$BERTH_POD_CIDR" ! -d "$BERTH_POD_CIDR" -j MASQUERADE
 
 start_containerd
-# The images the baked disk does not hold (BERTH_NODE_IMPORT: Berth's own, new with every build; its Debian base
-# layer is baked, so only the layer with the binaries is unpacked) are imported while kubelet starts and
-# registers: the host waits for both, the Node Ready and the marker images.imported in the logs directory. A
-# failed import ends the node.
+# The images the baked disk does not hold (BERTH_NODE_IMPORT: Berth's own, new with every build, from an archive
+# without its Debian base layer, which is baked) are imported while kubelet starts and registers: the host waits
+# for both, the Node Ready and the marker images.imported in the logs directory. A failed import ends the node.
 # shellcheck disable=SC2086 # a list of file names
 (import_images $BERTH_NODE_IMPORT && : >"$logs/images.imported") &
 imports=$!

@@ -150,7 +150,9 @@ pub fn decide(
         uid: params.uid,
         gid: params.gid,
         mode: params.mode,
-        fs_type: params.fs_type.clone(),
+        // A raw block volume has no filesystem: the class's fsType does not apply to it (the agent refuses one),
+        // so one class serves both volume modes, as fsType does for CSI drivers.
+        fs_type: if block { None } else { params.fs_type.clone() },
         mount_options: vec![],
     };
     let pool_anywhere = nodes.iter().any(|n| n.pool(&params.pool).is_some());
@@ -359,6 +361,19 @@ mod tests {
         assert_eq!((to_lvm.fs_type.as_deref(), to_lvm.mount_options), (Some("xfs"), vec!["noatime".to_string()]));
         // A hostpath pool's volume is mounted by kubelet, with the options from the PV.
         assert_eq!(on(pool("fast", 50 * GI)).mount_options, Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_block_claim_of_a_class_with_a_filesystem_gets_a_raw_volume() {
+        let mut class = class("WaitForFirstConsumer", &[("pool", "fast"), ("fsType", "xfs")]);
+        class.mount_options = Some(vec!["noatime".into()]);
+        let lvm = PoolStatus { backend: "lvm".into(), ..pool("fast", 50 * GI) };
+        let mut c = claim("64Mi", Some("a"));
+        c.spec.as_mut().unwrap().volume_mode = Some("Block".into());
+        let d = decide(P, &c, Some(&class), false, &[node("a", Some(vec![lvm]))]);
+        let Decision::Provision { request, .. } = d else { panic!("{d:?}") };
+        assert_eq!(request.volume_mode, VolumeMode::Block);
+        assert_eq!((request.fs_type, request.mount_options), (None, vec![]), "no filesystem, no mount options");
     }
 
     #[test]

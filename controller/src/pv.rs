@@ -96,8 +96,13 @@ pub fn build(
             storage_class_name: class.metadata.name.clone(),
             persistent_volume_reclaim_policy: Some(reclaim),
             // A volume whose filesystem the agent mounted (lvm) got the class's mount options on that mount;
-            // kubelet only bind-mounts its `data` directory, where filesystem options do not apply.
-            mount_options: if volume.fs_type.is_some() { None } else { class.mount_options.clone() },
+            // kubelet only bind-mounts its `data` directory, where filesystem options do not apply. A raw block
+            // volume is not mounted at all.
+            mount_options: if volume.fs_type.is_some() || spec.volume_mode.as_deref() == Some("Block") {
+                None
+            } else {
+                class.mount_options.clone()
+            },
             claim_ref: Some(ObjectReference {
                 api_version: Some("v1".into()),
                 kind: Some("PersistentVolumeClaim".into()),

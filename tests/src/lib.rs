@@ -17,6 +17,7 @@ mod egress;
 pub mod identities;
 pub mod kube_util;
 mod node_disk;
+pub mod on_node;
 mod pki;
 mod ports;
 pub mod process;

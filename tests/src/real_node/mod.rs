@@ -308,6 +308,9 @@ fn write_config(cfg: &Path, spec: &RealNodeSpec, api_port: u16, pki: &Pki, sandb
         "imageGCLowThresholdPercent": 99,
         "serializeImagePulls": false,
         "nodeStatusUpdateFrequency": "5s",
+        // Volume usage and capacity (/stats/summary, kubelet_volume_stats_*) every 10 s rather than every minute:
+        // the tests read them. For `local` PVs it is a statfs per volume.
+        "volumeStatsAggPeriod": "10s",
     });
     std::fs::write(cfg.join("kubelet.yaml"), serde_json::to_vec_pretty(&kubelet)?)?;
     let kube_proxy = serde_json::json!({

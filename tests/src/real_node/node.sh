@@ -84,7 +84,9 @@ mkdir -p /var/lib/berth/pools/quota
 step "mkfs.xfs" mkfs.xfs -q -f "$xfs"
 step "mounting the XFS disk with prjquota" mount -o prjquota "$xfs" /var/lib/berth/pools/quota
 vgdisk=$(by_serial node-lvm.img) || fail "no LVM disk"
-step "loading device-mapper" modprobe -a dm_mod dm_thin_pool
+# loop: kubelet holds every raw block volume it maps into a pod open through a loop device of its own
+# (`losetup -f` of the device's node in its plugin directory; without the module the pod never starts).
+step "loading device-mapper, loop" modprobe -a dm_mod dm_thin_pool loop
 step "pvcreate" lvm pvcreate -q "$vgdisk"
 step "vgcreate" lvm vgcreate -q berth "$vgdisk"
 

@@ -1,8 +1,8 @@
 //! Berth on a real node, exactly as deploy/ installs it: kubelet and containerd in a qemu guest (tests/src/real_node),
 //! the image hack/build-image makes, `kubectl apply -k` of deploy/ through the image overlay tests/deploy/real-node,
 //! the in-cluster tokens kubelet projects, pools prepared with `kubectl exec … berth-agent init-pool`.
-//! One boot serves every phase: three installs, each a DaemonSet roll (hack/test-vm runs it; about a minute of it is
-//! the node becoming Ready).
+//! One boot serves every phase: three installs, each a DaemonSet roll (hack/test-vm runs it; about half a minute of
+//! it is the node becoming Ready). Each install also serves a part of a volume's life after "Bound" (docs/real-node.md).
 
 use std::time::{Duration, Instant};
 

@@ -140,6 +140,9 @@ struct Resources {
     nodes: Vec<SimNode>,
     real_node: Option<RealNode>,
     egress: Option<EgressProxy>,
+    /// Keep the logs when dropped (as when a test panics): true until [`TestBed::start`] has succeeded, so that a
+    /// start that fails leaves what explains it.
+    keep_logs: bool,
 }
 
 impl Drop for Resources {
@@ -152,13 +155,13 @@ impl Drop for Resources {
             p.stop(Duration::from_secs(10));
         }
         self.nodes.clear(); // unmounts and detaches
-        if std::thread::panicking() {
+        if self.keep_logs || std::thread::panicking() {
             let keep = repo_root().join("target/testbed-logs").join(self.dir.file_name().unwrap_or_default());
             if std::fs::create_dir_all(&keep).is_ok() {
                 for entry in std::fs::read_dir(self.dir.join("logs")).into_iter().flatten().flatten() {
                     let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
                 }
-                eprintln!("test bed: a test panicked; logs kept in {}", keep.display());
+                eprintln!("test bed: a test panicked or the bed did not start; logs kept in {}", keep.display());
             }
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
@@ -189,8 +192,14 @@ impl TestBed {
         std::fs::create_dir_all(&base)?;
         reaper::reap_dead_beds(&base);
         let dir = tempfile::Builder::new().prefix(reaper::DIR_PREFIX).tempdir_in(&base)?.keep();
-        let mut res =
-            Resources { dir: dir.clone(), procs: Vec::new(), nodes: Vec::new(), real_node: None, egress: None };
+        let mut res = Resources {
+            dir: dir.clone(),
+            procs: Vec::new(),
+            nodes: Vec::new(),
+            real_node: None,
+            egress: None,
+            keep_logs: true,
+        };
         reaper::claim(&dir)?;
         for sub in ["logs", "etcd", "pki", "nodes"] {
             std::fs::create_dir_all(dir.join(sub))?;
@@ -399,7 +408,7 @@ impl TestBed {
         .await?;
         if let Some(spec) = &config.real_node {
             kubernetes_endpoints(&client, api_port).await?;
-            wait_real_node(&mut res, &nodes, &spec.name).await?;
+            wait_real_node(&mut res, &nodes, &spec.name, None).await?;
         }
         // The serviceaccount controller gives every namespace its `default` account; pods need it.
         let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
@@ -408,7 +417,20 @@ impl TestBed {
         })
         .await?;
 
+        res.keep_logs = false;
         Ok(TestBed { res, address, api_server, kubeconfig, pki, bins, client, boot_time: started.elapsed() })
+    }
+
+    /// Reboots the real node ([`RealNode::reboot`]: a shutdown as a reboot does it, then a boot from the same
+    /// disks) and waits until its kubelet, with a new boot ID, reports it Ready and its images are imported.
+    pub async fn reboot_real_node(&mut self) -> Result<()> {
+        let node = self.res.real_node.as_mut().context("the bed has no real node")?;
+        let name = node.spec.name.clone();
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let before = nodes.get(&name).await?;
+        let previous = boot_id(&before).context("the real node reports no boot ID")?.to_owned();
+        node.reboot()?;
+        wait_real_node(&mut self.res, &nodes, &name, Some(&previous)).await
     }
 
     /// An admin client (group system:masters).
@@ -500,9 +522,20 @@ async fn kubernetes_endpoints(client: &kube::Client, api_port: u16) -> Result<()
     Ok(())
 }
 
-/// Waits until the real node is Ready and untainted and has imported the images, failing early (with its console
-/// and logs) if it stops.
-async fn wait_real_node(res: &mut Resources, nodes: &Api<Node>, name: &str) -> Result<()> {
+/// Whether `taint` is the one a cordon (`kubectl cordon`, `drain`) puts on `node`: an operator's, which a reboot keeps.
+fn is_cordon(node: &Node, taint: &k8s_openapi::api::core::v1::Taint) -> bool {
+    taint.key == "node.kubernetes.io/unschedulable" && node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true)
+}
+
+/// The boot ID a Node's kubelet reported (a new one with every boot of its machine).
+fn boot_id(node: &Node) -> Option<&str> {
+    node.status.as_ref()?.node_info.as_ref().map(|i| i.boot_id.as_str())
+}
+
+/// Waits until the real node is Ready and untainted (but for a cordon) and has imported the images, failing early (with its console
+/// and logs) if it stops. After a reboot (`previous_boot`: the boot ID before it) the Node must also carry a new
+/// boot ID: its Ready condition is then the new kubelet's, not the last word of the old one.
+async fn wait_real_node(res: &mut Resources, nodes: &Api<Node>, name: &str, previous_boot: Option<&str>) -> Result<()> {
     let started = Instant::now();
     loop {
         for p in res.procs.iter_mut() {
@@ -512,8 +545,9 @@ async fn wait_real_node(res: &mut Resources, nodes: &Api<Node>, name: &str) -> R
         node.ensure_running()?;
         if node.images_imported()
             && let Some(n) = nodes.get_opt(name).await?
+            && (previous_boot.is_none() || boot_id(&n) != previous_boot)
             && crate::kube_util::node_is_ready(&n)
-            && crate::kube_util::node_taints(&n).is_empty()
+            && crate::kube_util::node_taints(&n).iter().all(|t| is_cordon(&n, t))
         {
             println!(
                 "test bed: the real node {name} is Ready, its images imported, {:.0} s after its boot began",

@@ -9,22 +9,23 @@ use kube::api::{Api, PostParams};
 
 use kube::runtime::wait::await_condition;
 
+use crate::TestBed;
 use crate::kube_util::events_of;
 
 /// The test image hack/build-image makes from Debian's busybox-static (imported into the node, never pulled).
 pub const BUSYBOX: &str = "berth.test/busybox:dev";
 
-/// What the pod of [`claim_and_pod`] does after writing its proof into the volume.
+/// What a pod of [`wait_pod`] is expected to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PodLife {
-    /// Reads the proof back and exits: the claim is proven once the pod has Succeeded.
+    /// Runs to completion: waited for until Succeeded.
     RunsOnce,
-    /// Stays Running (Ready once its proof is readable), for a cluster a person then looks at.
+    /// Keeps running: waited for until Ready.
     Stays,
 }
 
-/// Creates claim `name` of `class` (`size`, e.g. "64Mi") and a pod that writes a file into it and reads it back,
-/// and waits until the pod has Succeeded; returns the Bound claim.
+/// Creates claim `name` of `class` (`size`, e.g. "64Mi") and a pod of the same name that writes a file into it and
+/// reads it back, and waits until the pod has Succeeded; returns the Bound claim.
 pub async fn claim_used_by_a_pod(
     client: &kube::Client,
     namespace: &str,
@@ -32,39 +33,9 @@ pub async fn claim_used_by_a_pod(
     class: &str,
     size: &str,
 ) -> Result<PersistentVolumeClaim> {
-    claim_and_pod(client, namespace, name, class, size, PodLife::RunsOnce).await
-}
-
-/// Creates claim `name` of `class` and a pod of the same name that writes a file into it, and waits until the pod
-/// has Succeeded ([`PodLife::RunsOnce`]) or is Ready ([`PodLife::Stays`]); returns the Bound claim.
-pub async fn claim_and_pod(
-    client: &kube::Client,
-    namespace: &str,
-    name: &str,
-    class: &str,
-    size: &str,
-    life: PodLife,
-) -> Result<PersistentVolumeClaim> {
     create_claim(client, namespace, name, class, size, VolumeMode::Filesystem).await?;
     let write = "echo written-by-the-pod > /data/proof && cat /data/proof && grep -q written /data/proof";
-    let pod = match life {
-        PodLife::RunsOnce => PodUse::new(name, name, write),
-        // `exec sleep`: the shell is gone, the sleeping PID 1 ignores SIGTERM, hence the short grace period.
-        // An exec probe starts a process in the container each time, which costs a real node under emulation
-        // dearly (every 2 s slowed all that followed: probes of other pods timed out), hence every 10 s, the
-        // first after 2 s (by then the proof is written).
-        PodLife::Stays => PodUse {
-            stays: true,
-            probe: serde_json::json!({
-                "exec": {"command": ["grep", "-q", "written", "/data/proof"]},
-                "initialDelaySeconds": 2,
-                "periodSeconds": 10,
-                "timeoutSeconds": 5,
-            }),
-            ..PodUse::new(name, name, &format!("{write} && exec sleep 2147483647"))
-        },
-    };
-    run_pod(client, namespace, &pod).await?;
+    run_pod(client, namespace, &PodUse::new(name, name, write)).await?;
     bound_claim(client, namespace, name).await
 }
 
@@ -112,7 +83,7 @@ pub async fn bound_claim(client: &kube::Client, namespace: &str, name: &str) -> 
     Ok(bound)
 }
 
-/// A busybox pod using one claim: its volume at /data (or, [`VolumeMode::Block`], its device at [`DEVICE_PATH`]),
+/// A pod (busybox unless told otherwise) using one claim: its volume at /data (or, [`VolumeMode::Block`], its device at [`DEVICE_PATH`]),
 /// running `command` under `sh -c`.
 #[derive(Debug, Clone)]
 pub struct PodUse {
@@ -127,6 +98,14 @@ pub struct PodUse {
     pub stays: bool,
     /// The container's readiness probe; null for none (a staying pod is then Ready once started).
     pub probe: serde_json::Value,
+    /// The container's image (imported into the node): [`BUSYBOX`] unless a test needs another program.
+    pub image: String,
+    /// Whether the pod runs in the node's user namespace (the default); false is `hostUsers: false`, and then the
+    /// pod also has no service-account token: the node's kernel (6.1) cannot idmap the tmpfs it is on (6.3 can).
+    pub host_users: bool,
+    /// Instead of the claim, an emptyDir at /data (the baseline of the cost-of-use benchmark); `claim` is then only
+    /// named in failure messages.
+    pub empty_dir: bool,
 }
 
 impl PodUse {
@@ -140,6 +119,9 @@ impl PodUse {
             security: serde_json::Value::Null,
             stays: false,
             probe: serde_json::Value::Null,
+            image: BUSYBOX.into(),
+            host_users: true,
+            empty_dir: false,
         }
     }
 
@@ -152,22 +134,29 @@ impl PodUse {
                 (serde_json::Value::Null, serde_json::json!([{"name": "data", "devicePath": DEVICE_PATH}]))
             }
         };
+        let user_namespace = |v: serde_json::Value| if self.host_users { serde_json::Value::Null } else { v };
         serde_json::json!({
             "metadata": {"name": self.name},
             "spec": {
+                "hostUsers": user_namespace(false.into()),
+                "automountServiceAccountToken": user_namespace(false.into()),
                 "restartPolicy": if self.stays { "Always" } else { "Never" },
                 "terminationGracePeriodSeconds": 1,
                 "securityContext": self.security,
                 "containers": [{
                     "name": "main",
-                    "image": BUSYBOX,
+                    "image": self.image,
                     "imagePullPolicy": "Never",
                     "command": ["sh", "-c", self.command],
                     "readinessProbe": self.probe,
                     "volumeMounts": mounts,
                     "volumeDevices": devices,
                 }],
-                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": self.claim}}],
+                "volumes": [if self.empty_dir {
+                    serde_json::json!({"name": "data", "emptyDir": {}})
+                } else {
+                    serde_json::json!({"name": "data", "persistentVolumeClaim": {"claimName": self.claim}})
+                }],
             },
         })
     }
@@ -177,10 +166,18 @@ impl PodUse {
 /// state, its events and its claim's status.
 pub async fn run_pod(client: &kube::Client, namespace: &str, pod: &PodUse) -> Result<Pod> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let name = pod.name.as_str();
     pods.create(&PostParams::default(), &serde_json::from_value(pod.manifest())?)
         .await
-        .with_context(|| format!("pod {name}"))?;
+        .with_context(|| format!("pod {}", pod.name))?;
+    let life = if pod.stays { PodLife::Stays } else { PodLife::RunsOnce };
+    wait_pod(client, namespace, &pod.name, &pod.claim, life).await
+}
+
+/// Waits until pod `name` (using `claim`) has Succeeded ([`PodLife::RunsOnce`]) or is Ready ([`PodLife::Stays`]);
+/// on anything else, or after 180 s, an error with the pod's state, output and events and its claim's status.
+pub async fn wait_pod(client: &kube::Client, namespace: &str, name: &str, claim: &str, life: PodLife) -> Result<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let stays = life == PodLife::Stays;
     let phase = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
     let ready = |p: &Pod| {
         let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
@@ -189,14 +186,14 @@ pub async fn run_pod(client: &kube::Client, namespace: &str, pod: &PodUse) -> Re
     let done = tokio::time::timeout(
         Duration::from_secs(180),
         await_condition(pods.clone(), name, |p: Option<&Pod>| {
-            p.is_some_and(|p| match pod.stays {
+            p.is_some_and(|p| match stays {
                 false => matches!(phase(p).as_str(), "Succeeded" | "Failed"),
                 true => ready(p) || phase(p) == "Failed",
             })
         }),
     )
     .await;
-    let expected = if pod.stays { "Running" } else { "Succeeded" };
+    let expected = if stays { "Running" } else { "Succeeded" };
     match done {
         Ok(Ok(Some(p))) if phase(&p) == expected => Ok(p),
         outcome => {
@@ -207,15 +204,33 @@ pub async fn run_pod(client: &kube::Client, namespace: &str, pod: &PodUse) -> Re
                 Err(_) => "not done within 180 s".into(),
             };
             let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
-            let claim = claims.get_opt(&pod.claim).await.ok().flatten().and_then(|c| c.status);
+            let status = claims.get_opt(claim).await.ok().flatten().and_then(|c| c.status);
             anyhow::bail!(
-                "pod {name} using claim {} is not {expected} ({seen}); its output:\n{}\nevents:\n{}\n{}\nclaim: {claim:?}",
-                pod.claim,
+                "pod {name} using claim {claim} is not {expected} ({seen}); its output:\n{}\nevents:\n{}\n{}\nclaim: {status:?}",
                 logs(client, namespace, name).await.unwrap_or_else(|e| e.to_string()),
                 events_of(client, namespace, name).await,
-                events_of(client, namespace, &pod.claim).await,
+                events_of(client, namespace, claim).await,
             );
         }
+    }
+}
+
+/// Pod `name`'s output once `done` says it is complete, polled for up to 60 s: a pod is Ready once its container
+/// runs, and what the container prints reaches its log file a moment later (seen: an empty log of a Ready pod).
+pub async fn logs_when(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    done: impl Fn(&str) -> bool,
+) -> Result<String> {
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = logs(client, namespace, name).await?;
+        if done(&out) {
+            return Ok(out);
+        }
+        anyhow::ensure!(std::time::Instant::now() < until, "pod {name}'s output after 60 s is still:\n{out}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -223,4 +238,22 @@ pub async fn run_pod(client: &kube::Client, namespace: &str, pod: &PodUse) -> Re
 pub async fn logs(client: &kube::Client, namespace: &str, name: &str) -> Result<String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     pods.logs(name, &Default::default()).await.with_context(|| format!("logs of pod {name}"))
+}
+
+/// The demo StatefulSet of the real node (tests/deploy/demo/statefulset.yaml): one replica, `demo-0`, whose claim
+/// `data-demo-0` of berth-local gets a line in /data/starts at every start of its pod.
+pub const DEMO_MANIFEST: &str = "tests/deploy/demo/statefulset.yaml";
+pub const DEMO_POD: &str = "demo-0";
+pub const DEMO_CLAIM: &str = "data-demo-0";
+
+/// Applies the demo StatefulSet in `namespace` and waits until `demo-0` is Ready; returns what it printed (the
+/// starts its volume has seen).
+pub async fn demo_statefulset(bed: &TestBed, namespace: &str) -> Result<String> {
+    let manifest = crate::bins::repo_root().join(DEMO_MANIFEST);
+    crate::deploy::kubectl(bed, &["-n", namespace, "apply", "-f", &manifest.display().to_string()])?;
+    // The StatefulSet controller creates the pod a moment after the object.
+    let pods: Api<Pod> = Api::namespaced(bed.client(), namespace);
+    crate::kube_util::wait_for(&pods, DEMO_POD, Duration::from_secs(60), |_| true).await?;
+    wait_pod(&bed.client(), namespace, DEMO_POD, DEMO_CLAIM, PodLife::Stays).await?;
+    logs_when(&bed.client(), namespace, DEMO_POD, |out| !out.is_empty()).await
 }

@@ -4,15 +4,16 @@
 //! One boot serves every phase: three installs, each a DaemonSet roll (hack/test-vm runs it; about half a minute of
 //! it is the node becoming Ready). Each install also serves a part of a volume's life after "Bound" (docs/real-node.md).
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use berth::berth_node::BerthNode;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, ListParams};
 use testbed::demo::{
-    DEVICE_PATH, PodLife, PodUse, VolumeMode, bound_claim, claim_and_pod, claim_used_by_a_pod, create_claim, logs,
-    run_pod,
+    DEMO_CLAIM, DEMO_POD, DEVICE_PATH, PodLife, PodUse, VolumeMode, bound_claim, claim_used_by_a_pod, create_claim,
+    demo_statefulset, logs, logs_when, run_pod, wait_pod,
 };
 use testbed::deploy::{self, Install, NAMESPACE};
 use testbed::kube_util::create_namespace;
@@ -50,7 +51,7 @@ fn phase(name: &str, started: Instant) {
 #[tokio::test(flavor = "multi_thread")]
 async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
     let started = Instant::now();
-    let bed = TestBed::start(TestBedConfig::real_node()).await.unwrap();
+    let mut bed = TestBed::start(TestBedConfig::real_node()).await.unwrap();
     let node = bed.real_node().expect("a real node").spec.clone();
     let client = bed.client();
     phase("node Ready", started);
@@ -107,14 +108,16 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
     deploy::kubectl_apply_text(&bed, &storage_class("berth-quota", "quota", "")).unwrap();
     deploy::kubectl_apply_text(&bed, &storage_class("berth-owned", "local", OWNED_CLASS)).unwrap();
     create_namespace(&client, "apps").await.unwrap();
-    // The claims at once (each pod's start under emulation is most of its time). local-data's pod stays
-    // (hack/up --real-node's demo): Ready once it reads back what it wrote into the volume.
-    let (claim, _, _) = tokio::try_join!(
-        claim_and_pod(&client, "apps", "local-data", "berth-local", "64Mi", PodLife::Stays),
+    // The claims at once (each pod's start under emulation is most of its time). The demo StatefulSet (hack/up
+    // --real-node's) stays: the drain and the reboot below are done to it.
+    let (demo, _, _) = tokio::try_join!(
+        demo_statefulset(&bed, "apps"),
         claim_used_by_a_pod(&client, "apps", "quota-unenforced", "berth-quota", "64Mi"),
         written_by_a_non_root_pod(&client),
     )
     .unwrap();
+    println!("the demo's pod printed:\n{demo}");
+    let claim = bound_claim(&client, "apps", DEMO_CLAIM).await.unwrap();
     let pv_name = claim.spec.unwrap().volume_name.unwrap();
     let pv = Api::<PersistentVolume>::all(client.clone()).get(&pv_name).await.unwrap();
     let affinity = serde_json::to_string(&pv.spec.unwrap().node_affinity).unwrap();
@@ -144,6 +147,11 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
         "deploy/quota: enforcement quota; a pod writing past its claim gets ENOSPC; kubelet reports the claim's size",
         started,
     );
+    projects_and_user_namespaces(&bed, &node.name).await;
+    phase(
+        "a pod in the node's user namespace can take another volume's project, one with hostUsers: false cannot",
+        started,
+    );
 
     // 3. deploy/lvm (privileged, Bidirectional propagation, the host's /dev): the lvm pool on the node's volume
     //    group is ready and a claim of berth-lvm (xfs, deploy/examples) is used by a pod.
@@ -155,6 +163,16 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
     assert_eq!(pool.enforcement, "device", "{pool:?}");
     lvm_volumes_in_pods(&bed, &node.name).await;
     phase("deploy/lvm: the lvm pool ready; an xfs volume mounted into a pod, a Block volume written and read", started);
+
+    // 4. The operator's day: a drain, then a reboot with the agent late (held back) — both with the volumes above.
+    let first_start = demo.lines().next().unwrap_or_default().to_owned();
+    drain_and_reboot(&mut bed, &node.name).await;
+    phase("a drain and a reboot: kubelet waits for the agent's mount, and every volume keeps its data", started);
+    // Two starts, or a wrong count once the output has more than one line.
+    let starts = logs_when(&client, "apps", DEMO_POD, |out| out.lines().count() > 1).await.unwrap();
+    let lines: Vec<&str> = starts.lines().collect();
+    assert_eq!(lines.len(), 2, "the demo's volume saw two starts, before the drain and after the reboot:\n{starts}");
+    assert_eq!(lines[0], first_start, "the first start's line is as the first pod wrote it:\n{starts}");
     println!("=== real node: the events of the run\n{}", deploy::timeline(&bed));
 }
 
@@ -256,6 +274,8 @@ async fn quota_seen_by_a_pod_and_kubelet(bed: &TestBed, node: &str) {
     .await
     .unwrap();
     assert_eq!(metric, SIZE as f64, "kubelet_volume_stats_capacity_bytes is the claim's size (plus the allowance)");
+    // Not kept running: after the reboot below its dd would run again, for nothing.
+    Api::<Pod>::namespaced(client.clone(), "apps").delete("quota-full", &Default::default()).await.unwrap();
 }
 
 /// The xfs volume the agent mounted inside its container is what the pod sees (Bidirectional propagation to the
@@ -291,4 +311,205 @@ async fn lvm_volumes_in_pods(bed: &TestBed, node: &str) {
     let read =
         agent_sh(bed, node, &format!("dd if='{device}' bs={} count=1 iflag=direct 2>/dev/null", 512)).await.unwrap();
     assert!(read.starts_with(PATTERN), "{device} on the node holds the pod's pattern: {read:?}");
+}
+
+/// The label the agent's DaemonSet is made to require while it is held back: no node has it.
+const HELD_BACK: &str = "berth.dev/test-agent-held-back";
+
+/// Holds the agent back (its DaemonSet selects no node) or lets it run again, and waits for the result.
+fn hold_agent_back(bed: &TestBed, held: bool) {
+    let value = if held { "\"true\"" } else { "null" };
+    let patch = format!(r#"{{"spec":{{"template":{{"spec":{{"nodeSelector":{{"{HELD_BACK}":{value}}}}}}}}}}}"#);
+    deploy::kubectl(bed, &["-n", NAMESPACE, "patch", "daemonset/berth-agent", "--type=merge", "-p", &patch]).unwrap();
+    let args: &[&str] = if held {
+        &["-n", NAMESPACE, "wait", "--for=delete", "pod", "-l", "app.kubernetes.io/name=berth-agent", "--timeout=90s"]
+    } else {
+        &["-n", NAMESPACE, "rollout", "status", "daemonset/berth-agent", "--timeout=180s"]
+    };
+    deploy::kubectl(bed, args).unwrap_or_else(|e| panic!("{e:#}\n{}", deploy::describe_pods(bed)));
+}
+
+/// The first event `reason` of object `name` in namespace apps whose message contains `text`, within `timeout`;
+/// returns its message and when it was first seen (the API server's clock).
+async fn event_of(
+    client: &kube::Client,
+    name: &str,
+    reason: &str,
+    text: &str,
+    timeout: Duration,
+) -> (String, k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) {
+    let events: Api<Event> = Api::namespaced(client.clone(), "apps");
+    let params = ListParams::default().fields(&format!("involvedObject.name={name},reason={reason}"));
+    let until = Instant::now() + timeout;
+    loop {
+        let found = events.list(&params).await.unwrap().items.into_iter().find_map(|e| {
+            let message = e.message.clone().unwrap_or_default();
+            let at = e
+                .first_timestamp
+                .clone()
+                .or(e.event_time.clone().map(|t| k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t.0)));
+            (message.contains(text)).then_some((message, at?))
+        });
+        if let Some(found) = found {
+            return found;
+        }
+        assert!(
+            Instant::now() < until,
+            "no {reason} event of {name} saying {text:?} within {timeout:?}; its events:\n{}",
+            testbed::kube_util::events_of(client, "apps", name).await
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Drain: `kubectl drain` evicts the demo's pod; its replacement stays Pending (its claim's volume is on this node
+/// only) with the scheduler's reason. Reboot, with the node still cordoned and the agent held back so that it is
+/// late: kubelet refuses to start the pod of the lvm volume (the PV path inside the unmounted LV does not exist);
+/// once the agent is back and has mounted the LV the pod runs with its data, and the node's disk under the mount
+/// point holds nothing. Uncordon: the demo's pod runs again with its data.
+async fn drain_and_reboot(bed: &mut TestBed, node: &str) {
+    let client = bed.client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "apps");
+    let keep = "cat /data/proof && exec sleep 2147483647";
+    run_pod(&client, "apps", &PodUse { stays: true, ..PodUse::new("lvm-keeper", "lvm-data", keep) }).await.unwrap();
+
+    let evicted = pods.get(DEMO_POD).await.unwrap().metadata.uid;
+    let drained =
+        deploy::kubectl(bed, &["drain", node, "--ignore-daemonsets", "--pod-selector=app=demo", "--timeout=120s"])
+            .unwrap();
+    println!("kubectl drain:\n{drained}");
+    let pending = testbed::kube_util::wait_for(&pods, DEMO_POD, Duration::from_secs(60), |p| {
+        p.metadata.uid != evicted
+            && p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
+                c.iter().any(|c| {
+                    c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+                })
+            })
+    })
+    .await
+    .unwrap();
+    let why = pending.status.and_then(|s| s.conditions).unwrap_or_default();
+    let why = why.iter().find(|c| c.type_ == "PodScheduled").and_then(|c| c.message.clone()).unwrap_or_default();
+    println!("the demo's replacement pod is Pending: {why}");
+    assert!(why.contains("unschedulable"), "the scheduler says the only node with the volume is cordoned: {why}");
+
+    hold_agent_back(bed, true);
+    bed.reboot_real_node().await.unwrap();
+    let keeper = bound_claim(&client, "apps", "lvm-data").await.unwrap();
+    let pv =
+        Api::<PersistentVolume>::all(client.clone()).get(&keeper.spec.unwrap().volume_name.unwrap()).await.unwrap();
+    let path = pv.spec.unwrap().local.expect("a local PV").path;
+    let (refused, at) =
+        event_of(&client, "lvm-keeper", "FailedMount", "does not exist", Duration::from_secs(180)).await;
+    println!("before the agent runs, kubelet: {refused}");
+    assert!(refused.contains(&path), "kubelet refuses the PV's own path {path}: {refused}");
+
+    hold_agent_back(bed, false);
+    let ready_after_refusal = |p: &Pod| {
+        let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
+        conditions.is_some_and(|c| {
+            c.iter().any(|c| {
+                c.type_ == "Ready" && c.status == "True" && c.last_transition_time.as_ref().is_some_and(|t| t.0 >= at.0)
+            })
+        })
+    };
+    testbed::kube_util::wait_for(&pods, "lvm-keeper", Duration::from_secs(180), ready_after_refusal)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let kept = logs_when(&client, "apps", "lvm-keeper", |out| !out.is_empty()).await.unwrap();
+    assert_eq!(kept.trim(), "written", "the lvm volume's data after the reboot");
+    // The filesystem that holds the pool root, without what is mounted on it (a bind mount is not recursive): the
+    // volume's mount point there is empty, so nothing was written to the node's disk in the volume's place.
+    let mount_point = Path::new(&path).parent().unwrap().display().to_string();
+    let under = "/tmp/pools-underneath";
+    let beneath = mount_point.replacen("/var/lib/berth/pools", under, 1);
+    let seen = agent_sh(
+        bed,
+        node,
+        &format!(
+            "mkdir -p {under} && mount --bind /var/lib/berth/pools {under} && \
+             echo \"mounted: $(ls -A '{mount_point}' | tr '\\n' ' ')\" && \
+             echo \"underneath: $(ls -A '{beneath}' | tr '\\n' ' ')\"; umount {under}"
+        ),
+    )
+    .await
+    .unwrap();
+    println!("the lvm volume's mount point {mount_point}:\n{seen}");
+    assert!(
+        seen.lines().any(|l| l.starts_with("mounted: ") && l.split(' ').any(|f| f == "data")),
+        "the mounted volume holds the PV's directory: {seen}"
+    );
+    assert!(seen.lines().any(|l| l == "underneath: "), "the node's disk holds nothing under the mount point: {seen}");
+
+    deploy::kubectl(bed, &["uncordon", node]).unwrap();
+    wait_pod(&client, "apps", DEMO_POD, DEMO_CLAIM, PodLife::Stays).await.unwrap();
+}
+
+/// The image of Berth (hack/build-image), for pods that need xfs_io.
+const BERTH_IMAGE: &str = "berth.test/berth:dev";
+
+/// What docs/storageclass.md says of a file's project: a pod running as root in the node's user namespace moves a
+/// directory of its volume into another volume's project (given its ID, which a pod cannot list: the test reads it
+/// on the node), and `statfs` there then reports that volume's size and usage (and writes there would count against
+/// it); the same pod with `hostUsers: false` is refused the change (the kernel allows project changes only from the
+/// initial user namespace) and sees its own volume.
+async fn projects_and_user_namespaces(bed: &TestBed, node: &str) {
+    let client = bed.client();
+    // The victim: quota-full's volume, full (64 MiB + 64 KiB used of as much).
+    let victim = bound_claim(&client, "apps", "quota-full").await.unwrap();
+    let pv =
+        Api::<PersistentVolume>::all(client.clone()).get(&victim.spec.unwrap().volume_name.unwrap()).await.unwrap();
+    let path = pv.spec.unwrap().local.expect("a local PV").path;
+    let listed = agent_sh(bed, node, &format!("xfs_io -c lsproj '{path}'")).await.unwrap();
+    let project: u32 = listed
+        .trim()
+        .strip_prefix("projid = ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("xfs_io lsproj of {path}: {listed:?}"));
+    // Each hostile pod has a claim of 32Mi: its own statfs says 32 MiB + 64 KiB, the victim's 64 MiB + 64 KiB.
+    let take = format!(
+        "mkdir -p /data/taken && xfs_io -c 'chproj {project}' /data/taken; xfs_io -c lsproj /data/taken; \
+         df -Pk /data/taken | tail -n 1"
+    );
+    let hostile = |name: &'static str, host_users: bool| {
+        let client = client.clone();
+        let take = take.clone();
+        async move {
+            create_claim(&client, "apps", name, "berth-quota", "32Mi", VolumeMode::Filesystem).await?;
+            // Root (the image's user is 65532): in the node's user namespace it has CAP_FOWNER there.
+            let root = serde_json::json!({"runAsUser": 0, "runAsGroup": 0});
+            let pod =
+                PodUse { image: BERTH_IMAGE.into(), host_users, security: root, ..PodUse::new(name, name, &take) };
+            run_pod(&client, "apps", &pod).await?;
+            logs(&client, "apps", name).await
+        }
+    };
+    let (host, userns) =
+        tokio::try_join!(hostile("project-taker", true), hostile("project-taker-userns", false)).unwrap();
+    println!("root in the node's user namespace:\n{host}\nroot with hostUsers: false:\n{userns}");
+    // `df -Pk`: filesystem, 1024-blocks, used, available, capacity, mount point.
+    let df = |out: &str| -> (u64, u64) {
+        let fields: Vec<u64> = out
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .take(2)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        (fields.first().copied().unwrap_or(0), fields.get(1).copied().unwrap_or(0))
+    };
+    const VICTIM_KIB: u64 = (64 << 10) + 64;
+    const OWN_KIB: u64 = (32 << 10) + 64;
+    assert!(
+        host.contains(&format!("projid = {project}")),
+        "in the node's user namespace the change is allowed:\n{host}"
+    );
+    let (size, used) = df(&host);
+    assert_eq!(size, VICTIM_KIB, "statfs of the re-tagged directory reports the victim's size:\n{host}");
+    assert!(used > 60 << 10, "and the victim's usage:\n{host}");
+    assert!(!userns.contains(&format!("projid = {project}")), "hostUsers: false cannot change a project:\n{userns}");
+    assert!(userns.contains("Invalid argument"), "the kernel refuses the change (EINVAL):\n{userns}");
+    assert_eq!(df(&userns).0, OWN_KIB, "statfs in a hostUsers: false pod reports its own volume:\n{userns}");
 }

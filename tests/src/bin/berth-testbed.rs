@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, ListParams};
 use testbed::agents::PoolSpec;
 use testbed::bins::repo_root;
-use testbed::demo::{PodLife, claim_and_pod};
+use testbed::demo::{DEMO_MANIFEST, DEMO_POD, demo_statefulset};
 use testbed::deploy::{self, Install};
 use testbed::{FsType, NodeDiskSpec, NodeSpec, TestBed, TestBedConfig};
 
@@ -57,8 +57,9 @@ struct Args {
     /// Instead of simulated nodes: one real node (kubelet, containerd and kube-proxy in a qemu guest, from
     /// $BERTH_NODE_BINS or hack/node-bins) with Berth installed from deploy/ as users install it: `kubectl apply -k`
     /// through the image overlay tests/deploy/real-node, images from $BERTH_IMAGES or hack/build-image, the pool
-    /// `local` prepared with `berth-agent init-pool`, the example StorageClasses, and a claim `demo-data` used by
-    /// a Running pod. Needs root (the guest's disks). About two minutes under software emulation.
+    /// `local` prepared with `berth-agent init-pool`, the example StorageClasses, and the demo StatefulSet
+    /// (tests/deploy/demo) with its pod Running on its volume. Needs root (the guest's disks). About three minutes
+    /// under software emulation.
     #[arg(long, conflicts_with_all = ["nodes", "agent_bin", "controller_bin", "demo", "prometheus"])]
     real_node: bool,
 }
@@ -186,8 +187,9 @@ async fn real_node(args: &Args) -> Result<()> {
     deploy::wait_pool(&bed.client(), &node.name, "local", Duration::from_secs(120), |p| p.ready).await?;
     let examples = repo_root().join("deploy/examples");
     deploy::kubectl(&bed, &["apply", "-k", examples.to_str().context("path")?])?;
-    progress("demo: claim demo-data (berth-local) and a pod writing into it");
-    claim_and_pod(&bed.client(), "default", "demo-data", "berth-local", "64Mi", PodLife::Stays).await?;
+    progress(&format!("demo: kubectl apply -f {DEMO_MANIFEST} (a StatefulSet whose pod writes into its claim)"));
+    let started = demo_statefulset(&bed, "default").await?;
+    eprint!("{DEMO_POD} wrote into its volume:\n{started}");
     for what in [
         &["get", "nodes", "-o", "wide"][..],
         &["get", "pods", "-A", "-o", "wide"],
@@ -196,6 +198,10 @@ async fn real_node(args: &Args) -> Result<()> {
     ] {
         show(&bed, what)?;
     }
+    eprintln!(
+        "try: kubectl exec {DEMO_POD} -- cat /data/starts; kubectl exec {DEMO_POD} -- df -h /data; \
+         kubectl get pv -o wide; kubectl describe pv (Node Affinity: where the data lives)"
+    );
     eprintln!("logs: {}/logs (kubelet.log, containerd.log, kube-proxy.log: the node's)", bed.dir().display());
     eprintln!("kubectl of the same version: {}", bed.kubectl_path().display());
     println!("export KUBECONFIG={}", bed.kubeconfig().display());

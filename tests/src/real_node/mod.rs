@@ -17,6 +17,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -71,7 +72,17 @@ pub struct RealNode {
     pub spec: RealNodeSpec,
     vm: Option<RunningVm>,
     logs: PathBuf,
+    /// The guest as configured (its disks, forwards, environment) and its command: a reboot boots it again.
+    guest: Vm,
+    command: String,
+    /// Boots so far (1 after [`RealNode::boot`]).
+    boots: u32,
 }
+
+/// The file in the logs directory that asks node.sh to shut the node down.
+const SHUTDOWN_MARKER: &str = "shutdown";
+/// How long node.sh may take from the request to the guest's exit (kubelet's and containerd's stop, a sync).
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(90);
 
 impl RealNode {
     /// Writes the node's configuration under `dir`, routes the API server's way to its kubelet through `egress`,
@@ -142,8 +153,49 @@ impl RealNode {
             .env("BERTH_NODE_NAME", &spec.name)
             .env("BERTH_NODE_HOSTNAME", &spec.hostname);
         egress.route(&format!("{GUEST_ADDRESS}:{KUBELET_PORT}"), SocketAddr::from((Ipv4Addr::LOCALHOST, kubelet_port)));
-        let running = vm.spawn(&format!("bash {}", script.display()))?;
-        Ok(RealNode { spec, vm: Some(running), logs })
+        let command = format!("bash {}", script.display());
+        let running = vm.spawn(&command)?;
+        Ok(RealNode { spec, vm: Some(running), logs, guest: vm, command, boots: 1 })
+    }
+
+    /// Reboots the node: node.sh shuts it down as a reboot does (kubelet and kube-proxy stopped, the pods'
+    /// processes killed, containerd stopped, the disks synced), then the guest boots again from the same disks
+    /// (the state overlay, the XFS disk, the volume group), which node.sh then uses as they are. Returns once the
+    /// new boot's node.sh runs; [`crate::TestBed::reboot_real_node`] waits for the Node. The console of the boot
+    /// that ended is kept in the logs directory as `real-node-console-boot<N>.log`.
+    pub fn reboot(&mut self) -> Result<()> {
+        let marker = self.logs.join(SHUTDOWN_MARKER);
+        std::fs::write(&marker, "")?;
+        let vm = self.vm.as_mut().context("the node was stopped")?;
+        let asked = Instant::now();
+        while vm.is_running() {
+            if asked.elapsed() > SHUTDOWN_DEADLINE {
+                let console = vm.output_tail(40);
+                if let Some(vm) = self.vm.take() {
+                    vm.stop();
+                }
+                bail!(
+                    "the real node did not shut down within {SHUTDOWN_DEADLINE:?} of being asked; its console ended with:\n{console}\n{}",
+                    self.log_tails()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let console = vm.output();
+        println!("real node: shut down {:.0} s after being asked", asked.elapsed().as_secs_f64());
+        std::fs::write(self.logs.join(format!("real-node-console-boot{}.log", self.boots)), &console)?;
+        if !console.lines().any(|l| l.starts_with("node: ") && l.ends_with(" shut down")) {
+            bail!(
+                "the real node's guest exited without shutting down as asked; its console ended with:\n{}",
+                crate::process::tail(&console, 40)
+            );
+        }
+        std::fs::remove_file(&marker)?;
+        // The new boot imports Berth's image again (quick: its layers are in containerd's store) and marks it anew.
+        let _ = std::fs::remove_file(self.logs.join("images.imported"));
+        self.vm = Some(self.guest.spawn(&self.command)?);
+        self.boots += 1;
+        Ok(())
     }
 
     /// An error with what explains it (the guest's console, the end of kubelet's log) if the guest has stopped.
@@ -162,8 +214,8 @@ impl RealNode {
     /// The ends of the node daemons' logs (kept in the bed's directory), for failure messages.
     pub fn log_tails(&self) -> String {
         let mut out = String::new();
-        for name in ["kubelet.log", "containerd.log", "kube-proxy.log"] {
-            out.push_str(&format!("--- end of {name}\n{}\n", log_tail(&self.logs.join(name), 15)));
+        for (name, lines) in [("kubelet.log", 15), ("containerd.log", 15), ("kube-proxy.log", 15), ("top.log", 19)] {
+            out.push_str(&format!("--- end of {name}\n{}\n", log_tail(&self.logs.join(name), lines)));
         }
         out
     }

@@ -1,7 +1,7 @@
 # The real node's boot script, run as root in the qemu guest by tests/src/real_node/mod.rs after vm.rs has set up
 # the network. It turns the guest into a Kubernetes node: containerd, kube-proxy and kubelet from hack/node-bins,
 # the images from hack/build-image, and the disks an administrator would prepare for Berth's pools. Then it
-# waits: the node runs until the host kills the guest.
+# waits: the node runs until the host kills the guest, or asks it to shut down (RealNode::reboot).
 # With BERTH_NODE_MODE=bake it instead prepares the node's state disk once (tests/src/real_node/baked.rs keeps it
 # and boots every node on a copy-on-write overlay of it): the node binaries copied onto it, every image imported
 # into containerd's store, the key BERTH_NODE_KEY written; then it exits. Every step logs a line (node: …) to the
@@ -79,16 +79,25 @@ step "making / rshared" mount --make-rshared /
 
 # What an administrator prepares for Berth's pools (deploy/agent/agent.toml and the tests' configs name them):
 # an XFS disk mounted with project quotas, and a volume group.
+# Made on the first boot; a later boot (RealNode::reboot) finds them as they were left.
 xfs=$(by_serial node-xfs.img) || fail "no XFS disk"
 mkdir -p /var/lib/berth/pools/quota
-step "mkfs.xfs" mkfs.xfs -q -f "$xfs"
+if blkid -p "$xfs" >/dev/null 2>&1; then
+  log "the XFS disk has its filesystem (a later boot)"
+else
+  step "mkfs.xfs" mkfs.xfs -q -f "$xfs"
+fi
 step "mounting the XFS disk with prjquota" mount -o prjquota "$xfs" /var/lib/berth/pools/quota
 vgdisk=$(by_serial node-lvm.img) || fail "no LVM disk"
 # loop: kubelet holds every raw block volume it maps into a pod open through a loop device of its own
 # (`losetup -f` of the device's node in its plugin directory; without the module the pod never starts).
 step "loading device-mapper, loop" modprobe -a dm_mod dm_thin_pool loop
-step "pvcreate" lvm pvcreate -q "$vgdisk"
-step "vgcreate" lvm vgcreate -q berth "$vgdisk"
+if lvm vgs berth >/dev/null 2>&1; then
+  log "the volume group berth exists (a later boot)"
+else
+  step "pvcreate" lvm pvcreate -q "$vgdisk"
+  step "vgcreate" lvm vgcreate -q berth "$vgdisk"
+fi
 
 # Networking for pods and Services: bridged pod traffic through iptables (kube-proxy's rules), forwarding on.
 # nf_conntrack: kube-proxy sets its timeouts in /proc/sys/net/netfilter at start and exits without it.
@@ -106,21 +115,42 @@ start_containerd
 imports=$!
 
 log "starting kube-proxy and kubelet"
-kube-proxy --config "$cfg/kube-proxy.yaml" >"$logs/kube-proxy.log" 2>&1 &
+# Appended to: a later boot's lines follow the first's.
+kube-proxy --config "$cfg/kube-proxy.yaml" >>"$logs/kube-proxy.log" 2>&1 &
 proxy=$!
 kubelet --config "$cfg/kubelet.yaml" --kubeconfig "$cfg/kubelet.kubeconfig" --node-ip 10.0.2.15 \
   --hostname-override "$BERTH_NODE_NAME" --node-labels "kubernetes.io/hostname=$BERTH_NODE_HOSTNAME" \
-  >"$logs/kubelet.log" 2>&1 &
+  >>"$logs/kubelet.log" 2>&1 &
 kubelet=$!
 log "node started"
 # What the guest's CPUs do (under emulation they are what every step waits for): top every 20 s in top.log.
-(while sleep 20; do date +%T; top -b -n 1 -w 160 | head -n 18; done) >"$logs/top.log" 2>&1 &
+(while sleep 20; do date +%T; top -b -n 1 -w 160 | head -n 18; done) >>"$logs/top.log" 2>&1 &
+
+# The host asks for a shutdown (RealNode::reboot) by creating the file `shutdown` in the logs directory (9p
+# without a cache: the guest sees it at once). What a reboot does to a node, in order: kubelet and kube-proxy
+# stop, the pods' processes are killed, containerd stops, the disks are synced; then the guest powers off.
+(while [ ! -e "$logs/shutdown" ]; do sleep 1; done) &
+asked=$!
+shutdown_node() {
+  log "shutting down: kubelet, kube-proxy, the pods' processes, containerd"
+  kill -TERM "$kubelet" "$proxy" 2>/dev/null
+  wait "$kubelet" "$proxy"
+  for task in $(ctr -n k8s.io tasks ls -q 2>/dev/null); do
+    ctr -n k8s.io tasks kill -s SIGKILL "$task" >/dev/null 2>&1
+  done
+  kill -TERM "$containerd" && wait "$containerd"
+  sync
+  log "shut down"
+  exit 0
+}
+
 # Either daemon exiting, or a failed import, ends the node: the host sees the guest stop and reports this line and
 # the logs.
 while :; do
-  wait -n -p done "$kubelet" "$proxy" ${imports:+"$imports"}
+  wait -n -p done "$kubelet" "$proxy" "$asked" ${imports:+"$imports"}
   rc=$?
   case $done in
+    "$asked") shutdown_node ;;
     "$imports") [ "$rc" = 0 ] || fail "the images were not imported"; imports= ;;
     "$proxy") fail "kube-proxy exited ($rc); the end of kube-proxy.log: $(tail -n 20 "$logs/kube-proxy.log")" ;;
     *) fail "kubelet exited ($rc); the end of kubelet.log: $(tail -n 20 "$logs/kubelet.log")" ;;

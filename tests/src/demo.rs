@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{Api, PostParams};
 
 use kube::runtime::wait::await_condition;
@@ -81,6 +81,15 @@ pub async fn bound_claim(client: &kube::Client, namespace: &str, name: &str) -> 
         bound.status
     );
     Ok(bound)
+}
+
+/// The node path of claim `name`'s PV (a `local` PV: the volume's directory, or an LV's mount or device); the claim
+/// must be Bound.
+pub async fn local_path(client: &kube::Client, namespace: &str, name: &str) -> Result<String> {
+    let claim = bound_claim(client, namespace, name).await?;
+    let volume = claim.spec.and_then(|s| s.volume_name).context("a Bound claim without a volume")?;
+    let pv = Api::<PersistentVolume>::all(client.clone()).get(&volume).await?;
+    Ok(pv.spec.and_then(|s| s.local).with_context(|| format!("{volume} is not a local PV"))?.path)
 }
 
 /// A pod (busybox unless told otherwise) using one claim: its volume at /data (or, [`VolumeMode::Block`], its device at [`DEVICE_PATH`]),
@@ -251,9 +260,7 @@ pub const DEMO_CLAIM: &str = "data-demo-0";
 pub async fn demo_statefulset(bed: &TestBed, namespace: &str) -> Result<String> {
     let manifest = crate::bins::repo_root().join(DEMO_MANIFEST);
     crate::deploy::kubectl(bed, &["-n", namespace, "apply", "-f", &manifest.display().to_string()])?;
-    // The StatefulSet controller creates the pod a moment after the object.
-    let pods: Api<Pod> = Api::namespaced(bed.client(), namespace);
-    crate::kube_util::wait_for(&pods, DEMO_POD, Duration::from_secs(60), |_| true).await?;
+    // The StatefulSet controller creates the pod a moment later: wait_pod's watch waits for it to appear.
     wait_pod(&bed.client(), namespace, DEMO_POD, DEMO_CLAIM, PodLife::Stays).await?;
     logs_when(&bed.client(), namespace, DEMO_POD, |out| !out.is_empty()).await
 }

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim,
 use kube::api::{Api, ListParams};
 use testbed::demo::{
     DEMO_CLAIM, DEMO_POD, DEVICE_PATH, PodLife, PodUse, VolumeMode, bound_claim, claim_used_by_a_pod, create_claim,
-    demo_statefulset, logs, logs_when, run_pod, wait_pod,
+    demo_statefulset, local_path, logs, logs_when, run_pod, wait_pod,
 };
 use testbed::deploy::{self, Install, NAMESPACE};
 use testbed::kube_util::create_namespace;
@@ -305,9 +305,7 @@ async fn lvm_volumes_in_pods(bed: &TestBed, node: &str) {
     assert!(mount.contains(" xfs "), "the pod's /data is the xfs volume: {mounted}");
     assert!(block.contains(PATTERN), "the pod read its pattern back from the device: {block}");
     // On the node, from the device itself (the agent's pod is privileged here and has the host's /dev).
-    let claim = bound_claim(&client, "apps", "lvm-block").await.unwrap();
-    let pv = Api::<PersistentVolume>::all(client.clone()).get(&claim.spec.unwrap().volume_name.unwrap()).await.unwrap();
-    let device = pv.spec.unwrap().local.expect("a local PV").path;
+    let device = local_path(&client, "apps", "lvm-block").await.unwrap();
     let read =
         agent_sh(bed, node, &format!("dd if='{device}' bs={} count=1 iflag=direct 2>/dev/null", 512)).await.unwrap();
     assert!(read.starts_with(PATTERN), "{device} on the node holds the pod's pattern: {read:?}");
@@ -395,10 +393,7 @@ async fn drain_and_reboot(bed: &mut TestBed, node: &str) {
 
     hold_agent_back(bed, true);
     bed.reboot_real_node().await.unwrap();
-    let keeper = bound_claim(&client, "apps", "lvm-data").await.unwrap();
-    let pv =
-        Api::<PersistentVolume>::all(client.clone()).get(&keeper.spec.unwrap().volume_name.unwrap()).await.unwrap();
-    let path = pv.spec.unwrap().local.expect("a local PV").path;
+    let path = local_path(&client, "apps", "lvm-data").await.unwrap();
     let (refused, at) =
         event_of(&client, "lvm-keeper", "FailedMount", "does not exist", Duration::from_secs(180)).await;
     println!("before the agent runs, kubelet: {refused}");
@@ -456,10 +451,7 @@ const BERTH_IMAGE: &str = "berth.test/berth:dev";
 async fn projects_and_user_namespaces(bed: &TestBed, node: &str) {
     let client = bed.client();
     // The victim: quota-full's volume, full (64 MiB + 64 KiB used of as much).
-    let victim = bound_claim(&client, "apps", "quota-full").await.unwrap();
-    let pv =
-        Api::<PersistentVolume>::all(client.clone()).get(&victim.spec.unwrap().volume_name.unwrap()).await.unwrap();
-    let path = pv.spec.unwrap().local.expect("a local PV").path;
+    let path = local_path(&client, "apps", "quota-full").await.unwrap();
     let listed = agent_sh(bed, node, &format!("xfs_io -c lsproj '{path}'")).await.unwrap();
     let project: u32 = listed
         .trim()

@@ -54,6 +54,8 @@ pub struct AgentProcess {
     log: PathBuf,
     client: kube::Client,
     proc: Option<Proc>,
+    /// A command line the agent's is appended to at each start (limits, a cgroup: [`AgentProcess::wrap`]).
+    prefix: Vec<String>,
 }
 
 impl TestBed {
@@ -221,6 +223,7 @@ impl TestBed {
             log: self.dir().join("logs").join(format!("agent-{}.log", node.name)),
             client: self.client(),
             proc: None,
+            prefix: Vec::new(),
         };
         agent.start().await?;
         Ok(agent)
@@ -231,13 +234,17 @@ impl AgentProcess {
     /// (Re)starts the process and waits for a BerthNode status carrying this endpoint and a new certificate.
     pub async fn start(&mut self) -> Result<()> {
         let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        self.proc = Some(Proc::spawn_with_env(
-            &format!("berth-agent {}", self.node),
-            &self.binary,
-            &self.args,
-            &env,
-            &self.log,
-        )?);
+        let (program, args) = match self.prefix.split_first() {
+            None => (self.binary.clone(), self.args.clone()),
+            Some((program, rest)) => {
+                let mut args = rest.to_vec();
+                args.push(self.binary.display().to_string());
+                args.extend(self.args.iter().cloned());
+                (PathBuf::from(program), args)
+            }
+        };
+        self.proc =
+            Some(Proc::spawn_with_env(&format!("berth-agent {}", self.node), &program, &args, &env, &self.log)?);
         let old = std::mem::take(&mut self.certificate);
         let nodes: Api<BerthNode> = Api::all(self.client.clone());
         let endpoint = self.endpoint.clone();
@@ -257,6 +264,17 @@ impl AgentProcess {
                 Err(e.context(format!("agent of {} did not publish itself; its log:\n{tail}", self.node)))
             }
         }
+    }
+
+    /// From the next start on, runs the agent as the last part of `prefix …` (e.g. `prlimit --nofile=256 --`, or
+    /// [`crate::cgroup::MemoryCgroup::prefix`]); prefixes given in turn nest, the first outermost.
+    pub fn wrap(&mut self, prefix: &[String]) {
+        self.prefix.extend_from_slice(prefix);
+    }
+
+    /// The running process's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
     }
 
     /// An HTTPS client that trusts exactly this agent's published certificate.

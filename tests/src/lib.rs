@@ -11,6 +11,7 @@
 pub mod agents;
 mod bed;
 pub mod bins;
+pub mod cgroup;
 pub mod demo;
 pub mod deploy;
 mod egress;

@@ -37,6 +37,8 @@ impl Proc {
         let err = out.try_clone()?;
         let mut cmd = Command::new(program);
         cmd.args(args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(out).stderr(err);
+        // The tests' larger thread stacks (.cargo/config.toml) are not what Berth runs with in a cluster.
+        cmd.env_remove("RUST_MIN_STACK");
         die_with_spawning_thread(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("starting {name} ({})", program.display()))?;
         Ok(Proc { name: name.to_owned(), child, log: log.to_owned() })

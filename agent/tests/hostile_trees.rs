@@ -1,0 +1,134 @@
+//! A pod's own files must not be able to stop the agent (issue 18, item 1): whatever tree a pod leaves in its
+//! volume — 20,000 directories deep, a million entries in one directory — the agent removes it within a memory
+//! limit like its DaemonSet's and a small descriptor limit. The agent runs in a memory cgroup of its own (cgroup
+//! accounting, as a container's limit) under `prlimit --nofile`. The bed lives on a tmpfs with the inodes a million
+//! files need: on the CI machines' disk (ext4 mounted with `discard`) planting them took from 24 s to 344 s.
+
+use std::ffi::CString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use berth::agent_api::Volume;
+use reqwest::StatusCode;
+use rustix::fs::{CWD, Mode, OFlags};
+use serde_json::json;
+use testbed::agents::PoolSpec;
+use testbed::cgroup::{MemoryCgroup, require_root};
+use testbed::{TestBed, TestBedConfig};
+
+const VOL: &str = "pvc-0f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f70";
+/// Tighter than the DaemonSet's 256Mi, so that a walk that keeps a name per entry (1M × ~100 bytes) cannot fit.
+const MEMORY_LIMIT: u64 = 64 << 20;
+const DEPTH: usize = 20_000;
+const ENTRIES: usize = 1_000_000;
+
+fn open_dir(dir: impl rustix::fd::AsFd, name: &CString) -> OwnedFd {
+    rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap()
+}
+
+/// What a hostile pod leaves: a chain `depth` directories deep (built by descriptor: no path could name its
+/// bottom) and a directory of `entries` empty files with 64-byte names.
+fn plant(top: &Path, depth: usize, entries: usize) {
+    let top_fd = open_dir(CWD, &CString::new(top.as_os_str().as_encoded_bytes()).unwrap());
+    let d = CString::new("d").unwrap();
+    let mut dir = {
+        rustix::fs::mkdirat(&top_fd, &d, Mode::RWXU).unwrap();
+        open_dir(&top_fd, &d)
+    };
+    for _ in 1..depth {
+        rustix::fs::mkdirat(&dir, &d, Mode::RWXU).unwrap();
+        dir = open_dir(&dir, &d);
+    }
+    let wide = CString::new("wide").unwrap();
+    rustix::fs::mkdirat(&top_fd, &wide, Mode::RWXU).unwrap();
+    let wide = open_dir(&top_fd, &wide);
+    for i in 0..entries {
+        let name = CString::new(format!("{i:0>64}")).unwrap();
+        rustix::fs::openat(&wide, &name, OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::RUSR).unwrap();
+    }
+}
+
+/// A tmpfs mounted on a new directory for the test's bed, unmounted (lazily: nothing may still use it) on drop.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(inodes: usize) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let options = format!("size=2g,nr_inodes={inodes},mode=0755");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &options, "berth-hostile-trees"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t tmpfs on {}: {status}", dir.path().display());
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("--lazy").arg(self.0.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pods_deep_and_wide_tree_is_removed_within_the_agents_limits() {
+    require_root().unwrap();
+    // Made first, so they are dropped (removed) after the bed and the agent are gone.
+    let cgroup = MemoryCgroup::new(&format!("berth-agent-{}", std::process::id()), MEMORY_LIMIT).unwrap();
+    let tmpfs = Tmpfs::mount(ENTRIES + DEPTH + 100_000);
+    let mut config = TestBedConfig::nodes(1);
+    config.base_dir = Some(tmpfs.0.path().to_owned());
+    let bed = TestBed::start(config).await.unwrap();
+    bed.install_berth().await.unwrap();
+    let binary = Path::new(env!("CARGO_BIN_EXE_berth-agent"));
+    let mut agent = bed.start_agent(binary, 0, &[PoolSpec::new("fast")], true).await.unwrap();
+    let token = bed.controller_token("node-0").await.unwrap();
+    let http = agent.http().unwrap();
+    let body = json!({"pool": "fast", "sizeBytes": 1 << 20, "claim": {"namespace": "db", "name": "data-0"}});
+    let resp = http
+        .put(agent.url(&format!("/v1/volumes/{VOL}")))
+        .bearer_auth(&token)
+        .header("berth-leader-epoch", "1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let made: Volume = resp.json().await.unwrap();
+
+    // The pod's tree, written while the agent runs; then the agent is restarted inside its limits.
+    let data = PathBuf::from(&made.path);
+    let started = Instant::now();
+    tokio::task::block_in_place(|| plant(&data, DEPTH, ENTRIES));
+    eprintln!("planted {DEPTH} levels and {ENTRIES} entries in {:?}", started.elapsed());
+    agent.kill();
+    agent.wrap(&cgroup.prefix());
+    agent.wrap(&["prlimit".into(), "--nofile=256:256".into(), "--".into()]);
+    agent.start().await.unwrap();
+    let http = agent.http().unwrap();
+
+    let started = Instant::now();
+    let resp = http
+        .delete(agent.url(&format!("/v1/volumes/{VOL}")))
+        .bearer_auth(&token)
+        .header("berth-leader-epoch", "1")
+        .timeout(Duration::from_secs(600))
+        .send()
+        .await;
+    let took = started.elapsed();
+    let peak = cgroup.peak_bytes().unwrap();
+    eprintln!("delete took {took:?}; the agent's cgroup peaked at {} MiB", peak >> 20);
+    let oom = cgroup.oom_kills().unwrap();
+    let log = agent.log();
+    let resp = resp.unwrap_or_else(|e| panic!("DELETE failed ({e}); OOM kills {oom}; agent log:\n{log}"));
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{text}\nagent log:\n{log}");
+    assert_eq!(oom, 0, "the agent was OOM-killed");
+    let root = agent.pool_root("fast").to_owned();
+    assert!(!root.join(VOL).exists());
+    let left = std::fs::read_dir(root.join(".berth-tmp")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "the delete left debris in {}", root.join(".berth-tmp").display());
+}

@@ -11,6 +11,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use reqwest::Method;
 use serde_json::json;
 use testbed::agents::PoolSpec;
 use testbed::{FsType, TestBed, TestBedConfig};
@@ -71,22 +72,10 @@ async fn main() {
     for i in 0..rounds + 10 {
         let name = format!("pvc-00000000-0000-4000-8000-{i:012}");
         let started = Instant::now();
-        let created = http
-            .put(agent.url(&format!("/v1/volumes/{name}")))
-            .bearer_auth(&token)
-            .header("berth-leader-epoch", "1")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let path = format!("/v1/volumes/{name}");
+        let created = agent.controller_request(&http, Method::PUT, &path, &token, 1).json(&body).send().await.unwrap();
         assert_eq!(created.status(), 201, "{}", created.text().await.unwrap());
-        let deleted = http
-            .delete(agent.url(&format!("/v1/volumes/{name}")))
-            .bearer_auth(&token)
-            .header("berth-leader-epoch", "1")
-            .send()
-            .await
-            .unwrap();
+        let deleted = agent.controller_request(&http, Method::DELETE, &path, &token, 1).send().await.unwrap();
         assert_eq!(deleted.status(), 200);
         let api_time = started.elapsed();
         let started = Instant::now();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use berth::agent_api::{ErrorBody, ErrorReason, PoolList, Volume, VolumeList};
 use berth::berth_node::BerthNode;
 use kube::api::Api;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use testbed::agents::{AgentProcess, PoolSpec};
 use testbed::kube_util::wait_for;
@@ -40,46 +40,26 @@ fn create_body(pool: &str, size: u64) -> Value {
 }
 
 impl World {
+    /// A mutating request as the controller sends it.
+    fn request(&self, method: Method, path: &str, epoch: u64) -> reqwest::RequestBuilder {
+        self.agent.controller_request(&self.http, method, path, &self.token, epoch)
+    }
+
     async fn put(&self, name: &str, epoch: u64, body: &Value) -> reqwest::Response {
-        self.http
-            .put(self.agent.url(&format!("/v1/volumes/{name}")))
-            .bearer_auth(&self.token)
-            .header("berth-leader-epoch", epoch.to_string())
-            .json(body)
-            .send()
-            .await
-            .unwrap()
+        self.request(Method::PUT, &format!("/v1/volumes/{name}"), epoch).json(body).send().await.unwrap()
     }
 
     async fn delete(&self, name: &str, epoch: u64) -> reqwest::Response {
-        self.http
-            .delete(self.agent.url(&format!("/v1/volumes/{name}")))
-            .bearer_auth(&self.token)
-            .header("berth-leader-epoch", epoch.to_string())
-            .send()
-            .await
-            .unwrap()
+        self.request(Method::DELETE, &format!("/v1/volumes/{name}"), epoch).send().await.unwrap()
     }
 
     /// `DELETE …?unpublishedOnly=true`: what the orphan audit sends.
     async fn delete_unpublished(&self, name: &str, epoch: u64) -> reqwest::Response {
-        self.http
-            .delete(self.agent.url(&format!("/v1/volumes/{name}?unpublishedOnly=true")))
-            .bearer_auth(&self.token)
-            .header("berth-leader-epoch", epoch.to_string())
-            .send()
-            .await
-            .unwrap()
+        self.request(Method::DELETE, &format!("/v1/volumes/{name}?unpublishedOnly=true"), epoch).send().await.unwrap()
     }
 
     async fn publish(&self, name: &str, epoch: u64) -> reqwest::Response {
-        self.http
-            .put(self.agent.url(&format!("/v1/volumes/{name}/published")))
-            .bearer_auth(&self.token)
-            .header("berth-leader-epoch", epoch.to_string())
-            .send()
-            .await
-            .unwrap()
+        self.request(Method::PUT, &format!("/v1/volumes/{name}/published"), epoch).send().await.unwrap()
     }
 
     async fn metrics(&self) -> String {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use berth::agent_api::Volume;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use rustix::fs::{CWD, Mode, OFlags};
 use serde_json::json;
 use testbed::agents::PoolSpec;
@@ -87,10 +87,8 @@ async fn a_pods_deep_and_wide_tree_is_removed_within_the_agents_limits() {
     let token = bed.controller_token("node-0").await.unwrap();
     let http = agent.http().unwrap();
     let body = json!({"pool": "fast", "sizeBytes": 1 << 20, "claim": {"namespace": "db", "name": "data-0"}});
-    let resp = http
-        .put(agent.url(&format!("/v1/volumes/{VOL}")))
-        .bearer_auth(&token)
-        .header("berth-leader-epoch", "1")
+    let resp = agent
+        .controller_request(&http, Method::PUT, &format!("/v1/volumes/{VOL}"), &token, 1)
         .json(&body)
         .send()
         .await
@@ -110,10 +108,8 @@ async fn a_pods_deep_and_wide_tree_is_removed_within_the_agents_limits() {
     let http = agent.http().unwrap();
 
     let started = Instant::now();
-    let resp = http
-        .delete(agent.url(&format!("/v1/volumes/{VOL}")))
-        .bearer_auth(&token)
-        .header("berth-leader-epoch", "1")
+    let resp = agent
+        .controller_request(&http, Method::DELETE, &format!("/v1/volumes/{VOL}"), &token, 1)
         .timeout(Duration::from_secs(600))
         .send()
         .await;

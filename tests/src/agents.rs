@@ -272,9 +272,18 @@ impl AgentProcess {
         self.prefix.extend_from_slice(prefix);
     }
 
-    /// The running process's pid.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().map(Proc::pid)
+    /// A mutating request to `path` as the controller sends it: its token and leadership epoch.
+    pub fn controller_request(
+        &self,
+        http: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        epoch: u64,
+    ) -> reqwest::RequestBuilder {
+        http.request(method, self.url(path))
+            .bearer_auth(token)
+            .header(berth::agent_api::EPOCH_HEADER, epoch.to_string())
     }
 
     /// An HTTPS client that trusts exactly this agent's published certificate.

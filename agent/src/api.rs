@@ -72,7 +72,14 @@ fn status_of(reason: ErrorReason) -> StatusCode {
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         let body = ErrorBody { reason: self.reason, message: self.message, newest_epoch: self.newest_epoch };
-        (status_of(self.reason), axum::Json(body)).into_response()
+        let mut response = (status_of(self.reason), axum::Json(body)).into_response();
+        if self.reason == ErrorReason::TooLarge {
+            // The rest of the body is never read, so hyper closes the connection after this response. Without
+            // saying so, a client may put the connection back in its pool and send its next request into the
+            // closing socket (it then fails with "incomplete message": seen in CI).
+            response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 

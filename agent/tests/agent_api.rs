@@ -396,6 +396,10 @@ async fn hostile_input_is_refused_and_changes_nothing() {
         let resp = send_raw(name.clone(), body).await.unwrap_or_else(|e| panic!("{name}: {e:?}"));
         let status = resp.status();
         assert!(status.is_client_error(), "{name}: {status}");
+        if expected == ErrorReason::TooLarge {
+            // The unread rest of the body ends the connection; the client must be told not to reuse it.
+            assert_eq!(resp.headers().get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]), "{name}");
+        }
         let (_, reason, message) = refusal(resp).await;
         assert_eq!(reason, expected, "{name}: {message}");
         assert!(!message.is_empty());

@@ -1,13 +1,19 @@
 //! The agent core: the node's pools, their inventory of volumes, and the decisions (idempotency, conflicts,
 //! capacity) every backend shares. Operations are serialised by one lock: they are short, and it is what makes
 //! "check free space, then create" safe for pools that share a filesystem.
+//!
+//! Debris that recovery finds (what a crash left of a create or a delete) is removed by [`Agent::remove_debris`],
+//! one piece at a time and outside the lock, on a thread of its own that starts once the API serves: removing a
+//! pod's million files or zeroing a thick LV can take minutes, and the live volumes must not wait for it. Until a
+//! piece is gone it counts against its pool's capacity, and a volume of the name it still holds is not made.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::Instant;
 
 use berth::agent_api::{CreateVolumeRequest, ErrorReason, PoolStatus, Volume, VolumeMode};
 
-use crate::backend::{Backend, BackendError, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord};
+use crate::backend::{Backend, BackendError, Debris, PoolProbe, Recovered, VOLUME_MARKER_VERSION, VolumeRecord};
 use crate::capacity::{Capacity, PoolLimits, VolumeUsage, pool_capacity};
 use crate::config::PoolConfig;
 use crate::epoch::{AdmitError, EpochFence};
@@ -60,6 +66,8 @@ pub struct Agent {
     /// One lock for every decision, so "check free space, then create" is safe for pools sharing a filesystem
     /// and an epoch is checked in the same critical section as the operation it admits.
     state: Mutex<State>,
+    /// Signalled when recovery finds debris to remove.
+    debris_found: Condvar,
 }
 
 /// The inventory (volume name → record) and which pools it covers. Rebuilt from disk, pool by pool, the first
@@ -68,6 +76,23 @@ pub struct Agent {
 struct State {
     volumes: BTreeMap<String, VolumeRecord>,
     recovered: BTreeSet<String>,
+    /// Debris recovery found, until it is removed.
+    debris: Vec<PendingDebris>,
+}
+
+struct PendingDebris {
+    pool: String,
+    debris: Debris,
+    removal: Removal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    Waiting,
+    Running,
+    /// Not retried until the next start, which recovers it again: what failed once (a mount a pod left inside
+    /// a directory, an lvm2 error) would most likely fail again at once.
+    Failed,
 }
 
 pub fn to_api(r: &VolumeRecord) -> Volume {
@@ -159,7 +184,7 @@ impl Agent {
     /// Recovers the inventory of every pool that is ready now; the others are recovered when they become ready
     /// and refuse work until then.
     pub fn start(node: String, pools: Vec<Pool>, fence: EpochFence) -> Agent {
-        let agent = Agent { node, pools, fence, state: Mutex::new(State::default()) };
+        let agent = Agent { node, pools, fence, state: Mutex::new(State::default()), debris_found: Condvar::new() };
         {
             let mut state = agent.lock();
             for pool in &agent.pools {
@@ -185,13 +210,71 @@ impl Agent {
         if state.recovered.contains(&pool.config.name) {
             return Ok(());
         }
-        let volumes = pool.backend.recover()?;
-        tracing::info!(pool = %pool.config.name, volumes = volumes.len(), "inventory recovered from disk");
+        let Recovered { volumes, debris } = pool.backend.recover()?;
+        let name = &pool.config.name;
+        tracing::info!(pool = %name, volumes = volumes.len(), debris = debris.len(), "inventory recovered from disk");
         for v in volumes {
             state.volumes.insert(v.name.clone(), v);
         }
-        state.recovered.insert(pool.config.name.clone());
+        for d in debris {
+            self.queue_debris(state, pool, d, "debris of an interrupted operation: removed in the background");
+        }
+        state.recovered.insert(name.clone());
         Ok(())
+    }
+
+    /// Hands `debris` of `pool` to the debris thread; from now on it counts against the pool and holds its name.
+    fn queue_debris(&self, state: &mut State, pool: &Pool, debris: Debris, what: &str) {
+        let name = &pool.config.name;
+        tracing::warn!(pool = %name, path = %debris.path.display(), bytes = debris.size_bytes, "{what}");
+        state.debris.push(PendingDebris { pool: name.clone(), debris, removal: Removal::Waiting });
+        self.debris_found.notify_all();
+    }
+
+    /// Removes one piece of debris that waits for it, without holding the lock while the backend works; `false`
+    /// when none waits. What cannot be removed stays counted, and is tried again at the next start.
+    pub fn remove_debris(&self) -> bool {
+        let (pool, debris) = {
+            let mut state = self.lock();
+            let Some(next) = state.debris.iter_mut().find(|d| d.removal == Removal::Waiting) else { return false };
+            next.removal = Removal::Running;
+            (next.pool.clone(), next.debris.clone())
+        };
+        let started = Instant::now();
+        let removed = match self.pool(&pool) {
+            Some(p) => p.backend.purge(&debris.path),
+            None => Err(BackendError::Io(format!("pool {pool:?} is not configured"))),
+        };
+        let mut state = self.lock();
+        // Only this function takes pieces out of the list, one at a time: the piece is still there.
+        let at = state.debris.iter().position(|d| d.pool == pool && d.debris.path == debris.path);
+        let path = debris.path.display();
+        match removed {
+            Ok(()) => {
+                tracing::info!(pool = %pool, path = %path, seconds = started.elapsed().as_secs_f64(), "debris removed");
+                if let Some(at) = at {
+                    state.debris.remove(at);
+                }
+            }
+            Err(e) => {
+                tracing::error!(pool = %pool, path = %path, error = %e, "cannot remove debris: it keeps counting against the pool until the next start tries again");
+                if let Some(at) = at {
+                    state.debris[at].removal = Removal::Failed;
+                }
+            }
+        }
+        true
+    }
+
+    /// Removes debris whenever recovery finds some, for the life of the process: the body of the agent's debris
+    /// thread (purges block). A process that stops mid-removal leaves debris that the next start finds again.
+    pub fn remove_debris_forever(&self) -> ! {
+        loop {
+            while self.remove_debris() {}
+            let state = self.lock();
+            let waiting = |s: &mut State| !s.debris.iter().any(|d| d.removal == Removal::Waiting);
+            drop(self.debris_found.wait_while(state, waiting).unwrap_or_else(|poisoned| poisoned.into_inner()));
+        }
     }
 
     fn admit_epoch(&self, epoch: u64) -> Result<(), Refusal> {
@@ -252,6 +335,16 @@ impl Agent {
                 ))
             };
         }
+        if let Some(d) = state.debris.iter().find(|d| d.debris.volume.as_deref() == Some(name)) {
+            let failed = if d.removal == Removal::Failed { " (its removal failed: see the agent's log)" } else { "" };
+            return Err(Refusal::new(
+                ErrorReason::Conflict,
+                format!(
+                    "volume {name}: what an interrupted operation left of it ({}) is still being removed{failed}; try again later",
+                    d.debris.path.display()
+                ),
+            ));
+        }
         let pool = self.pool(&req.pool).ok_or_else(|| {
             Refusal::new(ErrorReason::UnknownPool, format!("no pool {:?} on node {}", req.pool, self.node))
         })?;
@@ -273,7 +366,7 @@ impl Agent {
         // The target pool's volumes must be known before its free space is. (A claim's volume is always asked of
         // the same pool, its class's, so a pool that is down elsewhere on the node cannot hide a twin.)
         self.ensure_recovered(&mut state, pool)?;
-        let capacity = self.capacity_now(pool, &state.volumes)?;
+        let capacity = self.capacity_now(pool, &state)?;
         if req.size_bytes > capacity.maximum_volume_size {
             return Err(Refusal::new(
                 ErrorReason::InsufficientSpace,
@@ -300,7 +393,11 @@ impl Agent {
             project_id: None,
             published: false,
         };
-        let made = pool.backend.create(record)?;
+        let made = pool.backend.create(record).inspect_err(|_| {
+            if let Some(left) = pool.backend.leftover_of_create(name) {
+                self.queue_debris(&mut state, pool, left, "what the failed create left: removed in the background");
+            }
+        })?;
         let api = to_api(&made);
         state.volumes.insert(name.to_owned(), made);
         Ok(Created::New(api))
@@ -332,7 +429,7 @@ impl Agent {
         let pool = self.pool(&existing.pool).ok_or_else(|| {
             Refusal::new(ErrorReason::UnknownPool, format!("no pool {:?} on node {}", existing.pool, self.node))
         })?;
-        let capacity = self.capacity_now(pool, &state.volumes)?;
+        let capacity = self.capacity_now(pool, &state)?;
         let extra = size_bytes - existing.size_bytes;
         if extra > capacity.maximum_volume_size {
             return Err(Refusal::new(
@@ -469,7 +566,7 @@ impl Agent {
             .iter()
             .map(|pool| {
                 self.ensure_recovered(&mut state, pool)
-                    .and_then(|()| Ok(pool.backend.probe(&own_sizes(&state.volumes, pool))?))
+                    .and_then(|()| Ok(pool.backend.probe(&own_sizes(&state, pool))?))
             })
             .collect();
         let fs_ids: Vec<Option<u64>> = probes.iter().map(|p| p.as_ref().ok().and_then(|p| p.fs_id())).collect();
@@ -479,11 +576,11 @@ impl Agent {
             let volumes = mine().count() as u32;
             let (ready, reason, cap, enforcement, enforcement_reason) = match probe {
                 Ok(probe) => {
-                    let cap = self.capacity_of(pool, &probe, &fs_ids, &state.volumes);
+                    let cap = self.capacity_of(pool, &probe, &fs_ids, &state);
                     (true, None, cap, probe.enforcement(), probe.enforcement_reason())
                 }
                 Err(e) => {
-                    let allocated = mine().map(|v| v.size_bytes).sum();
+                    let allocated = own_sizes(&state, pool).iter().sum();
                     let cap = Capacity { allocated, ..Capacity::default() };
                     (false, Some(e.message), cap, pool.backend.enforcement(), None)
                 }
@@ -509,28 +606,23 @@ impl Agent {
     /// pool whose filesystem cannot be told right now (not ready): counting them too under-promises, never over.
     /// `fs_ids` holds each configured pool's filesystem id, in order (`None`: not ready now).
     /// `pool`'s capacity now, from a fresh probe.
-    fn capacity_now(&self, pool: &Pool, volumes: &BTreeMap<String, VolumeRecord>) -> Result<Capacity, Refusal> {
-        let probe = pool.backend.probe(&own_sizes(volumes, pool))?;
+    fn capacity_now(&self, pool: &Pool, state: &State) -> Result<Capacity, Refusal> {
+        let probe = pool.backend.probe(&own_sizes(state, pool))?;
         // Which directory pools share a filesystem; pools that account for themselves (lvm) share nothing and
         // are not probed again (each probe of theirs runs lvm2).
         let fs_ids: Vec<Option<u64>> = self
             .pools
             .iter()
             .map(|p| match p.backend.kind() {
-                "hostpath" => p.backend.probe(&own_sizes(volumes, p)).ok().and_then(|p| p.fs_id()),
+                "hostpath" => p.backend.probe(&own_sizes(state, p)).ok().and_then(|p| p.fs_id()),
                 _ => None,
             })
             .collect();
-        Ok(self.capacity_of(pool, &probe, &fs_ids, volumes))
+        Ok(self.capacity_of(pool, &probe, &fs_ids, state))
     }
 
-    fn capacity_of(
-        &self,
-        pool: &Pool,
-        probe: &PoolProbe,
-        fs_ids: &[Option<u64>],
-        volumes: &BTreeMap<String, VolumeRecord>,
-    ) -> Capacity {
+    fn capacity_of(&self, pool: &Pool, probe: &PoolProbe, fs_ids: &[Option<u64>], state: &State) -> Capacity {
+        let volumes = &state.volumes;
         let (fs, fs_id) = match *probe {
             PoolProbe::Filesystem { fs, fs_id, .. } => (fs, fs_id),
             PoolProbe::Exact(capacity) => return capacity,
@@ -554,7 +646,10 @@ impl Agent {
             };
             used.into_iter().map(|(v, used_bytes)| VolumeUsage { size_bytes: v.size_bytes, used_bytes })
         };
-        let own: Vec<VolumeUsage> = usage_in(pool, true).collect();
+        // The pool's debris is already in the filesystem's used space; it claims nothing more, but counts as
+        // allocated (against the pool's cap) until it is gone.
+        let debris = pool_debris(state, pool).map(|d| VolumeUsage::settled(d.size_bytes));
+        let own: Vec<VolumeUsage> = usage_in(pool, true).chain(debris).collect();
         let others: Vec<VolumeUsage> = sharing.iter().flat_map(|(p, id)| usage_in(p, id.is_some())).collect();
         let limits = PoolLimits { cap: pool.config.capacity, headroom: pool.config.headroom };
         pool_capacity(limits, fs, &own, &others)
@@ -571,9 +666,14 @@ fn pool_usage<'a>(
     of_pool.into_iter().zip(used).collect()
 }
 
-/// The sizes promised to `pool`'s volumes.
-fn own_sizes(volumes: &BTreeMap<String, VolumeRecord>, pool: &Pool) -> Vec<u64> {
-    volumes.values().filter(|v| v.pool == pool.config.name).map(|v| v.size_bytes).collect()
+/// The sizes promised to `pool`'s volumes, and those of its debris not yet removed.
+fn own_sizes(state: &State, pool: &Pool) -> Vec<u64> {
+    let volumes = state.volumes.values().filter(|v| v.pool == pool.config.name).map(|v| v.size_bytes);
+    volumes.chain(pool_debris(state, pool).map(|d| d.size_bytes)).collect()
+}
+
+fn pool_debris<'a>(state: &'a State, pool: &'a Pool) -> impl Iterator<Item = &'a Debris> {
+    state.debris.iter().filter(|d| d.pool == pool.config.name).map(|d| &d.debris)
 }
 
 #[cfg(test)]
@@ -627,6 +727,135 @@ mod tests {
         assert_eq!(resolved_fs_type("lvm", &req(|r| r.fs_type = Some("xfs".into()))).as_deref(), Some("xfs"));
         assert_eq!(resolved_fs_type("lvm", &req(|r| r.volume_mode = VolumeMode::Block)), None);
         assert_eq!(resolved_fs_type("hostpath", &req(|_| {})), None);
+    }
+
+    /// A pool of a 10 GiB store whose recovery finds the debris it is given; its creates and purges succeed or
+    /// fail as told (a failed create leaves 3 GiB of debris), and its purges are recorded.
+    #[derive(Default)]
+    struct DebrisPool {
+        recovered: Vec<Debris>,
+        create_fails: bool,
+        purge_fails: bool,
+        purged: Purged,
+    }
+
+    /// What an LV of `NAME` left: 3 GiB holding the volume's name.
+    fn lv_debris() -> Debris {
+        Debris { path: format!("vg/berth-{NAME}").into(), volume: Some(NAME.into()), size_bytes: 3 * GI }
+    }
+
+    type Purged = std::sync::Arc<Mutex<Vec<std::path::PathBuf>>>;
+
+    const GI: u64 = 1 << 30;
+
+    impl Backend for DebrisPool {
+        fn kind(&self) -> &'static str {
+            "lvm"
+        }
+        fn probe(&self, own_sizes: &[u64]) -> Result<PoolProbe, BackendError> {
+            let allocated = own_sizes.iter().sum();
+            let free = 10 * GI - allocated;
+            Ok(PoolProbe::Exact(Capacity { capacity: 10 * GI, allocated, free, maximum_volume_size: free }))
+        }
+        fn recover(&self) -> Result<Recovered, BackendError> {
+            Ok(Recovered { volumes: vec![], debris: self.recovered.clone() })
+        }
+        fn create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
+            if self.create_fails {
+                return Err(BackendError::Io("mkfs.ext4: exit status 1".into()));
+            }
+            Ok(VolumeRecord { path: format!("/dev/vg/berth-{}", record.name), ..record })
+        }
+        fn leftover_of_create(&self, volume: &str) -> Option<Debris> {
+            assert_eq!(volume, NAME);
+            self.create_fails.then(lv_debris)
+        }
+        fn detach(&self, _: &str) -> Result<Option<std::path::PathBuf>, BackendError> {
+            unimplemented!("not used by these tests")
+        }
+        fn publish(&self, _: &VolumeRecord) -> Result<(), BackendError> {
+            unimplemented!("not used by these tests")
+        }
+        fn expand(&self, _: &VolumeRecord, _: u64) -> Result<VolumeRecord, BackendError> {
+            unimplemented!("not used by these tests")
+        }
+        fn used_bytes(&self, volumes: &[&VolumeRecord]) -> Vec<Option<u64>> {
+            vec![None; volumes.len()]
+        }
+        fn purge(&self, detached: &std::path::Path) -> Result<(), BackendError> {
+            self.purged.lock().unwrap().push(detached.to_owned());
+            if self.purge_fails { Err(BackendError::Io("lvremove: device busy".into())) } else { Ok(()) }
+        }
+    }
+
+    fn debris_agent(dir: &tempfile::TempDir, backend: DebrisPool) -> (Agent, Purged) {
+        let config = PoolConfig {
+            name: "lvm".into(),
+            backend: crate::config::BackendKind::Lvm,
+            root: "/var/lib/berth/lvm".into(),
+            capacity: None,
+            headroom: 0,
+            volume_group: Some("vg".into()),
+            thin_pool: None,
+            overprovision_ratio: None,
+            thin_data_threshold: None,
+            lvm_config: None,
+        };
+        let purged = backend.purged.clone();
+        let backend = Box::new(backend);
+        let fence = EpochFence::load(dir.path().join("epoch")).unwrap();
+        (Agent::start("node-0".into(), vec![Pool { config, backend }], fence), purged)
+    }
+
+    #[test]
+    fn debris_counts_and_holds_its_name_until_the_background_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, purged) = debris_agent(&dir, DebrisPool { recovered: vec![lv_debris()], ..DebrisPool::default() });
+        // Found at start, not removed by it.
+        assert!(purged.lock().unwrap().is_empty());
+        let status = &agent.pool_statuses()[0];
+        assert_eq!((status.allocated_bytes, status.free_bytes, status.volumes), (3 * GI, 7 * GI, 0));
+        let refusal = agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1).unwrap_err();
+        assert_eq!(refusal.reason, ErrorReason::Conflict, "{}", refusal.message);
+        assert!(refusal.message.contains("still being removed"), "{}", refusal.message);
+
+        assert!(agent.remove_debris(), "one piece waited");
+        assert_eq!(*purged.lock().unwrap(), [std::path::PathBuf::from(format!("vg/berth-{NAME}"))]);
+        assert!(!agent.remove_debris(), "nothing waits any more");
+        let status = &agent.pool_statuses()[0];
+        assert_eq!((status.allocated_bytes, status.free_bytes), (0, 10 * GI));
+        let made = agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1).unwrap();
+        assert!(matches!(made, Created::New(_)), "{made:?}");
+    }
+
+    #[test]
+    fn debris_that_cannot_be_removed_keeps_counting_and_is_not_retried_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = DebrisPool { recovered: vec![lv_debris()], purge_fails: true, ..DebrisPool::default() };
+        let (agent, purged) = debris_agent(&dir, backend);
+        assert!(agent.remove_debris());
+        assert!(!agent.remove_debris(), "a failed removal waits for the next start");
+        assert_eq!(purged.lock().unwrap().len(), 1);
+        let status = &agent.pool_statuses()[0];
+        assert_eq!((status.allocated_bytes, status.free_bytes), (3 * GI, 7 * GI));
+        let refusal = agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1).unwrap_err();
+        assert_eq!(refusal.reason, ErrorReason::Conflict, "{}", refusal.message);
+        assert!(refusal.message.contains("removal failed"), "{}", refusal.message);
+    }
+
+    #[test]
+    fn what_a_failed_create_left_is_removed_in_the_background_not_under_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, purged) = debris_agent(&dir, DebrisPool { create_fails: true, ..DebrisPool::default() });
+        let refusal = agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1).unwrap_err();
+        assert_eq!(refusal.reason, ErrorReason::Internal, "{}", refusal.message);
+        assert!(purged.lock().unwrap().is_empty(), "the create did not remove it itself");
+        assert_eq!(agent.pool_statuses()[0].allocated_bytes, 3 * GI, "the leftover counts until it is gone");
+        let again = agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1).unwrap_err();
+        assert_eq!(again.reason, ErrorReason::Conflict, "{}", again.message);
+        assert!(agent.remove_debris());
+        assert_eq!(purged.lock().unwrap().len(), 1);
+        assert_eq!(agent.pool_statuses()[0].allocated_bytes, 0);
     }
 
     #[test]

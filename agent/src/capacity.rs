@@ -20,6 +20,11 @@ pub struct VolumeUsage {
 }
 
 impl VolumeUsage {
+    /// Space that is taken and cannot grow: counted as allocated, with nothing more to claim (debris).
+    pub fn settled(size_bytes: u64) -> VolumeUsage {
+        VolumeUsage { size_bytes, used_bytes: Some(size_bytes) }
+    }
+
     /// Bytes this volume may still write and that the filesystem's available space does not yet reflect.
     /// Unknown usage counts as nothing written yet: conservative (the bytes it did write are then counted twice,
     /// once in the filesystem's used space and once here), never over-promising.

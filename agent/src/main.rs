@@ -189,6 +189,20 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     };
     tokio::spawn(on_signal);
+    // Debris is removed once the API serves, so the live volumes are never kept waiting for it.
+    let debris_worker = {
+        let (handle, agent) = (handle.clone(), state.agent.clone());
+        async move {
+            if handle.listening().await.is_some() {
+                let spawned =
+                    std::thread::Builder::new().name("debris".into()).spawn(move || agent.remove_debris_forever());
+                if let Err(e) = spawned {
+                    tracing::error!(error = %e, "cannot start the debris thread: debris stays until the next start");
+                }
+            }
+        }
+    };
+    tokio::spawn(debris_worker);
     tracing::info!(node = %args.node_name, listen = %args.listen, endpoint = %format!("https://{advertise}"), "serving");
     axum_server::bind_rustls(args.listen, tls).handle(handle).serve(api::router(state).into_make_service()).await?;
     publishing.abort();

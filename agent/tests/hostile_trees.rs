@@ -3,10 +3,12 @@
 //! limit like its DaemonSet's and a small descriptor limit. The agent runs in a memory cgroup of its own (cgroup
 //! accounting, as a container's limit) under `prlimit --nofile`. The bed lives on a tmpfs with the inodes a million
 //! files need: on the CI machines' disk (ext4 mounted with `discard`) planting them took from 24 s to 344 s.
+//! A second volume's tree is left as debris of a delete a crash interrupted: the restarted agent serves first and
+//! removes it in the background, while the API's delete of the first runs, within the same limits.
 
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use berth::agent_api::Volume;
@@ -15,13 +17,17 @@ use rustix::fs::{CWD, Mode, OFlags};
 use serde_json::json;
 use testbed::agents::PoolSpec;
 use testbed::cgroup::{MemoryCgroup, require_root};
+use testbed::on_node::poll;
 use testbed::{TestBed, TestBedConfig};
 
 const VOL: &str = "pvc-0f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f70";
+const VOL2: &str = "pvc-1f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f71";
 /// Tighter than the DaemonSet's 256Mi, so that a walk that keeps a name per entry (1M × ~100 bytes) cannot fit.
 const MEMORY_LIMIT: u64 = 64 << 20;
 const DEPTH: usize = 20_000;
 const ENTRIES: usize = 1_000_000;
+/// The debris's tree: as deep, a fifth as wide (enough that its removal overlaps the delete's).
+const DEBRIS_ENTRIES: usize = 200_000;
 
 fn open_dir(dir: impl rustix::fd::AsFd, name: &CString) -> OwnedFd {
     rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap()
@@ -77,7 +83,7 @@ async fn a_pods_deep_and_wide_tree_is_removed_within_the_agents_limits() {
     require_root().unwrap();
     // Made first, so they are dropped (removed) after the bed and the agent are gone.
     let cgroup = MemoryCgroup::new(&format!("berth-agent-{}", std::process::id()), MEMORY_LIMIT).unwrap();
-    let tmpfs = Tmpfs::mount(ENTRIES + DEPTH + 100_000);
+    let tmpfs = Tmpfs::mount(ENTRIES + DEBRIS_ENTRIES + 2 * DEPTH + 100_000);
     let mut config = TestBedConfig::nodes(1);
     config.base_dir = Some(tmpfs.0.path().to_owned());
     let bed = TestBed::start(config).await.unwrap();
@@ -86,22 +92,29 @@ async fn a_pods_deep_and_wide_tree_is_removed_within_the_agents_limits() {
     let mut agent = bed.start_agent(binary, 0, &[PoolSpec::new("fast")], true).await.unwrap();
     let token = bed.controller_token("node-0").await.unwrap();
     let http = agent.http().unwrap();
-    let body = json!({"pool": "fast", "sizeBytes": 1 << 20, "claim": {"namespace": "db", "name": "data-0"}});
-    let resp = agent
-        .controller_request(&http, Method::PUT, &format!("/v1/volumes/{VOL}"), &token, 1)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let made: Volume = resp.json().await.unwrap();
+    let mut made = Vec::new();
+    for (name, claim) in [(VOL, "data-0"), (VOL2, "data-1")] {
+        let body = json!({"pool": "fast", "sizeBytes": 1 << 20, "claim": {"namespace": "db", "name": claim}});
+        let resp = agent
+            .controller_request(&http, Method::PUT, &format!("/v1/volumes/{name}"), &token, 1)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        made.push(resp.json::<Volume>().await.unwrap());
+    }
 
-    // The pod's tree, written while the agent runs; then the agent is restarted inside its limits.
-    let data = PathBuf::from(&made.path);
+    // The pods' trees, written while the agent runs; then the agent is restarted inside its limits.
     let started = Instant::now();
-    tokio::task::block_in_place(|| plant(&data, DEPTH, ENTRIES));
-    eprintln!("planted {DEPTH} levels and {ENTRIES} entries in {:?}", started.elapsed());
+    tokio::task::block_in_place(|| plant(Path::new(&made[0].path), DEPTH, ENTRIES));
+    tokio::task::block_in_place(|| plant(Path::new(&made[1].path), DEPTH, DEBRIS_ENTRIES));
+    eprintln!("planted {DEPTH} levels and {ENTRIES} + {DEBRIS_ENTRIES} entries in {:?}", started.elapsed());
     agent.kill();
+    // VOL2 as a crash mid-delete leaves it: moved into staging, out of the inventory.
+    let root = agent.pool_root("fast").to_owned();
+    let staging = root.join(".berth-tmp");
+    std::fs::rename(root.join(VOL2), staging.join(format!("delete-{VOL2}-00000001"))).unwrap();
     agent.wrap(&cgroup.prefix());
     agent.wrap(&["prlimit".into(), "--nofile=256:256".into(), "--".into()]);
     agent.start().await.unwrap();
@@ -123,8 +136,25 @@ async fn a_pods_deep_and_wide_tree_is_removed_within_the_agents_limits() {
     let text = resp.text().await.unwrap();
     assert_eq!(status, StatusCode::OK, "{text}\nagent log:\n{log}");
     assert_eq!(oom, 0, "the agent was OOM-killed");
-    let root = agent.pool_root("fast").to_owned();
     assert!(!root.join(VOL).exists());
-    let left = std::fs::read_dir(root.join(".berth-tmp")).map(|d| d.count()).unwrap_or(0);
-    assert_eq!(left, 0, "the delete left debris in {}", root.join(".berth-tmp").display());
+
+    // The debris goes too, in the background, and it went after the API was serving.
+    let left = || std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
+    let removal = poll("debris removed", Duration::from_secs(600), || Ok((left() == 0).then_some(()))).await;
+    let (peak, oom, log) = (cgroup.peak_bytes().unwrap(), cgroup.oom_kills().unwrap(), agent.log());
+    eprintln!("debris removed: {removal:?}; the agent's cgroup peaked at {} MiB", peak >> 20);
+    assert_eq!(oom, 0, "the agent was OOM-killed; agent log:\n{log}");
+    removal.unwrap_or_else(|e| panic!("{e}: {} left in {}; agent log:\n{log}", left(), staging.display()));
+    let after = &log[log.rfind("inventory recovered from disk").expect("the restart's recovery is logged")..];
+    let (serving, removed) = (after.find("serving"), after.find("debris removed"));
+    assert!(serving.is_some() && serving < removed, "the API serves before debris is removed:\n{after}");
+    let listed: serde_json::Value = agent
+        .controller_request(&http, Method::GET, "/v1/volumes", &token, 1)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["volumes"], json!([]), "both volumes are gone from the inventory");
 }

@@ -10,7 +10,8 @@
 //! ```
 //! Create builds `<volume>` complete in `.berth-tmp/` and renames it into place: one atomic step, so a crash
 //! leaves either a complete volume or debris. Delete renames it into `.berth-tmp/` first (it leaves the
-//! inventory at once), then removes it without following symlinks or crossing mounts.
+//! inventory at once), then removes it without following symlinks or crossing mounts. Debris found at start is
+//! removed the same way, in the background once the API serves (agent.rs).
 //!
 //! On a filesystem with project quotas (XFS or ext4 mounted with `prjquota`), `<volume>/` is put in a project of
 //! its own, with inheritance, while it is still in `.berth-tmp/` and empty; the project's hard limit is the
@@ -33,7 +34,8 @@ use serde::{Deserialize, Serialize};
 
 use super::quota::{self, QuotaState, Refused};
 use super::{
-    Backend, BackendError, DATA_DIR, Enforcement, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord, io, make_data_dir,
+    Backend, BackendError, DATA_DIR, Debris, Enforcement, PoolProbe, Recovered, VOLUME_MARKER_VERSION, VolumeRecord,
+    io, make_data_dir,
 };
 use crate::capacity::FsUsage;
 use crate::safe_remove::remove_tree;
@@ -284,17 +286,18 @@ impl Backend for HostPath {
         })
     }
 
-    fn recover(&self) -> Result<Vec<VolumeRecord>, BackendError> {
+    fn recover(&self) -> Result<Recovered, BackendError> {
         self.check_marker()?;
+        let mut debris = Vec::new();
         if std::fs::symlink_metadata(self.staging()).is_ok() {
             self.check_staging(&self.staging())?;
             for entry in std::fs::read_dir(self.staging()).map_err(|e| io(self.staging().display(), e))?.flatten() {
-                tracing::warn!(pool = %self.pool, path = %entry.path().display(), "removing debris of an interrupted operation");
-                // Debris that cannot be removed (a mount left inside it) stays, out of the inventory, and is
-                // tried again at the next start; it must not keep the pool's live volumes from being served.
-                if let Err(e) = remove_tree(&entry.path()) {
-                    tracing::error!(pool = %self.pool, path = %entry.path().display(), error = %e, "cannot remove debris");
-                }
+                // Its size, where its marker still says: what it may hold counts against the pool until it is gone.
+                let size_bytes = std::fs::read_to_string(entry.path().join(VOLUME_MARKER))
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<VolumeRecord>(&t).ok())
+                    .map_or(0, |r| r.size_bytes);
+                debris.push(Debris { path: entry.path(), volume: None, size_bytes });
             }
         }
         let root = self.open_root()?;
@@ -333,7 +336,7 @@ impl Backend for HostPath {
             }
         }
         volumes.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(volumes)
+        Ok(Recovered { volumes, debris })
     }
 
     fn create(&self, mut record: VolumeRecord) -> Result<VolumeRecord, BackendError> {

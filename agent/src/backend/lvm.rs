@@ -14,7 +14,8 @@
 //!
 //! A create tags the new LV `berth:creating` and lifts the tag when the filesystem is made and mounted; a delete
 //! unmounts, tags the LV `berth:deleting` (it leaves the inventory), and the purge zeroes a thick LV before
-//! `lvremove`. An LV found with either tag at start is debris of an interrupted operation and is removed.
+//! `lvremove`. An LV found with either tag at start is debris of an interrupted operation, removed the same way
+//! in the background once the API serves (agent.rs).
 //! A new LV also carries `berth:unpublished` until the controller says its PV exists (`publish`).
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
@@ -25,7 +26,8 @@ use berth::agent_api::{ClaimRef, VolumeMode};
 
 use super::lvm2::{LvRow, Lvm, LvmError, VgRow};
 use super::{
-    Backend, BackendError, DATA_DIR, Enforcement, PoolProbe, VOLUME_MARKER_VERSION, VolumeRecord, io, make_data_dir,
+    Backend, BackendError, DATA_DIR, Debris, Enforcement, PoolProbe, Recovered, VOLUME_MARKER_VERSION, VolumeRecord,
+    io, make_data_dir,
 };
 use crate::capacity::{LvmSpace, PoolLimits, lvm_capacity};
 
@@ -384,19 +386,17 @@ impl Backend for LvmPool {
         Ok(PoolProbe::Exact(lvm_capacity(self.limits, space, own_sizes)))
     }
 
-    fn recover(&self) -> Result<Vec<VolumeRecord>, BackendError> {
+    fn recover(&self) -> Result<Recovered, BackendError> {
         self.check_ready()?;
         let lvs = self.lvm.lvs(&self.vg).map_err(backend_error)?;
         let marker = self.marker_tag();
-        let mut volumes = Vec::new();
+        let (mut volumes, mut debris) = (Vec::new(), Vec::new());
         for lv in lvs.iter().filter(|l| l.tags.contains(&marker)) {
             if lv.tags.iter().any(|t| t == CREATING || t == DELETING) {
-                tracing::warn!(pool = %self.pool, lv = %lv.name, "removing debris of an interrupted operation");
-                let volume = lv.name.strip_prefix(LV_PREFIX).unwrap_or(&lv.name);
-                let removed = self.unmount(lv, volume).and_then(|()| self.remove_lv(lv));
-                if let Err(e) = removed {
-                    tracing::error!(pool = %self.pool, lv = %lv.name, error = %e, "cannot remove debris");
-                }
+                // Removed by `purge`, in the background (zeroing a thick LV takes as long as writing it).
+                let volume = lv.name.strip_prefix(LV_PREFIX).map(str::to_owned);
+                let path = PathBuf::from(format!("{}/{}", self.vg, lv.name));
+                debris.push(Debris { path, volume, size_bytes: lv.size });
                 continue;
             }
             let mut record = match record_from_tags(&lv.tags) {
@@ -429,7 +429,7 @@ impl Backend for LvmPool {
             volumes.push(record);
         }
         volumes.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(volumes)
+        Ok(Recovered { volumes, debris })
     }
 
     fn create(&self, mut record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
@@ -453,25 +453,33 @@ impl Backend for LvmPool {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.lvm.run(&args).map_err(backend_error)?;
-        let made = self.lvm.lv(&self.vg, &name).map_err(backend_error).and_then(|lv| {
-            let path = self.finish_create(&lv, &record)?;
-            Ok(path)
-        });
+        let made = self.lvm.lv(&self.vg, &name).map_err(backend_error).and_then(|lv| self.finish_create(&lv, &record));
         match made {
             Ok(path) => {
                 record.path = path;
                 Ok(record)
             }
-            Err(e) => {
-                // Undo; what cannot be undone keeps its `creating` tag and is removed at the next start.
-                if let Ok(lv) = self.lvm.lv(&self.vg, &name)
-                    && let Err(undo) = self.unmount(&lv, &record.name).and_then(|()| self.remove_lv(&lv))
-                {
-                    tracing::error!(pool = %self.pool, lv = %name, error = %undo, "cannot undo a failed create");
-                }
-                Err(e)
-            }
+            // What was made keeps its `creating` tag: debris, which the agent removes in the background
+            // (`leftover_of_create`), or the next start does.
+            Err(e) => Err(e),
         }
+    }
+
+    fn leftover_of_create(&self, volume: &str) -> Option<Debris> {
+        let lv = match self.lvm.lv(&self.vg, &lv_name(volume)) {
+            Ok(lv) => lv,
+            Err(LvmError::LvNotFound(_)) => return None,
+            Err(e) => {
+                tracing::error!(pool = %self.pool, volume, error = %e, "cannot tell what a failed create left: the next start finds it");
+                return None;
+            }
+        };
+        let path = PathBuf::from(format!("{}/{}", self.vg, lv.name));
+        lv.tags.iter().any(|t| t == CREATING).then(|| Debris {
+            path,
+            volume: Some(volume.to_owned()),
+            size_bytes: lv.size,
+        })
     }
 
     fn publish(&self, record: &VolumeRecord) -> Result<(), BackendError> {
@@ -535,10 +543,17 @@ impl Backend for LvmPool {
         Ok(Some(PathBuf::from(full)))
     }
 
+    /// Also removes debris: an LV a crash left mounted (mid-create) is unmounted first, and one already gone
+    /// (removed before a crash could record it) is success.
     fn purge(&self, detached: &Path) -> Result<(), BackendError> {
         let full = detached.to_str().unwrap_or_default();
         let (_, name) = full.split_once('/').ok_or_else(|| BackendError::Io(format!("{full} is not vg/lv")))?;
-        let lv = self.lvm.lv(&self.vg, name).map_err(backend_error)?;
+        let lv = match self.lvm.lv(&self.vg, name) {
+            Ok(lv) => lv,
+            Err(LvmError::LvNotFound(_)) => return Ok(()),
+            Err(e) => return Err(backend_error(e)),
+        };
+        self.unmount(&lv, name.strip_prefix(LV_PREFIX).unwrap_or(name))?;
         self.remove_lv(&lv)
     }
 }

@@ -49,6 +49,26 @@ pub struct VolumeRecord {
 
 pub const VOLUME_MARKER_VERSION: u32 = 1;
 
+/// What an operation a crash interrupted left in a pool: a half-made or half-removed volume. It is out of the
+/// inventory; the agent removes it in the background, after the API is serving ([`Backend::purge`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Debris {
+    /// What [`Backend::purge`] is given (a directory under the pool's staging area; `vg/lv`).
+    pub path: std::path::PathBuf,
+    /// The volume whose name the debris still holds, where a new volume of that name could not be made until it
+    /// is gone (an LV keeps its name); `None` where it holds none (a directory in staging).
+    pub volume: Option<String>,
+    /// The bytes it may still hold on the pool's storage: its volume's size where known, else 0.
+    pub size_bytes: u64,
+}
+
+/// What [`Backend::recover`] found on disk.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub volumes: Vec<VolumeRecord>,
+    pub debris: Vec<Debris>,
+}
+
 /// How a pool keeps volumes within their sizes (`enforcement` in the pool's status; terms.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enforcement {
@@ -152,11 +172,18 @@ pub trait Backend: Send + Sync {
     /// Ready (root present with this pool's marker) and the storage's usage; `NotReady` with the reason.
     /// `own_sizes` are the sizes promised to this pool's volumes (for backends that compute exact capacity).
     fn probe(&self, own_sizes: &[u64]) -> Result<PoolProbe, BackendError>;
-    /// The volumes on disk, after removing debris of operations a crash interrupted. Called at start.
-    fn recover(&self) -> Result<Vec<VolumeRecord>, BackendError>;
+    /// The volumes on disk, and the debris of operations a crash interrupted (not removed here: removing it may
+    /// take long, and the live volumes are served first). Called once per pool, when it is first seen ready.
+    fn recover(&self) -> Result<Recovered, BackendError>;
     /// Makes the volume described by `record` (whose `path` it fills in). Atomic: after a crash the volume either
-    /// exists completely or [`Backend::recover`] removes what was left.
+    /// exists completely or [`Backend::recover`] finds what was left as debris. A create that fails may leave
+    /// debris too, which [`Backend::leftover_of_create`] names.
     fn create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError>;
+    /// What a failed [`Backend::create`] of `volume` left, for the agent to remove in the background (undoing it
+    /// inline would hold the agent's lock while a thick LV is zeroed); `None` when the create cleaned up itself.
+    fn leftover_of_create(&self, _volume: &str) -> Option<Debris> {
+        None
+    }
     /// Takes the volume out of the pool at once (after this it is gone for [`Backend::recover`]) and returns what
     /// is left to [`Backend::purge`], if anything; a missing volume is success (`None`). Fails with `NotReady`
     /// when the pool cannot be inspected: "not there" must never be guessed from an unmounted disk.
@@ -169,7 +196,7 @@ pub trait Backend: Send + Sync {
     /// Bytes each of `volumes` (this pool's) uses now, where the storage counts it (a project quota, a mounted
     /// filesystem); `None` where nothing does. Cheap: called on every sample.
     fn used_bytes(&self, volumes: &[&VolumeRecord]) -> Vec<Option<u64>>;
-    /// Removes the data of a detached volume. May be slow; runs without the agent's lock. What it cannot remove
-    /// is debris that [`Backend::recover`] retries.
+    /// Removes the data of a detached volume, or a piece of [`Debris`]. May be slow; runs without the agent's
+    /// lock. What it cannot remove is debris that [`Backend::recover`] finds again at the next start.
     fn purge(&self, detached: &std::path::Path) -> Result<(), BackendError>;
 }

@@ -43,6 +43,10 @@ impl From<BackendError> for Refusal {
             BackendError::NotReady(m) => Refusal::new(ErrorReason::PoolNotReady, m),
             BackendError::InsufficientSpace(m) => Refusal::new(ErrorReason::InsufficientSpace, m),
             BackendError::Io(m) => Refusal::new(ErrorReason::Internal, m),
+            BackendError::Busy(m) => Refusal::new(
+                ErrorReason::PoolNotReady,
+                format!("{m}; the pool takes no work until it exits (retry later)"),
+            ),
         }
     }
 }
@@ -78,6 +82,16 @@ struct State {
     recovered: BTreeSet<String>,
     /// Debris recovery found, until it is removed.
     debris: Vec<PendingDebris>,
+}
+
+impl State {
+    /// Drops what is known of `pool`, so that it is read from disk again at its next use (debris being removed
+    /// now stays: recovery finds it again only if its removal fails).
+    fn forget(&mut self, pool: &str) {
+        self.recovered.remove(pool);
+        self.volumes.retain(|_, v| v.pool != pool);
+        self.debris.retain(|d| d.pool != pool || d.removal == Removal::Running);
+    }
 }
 
 struct PendingDebris {
@@ -207,6 +221,7 @@ impl Agent {
     /// Reads `pool`'s volumes from disk once it is ready. Until then the pool is refused: its volumes are not
     /// known, so neither "exists" nor "free" could be answered truthfully.
     fn ensure_recovered(&self, state: &mut State, pool: &Pool) -> Result<(), Refusal> {
+        self.usable(state, pool)?;
         if state.recovered.contains(&pool.config.name) {
             return Ok(());
         }
@@ -223,9 +238,38 @@ impl Agent {
         Ok(())
     }
 
+    /// Refuses work on a pool while a command of its that outlived its deadline still runs (it may hold lvm2's
+    /// lock, or the very device); once such a command has exited, the pool is read from disk again, since it may
+    /// have changed what the inventory says after its caller gave up.
+    fn usable(&self, state: &mut State, pool: &Pool) -> Result<(), Refusal> {
+        let Some(stuck) = pool.backend.stuck() else { return Ok(()) };
+        let name = &pool.config.name;
+        if let Some(what) = stuck.describe() {
+            return Err(Refusal::new(
+                ErrorReason::PoolNotReady,
+                format!("pool {name:?} is busy: {what}; it takes no work until that command exits (retry later)"),
+            ));
+        }
+        if stuck.take_settled() && state.recovered.contains(name) {
+            tracing::warn!(pool = %name, "the commands that outlived their deadlines have exited: reading the pool from disk again");
+            state.forget(name);
+        }
+        Ok(())
+    }
+
+    /// Which pools are busy and why (see [`Agent::usable`]), without the agent's lock: for `/healthz`.
+    pub fn busy_pools(&self) -> Vec<String> {
+        let stuck = |p: &Pool| p.backend.stuck().and_then(|s| s.describe()).map(|w| format!("{}: {w}", p.config.name));
+        self.pools.iter().filter_map(stuck).collect()
+    }
+
     /// Hands `debris` of `pool` to the debris thread; from now on it counts against the pool and holds its name.
     fn queue_debris(&self, state: &mut State, pool: &Pool, debris: Debris, what: &str) {
         let name = &pool.config.name;
+        // A pool read again (after a stuck command) finds the piece being removed now once more.
+        if state.debris.iter().any(|d| d.pool == *name && d.debris.path == debris.path) {
+            return;
+        }
         tracing::warn!(pool = %name, path = %debris.path.display(), bytes = debris.size_bytes, "{what}");
         state.debris.push(PendingDebris { pool: name.clone(), debris, removal: Removal::Waiting });
         self.debris_found.notify_all();
@@ -494,6 +538,10 @@ impl Agent {
         let (pool, detached) = {
             let mut state = self.lock();
             self.admit_epoch(epoch)?;
+            if let Some(pool) = state.volumes.get(name).and_then(|r| self.pool(&r.pool)) {
+                // A busy pool is refused; one whose stuck command has exited is read again (below).
+                self.usable(&mut state, pool)?;
+            }
             if !state.volumes.contains_key(name) {
                 // "There was none" only once every pool has been read.
                 self.ensure_all_recovered(&mut state, name)?;
@@ -737,6 +785,8 @@ mod tests {
         create_fails: bool,
         purge_fails: bool,
         purged: Purged,
+        stuck: std::sync::Arc<crate::command::Stuck>,
+        recoveries: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     }
 
     /// What an LV of `NAME` left: 3 GiB holding the volume's name.
@@ -758,7 +808,11 @@ mod tests {
             Ok(PoolProbe::Exact(Capacity { capacity: 10 * GI, allocated, free, maximum_volume_size: free }))
         }
         fn recover(&self) -> Result<Recovered, BackendError> {
+            self.recoveries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(Recovered { volumes: vec![], debris: self.recovered.clone() })
+        }
+        fn stuck(&self) -> Option<&crate::command::Stuck> {
+            Some(&self.stuck)
         }
         fn create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
             if self.create_fails {
@@ -800,6 +854,7 @@ mod tests {
             overprovision_ratio: None,
             thin_data_threshold: None,
             lvm_config: None,
+            command_timeout_seconds: None,
         };
         let purged = backend.purged.clone();
         let backend = Box::new(backend);
@@ -856,6 +911,36 @@ mod tests {
         assert!(agent.remove_debris());
         assert_eq!(purged.lock().unwrap().len(), 1);
         assert_eq!(agent.pool_statuses()[0].allocated_bytes, 0);
+    }
+
+    #[test]
+    fn a_pool_with_a_command_past_its_deadline_is_busy_until_it_exits_and_then_read_again() {
+        use std::sync::atomic::Ordering;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let backend = DebrisPool::default();
+        let (stuck, recoveries) = (backend.stuck.clone(), backend.recoveries.clone());
+        let (agent, _) = debris_agent(&dir, backend);
+        assert_eq!(recoveries.load(Ordering::SeqCst), 1);
+        let mut sleep = std::process::Command::new("sleep");
+        sleep.arg("1");
+        crate::command::output(&mut sleep, Duration::from_millis(100), &stuck).unwrap_err();
+
+        let refusal = agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1).unwrap_err();
+        assert_eq!(refusal.reason, ErrorReason::PoolNotReady, "{}", refusal.message);
+        assert!(refusal.message.contains("busy: `sleep 1` has run"), "{}", refusal.message);
+        let status = &agent.pool_statuses()[0];
+        assert!(!status.ready && status.reason.as_deref().is_some_and(|r| r.contains("busy")), "{status:?}");
+        assert_eq!(agent.busy_pools().len(), 1, "{:?}", agent.busy_pools());
+
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while !agent.busy_pools().is_empty() {
+            assert!(std::time::Instant::now() < until, "still busy: {:?}", agent.busy_pools());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(agent.pool_statuses()[0].ready);
+        assert_eq!(recoveries.load(Ordering::SeqCst), 2, "read from disk again once the command exited");
+        assert!(matches!(agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1), Ok(Created::New(_))));
     }
 
     #[test]

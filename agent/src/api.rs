@@ -30,7 +30,7 @@ pub struct ApiState {
 
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/pools", get(list_pools))
@@ -80,6 +80,15 @@ impl IntoResponse for Refusal {
             response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
         }
         response
+    }
+}
+
+/// Liveness: 200 while the server runs, saying "busy" with the pools whose commands outlived their deadlines. It
+/// never fails for them: restarting the agent's container would SIGKILL the stuck lvm2 (crate::command).
+async fn healthz(State(s): State<Arc<ApiState>>) -> String {
+    match s.agent.busy_pools() {
+        busy if busy.is_empty() => "ok".into(),
+        busy => format!("busy: {}", busy.join("; ")),
     }
 }
 
@@ -160,9 +169,11 @@ async fn get_volume(
     headers: HeaderMap,
 ) -> Result<Response, Refusal> {
     authenticate(&s, &headers).await?;
-    let volume = s
-        .agent
-        .volume(&name)
+    let agent = s.agent.clone();
+    let volume_name = name.clone();
+    let volume = tokio::task::spawn_blocking(move || agent.volume(&volume_name))
+        .await
+        .map_err(internal)?
         .ok_or_else(|| Refusal::new(ErrorReason::NotFound, format!("no volume {name} on node {}", s.agent.node)))?;
     Ok(axum::Json(volume).into_response())
 }

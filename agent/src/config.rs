@@ -50,10 +50,16 @@ pub struct PoolConfig {
     /// `activation { udev_sync = 0 udev_rules = 0 }` where no udev runs).
     #[serde(default)]
     pub lvm_config: Option<String>,
+    /// lvm pools: seconds each lvm2, mkfs, mount or resize command may run (default 60; zeroing a thick LV gets
+    /// this plus its size at 10 MiB/s). One that runs longer is left running, never killed, and the pool answers
+    /// 503 "busy" naming it until it exits.
+    #[serde(default)]
+    pub command_timeout_seconds: Option<u64>,
 }
 
 pub const DEFAULT_OVERPROVISION_RATIO: f64 = 1.0;
 pub const DEFAULT_THIN_DATA_THRESHOLD: f64 = 90.0;
+pub const DEFAULT_COMMAND_TIMEOUT_SECONDS: u64 = 60;
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig> {
@@ -100,6 +106,7 @@ impl PoolConfig {
                     ("overprovision-ratio", self.overprovision_ratio.is_some()),
                     ("thin-data-threshold", self.thin_data_threshold.is_some()),
                     ("lvm-config", self.lvm_config.is_some()),
+                    ("command-timeout-seconds", self.command_timeout_seconds.is_some()),
                 ];
                 if let Some((key, _)) = lvm_keys.iter().find(|(_, set)| *set) {
                     bail!("pool {name:?}: {key} is an lvm setting; this pool's backend is hostpath");
@@ -124,6 +131,11 @@ impl PoolConfig {
                     && !(t.is_finite() && t > 0.0 && t <= 100.0)
                 {
                     bail!("pool {name:?}: thin-data-threshold {t} must be a percentage in (0, 100]");
+                }
+                if let Some(t) = self.command_timeout_seconds
+                    && !(1..=3600).contains(&t)
+                {
+                    bail!("pool {name:?}: command-timeout-seconds {t} must be between 1 and 3600");
                 }
             }
         }

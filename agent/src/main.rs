@@ -6,6 +6,7 @@ mod api;
 mod auth;
 mod backend;
 mod capacity;
+mod command;
 mod config;
 mod epoch;
 mod metrics;
@@ -87,7 +88,9 @@ fn lvm_pool(p: &PoolConfig) -> LvmPool {
         threshold_percent: p.thin_data_threshold.unwrap_or(config::DEFAULT_THIN_DATA_THRESHOLD),
     });
     let vg = p.volume_group.as_deref().expect("validated: lvm pools have a volume group");
-    LvmPool::new(&p.name, &p.root, vg, thin, PoolLimits { cap: p.capacity, headroom: p.headroom }, p.lvm_config.clone())
+    let limits = PoolLimits { cap: p.capacity, headroom: p.headroom };
+    let deadline = Duration::from_secs(p.command_timeout_seconds.unwrap_or(config::DEFAULT_COMMAND_TIMEOUT_SECONDS));
+    LvmPool::new(&p.name, &p.root, vg, thin, limits, p.lvm_config.clone(), deadline)
 }
 
 fn build_pools(config: &AgentConfig) -> Vec<Pool> {

@@ -221,3 +221,59 @@ async fn lvm_pool_metadata_on_a_loop_device() {
     let (status, body) = w.put("pvc-c", MI).await;
     assert_eq!((status, body.reason), (StatusCode::SERVICE_UNAVAILABLE, ErrorReason::PoolNotReady), "{}", body.message);
 }
+
+/// lvm2 that hangs (here: waiting for the volume group's lock, which another process holds, as behind a stuck
+/// `pvmove`) costs a request at most the pool's command deadline: it answers 503 naming the command, the pool is
+/// busy (not ready, and `/healthz` says so while staying 200) without waiting again, the command is never killed,
+/// and once it exits the pool is read from disk again and serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_lvm2_makes_its_pool_busy_not_the_agent_stuck() {
+    let vg = LoopVg::new(64 * MI);
+    let bed = TestBed::start(TestBedConfig::nodes(1)).await.unwrap();
+    bed.install_berth().await.unwrap();
+    let pool = PoolSpec {
+        backend: "lvm".into(),
+        extra: format!("volume-group = {:?}\nlvm-config = {META_ONLY:?}\ncommand-timeout-seconds = 2", vg.name),
+        ..PoolSpec::new("lvm")
+    };
+    let agent = bed.start_agent(Path::new(env!("CARGO_BIN_EXE_berth-agent")), 0, &[pool], false).await.unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
+        .args(["init-pool", "--config"])
+        .arg(&agent.config)
+        .args(["--pool", "lvm"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let w =
+        World { http: agent.http().unwrap(), token: bed.controller_token("node-0").await.unwrap(), agent, _bed: bed };
+    let before = w.pool_until(|p| p.ready).await;
+
+    // Someone else holds the volume group's lock (lvm2's flock on a file where its default config keeps it). Held
+    // by this process, so that dropping the descriptor releases it, also when the test fails.
+    let lock_file = format!("/run/lock/lvm/V_{}", vg.name);
+    std::fs::create_dir_all("/run/lock/lvm").unwrap();
+    let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_file).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+
+    // Without a deadline this request waits for as long as the lock is held (the client gives up after 30 s).
+    let (status, body) = w.put("pvc-a", MI).await;
+    assert_eq!((status, body.reason), (StatusCode::SERVICE_UNAVAILABLE, ErrorReason::PoolNotReady), "{}", body.message);
+    assert!(body.message.contains("lvm vgs") && body.message.contains("2 s deadline"), "{}", body.message);
+    let p = w.pool().await;
+    assert!(!p.ready && p.reason.as_deref().unwrap_or_default().contains("busy"), "{p:?}");
+    let health = w.http.get(w.agent.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK, "liveness must not restart the agent over it");
+    let health = health.text().await.unwrap();
+    assert!(health.starts_with("busy: lvm: `lvm vgs"), "{health}");
+    // The stuck lvm2 is left running: it is still waiting for the lock.
+    let waiting = Command::new("pgrep").args(["-f", &format!("lvm vgs.*{}", vg.name)]).output().unwrap();
+    assert!(waiting.status.success(), "the stuck lvm2 was killed");
+
+    // The lock is released: lvm2 finishes, the pool is read again and serves as before.
+    drop(lock);
+    let after = w.pool_until(|p| p.ready).await;
+    assert_eq!((after.free_bytes, after.volumes), (before.free_bytes, before.volumes), "nothing changed meanwhile");
+    let health = w.http.get(w.agent.url("/healthz")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(health, "ok");
+    assert!(w.agent.log().contains("a command that outlived its deadline has exited"), "{}", w.agent.log());
+}

@@ -21,6 +21,8 @@
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
 
 use berth::agent_api::{ClaimRef, VolumeMode};
 
@@ -30,6 +32,7 @@ use super::{
     io, make_data_dir,
 };
 use crate::capacity::{LvmSpace, PoolLimits, lvm_capacity};
+use crate::command::{self, CommandError, Stuck};
 
 const TAG: &str = "berth:";
 const CREATING: &str = "berth:creating";
@@ -55,12 +58,17 @@ pub struct LvmPool {
     thin: Option<Thin>,
     limits: PoolLimits,
     lvm: Lvm,
+    /// How long each external command may run (blkdiscard: more, by size).
+    deadline: Duration,
+    /// This pool's commands that outlived their deadlines (shared with `lvm`).
+    stuck: Arc<Stuck>,
 }
 
 pub fn backend_error(e: LvmError) -> BackendError {
     match e {
         LvmError::VgNotFound(vg) => BackendError::NotReady(format!("volume group {vg:?} not found")),
         LvmError::InsufficientSpace(m) => BackendError::InsufficientSpace(m),
+        LvmError::TimedOut(m) => BackendError::Busy(m),
         other => BackendError::Io(other.to_string()),
     }
 }
@@ -175,21 +183,6 @@ pub fn mounted_device(mountinfo: &str, target: &Path) -> Option<(u32, u32)> {
     found
 }
 
-fn run(program: &str, args: &[&str]) -> Result<(), BackendError> {
-    let out = Command::new(program)
-        .args(args)
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|e| io(format!("running {program}"), e))?;
-    if !out.status.success() {
-        // The first lines say why; mkfs then prints its whole usage text.
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let why: Vec<&str> = stderr.lines().take(3).collect();
-        return Err(BackendError::Io(format!("{program} {}: {} {}", args.join(" "), out.status, why.join("; "))));
-    }
-    Ok(())
-}
-
 impl LvmPool {
     pub fn new(
         pool: &str,
@@ -198,8 +191,32 @@ impl LvmPool {
         thin: Option<Thin>,
         limits: PoolLimits,
         lvm_config: Option<String>,
+        deadline: Duration,
     ) -> LvmPool {
-        LvmPool { pool: pool.into(), root: root.into(), vg: vg.into(), thin, limits, lvm: Lvm::new(lvm_config) }
+        let stuck = Arc::new(Stuck::default());
+        let lvm = Lvm::new(lvm_config, deadline, stuck.clone());
+        LvmPool { pool: pool.into(), root: root.into(), vg: vg.into(), thin, limits, lvm, deadline, stuck }
+    }
+
+    /// Runs a program other than lvm2 (mkfs, mount, resize), within the pool's command deadline.
+    fn run(&self, program: &str, args: &[&str]) -> Result<(), BackendError> {
+        self.run_for(self.deadline, program, args)
+    }
+
+    fn run_for(&self, deadline: Duration, program: &str, args: &[&str]) -> Result<(), BackendError> {
+        let mut cmd = Command::new(program);
+        cmd.args(args).env("LC_ALL", "C");
+        let out = command::output(&mut cmd, deadline, &self.stuck).map_err(|e| match e {
+            CommandError::TimedOut { .. } => BackendError::Busy(e.to_string()),
+            CommandError::Spawn { .. } => BackendError::Io(e.to_string()),
+        })?;
+        if !out.status.success() {
+            // The first lines say why; mkfs then prints its whole usage text.
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let why: Vec<&str> = stderr.lines().take(3).collect();
+            return Err(BackendError::Io(format!("{program} {}: {} {}", args.join(" "), out.status, why.join("; "))));
+        }
+        Ok(())
     }
 
     fn marker_tag(&self) -> String {
@@ -294,7 +311,7 @@ impl LvmPool {
                 args.extend(["-o", &opts]);
             }
             args.extend([lv.dm_path.as_str(), target_str]);
-            run("mount", &args)?;
+            self.run("mount", &args)?;
             if !self.mounted(&lv.dm_path, &target)? {
                 return Err(BackendError::Io(format!("{} is not mounted at {target_str} after mount", lv.dm_path)));
             }
@@ -305,7 +322,7 @@ impl LvmPool {
     fn unmount(&self, lv: &LvRow, volume: &str) -> Result<(), BackendError> {
         let target = self.mount_point(volume);
         if Path::new(&lv.dm_path).exists() && self.mounted(&lv.dm_path, &target)? {
-            run("umount", &[target.to_str().unwrap_or_default()])?;
+            self.run("umount", &[target.to_str().unwrap_or_default()])?;
         }
         match std::fs::remove_dir(&target) {
             Ok(()) => Ok(()),
@@ -317,8 +334,8 @@ impl LvmPool {
     /// Makes the filesystem, mounts it, and makes `data/` with the request's owner and mode.
     fn make_filesystem(&self, lv: &LvRow, record: &VolumeRecord) -> Result<PathBuf, BackendError> {
         match record.fs_type.as_deref() {
-            Some("xfs") => run("mkfs.xfs", &["-q", "-f", &lv.dm_path])?,
-            Some("ext4") => run("mkfs.ext4", &["-q", "-F", &lv.dm_path])?,
+            Some("xfs") => self.run("mkfs.xfs", &["-q", "-f", &lv.dm_path])?,
+            Some("ext4") => self.run("mkfs.ext4", &["-q", "-F", &lv.dm_path])?,
             other => return Err(BackendError::Io(format!("no filesystem {other:?}"))),
         }
         let target = self.mount(lv, record)?;
@@ -345,7 +362,9 @@ impl LvmPool {
         if self.thin.is_none() {
             self.activate(lv)?;
             // BLKZEROOUT: the device writes zeros (or unmaps where that reads back as zeros).
-            run("blkdiscard", &["--zeroout", &lv.dm_path])?;
+            // Zeroing writes the whole LV: its deadline grows with the size (at 10 MiB/s, slow disks included).
+            let deadline = self.deadline + Duration::from_secs(lv.size / (10 << 20));
+            self.run_for(deadline, "blkdiscard", &["--zeroout", &lv.dm_path])?;
         }
         self.lvm.run(&["lvremove", "-y", &full]).map_err(backend_error)?;
         Ok(())
@@ -362,6 +381,10 @@ impl LvmPool {
 impl Backend for LvmPool {
     fn kind(&self) -> &'static str {
         "lvm"
+    }
+
+    fn stuck(&self) -> Option<&Stuck> {
+        Some(&self.stuck)
     }
 
     fn enforcement(&self) -> Enforcement {
@@ -519,8 +542,8 @@ impl Backend for LvmPool {
         }
         if record.volume_mode == VolumeMode::Filesystem {
             match record.fs_type.as_deref() {
-                Some("xfs") => run("xfs_growfs", &[&self.mount_point(&record.name).display().to_string()])?,
-                _ => run("resize2fs", &[&lv.dm_path])?,
+                Some("xfs") => self.run("xfs_growfs", &[&self.mount_point(&record.name).display().to_string()])?,
+                _ => self.run("resize2fs", &[&lv.dm_path])?,
             }
         }
         let mut grown = record.clone();

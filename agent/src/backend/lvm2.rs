@@ -5,9 +5,13 @@
 //! lvm2 in the VM (`testdata/lvm/`, recorded by `testdata/lvm/record.sh`).
 
 use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 use thiserror::Error;
+
+use crate::command::{self, CommandError, Stuck};
 
 /// The fields Berth reads of a logical volume.
 pub const LV_FIELDS: &str =
@@ -31,6 +35,9 @@ pub enum LvmError {
     BadOutput { command: String, why: String },
     #[error("cannot run lvm: {0}")]
     Spawn(String),
+    /// Past its deadline, left running (crate::command).
+    #[error("{0}")]
+    TimedOut(String),
 }
 
 /// Turns a failed lvm2 command into a typed error. Only a non-zero exit is a failure; the stderr line that names
@@ -184,15 +191,18 @@ pub fn parse_lvs(json: &str) -> Result<Vec<LvRow>, String> {
     Ok(rows)
 }
 
-/// Runs lvm2 commands. `config` is passed to every command with `--config` (e.g. no udev in a container).
+/// Runs lvm2 commands. `config` is passed to every command with `--config` (e.g. no udev in a container); each
+/// command may run `deadline`, and one that outlives it is listed in `stuck`.
 #[derive(Debug, Clone)]
 pub struct Lvm {
     config: Option<String>,
+    deadline: Duration,
+    stuck: Arc<Stuck>,
 }
 
 impl Lvm {
-    pub fn new(config: Option<String>) -> Lvm {
-        Lvm { config }
+    pub fn new(config: Option<String>, deadline: Duration, stuck: Arc<Stuck>) -> Lvm {
+        Lvm { config, deadline, stuck }
     }
 
     /// Runs `lvm <args…>` and returns stdout, or the typed failure.
@@ -205,7 +215,10 @@ impl Lvm {
         // Numbers and messages in a fixed format; no complaints about descriptors inherited from the caller.
         cmd.env("LC_ALL", "C").env("LVM_SUPPRESS_FD_WARNINGS", "1");
         let command = args.first().copied().unwrap_or_default();
-        let out = cmd.output().map_err(|e| LvmError::Spawn(e.to_string()))?;
+        let out = command::output(&mut cmd, self.deadline, &self.stuck).map_err(|e| match e {
+            CommandError::Spawn { .. } => LvmError::Spawn(e.to_string()),
+            CommandError::TimedOut { .. } => LvmError::TimedOut(e.to_string()),
+        })?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         match out.status.code() {
             Some(0) => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),

@@ -140,6 +140,9 @@ pub enum BackendError {
     InsufficientSpace(String),
     #[error("{0}")]
     Io(String),
+    /// A command outlived its deadline and still runs (crate::command): the pool takes no work until it exits.
+    #[error("{0}")]
+    Busy(String),
 }
 
 fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> BackendError {
@@ -165,6 +168,10 @@ const DATA_DIR: &str = "data";
 /// What the agent core needs of a backend. Calls are serialised by the core; they may block (file I/O).
 pub trait Backend: Send + Sync {
     fn kind(&self) -> &'static str;
+    /// The pool's commands that outlived their deadlines, for backends that run external commands.
+    fn stuck(&self) -> Option<&crate::command::Stuck> {
+        None
+    }
     /// How volume sizes are enforced while the pool is not ready (a ready pool's probe says).
     fn enforcement(&self) -> Enforcement {
         Enforcement::None

@@ -14,6 +14,8 @@ pub enum InvalidName {
          letter or digit)"
     )]
     NotDns1123Label { what: &'static str, value: String },
+    #[error("{what} {value:?} is not a DNS-1123 subdomain (DNS-1123 labels joined by '.')")]
+    NotDns1123Subdomain { what: &'static str, value: String },
 }
 
 /// A volume name: a DNS-1123 label of at most 63 characters (`pvc-<uid>` is 40). This excludes `/`, `..`, NUL,
@@ -26,6 +28,25 @@ pub fn volume_name(name: &str) -> Result<(), InvalidName> {
 /// names).
 pub fn pool_name(name: &str) -> Result<(), InvalidName> {
     dns1123_label("pool name", name, 63)
+}
+
+/// A claim's namespace, as the API server allows it: a DNS-1123 label.
+pub fn namespace(name: &str) -> Result<(), InvalidName> {
+    dns1123_label("claim namespace", name, 63)
+}
+
+/// A claim's name, as the API server allows it: a DNS-1123 subdomain of at most 253 characters. (It goes into
+/// LVM tags, whose characters are fewer than a Kubernetes name could otherwise hold.)
+pub fn claim_name(name: &str) -> Result<(), InvalidName> {
+    let what = "claim name";
+    if name.len() > 253 {
+        return Err(InvalidName::TooLong { what, len: name.len(), max: 253 });
+    }
+    dns1123_label(what, name, 253).or_else(|e| match e {
+        InvalidName::NotDns1123Label { .. } if name.split('.').all(|l| dns1123_label(what, l, 253).is_ok()) => Ok(()),
+        InvalidName::NotDns1123Label { value, .. } => Err(InvalidName::NotDns1123Subdomain { what, value }),
+        other => Err(other),
+    })
 }
 
 fn dns1123_label(what: &'static str, value: &str, max: usize) -> Result<(), InvalidName> {
@@ -53,6 +74,20 @@ mod tests {
         volume_name("pvc-0f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f70").unwrap();
         volume_name("a").unwrap();
         volume_name(&"a".repeat(63)).unwrap();
+    }
+
+    #[test]
+    fn claim_names_are_subdomains_and_namespaces_labels() {
+        claim_name("data-db-0").unwrap();
+        claim_name("data.db.0").unwrap();
+        claim_name(&"a".repeat(253)).unwrap();
+        for bad in ["", "Data", "data_0", "data/0", "data..0", ".data", "data.", "dàta", &"a".repeat(254)] {
+            assert!(claim_name(bad).is_err(), "{bad:?}");
+        }
+        namespace("db").unwrap();
+        for bad in ["", "d.b", "DB", &"a".repeat(64)] {
+            assert!(namespace(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

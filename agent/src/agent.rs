@@ -151,6 +151,12 @@ pub fn validate_create(name: &str, req: &CreateVolumeRequest) -> Result<(), Refu
     if req.size_bytes == 0 {
         return Err(invalid("sizeBytes must be greater than 0".into()));
     }
+    // (uid_t)-1 is chown(2)'s "leave unchanged": the directory would keep root's owner, not the one asked for.
+    for (what, id) in [("uid", req.uid), ("gid", req.gid)] {
+        if id == Some(u32::MAX) {
+            return Err(invalid(format!("{what} {} is not an id (it means \"unchanged\" to chown)", u32::MAX)));
+        }
+    }
     if let Some(mode) = req.mode
         && mode & !MAX_MODE != 0
     {
@@ -158,15 +164,8 @@ pub fn validate_create(name: &str, req: &CreateVolumeRequest) -> Result<(), Refu
             "mode {mode:#o} is not allowed: at most {MAX_MODE:#o} (no setuid, no sticky bit)"
         )));
     }
-    let field = |what: &str, v: &str| {
-        if v.is_empty() || v.len() > 253 || v.chars().any(char::is_control) {
-            Err(invalid(format!("claim {what} {v:?} is not a Kubernetes name")))
-        } else {
-            Ok(())
-        }
-    };
-    field("namespace", &req.claim.namespace)?;
-    field("name", &req.claim.name)?;
+    berth::validate::namespace(&req.claim.namespace).map_err(|e| invalid(e.to_string()))?;
+    berth::validate::claim_name(&req.claim.name).map_err(|e| invalid(e.to_string()))?;
     if let Some(fs) = &req.fs_type
         && !FS_TYPES.contains(&fs.as_str())
     {
@@ -181,6 +180,9 @@ pub fn validate_create(name: &str, req: &CreateVolumeRequest) -> Result<(), Refu
         if o.is_empty() || o.len() > 256 || !o.chars().all(fine) {
             return Err(invalid(format!("mount option {o:?}: one option per item, characters A-Za-z0-9=_.:/+@-")));
         }
+        if let Some(why) = refused_mount_option(o) {
+            return Err(invalid(format!("mount option {o:?} is not allowed: {why}")));
+        }
     }
     if req.fs_type.as_deref() == Some("xfs") && req.size_bytes < XFS_MIN_BYTES {
         return Err(invalid(format!(
@@ -192,6 +194,20 @@ pub fn validate_create(name: &str, req: &CreateVolumeRequest) -> Result<(), Refu
         return Err(invalid("a raw block volume has no filesystem: fsType and mountOptions do not apply".into()));
     }
     Ok(())
+}
+
+/// Why a mount option of a request is refused, if it is: options that make mount(8) itself act (run a helper,
+/// make directories, change owners: `X-mount.*`, `x-*`, `helper=`, `uhelper=`), and those that would undo the
+/// agent's own `nosuid,nodev` (a pod's setuid binary or device node must not work on a volume).
+fn refused_mount_option(option: &str) -> Option<&'static str> {
+    let key = option.split_once('=').map_or(option, |(k, _)| k).to_ascii_lowercase();
+    if key.starts_with("x-") || key == "helper" || key == "uhelper" {
+        return Some("it is an instruction to mount(8) itself, not a filesystem option");
+    }
+    if key == "suid" || key == "dev" {
+        return Some("the agent mounts every volume nosuid,nodev");
+    }
+    None
 }
 
 impl Agent {
@@ -453,11 +469,7 @@ impl Agent {
         berth::validate::volume_name(name).map_err(|e| Refusal::new(ErrorReason::Invalid, e.to_string()))?;
         let mut state = self.lock();
         self.admit_epoch(epoch)?;
-        self.ensure_all_recovered(&mut state, name)?;
-        let existing =
-            state.volumes.get(name).cloned().ok_or_else(|| {
-                Refusal::new(ErrorReason::NotFound, format!("no volume {name} on node {}", self.node))
-            })?;
+        let existing = self.find_volume(&mut state, name)?.ok_or_else(|| self.not_found(name))?;
         if size_bytes < existing.size_bytes {
             return Err(Refusal::new(
                 ErrorReason::Invalid,
@@ -490,6 +502,23 @@ impl Agent {
         Ok(api)
     }
 
+    /// The volume called `name`, if there is one. Only the pool holding it must be usable (not busy); "there is
+    /// none" needs every pool read.
+    fn find_volume(&self, state: &mut State, name: &str) -> Result<Option<VolumeRecord>, Refusal> {
+        if let Some(pool) = state.volumes.get(name).and_then(|r| self.pool(&r.pool)) {
+            // Refused while busy; read again (the volume may be gone) once a stuck command has exited.
+            self.ensure_recovered(state, pool)?;
+        }
+        if !state.volumes.contains_key(name) {
+            self.ensure_all_recovered(state, name)?;
+        }
+        Ok(state.volumes.get(name).cloned())
+    }
+
+    fn not_found(&self, name: &str) -> Refusal {
+        Refusal::new(ErrorReason::NotFound, format!("no volume {name} on node {}", self.node))
+    }
+
     fn ensure_all_recovered(&self, state: &mut State, name: &str) -> Result<(), Refusal> {
         for pool in &self.pools {
             self.ensure_recovered(state, pool).map_err(|e| {
@@ -511,11 +540,7 @@ impl Agent {
         berth::validate::volume_name(name).map_err(|e| Refusal::new(ErrorReason::Invalid, e.to_string()))?;
         let mut state = self.lock();
         self.admit_epoch(epoch)?;
-        self.ensure_all_recovered(&mut state, name)?;
-        let record =
-            state.volumes.get(name).cloned().ok_or_else(|| {
-                Refusal::new(ErrorReason::NotFound, format!("no volume {name} on node {}", self.node))
-            })?;
+        let record = self.find_volume(&mut state, name)?.ok_or_else(|| self.not_found(name))?;
         if record.published {
             return Ok(to_api(&record));
         }
@@ -538,15 +563,7 @@ impl Agent {
         let (pool, detached) = {
             let mut state = self.lock();
             self.admit_epoch(epoch)?;
-            if let Some(pool) = state.volumes.get(name).and_then(|r| self.pool(&r.pool)) {
-                // A busy pool is refused; one whose stuck command has exited is read again (below).
-                self.usable(&mut state, pool)?;
-            }
-            if !state.volumes.contains_key(name) {
-                // "There was none" only once every pool has been read.
-                self.ensure_all_recovered(&mut state, name)?;
-            }
-            let Some(record) = state.volumes.get(name) else { return Ok(false) };
+            let Some(record) = self.find_volume(&mut state, name)? else { return Ok(false) };
             if unpublished_only && record.published {
                 return Err(Refusal::new(
                     ErrorReason::Published,
@@ -760,6 +777,16 @@ mod tests {
             (req(|r| r.mount_options = vec!["no atime".into()]), "a space"),
             (req(|r| r.mount_options = vec![String::new()]), "an empty option"),
             (req(|r| r.mount_options = vec!["x".into(); 33]), "too many"),
+            (req(|r| r.mount_options = vec!["X-mount.mkdir=0777".into()]), "an instruction to mount(8)"),
+            (req(|r| r.mount_options = vec!["x-systemd.automount".into()]), "a userspace option"),
+            (req(|r| r.mount_options = vec!["helper=evil".into()]), "a mount helper"),
+            (req(|r| r.mount_options = vec!["uhelper=udisks2".into()]), "an unmount helper"),
+            (req(|r| r.mount_options = vec!["suid".into()]), "undoing nosuid"),
+            (req(|r| r.mount_options = vec!["dev".into()]), "undoing nodev"),
+            (req(|r| r.uid = Some(u32::MAX)), "uid (uid_t)-1"),
+            (req(|r| r.claim.name = "data db".into()), "a claim name the API server would refuse (and LVM tags)"),
+            (req(|r| r.claim.namespace = "d.b".into()), "a namespace that is no label"),
+            (req(|r| r.gid = Some(u32::MAX)), "gid (gid_t)-1"),
             (req(|r| (r.fs_type, r.size_bytes) = (Some("xfs".into()), XFS_MIN_BYTES - 1)), "xfs under 300 MB"),
             (req(|r| (r.volume_mode, r.fs_type) = (VolumeMode::Block, Some("ext4".into()))), "block with a filesystem"),
             (req(|r| (r.volume_mode, r.mount_options) = (VolumeMode::Block, vec!["ro".into()])), "block with options"),
@@ -787,6 +814,8 @@ mod tests {
         purged: Purged,
         stuck: std::sync::Arc<crate::command::Stuck>,
         recoveries: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        /// Recovery fails: the pool's disk is missing.
+        not_ready: bool,
     }
 
     /// What an LV of `NAME` left: 3 GiB holding the volume's name.
@@ -809,6 +838,9 @@ mod tests {
         }
         fn recover(&self) -> Result<Recovered, BackendError> {
             self.recoveries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.not_ready {
+                return Err(BackendError::NotReady("no volume group \"other\"".into()));
+            }
             Ok(Recovered { volumes: vec![], debris: self.recovered.clone() })
         }
         fn stuck(&self) -> Option<&crate::command::Stuck> {
@@ -828,10 +860,10 @@ mod tests {
             unimplemented!("not used by these tests")
         }
         fn publish(&self, _: &VolumeRecord) -> Result<(), BackendError> {
-            unimplemented!("not used by these tests")
+            Ok(())
         }
-        fn expand(&self, _: &VolumeRecord, _: u64) -> Result<VolumeRecord, BackendError> {
-            unimplemented!("not used by these tests")
+        fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError> {
+            Ok(VolumeRecord { size_bytes, ..record.clone() })
         }
         fn used_bytes(&self, volumes: &[&VolumeRecord]) -> Vec<Option<u64>> {
             vec![None; volumes.len()]
@@ -843,8 +875,20 @@ mod tests {
     }
 
     fn debris_agent(dir: &tempfile::TempDir, backend: DebrisPool) -> (Agent, Purged) {
-        let config = PoolConfig {
-            name: "lvm".into(),
+        let purged = backend.purged.clone();
+        (fake_agent(dir, vec![("lvm", backend)]), purged)
+    }
+
+    fn fake_agent(dir: &tempfile::TempDir, pools: Vec<(&str, DebrisPool)>) -> Agent {
+        let pools =
+            pools.into_iter().map(|(name, backend)| Pool { config: lvm_config(name), backend: Box::new(backend) });
+        let fence = EpochFence::load(dir.path().join("epoch")).unwrap();
+        Agent::start("node-0".into(), pools.collect(), fence)
+    }
+
+    fn lvm_config(name: &str) -> PoolConfig {
+        PoolConfig {
+            name: name.into(),
             backend: crate::config::BackendKind::Lvm,
             root: "/var/lib/berth/lvm".into(),
             capacity: None,
@@ -855,11 +899,21 @@ mod tests {
             thin_data_threshold: None,
             lvm_config: None,
             command_timeout_seconds: None,
-        };
-        let purged = backend.purged.clone();
-        let backend = Box::new(backend);
-        let fence = EpochFence::load(dir.path().join("epoch")).unwrap();
-        (Agent::start("node-0".into(), vec![Pool { config, backend }], fence), purged)
+        }
+    }
+
+    #[test]
+    fn a_volume_is_expanded_and_published_while_another_pool_is_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let broken = DebrisPool { not_ready: true, ..DebrisPool::default() };
+        let agent = fake_agent(&dir, vec![("lvm", DebrisPool::default()), ("other", broken)]);
+        assert!(matches!(agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1), Ok(Created::New(_))));
+        let grown = agent.expand(NAME, 800 << 20, 1).unwrap();
+        assert_eq!(grown.size_bytes, 800 << 20);
+        assert_eq!(agent.publish(NAME, 1).unwrap().published, Some(true));
+        // "No such volume" still needs every pool read.
+        let refusal = agent.expand("pvc-elsewhere", 1 << 30, 1).unwrap_err();
+        assert_eq!(refusal.reason, ErrorReason::PoolNotReady, "{}", refusal.message);
     }
 
     #[test]

@@ -515,9 +515,14 @@ async fn volumes_grow_when_the_pool_has_room_and_never_shrink() {
             .json(&json!({"sizeBytes": size}))
             .send()
     };
+    // What a crash between writing the new marker and renaming it leaves must not block every later expand.
+    let volume_dir = Path::new(&made.path).parent().unwrap().to_owned();
+    std::fs::write(volume_dir.join("volume.json.tmp"), "{\"half\": ").unwrap();
     let resp = expand(32 * MI, 1).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.status(), StatusCode::OK, "{}", resp.text().await.unwrap());
+    let resp = expand(32 * MI, 1).await.unwrap();
     let grown: Volume = resp.json().await.unwrap();
+    assert!(!volume_dir.join("volume.json.tmp").exists());
     assert_eq!((grown.size_bytes, grown.path.clone()), (32 * MI, made.path.clone()));
     assert_eq!(w.pool("fast").await.allocated_bytes, 32 * MI);
     // The same size again changes nothing; smaller is refused; more than the pool has is refused.

@@ -389,6 +389,9 @@ mod lvm_agent {
         let (mounted_fs, opts) = mount_of(data.parent().unwrap()).unwrap_or_else(|| panic!("{} not mounted", v.name));
         assert_eq!(mounted_fs, fs);
         assert!(opts.split(',').any(|o| o == "noatime"), "the class's mount option is on the agent's mount: {opts}");
+        for forced in ["nosuid", "nodev"] {
+            assert!(opts.split(',').any(|o| o == forced), "the agent's mount is {forced}: {opts}");
+        }
         let meta = std::fs::metadata(data).unwrap();
         assert_eq!((meta.uid(), meta.gid(), meta.permissions().mode() & 0o7777), (999, 999, 0o2770));
         assert_eq!(std::fs::read_to_string(data.join("token")).unwrap(), token);

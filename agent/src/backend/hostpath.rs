@@ -413,6 +413,15 @@ impl Backend for HostPath {
         let dir = self.root.join(&record.name);
         let tmp = dir.join(format!("{VOLUME_MARKER}.tmp"));
         let body = serde_json::to_vec_pretty(&grown).expect("serialisable");
+        // One left by a crash between writing and renaming would make every later expand fail (EEXIST). The
+        // directory is Berth's own (a pod sees only data/), so what is there is ours to remove.
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {
+                tracing::warn!(pool = %self.pool, volume = %record.name, "removed a marker an interrupted expand left")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(tmp.display(), e)),
+        }
         write_synced(&tmp, &body)?;
         std::fs::rename(&tmp, dir.join(VOLUME_MARKER)).map_err(|e| io(dir.join(VOLUME_MARKER).display(), e))?;
         sync_dir(&dir)?;

@@ -305,11 +305,10 @@ impl LvmPool {
         if !self.mounted(&lv.dm_path, &target)? {
             let fs = record.fs_type.as_deref().unwrap_or("ext4");
             let target_str = target.to_str().ok_or_else(|| BackendError::Io("root is not UTF-8".into()))?;
-            let opts = record.mount_options.join(",");
-            let mut args = vec!["-t", fs];
-            if !opts.is_empty() {
-                args.extend(["-o", &opts]);
-            }
+            // Last, so that they win over anything before them: nothing setuid or device-like on a pod's volume works.
+            let opts = record.mount_options.iter().map(String::as_str).chain(["nosuid", "nodev"]).collect::<Vec<_>>();
+            let opts = opts.join(",");
+            let mut args = vec!["-t", fs, "-o", &opts];
             args.extend([lv.dm_path.as_str(), target_str]);
             self.run("mount", &args)?;
             if !self.mounted(&lv.dm_path, &target)? {

@@ -178,6 +178,9 @@ pub enum ErrorReason {
     PoolNotReady,
     /// 503: the agent is shutting down.
     ShuttingDown,
+    /// 503: the caller cannot be authenticated now: TokenReview failed, or unknown tokens are being refused for a
+    /// while after too many invalid ones. Nothing was done; retry.
+    Unavailable,
     /// 507: not enough free space in the pool; the controller reschedules.
     InsufficientSpace,
     /// 500.

@@ -7,9 +7,11 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::Request;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use berth::agent_api::{
@@ -29,16 +31,21 @@ pub struct ApiState {
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    // Every /v1 route is behind the controller's authentication, as a layer: a new handler cannot forget it, and
+    // it runs before any handler's extractors, so a caller without a valid token never gets a body read.
+    let v1 = Router::new()
         .route("/v1/pools", get(list_pools))
         .route("/v1/epoch", put(fence))
         .route("/v1/volumes", get(list_volumes))
         .route("/v1/volumes/{name}", get(get_volume).put(create_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/expand", post(expand_volume))
         .route("/v1/volumes/{name}/published", put(publish_volume))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_controller));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(v1)
         .fallback(|| async { Refusal::new(ErrorReason::NotFound, "no such endpoint (see docs/agent-api.md)") })
         .method_not_allowed_fallback(|| async {
             (
@@ -63,7 +70,9 @@ fn status_of(reason: ErrorReason) -> StatusCode {
         ErrorReason::Conflict | ErrorReason::StaleEpoch | ErrorReason::Published => StatusCode::CONFLICT,
         ErrorReason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorReason::UnknownPool | ErrorReason::Unsupported => StatusCode::UNPROCESSABLE_ENTITY,
-        ErrorReason::PoolNotReady | ErrorReason::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorReason::PoolNotReady | ErrorReason::ShuttingDown | ErrorReason::Unavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         ErrorReason::InsufficientSpace => StatusCode::INSUFFICIENT_STORAGE,
         ErrorReason::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -112,9 +121,18 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
         .into_response()
 }
 
-async fn authenticate(s: &ApiState, headers: &HeaderMap) -> Result<(), Refusal> {
-    let value = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    s.auth.check(value).await
+/// The authentication layer of every `/v1` route: the controller's token, checked before the request's body is
+/// read. A refusal is logged here (the handlers never see the request).
+async fn require_controller(State(s): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    let value = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match s.auth.check(value).await {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => {
+            let (method, path) = (request.method().as_str(), request.uri().path());
+            tracing::warn!(method, path, result = ?refusal.reason, message = %refusal.message, "request refused");
+            refusal.into_response()
+        }
+    }
 }
 
 /// Checks what every mutating request must have: the agent still taking work, and an epoch (compared with the
@@ -138,7 +156,6 @@ fn admit_mutation(s: &ApiState, headers: &HeaderMap) -> Result<u64, Refusal> {
 async fn fence(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, Refusal> {
     let started = Instant::now();
     let result = async {
-        authenticate(&s, &headers).await?;
         let epoch = admit_mutation(&s, &headers)?;
         let agent = s.agent.clone();
         tokio::task::spawn_blocking(move || agent.fence(epoch)).await.map_err(internal)??;
@@ -149,26 +166,19 @@ async fn fence(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Res
     result
 }
 
-async fn list_pools(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, Refusal> {
-    authenticate(&s, &headers).await?;
+async fn list_pools(State(s): State<Arc<ApiState>>) -> Result<Response, Refusal> {
     let agent = s.agent.clone();
     let pools = tokio::task::spawn_blocking(move || agent.pool_statuses()).await.map_err(internal)?;
     Ok(axum::Json(PoolList { node: s.agent.node.clone(), pools }).into_response())
 }
 
-async fn list_volumes(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, Refusal> {
-    authenticate(&s, &headers).await?;
+async fn list_volumes(State(s): State<Arc<ApiState>>) -> Result<Response, Refusal> {
     let agent = s.agent.clone();
     let volumes = tokio::task::spawn_blocking(move || agent.volumes()).await.map_err(internal)?;
     Ok(axum::Json(VolumeList { volumes }).into_response())
 }
 
-async fn get_volume(
-    State(s): State<Arc<ApiState>>,
-    Path(name): Path<String>,
-    headers: HeaderMap,
-) -> Result<Response, Refusal> {
-    authenticate(&s, &headers).await?;
+async fn get_volume(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, Refusal> {
     let agent = s.agent.clone();
     let volume_name = name.clone();
     let volume = tokio::task::spawn_blocking(move || agent.volume(&volume_name))
@@ -205,7 +215,6 @@ async fn create_volume(
 ) -> Result<Response, Refusal> {
     let started = Instant::now();
     let result = async {
-        authenticate(&s, &headers).await?;
         let epoch = admit_mutation(&s, &headers)?;
         let req: CreateVolumeRequest = parse_body(body, "CreateVolumeRequest")?;
         let agent = s.agent.clone();
@@ -244,7 +253,6 @@ async fn expand_volume(
 ) -> Result<Response, Refusal> {
     let started = Instant::now();
     let result = async {
-        authenticate(&s, &headers).await?;
         let epoch = admit_mutation(&s, &headers)?;
         let req: ExpandVolumeRequest = parse_body(body, "ExpandVolumeRequest")?;
         let agent = s.agent.clone();
@@ -267,7 +275,6 @@ async fn publish_volume(
 ) -> Result<Response, Refusal> {
     let started = Instant::now();
     let result = async {
-        authenticate(&s, &headers).await?;
         let epoch = admit_mutation(&s, &headers)?;
         let agent = s.agent.clone();
         let volume_name = name.clone();
@@ -288,7 +295,6 @@ async fn delete_volume(
 ) -> Result<Response, Refusal> {
     let started = Instant::now();
     let result = async {
-        authenticate(&s, &headers).await?;
         let epoch = admit_mutation(&s, &headers)?;
         let Query(query) = query.map_err(|e| Refusal::new(ErrorReason::Invalid, format!("query: {e}")))?;
         let agent = s.agent.clone();

@@ -311,6 +311,48 @@ async fn only_the_controller_with_a_token_for_this_node_may_call() {
     assert!(w.on_disk().is_empty());
 }
 
+/// Authentication is a layer in front of every /v1 handler: a caller without a token is refused before its body is
+/// read (here: one that never ends), and a flood of made-up tokens costs the API server a bounded number of
+/// TokenReviews while the controller keeps working.
+#[tokio::test(flavor = "multi_thread")]
+async fn authentication_comes_before_the_body_and_failed_reviews_are_rate_limited() {
+    let w = world().await;
+    assert_eq!(
+        w.http.get(w.agent.url("/v1/pools")).bearer_auth(&w.token).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    let endless = futures::stream::pending::<Result<Vec<u8>, std::io::Error>>();
+    let resp = w
+        .http
+        .put(w.agent.url(&format!("/v1/volumes/{VOL}")))
+        .header("berth-leader-epoch", "1")
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(endless))
+        .send()
+        .await
+        .expect("answered without the body (the client gives up after 30 s)");
+    let (code, reason, message) = refusal(resp).await;
+    assert_eq!((code, reason), (StatusCode::UNAUTHORIZED, ErrorReason::Unauthenticated), "{message}");
+
+    let mut seen = Vec::new();
+    for i in 0..60 {
+        let resp = w.http.get(w.agent.url("/v1/volumes")).bearer_auth(format!("made-up-{i}")).send().await.unwrap();
+        seen.push(refusal(resp).await);
+        if seen.last().is_some_and(|(_, reason, _)| *reason == ErrorReason::Unavailable) {
+            break;
+        }
+    }
+    let reviewed = seen.iter().filter(|(code, _, _)| *code == StatusCode::UNAUTHORIZED).count();
+    let (code, reason, message) = seen.last().unwrap().clone();
+    assert_eq!((code, reason), (StatusCode::SERVICE_UNAVAILABLE, ErrorReason::Unavailable), "{message}");
+    assert!((20..40).contains(&reviewed), "{reviewed} made-up tokens were reviewed before the limit");
+    // The controller's token, reviewed before the flood, still gets in while unknown tokens are refused.
+    assert_eq!(
+        w.http.get(w.agent.url("/v1/pools")).bearer_auth(&w.token).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_older_leadership_epoch_is_refused() {
     let w = world().await;

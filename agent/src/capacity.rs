@@ -66,9 +66,10 @@ pub fn pool_capacity(limits: PoolLimits, fs: FsUsage, own: &[VolumeUsage], other
 pub enum LvmSpace {
     /// Thick volumes: the volume group's size and unallocated bytes (whole extents).
     Thick { vg_size: u64, vg_free: u64 },
-    /// Thin volumes in a thin pool of `pool_size` data bytes, `data_percent` of it written, and `virtual_sum`:
+    /// Thin volumes in a thin pool of `pool_size` data bytes, `data_percent` of it written (`None`: lvm2 reports
+    /// none, as for an inactive thin pool: unknown, so nothing is promised), and `virtual_sum`:
     /// the virtual sizes of every thin volume in the pool (Berth's or not, snapshots included).
-    Thin { pool_size: u64, data_percent: f64, virtual_sum: u64, ratio: f64, threshold_percent: f64 },
+    Thin { pool_size: u64, data_percent: Option<f64>, virtual_sum: u64, ratio: f64, threshold_percent: f64 },
 }
 
 /// The capacity of an lvm pool. Thick: free is what the volume group has unallocated (other LVs in it, Berth's
@@ -81,7 +82,8 @@ pub fn lvm_capacity(limits: PoolLimits, space: LvmSpace, own_sizes: &[u64]) -> C
         LvmSpace::Thick { vg_size, vg_free } => (vg_size, vg_free),
         LvmSpace::Thin { pool_size, data_percent, virtual_sum, ratio, threshold_percent } => {
             let promised = (pool_size as f64 * ratio).floor() as u64;
-            let available = if data_percent >= threshold_percent { 0 } else { promised.saturating_sub(virtual_sum) };
+            let full = data_percent.is_none_or(|p| p >= threshold_percent);
+            let available = if full { 0 } else { promised.saturating_sub(virtual_sum) };
             (promised, available)
         }
     };
@@ -170,7 +172,7 @@ mod tests {
     }
 
     fn thin(pool: u64, percent: f64, virtual_sum: u64, ratio: f64) -> LvmSpace {
-        LvmSpace::Thin { pool_size: pool, data_percent: percent, virtual_sum, ratio, threshold_percent: 90.0 }
+        LvmSpace::Thin { pool_size: pool, data_percent: Some(percent), virtual_sum, ratio, threshold_percent: 90.0 }
     }
 
     #[test]
@@ -192,6 +194,18 @@ mod tests {
         // Ratio 1: never more virtual than real.
         assert_eq!(lvm_capacity(NO_LIMITS, thin(10 * GI, 0.0, 12 * GI, 1.0), &[]).free, 0);
         assert_eq!(lvm_capacity(NO_LIMITS, thin(10 * GI, 0.0, 4 * GI, 1.5), &[]).free, 11 * GI);
+    }
+
+    #[test]
+    fn a_thin_pool_whose_usage_lvm2_does_not_report_promises_nothing() {
+        let unknown = LvmSpace::Thin {
+            pool_size: 10 * GI,
+            data_percent: None,
+            virtual_sum: 0,
+            ratio: 1.0,
+            threshold_percent: 90.0,
+        };
+        assert_eq!(lvm_capacity(NO_LIMITS, unknown, &[]).free, 0, "an empty report is not 0 % used");
     }
 
     #[test]

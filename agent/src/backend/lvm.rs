@@ -398,7 +398,7 @@ impl Backend for LvmPool {
                 let pool = lvs.iter().find(|l| l.name == thin.pool_lv).expect("checked by check_ready");
                 LvmSpace::Thin {
                     pool_size: pool.size,
-                    data_percent: pool.data_percent.unwrap_or(0.0),
+                    data_percent: pool.data_percent,
                     virtual_sum: lvs.iter().filter(|l| l.pool_lv == thin.pool_lv).map(|l| l.size).sum(),
                     ratio: thin.ratio,
                     threshold_percent: thin.threshold_percent,
@@ -411,6 +411,16 @@ impl Backend for LvmPool {
     fn recover(&self) -> Result<Recovered, BackendError> {
         self.check_ready()?;
         let lvs = self.lvm.lvs(&self.vg).map_err(backend_error)?;
+        if let Some(thin) = &self.thin
+            && lvs.iter().any(|l| l.name == thin.pool_lv && !l.active)
+        {
+            // An inactive thin pool reports no data usage, so it would promise nothing (capacity.rs) until one of
+            // its volumes was activated; after a reboot with none, that is never. Activate it as a volume would.
+            let full = format!("{}/{}", self.vg, thin.pool_lv);
+            if let Err(e) = self.lvm.run(&["lvchange", "-ay", &full]) {
+                tracing::warn!(pool = %self.pool, thin_pool = %full, error = %e, "cannot activate the thin pool: it promises nothing until it is active");
+            }
+        }
         let marker = self.marker_tag();
         let (mut volumes, mut debris) = (Vec::new(), Vec::new());
         for lv in lvs.iter().filter(|l| l.tags.contains(&marker)) {

@@ -87,6 +87,30 @@ struct World {
 }
 
 impl World {
+    /// A bed with one node whose agent has one lvm pool, `lvm`, on `vg` (with `extra` config lines).
+    async fn start(vg: &LoopVg, extra: &str) -> World {
+        let bed = TestBed::start(TestBedConfig::nodes(1)).await.unwrap();
+        bed.install_berth().await.unwrap();
+        let pool = PoolSpec {
+            backend: "lvm".into(),
+            extra: format!("volume-group = {:?}\nlvm-config = {META_ONLY:?}\n{extra}", vg.name),
+            ..PoolSpec::new("lvm")
+        };
+        let agent = bed.start_agent(Path::new(env!("CARGO_BIN_EXE_berth-agent")), 0, &[pool], false).await.unwrap();
+        World { http: agent.http().unwrap(), token: bed.controller_token("node-0").await.unwrap(), agent, _bed: bed }
+    }
+
+    /// `berth-agent init-pool` of the `lvm` pool, as an administrator runs it.
+    fn init_pool(&self) {
+        let out = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
+            .args(["init-pool", "--config"])
+            .arg(&self.agent.config)
+            .args(["--pool", "lvm"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
     async fn pool(&self) -> PoolStatus {
         let resp = self.http.get(self.agent.url("/v1/pools")).bearer_auth(&self.token).send().await.unwrap();
         let list: PoolList = resp.json().await.unwrap();
@@ -159,17 +183,8 @@ async fn lvm_pool_metadata_on_a_loop_device() {
     ]);
     lvm(&["lvcreate", "-an", "-Zn", "-L", "8m", "-n", "not-berths", &vg.name]);
 
-    let bed = TestBed::start(TestBedConfig::nodes(1)).await.unwrap();
-    bed.install_berth().await.unwrap();
-    let pool = PoolSpec {
-        backend: "lvm".into(),
-        extra: format!("volume-group = {:?}\nlvm-config = {META_ONLY:?}", vg.name),
-        ..PoolSpec::new("lvm")
-    };
     // Not initialised: the volume group carries no pool tag yet.
-    let agent = bed.start_agent(Path::new(env!("CARGO_BIN_EXE_berth-agent")), 0, &[pool], false).await.unwrap();
-    let w =
-        World { http: agent.http().unwrap(), token: bed.controller_token("node-0").await.unwrap(), agent, _bed: bed };
+    let w = World::start(&vg, "").await;
     let p = w.pool().await;
     assert!(!p.ready, "{p:?}");
     assert!(p.reason.as_deref().unwrap_or_default().contains("init-pool"), "{p:?}");
@@ -177,13 +192,7 @@ async fn lvm_pool_metadata_on_a_loop_device() {
     assert_eq!((status, body.reason), (StatusCode::SERVICE_UNAVAILABLE, ErrorReason::PoolNotReady), "{}", body.message);
 
     // init-pool tags the volume group (and makes the root for mount points); the running agent picks it up.
-    let out = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
-        .args(["init-pool", "--config"])
-        .arg(&w.agent.config)
-        .args(["--pool", "lvm"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    w.init_pool();
     assert_eq!(vg.tags(), "berth:pool=lvm");
     assert!(w.agent.pool_root("lvm").is_dir());
     let p = w.pool_until(|p| p.ready).await;
@@ -229,23 +238,8 @@ async fn lvm_pool_metadata_on_a_loop_device() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_lvm2_makes_its_pool_busy_not_the_agent_stuck() {
     let vg = LoopVg::new(64 * MI);
-    let bed = TestBed::start(TestBedConfig::nodes(1)).await.unwrap();
-    bed.install_berth().await.unwrap();
-    let pool = PoolSpec {
-        backend: "lvm".into(),
-        extra: format!("volume-group = {:?}\nlvm-config = {META_ONLY:?}\ncommand-timeout-seconds = 2", vg.name),
-        ..PoolSpec::new("lvm")
-    };
-    let agent = bed.start_agent(Path::new(env!("CARGO_BIN_EXE_berth-agent")), 0, &[pool], false).await.unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_berth-agent"))
-        .args(["init-pool", "--config"])
-        .arg(&agent.config)
-        .args(["--pool", "lvm"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let w =
-        World { http: agent.http().unwrap(), token: bed.controller_token("node-0").await.unwrap(), agent, _bed: bed };
+    let w = World::start(&vg, "command-timeout-seconds = 2").await;
+    w.init_pool();
     let before = w.pool_until(|p| p.ready).await;
 
     // Someone else holds the volume group's lock (lvm2's flock on a file where its default config keeps it). Held

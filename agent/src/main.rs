@@ -8,6 +8,7 @@ mod backend;
 mod capacity;
 mod command;
 mod config;
+mod edge;
 mod epoch;
 mod metrics;
 mod publisher;
@@ -79,6 +80,14 @@ struct RunArgs {
     /// Seconds to let in-flight requests finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace_seconds: u64,
+    /// Connections served at once (every pod on the node can reach the port); more are closed as they are
+    /// accepted, so no caller can exhaust the agent's memory or descriptors.
+    #[arg(long, default_value_t = 256)]
+    max_connections: usize,
+    /// Seconds a connection has to send a request's headers, which is also the longest it may sit idle between
+    /// requests (the TLS handshake has 10 s). Keep it above the controller's idle-connection timeout (20 s).
+    #[arg(long, default_value_t = 30)]
+    header_read_timeout_seconds: u64,
 }
 
 fn lvm_pool(p: &PoolConfig) -> LvmPool {
@@ -207,7 +216,11 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     tokio::spawn(debris_worker);
     tracing::info!(node = %args.node_name, listen = %args.listen, endpoint = %format!("https://{advertise}"), "serving");
-    axum_server::bind_rustls(args.listen, tls).handle(handle).serve(api::router(state).into_make_service()).await?;
+    let limit = edge::ConnectionLimit::new(axum_server::accept::DefaultAcceptor::new(), args.max_connections);
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls).acceptor(limit);
+    let mut server = axum_server::bind(args.listen).acceptor(acceptor).handle(handle);
+    server.http_builder().http1().header_read_timeout(Duration::from_secs(args.header_read_timeout_seconds));
+    server.serve(api::router(state).into_make_service()).await?;
     publishing.abort();
     tracing::info!("stopped");
     Ok(())

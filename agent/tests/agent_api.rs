@@ -353,6 +353,54 @@ async fn authentication_comes_before_the_body_and_failed_reviews_are_rate_limite
     );
 }
 
+/// Anyone who can reach the port gets at most `--max-connections` at once: more are closed as they are accepted,
+/// and connections that say nothing give theirs back (the TLS handshake has 10 s), with nothing closed by the test.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_are_capped_and_silent_ones_do_not_keep_their_place() {
+    let mut w = world().await;
+    w.agent.kill();
+    w.agent.add_args(&["--max-connections=4"]);
+    w.agent.start().await.unwrap();
+    let address = w.agent.endpoint.trim_start_matches("https://").to_owned();
+    // Five silent connections: the agent closes one of them at once (whichever it accepted last), and then the
+    // other four hold every place.
+    let mut silent: Vec<std::net::TcpStream> =
+        (0..5).map(|_| std::net::TcpStream::connect(&address).unwrap()).collect();
+    let closed = |s: &std::net::TcpStream| {
+        s.set_nonblocking(true).unwrap();
+        match (&*s).read(&mut [0u8; 16]) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    };
+    use std::io::Read;
+    let mut refused_at = None;
+    for _ in 0..50 {
+        refused_at = silent.iter().position(closed);
+        if refused_at.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused_at = refused_at.expect("the agent closed none of five connections with a limit of four");
+    silent.remove(refused_at);
+    // A fresh client each time: a pooled connection would not need a new place.
+    let ask = || async { w.agent.http().unwrap().get(w.agent.url("/v1/pools")).bearer_auth(&w.token).send().await };
+    let refused = ask().await;
+    assert!(refused.is_err(), "a connection beyond the limit was served: {refused:?}");
+    let mut answered = None;
+    for _ in 0..60 {
+        if let Ok(resp) = ask().await {
+            answered = Some(resp.status());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(answered, Some(StatusCode::OK), "no place was given back within 30 s");
+    assert!(silent.iter().all(closed), "the silent connections were closed (the handshake's deadline)");
+    assert!(w.agent.log().contains("connection limit reached"), "{}", w.agent.log());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_older_leadership_epoch_is_refused() {
     let w = world().await;

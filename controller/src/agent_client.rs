@@ -97,6 +97,9 @@ impl AgentClient {
             .tls_built_in_root_certs(false)
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(60))
+            // Below the agent's header read timeout (30 s), which closes idle connections: the client lets go of
+            // an idle connection first, instead of sending into one the agent is closing.
+            .pool_idle_timeout(Duration::from_secs(20))
             .build()
             .map_err(|e| AgentError::Other(e.to_string()))?;
         clients.insert(certificate.to_owned(), client.clone());

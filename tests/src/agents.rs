@@ -272,6 +272,11 @@ impl AgentProcess {
         self.prefix.extend_from_slice(prefix);
     }
 
+    /// From the next start on, runs the agent with `args` after the bed's own (e.g. `--max-connections=8`).
+    pub fn add_args(&mut self, args: &[&str]) {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+    }
+
     /// A mutating request to `path` as the controller sends it: its token and leadership epoch.
     pub fn controller_request(
         &self,
@@ -292,6 +297,8 @@ impl AgentProcess {
             .add_root_certificate(reqwest::Certificate::from_pem(self.certificate.as_bytes())?)
             .tls_built_in_root_certs(false)
             .timeout(Duration::from_secs(30))
+            // Below the agent's header read timeout, which closes idle connections (as the controller's client).
+            .pool_idle_timeout(Duration::from_secs(20))
             .build()?)
     }
 

@@ -274,6 +274,8 @@ mod lvm_agent {
                 .add_root_certificate(reqwest::Certificate::from_pem(cert.as_bytes()).unwrap())
                 .tls_built_in_root_certs(false)
                 .timeout(Duration::from_secs(120))
+                // Below the agent's header read timeout, which closes idle connections (as the controller's).
+                .pool_idle_timeout(Duration::from_secs(20))
                 .build()
                 .unwrap();
             GuestAgent { child, http, token: env("BERTH_CONTROLLER_TOKEN") }

@@ -453,8 +453,12 @@ impl Agent {
             project_id: None,
             published: false,
         };
-        let made = pool.backend.create(record).inspect_err(|_| {
-            if let Some(left) = pool.backend.leftover_of_create(name) {
+        let made = pool.backend.create(record).inspect_err(|e| {
+            // Not while a command is stuck: asking lvm2 would wait as long again, and the pool is read from disk
+            // once it has exited, which finds the leftover anyway.
+            if !matches!(e, BackendError::Busy(_))
+                && let Some(left) = pool.backend.leftover_of_create(name)
+            {
                 self.queue_debris(&mut state, pool, left, "what the failed create left: removed in the background");
             }
         })?;

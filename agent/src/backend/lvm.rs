@@ -485,16 +485,11 @@ impl Backend for LvmPool {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.lvm.run(&args).map_err(backend_error)?;
-        let made = self.lvm.lv(&self.vg, &name).map_err(backend_error).and_then(|lv| self.finish_create(&lv, &record));
-        match made {
-            Ok(path) => {
-                record.path = path;
-                Ok(record)
-            }
-            // What was made keeps its `creating` tag: debris, which the agent removes in the background
-            // (`leftover_of_create`), or the next start does.
-            Err(e) => Err(e),
-        }
+        // On failure what was made keeps its `creating` tag: debris, which the agent removes in the background
+        // (`leftover_of_create`), or the next start does.
+        let lv = self.lvm.lv(&self.vg, &name).map_err(backend_error)?;
+        record.path = self.finish_create(&lv, &record)?;
+        Ok(record)
     }
 
     fn leftover_of_create(&self, volume: &str) -> Option<Debris> {

@@ -8,6 +8,7 @@
 //! piece is gone it counts against its pool's capacity, and a volume of the name it still holds is not made.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
 
@@ -72,6 +73,8 @@ pub struct Agent {
     state: Mutex<State>,
     /// Signalled when recovery finds debris to remove.
     debris_found: Condvar,
+    /// Counts changes of the inventory, so that readers of it (metrics) can tell theirs is out of date.
+    generation: AtomicU64,
 }
 
 /// The inventory (volume name → record) and which pools it covers. Rebuilt from disk, pool by pool, the first
@@ -214,7 +217,14 @@ impl Agent {
     /// Recovers the inventory of every pool that is ready now; the others are recovered when they become ready
     /// and refuse work until then.
     pub fn start(node: String, pools: Vec<Pool>, fence: EpochFence) -> Agent {
-        let agent = Agent { node, pools, fence, state: Mutex::new(State::default()), debris_found: Condvar::new() };
+        let agent = Agent {
+            node,
+            pools,
+            fence,
+            state: Mutex::new(State::default()),
+            debris_found: Condvar::new(),
+            generation: AtomicU64::new(0),
+        };
         {
             let mut state = agent.lock();
             for pool in &agent.pools {
@@ -251,7 +261,17 @@ impl Agent {
             self.queue_debris(state, pool, d, "debris of an interrupted operation: removed in the background");
         }
         state.recovered.insert(name.clone());
+        self.changed();
         Ok(())
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times the inventory has changed (a volume made, grown, published or deleted, a pool read).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// Refuses work on a pool while a command of its that outlived its deadline still runs (it may hold lvm2's
@@ -464,6 +484,7 @@ impl Agent {
         })?;
         let api = to_api(&made);
         state.volumes.insert(name.to_owned(), made);
+        self.changed();
         Ok(Created::New(api))
     }
 
@@ -503,6 +524,7 @@ impl Agent {
         let grown = pool.backend.expand(&existing, size_bytes)?;
         let api = to_api(&grown);
         state.volumes.insert(name.to_owned(), grown);
+        self.changed();
         Ok(api)
     }
 
@@ -555,6 +577,7 @@ impl Agent {
         let published = VolumeRecord { published: true, ..record };
         let api = to_api(&published);
         state.volumes.insert(name.to_owned(), published);
+        self.changed();
         Ok(api)
     }
 
@@ -585,6 +608,7 @@ impl Agent {
             })?;
             let detached = pool.backend.detach(name)?;
             state.volumes.remove(name);
+            self.changed();
             (pool, detached)
         };
         if let Some(detached) = detached {

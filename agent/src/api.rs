@@ -109,13 +109,17 @@ async fn readyz(State(s): State<Arc<ApiState>>) -> Response {
     }
 }
 
-/// Pool metrics are kept current by the sampler; volume metrics are read at scrape time (one quota or statvfs
-/// call per volume), so they are exact and a deleted volume's series goes at once.
+/// Pool metrics are kept current by the sampler; volume metrics are read by a scrape, at most once a second unless
+/// the inventory changed (metrics::volumes_due), so a deleted volume's series goes at once but a pod that scrapes
+/// in a loop cannot make every scrape cost the agent's lock and a quota call per volume.
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
-    let agent = s.agent.clone();
-    match tokio::task::spawn_blocking(move || agent.volumes()).await {
-        Ok(volumes) => s.metrics.set_volumes(&s.agent.node, &volumes),
-        Err(e) => tracing::error!(error = %e, "reading volume usage for /metrics failed"),
+    let (now, generation) = (Instant::now(), s.agent.generation());
+    if s.metrics.volumes_due(now, generation) {
+        let agent = s.agent.clone();
+        match tokio::task::spawn_blocking(move || agent.volumes()).await {
+            Ok(volumes) => s.metrics.set_volumes(&s.agent.node, &volumes, now, generation),
+            Err(e) => tracing::error!(error = %e, "reading volume usage for /metrics failed"),
+        }
     }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
         .into_response()

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
 
 use berth::agent_api::{PoolStatus, Volume};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -43,6 +44,17 @@ pub struct OperationLabels {
 
 type Bytes = Gauge<u64, AtomicU64>;
 
+/// How often a scrape may read the volumes (each read takes the agent's lock and one quota or statvfs call per
+/// volume; `/metrics` is open to every pod on the node). Any change of the inventory makes the next scrape read
+/// them at once, so a deleted volume's series still go with it.
+pub const VOLUMES_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether the volumes should be read again, given the last read (`at`, `generation`), now and the inventory's
+/// generation now.
+pub fn volumes_due(last: Option<(Instant, u64)>, now: Instant, generation: u64) -> bool {
+    last.is_none_or(|(at, seen)| seen != generation || now.saturating_duration_since(at) >= VOLUMES_EVERY)
+}
+
 pub struct Metrics {
     registry: Registry,
     capacity: Family<PoolLabels, Bytes>,
@@ -57,6 +69,8 @@ pub struct Metrics {
     volume_used: Family<VolumeLabels, Bytes>,
     /// The volumes last reported, so deleted ones lose their series.
     volumes_now: Mutex<BTreeSet<VolumeLabels>>,
+    /// When the volume series were last read, and at which inventory generation (see [`volumes_due`]).
+    volumes_sampled: Mutex<Option<(Instant, u64)>>,
     operations: Family<OperationLabels, Histogram, fn() -> Histogram>,
 }
 
@@ -106,6 +120,7 @@ impl Metrics {
             volume_size,
             volume_used,
             volumes_now: Mutex::default(),
+            volumes_sampled: Mutex::default(),
             operations,
         }
     }
@@ -135,7 +150,14 @@ impl Metrics {
     }
 
     /// Each volume's size and, where known, used bytes; series of volumes no longer there are removed.
-    pub fn set_volumes(&self, node: &str, volumes: &[Volume]) {
+    /// Whether a scrape at `now`, with the inventory at `generation`, should read the volumes again.
+    pub fn volumes_due(&self, now: Instant, generation: u64) -> bool {
+        volumes_due(*self.volumes_sampled.lock().unwrap_or_else(|p| p.into_inner()), now, generation)
+    }
+
+    /// The volume series as of `volumes`, read at `at` with the inventory at `generation`.
+    pub fn set_volumes(&self, node: &str, volumes: &[Volume], at: Instant, generation: u64) {
+        *self.volumes_sampled.lock().unwrap_or_else(|p| p.into_inner()) = Some((at, generation));
         let mut now = self.volumes_now.lock().unwrap_or_else(|p| p.into_inner());
         let mut seen = BTreeSet::new();
         for v in volumes {
@@ -173,5 +195,20 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes_are_read_at_most_once_a_second_unless_the_inventory_changed() {
+        let t0 = Instant::now();
+        assert!(volumes_due(None, t0, 0), "the first scrape reads them");
+        let last = Some((t0, 7));
+        assert!(!volumes_due(last, t0 + Duration::from_millis(300), 7), "a scrape loop reuses the last read");
+        assert!(volumes_due(last, t0 + Duration::from_millis(300), 8), "a change is shown at once");
+        assert!(volumes_due(last, t0 + VOLUMES_EVERY, 7), "usage moves without changes: read again after a second");
     }
 }

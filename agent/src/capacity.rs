@@ -66,10 +66,18 @@ pub fn pool_capacity(limits: PoolLimits, fs: FsUsage, own: &[VolumeUsage], other
 pub enum LvmSpace {
     /// Thick volumes: the volume group's size and unallocated bytes (whole extents).
     Thick { vg_size: u64, vg_free: u64 },
-    /// Thin volumes in a thin pool of `pool_size` data bytes, `data_percent` of it written (`None`: lvm2 reports
-    /// none, as for an inactive thin pool: unknown, so nothing is promised), and `virtual_sum`:
+    /// Thin volumes in a thin pool of `pool_size` data bytes, `data_percent` of it written and `metadata_percent`
+    /// of its metadata used (`None`: lvm2 reports none, as for an inactive thin pool: unknown, so nothing is
+    /// promised), and `virtual_sum`:
     /// the virtual sizes of every thin volume in the pool (Berth's or not, snapshots included).
-    Thin { pool_size: u64, data_percent: Option<f64>, virtual_sum: u64, ratio: f64, threshold_percent: f64 },
+    Thin {
+        pool_size: u64,
+        data_percent: Option<f64>,
+        metadata_percent: Option<f64>,
+        virtual_sum: u64,
+        ratio: f64,
+        threshold_percent: f64,
+    },
 }
 
 /// The capacity of an lvm pool. Thick: free is what the volume group has unallocated (other LVs in it, Berth's
@@ -80,9 +88,11 @@ pub fn lvm_capacity(limits: PoolLimits, space: LvmSpace, own_sizes: &[u64]) -> C
     let allocated: u64 = own_sizes.iter().sum();
     let (size, available) = match space {
         LvmSpace::Thick { vg_size, vg_free } => (vg_size, vg_free),
-        LvmSpace::Thin { pool_size, data_percent, virtual_sum, ratio, threshold_percent } => {
+        LvmSpace::Thin { pool_size, data_percent, metadata_percent, virtual_sum, ratio, threshold_percent } => {
             let promised = (pool_size as f64 * ratio).floor() as u64;
-            let full = data_percent.is_none_or(|p| p >= threshold_percent);
+            // A thin pool out of metadata fails every write as surely as one out of data: either at the threshold
+            // takes nothing new.
+            let full = [data_percent, metadata_percent].iter().any(|p| p.is_none_or(|p| p >= threshold_percent));
             let available = if full { 0 } else { promised.saturating_sub(virtual_sum) };
             (promised, available)
         }
@@ -172,7 +182,14 @@ mod tests {
     }
 
     fn thin(pool: u64, percent: f64, virtual_sum: u64, ratio: f64) -> LvmSpace {
-        LvmSpace::Thin { pool_size: pool, data_percent: Some(percent), virtual_sum, ratio, threshold_percent: 90.0 }
+        LvmSpace::Thin {
+            pool_size: pool,
+            data_percent: Some(percent),
+            metadata_percent: Some(1.0),
+            virtual_sum,
+            ratio,
+            threshold_percent: 90.0,
+        }
     }
 
     #[test]
@@ -198,14 +215,31 @@ mod tests {
 
     #[test]
     fn a_thin_pool_whose_usage_lvm2_does_not_report_promises_nothing() {
-        let unknown = LvmSpace::Thin {
+        let space = |data_percent, metadata_percent| LvmSpace::Thin {
             pool_size: 10 * GI,
-            data_percent: None,
+            data_percent,
+            metadata_percent,
             virtual_sum: 0,
             ratio: 1.0,
             threshold_percent: 90.0,
         };
-        assert_eq!(lvm_capacity(NO_LIMITS, unknown, &[]).free, 0, "an empty report is not 0 % used");
+        assert_eq!(lvm_capacity(NO_LIMITS, space(Some(1.0), Some(1.0)), &[]).free, 10 * GI);
+        assert_eq!(lvm_capacity(NO_LIMITS, space(None, Some(1.0)), &[]).free, 0, "an empty report is not 0 % used");
+        assert_eq!(lvm_capacity(NO_LIMITS, space(Some(1.0), None), &[]).free, 0, "nor is an empty metadata report");
+    }
+
+    #[test]
+    fn a_thin_pool_out_of_metadata_takes_nothing_new() {
+        let space = |metadata_percent| LvmSpace::Thin {
+            pool_size: 10 * GI,
+            data_percent: Some(1.0),
+            metadata_percent: Some(metadata_percent),
+            virtual_sum: 0,
+            ratio: 1.0,
+            threshold_percent: 90.0,
+        };
+        assert_eq!(lvm_capacity(NO_LIMITS, space(89.9), &[]).free, 10 * GI);
+        assert_eq!(lvm_capacity(NO_LIMITS, space(90.0), &[]).free, 0);
     }
 
     #[test]

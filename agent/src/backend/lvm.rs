@@ -399,6 +399,7 @@ impl Backend for LvmPool {
                 LvmSpace::Thin {
                     pool_size: pool.size,
                     data_percent: pool.data_percent,
+                    metadata_percent: pool.metadata_percent,
                     virtual_sum: lvs.iter().filter(|l| l.pool_lv == thin.pool_lv).map(|l| l.size).sum(),
                     ratio: thin.ratio,
                     threshold_percent: thin.threshold_percent,

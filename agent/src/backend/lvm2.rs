@@ -14,8 +14,10 @@ use thiserror::Error;
 use crate::command::{self, CommandError, Stuck};
 
 /// The fields Berth reads of a logical volume.
-pub const LV_FIELDS: &str =
-    "lv_name,vg_name,lv_size,lv_path,lv_dm_path,lv_active,lv_attr,lv_tags,pool_lv,origin,segtype,data_percent,zero";
+pub const LV_FIELDS: &str = concat!(
+    "lv_name,vg_name,lv_size,lv_path,lv_dm_path,lv_active,lv_attr,lv_tags,pool_lv,origin,segtype,",
+    "data_percent,metadata_percent,zero"
+);
 /// The fields Berth reads of a volume group.
 pub const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,vg_free_count,vg_tags";
 
@@ -92,8 +94,10 @@ pub struct LvRow {
     pub pool_lv: String,
     pub origin: String,
     pub segtype: String,
-    /// Data usage of a thin pool or thin volume, percent.
+    /// Data usage of a thin pool or thin volume, percent (`None`: not reported, as for an inactive LV).
     pub data_percent: Option<f64>,
+    /// Metadata usage of a thin pool, percent.
+    pub metadata_percent: Option<f64>,
     /// `zero` when a thin pool zeroes newly provisioned blocks.
     pub zero: String,
 }
@@ -138,6 +142,7 @@ struct RawLv {
     origin: String,
     segtype: String,
     data_percent: String,
+    metadata_percent: String,
     zero: String,
 }
 
@@ -168,15 +173,18 @@ pub fn parse_lvs(json: &str) -> Result<Vec<LvRow>, String> {
     let report: Report<LvSection> = serde_json::from_str(json).map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     for raw in report.report.into_iter().flat_map(|s| s.lv) {
-        let data_percent = match raw.data_percent.as_str() {
-            "" => None,
-            v => Some(v.parse::<f64>().map_err(|_| format!("data_percent {v:?} is not a number"))?),
+        let percent = |field: &str, v: &str| match v {
+            "" => Ok(None),
+            v => v.parse::<f64>().map(Some).map_err(|_| format!("{field} {v:?} is not a number")),
         };
+        let data_percent = percent("data_percent", &raw.data_percent)?;
+        let metadata_percent = percent("metadata_percent", &raw.metadata_percent)?;
         rows.push(LvRow {
             size: bytes("lv_size", &raw.lv_size)?,
             active: raw.lv_active == "active",
             tags: tags(&raw.lv_tags),
             data_percent,
+            metadata_percent,
             name: raw.lv_name,
             vg: raw.vg_name,
             path: raw.lv_path,
@@ -325,7 +333,7 @@ mod tests {
         let by = |n: &str| lvs.iter().find(|l| l.name == n).unwrap();
         let pool = by("thin");
         assert_eq!((pool.segtype.as_str(), pool.size, pool.zero.as_str()), ("thin-pool", 512 << 20, "zero"));
-        assert_eq!(pool.data_percent, Some(3.91));
+        assert_eq!((pool.data_percent, pool.metadata_percent), (Some(3.91), Some(11.23)));
         assert_eq!(pool.path, "", "a pool has no /dev/<vg>/<lv> link");
         let t1 = by("berth-pvc-t1");
         assert_eq!((t1.segtype.as_str(), t1.pool_lv.as_str(), t1.size), ("thin", "thin", 300 << 20));

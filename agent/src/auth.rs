@@ -22,7 +22,7 @@ const CACHE_MAX: usize = 1024;
 /// How long a token that passed review is still accepted while unknown tokens are refused without review.
 pub const GRACE: Duration = Duration::from_secs(300);
 /// Failed reviews allowed at once, and per second after that.
-const FAILURE_BURST: f64 = 20.0;
+const FAILURE_BURST: f64 = 32.0;
 const FAILURES_PER_SECOND: f64 = 2.0;
 
 /// A token bucket of failed TokenReviews: a review takes one token before it is made and gives it back if it

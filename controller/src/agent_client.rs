@@ -43,8 +43,27 @@ pub struct AgentClient {
     leadership: Arc<Leadership>,
     /// Node → (token, renew after).
     tokens: Mutex<HashMap<String, (String, Instant)>>,
-    /// Pinned certificate → HTTPS client.
-    https: Mutex<HashMap<String, reqwest::Client>>,
+    /// Node → (its agent's pinned certificate, the HTTPS client for it). One per node: an agent makes a new
+    /// certificate at every start, and a client per certificate ever seen would pile up for as long as the
+    /// controller runs.
+    https: Mutex<HashMap<String, (String, reqwest::Client)>>,
+}
+
+/// The client cached for `node` if it was made for `certificate`, else a new one from `build`, which replaces it.
+fn client_for<C: Clone, E>(
+    cache: &mut HashMap<String, (String, C)>,
+    node: &str,
+    certificate: &str,
+    build: impl FnOnce() -> Result<C, E>,
+) -> Result<C, E> {
+    if let Some((pinned, client)) = cache.get(node)
+        && pinned == certificate
+    {
+        return Ok(client.clone());
+    }
+    let client = build()?;
+    cache.insert(node.to_owned(), (certificate.to_owned(), client.clone()));
+    Ok(client)
 }
 
 impl AgentClient {
@@ -85,25 +104,22 @@ impl AgentClient {
         Ok(token)
     }
 
-    fn https(&self, certificate: &str) -> Result<reqwest::Client, AgentError> {
-        let mut clients = self.https.lock().expect("client cache");
-        if let Some(c) = clients.get(certificate) {
-            return Ok(c.clone());
-        }
-        let cert = reqwest::Certificate::from_pem(certificate.as_bytes())
-            .map_err(|e| AgentError::Other(format!("the agent's published certificate: {e}")))?;
-        let client = reqwest::Client::builder()
-            .add_root_certificate(cert)
-            .tls_built_in_root_certs(false)
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(Duration::from_secs(60))
-            // Below the agent's header read timeout (30 s), which closes idle connections: the client lets go of
-            // an idle connection first, instead of sending into one the agent is closing.
-            .pool_idle_timeout(Duration::from_secs(20))
-            .build()
-            .map_err(|e| AgentError::Other(e.to_string()))?;
-        clients.insert(certificate.to_owned(), client.clone());
-        Ok(client)
+    fn https(&self, node: &str, certificate: &str) -> Result<reqwest::Client, AgentError> {
+        let mut clients = self.https.lock().unwrap_or_else(|p| p.into_inner());
+        client_for(&mut clients, node, certificate, || {
+            let cert = reqwest::Certificate::from_pem(certificate.as_bytes())
+                .map_err(|e| AgentError::Other(format!("the agent's published certificate: {e}")))?;
+            reqwest::Client::builder()
+                .add_root_certificate(cert)
+                .tls_built_in_root_certs(false)
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(Duration::from_secs(60))
+                // Below the agent's header read timeout (30 s), which closes idle connections: the client lets go of
+                // an idle connection first, instead of sending into one the agent is closing.
+                .pool_idle_timeout(Duration::from_secs(20))
+                .build()
+                .map_err(|e| AgentError::Other(e.to_string()))
+        })
     }
 
     /// One call. An agent that has seen a newer epoch than this leader's (`StaleEpoch`) makes the leader raise
@@ -122,7 +138,7 @@ impl AgentClient {
             let token = self.token(node).await?;
             let epoch = self.leadership.epoch();
             let mut request = self
-                .https(&status.certificate)?
+                .https(node, &status.certificate)?
                 .request(method.clone(), format!("{}{path}", status.endpoint))
                 .bearer_auth(token)
                 .header(EPOCH_HEADER, epoch.to_string());
@@ -240,5 +256,31 @@ impl AgentClient {
         let response = self.send(node, status, reqwest::Method::DELETE, path, None).await?;
         let body: serde_json::Value = response.json().await.map_err(|e| AgentError::Other(e.to_string()))?;
         Ok(body["deleted"].as_bool().unwrap_or(false))
+    }
+}
+
+#[cfg(test)]
+mod client_cache_tests {
+    use super::*;
+
+    #[test]
+    fn one_client_per_node_replaced_when_its_agent_has_a_new_certificate() {
+        let mut cache = HashMap::new();
+        let mut built = 0;
+        let mut get = |cache: &mut HashMap<String, (String, u32)>, node: &str, cert: &str| {
+            client_for(cache, node, cert, || {
+                built += 1;
+                Ok::<_, ()>(built)
+            })
+            .unwrap()
+        };
+        assert_eq!(get(&mut cache, "node-0", "cert-a"), 1);
+        assert_eq!(get(&mut cache, "node-0", "cert-a"), 1, "the same certificate: the same client");
+        assert_eq!(get(&mut cache, "node-1", "cert-b"), 2);
+        // The agent restarted with a new certificate, many times: still one client for the node.
+        for (i, cert) in ["cert-c", "cert-d", "cert-e"].into_iter().enumerate() {
+            assert_eq!(get(&mut cache, "node-0", cert), 3 + i as u32);
+        }
+        assert_eq!(cache.len(), 2);
     }
 }

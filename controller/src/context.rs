@@ -14,8 +14,17 @@ use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::agent_client::AgentClient;
 use crate::decide::NodeView;
-use crate::delete::GoneNodes;
 use crate::metrics::Metrics;
+
+/// What happens to a released Delete-policy PV whose Node object is gone (the node left the cluster).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GoneNodes {
+    /// Keep the PV, with a `VolumeFailedDelete` event and retries (backoff up to 5 minutes): if a node of that
+    /// name returns with its disk, the volume is deleted then.
+    Wait,
+    /// Remove the PV object: the data left with the node.
+    Forget,
+}
 
 /// The caches decisions are made from.
 pub struct Caches {

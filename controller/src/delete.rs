@@ -11,9 +11,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 
 use crate::agent_client::AgentError;
-use crate::context::Context;
+use crate::context::{Context, GoneNodes};
+use crate::error::Error;
 use crate::metrics::Outcome;
-use crate::provision::Error;
 use crate::pv::NODE_ANNOTATION;
 
 pub fn ours(pv: &PersistentVolume) -> bool {
@@ -139,18 +139,9 @@ async fn delete_pv(ctx: &Context, name: &str) -> Result<(), kube::Error> {
     }
 }
 
-/// What happens to a released Delete-policy PV whose Node object is gone (the node left the cluster).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum GoneNodes {
-    /// Keep the PV, with a `VolumeFailedDelete` event and retries (backoff up to 5 minutes): if a node of that
-    /// name returns with its disk, the volume is deleted then.
-    Wait,
-    /// Remove the PV object: the data left with the node.
-    Forget,
-}
-
 pub fn error_policy(pv: Arc<PersistentVolume>, error: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.next_backoff(&format!("pv/{}", pv.metadata.name.clone().unwrap_or_default()));
+    ctx.metrics.reconcile_failed("volumes", error.metric_label());
     tracing::warn!(pv = ?pv.metadata.name, %error, retry_in = ?delay, "deleting failed; retrying");
     Action::requeue(delay)
 }

@@ -15,7 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 
 use crate::agent_client::AgentError;
 use crate::context::Context;
-use crate::provision::Error;
+use crate::error::Error;
 use crate::pv::NODE_ANNOTATION;
 
 #[derive(Debug, Clone, PartialEq)]

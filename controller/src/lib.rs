@@ -5,9 +5,11 @@
 mod agent_client;
 mod audit;
 mod capacity;
+mod claims;
 mod context;
 mod decide;
 mod delete;
+mod error;
 mod expand;
 mod failpoints;
 mod leader;
@@ -67,7 +69,7 @@ pub struct Args {
     /// A released Delete-policy PV whose Node object is gone: wait for the node (event, retries), or forget
     /// (remove the PV object; the data left with the node).
     #[arg(long, value_enum, default_value = "wait")]
-    gone_node_volumes: delete::GoneNodes,
+    gone_node_volumes: context::GoneNodes,
     /// Seconds between full comparisons of the published CSIStorageCapacity objects with what they should say (they
     /// are also rewritten at once when a class, Node or agent's pool changes).
     #[arg(long, default_value_t = 60)]
@@ -230,7 +232,7 @@ pub async fn main() -> Result<()> {
         .with_config(config.clone())
         .reconcile_all_on(changes)
         .graceful_shutdown_on(shutdown.clone())
-        .run(provision::reconcile, provision::error_policy, ctx.clone())
+        .run(claims::reconcile, claims::error_policy, ctx.clone())
         .for_each(|_| async {});
     let pvs = Controller::new(Api::<PersistentVolume>::all(client.clone()), watcher::Config::default())
         .with_config(config)

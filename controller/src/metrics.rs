@@ -26,6 +26,12 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub controller: String,
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
 }
@@ -64,6 +70,7 @@ pub struct Metrics {
     provision_duration: Durations,
     deletions: Family<ResultLabels, Counter>,
     delete_duration: Durations,
+    reconcile_errors: Family<ErrorLabels, Counter>,
     pub workqueue_depth: Gauge,
     agents: Family<StateLabels, Gauge>,
     orphans: Family<PoolLabels, Gauge>,
@@ -86,6 +93,7 @@ impl Metrics {
             provision_duration: Family::new_with_constructor(durations as fn() -> Histogram),
             deletions: Family::default(),
             delete_duration: Family::new_with_constructor(durations as fn() -> Histogram),
+            reconcile_errors: Family::default(),
             workqueue_depth: Gauge::default(),
             agents: Family::default(),
             orphans: Family::default(),
@@ -107,6 +115,11 @@ impl Metrics {
             "delete_duration_seconds",
             "Duration of volume deletions (agent delete and PV removal), by class and result",
             m.delete_duration.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed and are retried with backoff, by controller (claims, volumes) and kind of error",
+            m.reconcile_errors.clone(),
         );
         registry.register(
             "workqueue_depth",
@@ -148,6 +161,10 @@ impl Metrics {
         let labels = ResultLabels { class: class.to_owned(), result: outcome.label().to_owned() };
         self.deletions.get_or_create(&labels).inc();
         self.delete_duration.get_or_create(&labels).observe(took.as_secs_f64());
+    }
+
+    pub fn reconcile_failed(&self, controller: &str, error: &str) {
+        self.reconcile_errors.get_or_create(&ErrorLabels { controller: controller.into(), error: error.into() }).inc();
     }
 
     pub fn set_agents(&self, known: i64, ready: i64) {

@@ -14,66 +14,53 @@ use kube::runtime::controller::Action;
 
 use crate::agent_client::AgentError;
 use crate::context::Context;
-use crate::decide::{Decision, Retry, decide};
+use crate::decide::{Decision, Retry};
+use crate::error::Error;
 use crate::metrics::Outcome;
 use crate::params::ClassParams;
 use crate::pv::{self, NODE_ANNOTATION, NodeRef};
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{0}")]
-    Kube(#[from] kube::Error),
-    #[error("{0}")]
-    Agent(#[from] AgentError),
-}
-
 /// How many unanswered calls to an agent before the node is treated as gone and the claim rescheduled.
 const UNREACHABLE_ATTEMPTS: u32 = 3;
 
-pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let started = Instant::now();
-    let result = provision(claim.clone(), ctx.clone(), started).await;
-    if result.is_err() {
-        let class = claim.spec.as_ref().and_then(|s| s.storage_class_name.as_deref()).unwrap_or_default();
-        ctx.metrics.provisioned(class, Outcome::Error, started.elapsed());
-    }
-    result
-}
-
-async fn provision(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>, started: Instant) -> Result<Action, Error> {
+/// Carries out a decision other than `Done` (which the claim reconciler hands to expansion).
+pub async fn carry_out(
+    decision: Decision,
+    claim: &PersistentVolumeClaim,
+    class: Option<&StorageClass>,
+    ctx: &Arc<Context>,
+    started: Instant,
+) -> Result<Action, Error> {
     let uid = claim.metadata.uid.clone().unwrap_or_default();
     let Ok(volume_name) = berth::naming::volume_name(&uid) else { return Ok(Action::await_change()) };
     let class_name = claim.spec.as_ref().and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
-    let class = ctx.class(&class_name);
-    let decision =
-        decide(berth::PROVISIONER_NAME, &claim, class.as_deref(), ctx.pv_exists(&volume_name), &ctx.node_views());
-    let key = format!("claim/{uid}");
+    let key = claim_failures_key(claim);
     match decision {
-        Decision::NotOurs | Decision::WaitForScheduler => Ok(Action::await_change()),
-        Decision::Done => {
-            ctx.succeeded(&key);
-            // A Bound claim may ask for more.
-            crate::expand::run(&ctx, &claim, class.as_deref()).await
-        }
+        Decision::NotOurs | Decision::WaitForScheduler | Decision::Done => Ok(Action::await_change()),
         Decision::Refuse { message, retry } => {
             ctx.metrics.provisioned(&class_name, Outcome::Refused, started.elapsed());
             tracing::info!(claim = ?claim.metadata.name, namespace = ?claim.metadata.namespace, %message, ?retry, "refused");
-            ctx.event(claim.as_ref(), true, "ProvisioningFailed", message).await;
+            ctx.event(claim, true, "ProvisioningFailed", message).await;
             Ok(match retry {
                 Retry::OnChange => Action::await_change(),
                 Retry::Backoff => Action::requeue(ctx.next_backoff(&key)),
             })
         }
         Decision::Reschedule { message } => {
-            reschedule(&ctx, &claim, (&class_name, started), message).await?;
+            reschedule(ctx, claim, (&class_name, started), message).await?;
             Ok(Action::await_change())
         }
         Decision::Provision { node, params, request, abandon } => {
             let class = class.expect("decide checked the class");
-            let attempt = Attempt { ctx: &ctx, claim: &claim, class: &class, key: &key, started, volume: &volume_name };
+            let attempt = Attempt { ctx, claim, class, key: &key, started, volume: &volume_name };
             attempt.run(node, params, request, abandon).await
         }
     }
+}
+
+/// The key of a claim's retry counter (see [`Context::next_backoff`]).
+pub fn claim_failures_key(claim: &PersistentVolumeClaim) -> String {
+    format!("claim/{}", claim.metadata.uid.as_deref().unwrap_or_default())
 }
 
 /// One provisioning attempt for a claim: abandon the node of an earlier attempt if the decision moved, record
@@ -338,11 +325,4 @@ async fn reschedule(
         .patch(claim.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     Ok(())
-}
-
-pub fn error_policy(claim: Arc<PersistentVolumeClaim>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("claim/{}", claim.metadata.uid.clone().unwrap_or_default());
-    let delay = ctx.next_backoff(&key);
-    tracing::warn!(claim = ?claim.metadata.name, %error, retry_in = ?delay, "provisioning failed; retrying");
-    Action::requeue(delay)
 }

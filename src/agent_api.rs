@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 
 /// Header carrying the controller's leadership epoch on every mutating request (terms.md: leadership epoch).
 pub const EPOCH_HEADER: &str = "berth-leader-epoch";
+/// mkfs.xfs (xfsprogs 5.19 and later) refuses filesystems under 300 MB: "Filesystem must be larger than 300MB".
+/// The agent refuses smaller xfs volumes, and the controller refuses such claims before asking.
+pub const XFS_MIN_BYTES: u64 = 300_000_000;
 /// The largest request body the agent reads.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 

@@ -134,8 +134,7 @@ pub fn to_api(r: &VolumeRecord) -> Volume {
 /// Filesystems an lvm pool makes; the first is the default.
 pub const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
 const MAX_MOUNT_OPTIONS: usize = 32;
-/// mkfs.xfs (xfsprogs 5.19 and later) refuses filesystems under 300 MB: "Filesystem must be larger than 300MB".
-pub const XFS_MIN_BYTES: u64 = 300_000_000;
+pub use berth::agent_api::XFS_MIN_BYTES;
 
 /// The filesystem a volume gets: the request's, or the default for a `Filesystem` volume of a pool that makes
 /// filesystems; none for block volumes and directory volumes.

@@ -88,6 +88,11 @@ struct RunArgs {
     /// requests (the TLS handshake has 10 s). Keep it above the controller's idle-connection timeout (20 s).
     #[arg(long, default_value_t = 30)]
     header_read_timeout_seconds: u64,
+    /// Seconds between two writes of the BerthNode status when nothing changed (a heartbeat). The controller
+    /// treats an agent whose status has not changed for its --agent-stale-after (default 180) as dead: no new
+    /// volumes, zero published capacity. Keep this well below that.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    status_heartbeat_seconds: u64,
 }
 
 fn lvm_pool(p: &PoolConfig) -> LvmPool {
@@ -176,6 +181,7 @@ async fn run(args: RunArgs) -> Result<()> {
         metrics,
         endpoint: format!("https://{advertise}"),
         certificate: cert.cert_pem.clone(),
+        heartbeat: Duration::from_secs(args.status_heartbeat_seconds),
     };
     let publishing = tokio::spawn(publisher.run());
 

@@ -16,7 +16,6 @@ use crate::agent::Agent;
 use crate::metrics::Metrics;
 
 pub const SAMPLE_EVERY: Duration = Duration::from_millis(500);
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
 /// Free-space changes smaller than this are not worth a status write on their own.
 pub const FREE_CHANGE_THRESHOLD: u64 = 1 << 20;
 const MANAGER: &str = "berth-agent";
@@ -62,6 +61,9 @@ pub struct Publisher {
     pub metrics: Arc<Metrics>,
     pub endpoint: String,
     pub certificate: String,
+    /// The longest the status goes unwritten: the controller takes an agent whose status has not changed for its
+    /// `--agent-stale-after` for dead, so this must stay well below that.
+    pub heartbeat: Duration,
 }
 
 impl Publisher {
@@ -123,7 +125,7 @@ impl Publisher {
             self.metrics.set_pools(&self.agent.node, &pools);
             let due = match &last_written {
                 None => true,
-                Some((last, at)) => meaningful_change(last, &pools) || at.elapsed() >= HEARTBEAT_EVERY,
+                Some((last, at)) => meaningful_change(last, &pools) || at.elapsed() >= self.heartbeat,
             };
             if due {
                 if !object_ready {

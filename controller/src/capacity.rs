@@ -45,7 +45,8 @@ pub fn object_name(class: &str, node: &str) -> String {
 }
 
 /// What should be published: for every class of `provisioner` with a valid `pool` parameter, and every node that
-/// has a Node object (for its hostname label) and whose agent reports that pool.
+/// has a Node object (for its hostname label) and whose agent reports that pool. A pool that is not ready, or whose
+/// agent is stale, is published with zero capacity.
 pub fn desired(provisioner: &str, classes: &[Arc<StorageClass>], nodes: &[NodeView]) -> BTreeMap<String, Entry> {
     let mut out = BTreeMap::new();
     for class in classes.iter().filter(|c| c.provisioner == provisioner) {
@@ -58,7 +59,8 @@ pub fn desired(provisioner: &str, classes: &[Arc<StorageClass>], nodes: &[NodeVi
             let Some(pool) = node.pools.as_ref().and_then(|p| p.iter().find(|p| p.name == params.pool)) else {
                 continue;
             };
-            let (capacity, maximum_volume_size) = if pool.ready {
+            // A stale agent's last word is not trusted: zero, so the scheduler sends nothing there.
+            let (capacity, maximum_volume_size) = if pool.ready && !node.stale {
                 (pool.free_bytes, pool.maximum_volume_size_bytes.min(pool.free_bytes))
             } else {
                 (0, 0)
@@ -256,6 +258,7 @@ mod tests {
             name: name.into(),
             labels: hostname.map(|h| BTreeMap::from([(keys::HOSTNAME_LABEL.to_owned(), h.to_owned())])),
             pools,
+            stale: false,
         }
     }
 

@@ -14,6 +14,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::agent_client::AgentClient;
 use crate::decide::NodeView;
+use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 
 /// What happens to a released Delete-policy PV whose Node object is gone (the node left the cluster).
@@ -34,6 +35,17 @@ pub struct Caches {
     pub volumes: Store<PersistentVolume>,
 }
 
+/// Whether a retry counter's key still names something that exists: `claim/<uid>[/…]` a claim, `pv/<name>` and
+/// `expand/<name>` a PV. Unknown kinds are kept.
+pub fn still_wanted(key: &str, claim_uids: &BTreeSet<String>, pv_exists: &impl Fn(&str) -> bool) -> bool {
+    let mut parts = key.splitn(3, '/');
+    match (parts.next(), parts.next()) {
+        (Some("claim"), Some(uid)) => claim_uids.contains(uid),
+        (Some("pv" | "expand"), Some(name)) => pv_exists(name),
+        _ => true,
+    }
+}
+
 pub struct Context {
     pub client: kube::Client,
     pub caches: Caches,
@@ -41,6 +53,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub gone_nodes: GoneNodes,
     pub metrics: Arc<Metrics>,
+    pub liveness: Arc<Liveness>,
     failures: Mutex<HashMap<String, u32>>,
     /// (object uid, reason) → the note last published and when: see [`Context::event`].
     published: Mutex<HashMap<(String, String), (String, Instant)>>,
@@ -59,6 +72,7 @@ impl Context {
         recorder: Recorder,
         gone_nodes: GoneNodes,
         metrics: Arc<Metrics>,
+        liveness: Arc<Liveness>,
     ) -> Context {
         Context {
             client,
@@ -67,6 +81,7 @@ impl Context {
             recorder,
             gone_nodes,
             metrics,
+            liveness,
             failures: Mutex::default(),
             published: Mutex::default(),
         }
@@ -103,7 +118,12 @@ impl Context {
         let names: BTreeSet<&String> = labels.keys().chain(pools.keys()).collect();
         names
             .into_iter()
-            .map(|n| NodeView { name: n.clone(), labels: labels.get(n).cloned(), pools: pools.get(n).cloned() })
+            .map(|n| NodeView {
+                name: n.clone(),
+                labels: labels.get(n).cloned(),
+                pools: pools.get(n).cloned(),
+                stale: self.liveness.is_stale(n),
+            })
             .collect()
     }
 
@@ -113,6 +133,12 @@ impl Context {
         let n = failures.entry(key.to_owned()).or_insert(0);
         *n = (*n + 1).min(20);
         Duration::from_millis(250u64.saturating_mul(1 << (*n - 1).min(11))).min(Duration::from_secs(300))
+    }
+
+    /// Drops the retry counters of claims (by uid) and PVs (by name) that no longer exist, so the map does not grow
+    /// with every claim ever refused.
+    pub fn forget_failures(&self, claim_uids: &BTreeSet<String>, pv_exists: impl Fn(&str) -> bool) {
+        self.failures.lock().expect("failures").retain(|key, _| still_wanted(key, claim_uids, &pv_exists));
     }
 
     pub fn attempts(&self, key: &str) -> u32 {
@@ -146,6 +172,30 @@ impl Context {
         };
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             tracing::warn!(error = %e, reason, "cannot record an event");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_counters_of_gone_claims_and_pvs_are_not_wanted() {
+        let uids = BTreeSet::from(["u1".to_string()]);
+        let pv_exists = |name: &str| name == "pvc-u1";
+        for (key, wanted) in [
+            ("claim/u1", true),
+            ("claim/u1/abandon", true),
+            ("claim/u2", false),
+            ("claim/u2/abandon", false),
+            ("pv/pvc-u1", true),
+            ("expand/pvc-u1", true),
+            ("pv/pvc-u2", false),
+            ("expand/pvc-u2", false),
+            ("other", true),
+        ] {
+            assert_eq!(still_wanted(key, &uids, &pv_exists), wanted, "{key}");
         }
     }
 }

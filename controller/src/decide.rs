@@ -11,13 +11,15 @@ use k8s_openapi::api::storage::v1::StorageClass;
 use crate::params::{self, ClassParams, PvSource};
 use crate::pv::{NODE_ANNOTATION, NodeRef};
 
-/// What the controller knows of a node: its labels (None when the Node object is gone) and its agent's pools
-/// (None when it has no BerthNode, i.e. no agent).
+/// What the controller knows of a node: its labels (None when the Node object is gone), its agent's pools
+/// (None when it has no BerthNode, i.e. no agent), and whether the agent is stale (liveness.rs: its status has not
+/// changed for `--agent-stale-after`, so its pools are not taken at their word).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeView {
     pub name: String,
     pub labels: Option<BTreeMap<String, String>>,
     pub pools: Option<Vec<PoolStatus>>,
+    pub stale: bool,
 }
 
 impl NodeView {
@@ -50,12 +52,18 @@ pub enum Decision {
     WaitForScheduler,
     /// A `ProvisioningFailed` event with `message`, nothing created.
     Refuse { message: String, retry: Retry },
+    /// The class's parameters are wrong: reported on the claim and on the class, looked at again when it changes.
+    InvalidClass { message: String },
     /// The selected node cannot take the volume: event, then remove `selected-node`.
     Reschedule { message: String },
     /// Ask `node`'s agent for the volume, then create the PV. `abandon`: the node an earlier attempt chose (the
     /// claim's `local.berth.dev/node`), whose agent may hold a volume for the claim that must go first.
     Provision { node: NodeRef, params: ClassParams, request: CreateVolumeRequest, abandon: Option<String> },
 }
+
+/// Why a stale agent's node is not used.
+const STALE: &str = "its Berth agent has not updated its status for longer than the controller's --agent-stale-after \
+     (is it running?)";
 
 fn refuse(message: impl Into<String>, retry: Retry) -> Decision {
     Decision::Refuse { message: message.into(), retry }
@@ -83,9 +91,32 @@ pub fn decide(
     pv_exists: bool,
     nodes: &[NodeView],
 ) -> Decision {
-    if claim_provisioner(claim) != Some(provisioner) {
-        return Decision::NotOurs;
+    // A claim of one of Berth's classes that kube-controller-manager has not handed over yet (a WaitForFirstConsumer
+    // claim before the scheduler picked a node — which it never does when Berth publishes no capacity for the class)
+    // is looked at only to explain what is wrong with it: it is provisioned only once handed over.
+    let explain_only = match claim_provisioner(claim) {
+        Some(p) if p == provisioner => false,
+        Some(_) => return Decision::NotOurs,
+        None if class.is_some_and(|c| c.provisioner == provisioner) => true,
+        None => return Decision::NotOurs,
+    };
+    let decision = decide_ours(claim, class, pv_exists, nodes);
+    if !explain_only {
+        return decision;
     }
+    match decision {
+        Decision::Refuse { retry: Retry::OnChange, .. } | Decision::InvalidClass { .. } => decision,
+        Decision::Done => Decision::NotOurs,
+        _ => Decision::WaitForScheduler,
+    }
+}
+
+fn decide_ours(
+    claim: &PersistentVolumeClaim,
+    class: Option<&StorageClass>,
+    pv_exists: bool,
+    nodes: &[NodeView],
+) -> Decision {
     let spec = claim.spec.clone().unwrap_or_default();
     if claim.metadata.deletion_timestamp.is_some() || spec.volume_name.is_some() || pv_exists {
         return Decision::Done;
@@ -96,12 +127,22 @@ pub fn decide(
     };
     let params = match params::parse(class.parameters.as_ref()) {
         Ok(p) => p,
-        Err(e) => return refuse(e.to_string(), Retry::OnChange),
+        Err(e) => {
+            let name = class.metadata.name.as_deref().unwrap_or_default();
+            return Decision::InvalidClass { message: format!("StorageClass {name:?}: {e}") };
+        }
     };
     // What Berth cannot serve is refused whole rather than half-served.
     if spec.data_source.is_some() || spec.data_source_ref.is_some() {
         return refuse(
             "Berth cannot populate volumes from a dataSource (clones, snapshots): the volume would come back empty",
+            Retry::OnChange,
+        );
+    }
+    if spec.volume_attributes_class_name.as_deref().is_some_and(|n| !n.is_empty()) {
+        return refuse(
+            "Berth does not support VolumeAttributesClasses (spec.volumeAttributesClassName): the volume would not \
+             have the attributes asked for",
             Retry::OnChange,
         );
     }
@@ -156,15 +197,17 @@ pub fn decide(
         mount_options: vec![],
     };
     let pool_anywhere = nodes.iter().any(|n| n.pool(&params.pool).is_some());
-    let nowhere = || refuse(format!("pool {:?} exists on no node (no agent reports it)", params.pool), Retry::OnChange);
+    if !pool_anywhere {
+        return refuse(format!("pool {:?} exists on no node (no agent reports it)", params.pool), Retry::OnChange);
+    }
+    if let Some(why) = served_nowhere(&params, block, size, nodes) {
+        return refuse(why, Retry::OnChange);
+    }
     let fits = |p: &PoolStatus| p.ready && p.maximum_volume_size_bytes >= size && !(block && p.backend == "hostpath");
 
     if class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer") {
         let selected = claim.metadata.annotations.as_ref().and_then(|a| a.get(keys::SELECTED_NODE));
         let Some(selected) = selected else { return Decision::WaitForScheduler };
-        if !pool_anywhere {
-            return nowhere();
-        }
         let reschedule = |why: String| Decision::Reschedule {
             message: format!("node {selected}: {why}; asking the scheduler for another node"),
         };
@@ -172,6 +215,9 @@ pub fn decide(
         let Some(hostname) = node.hostname() else { return reschedule("the Node object is gone".into()) };
         if node.pools.is_none() {
             return reschedule("no Berth agent runs there".into());
+        }
+        if node.stale {
+            return reschedule(STALE.into());
         }
         let Some(pool) = node.pool(&params.pool) else {
             return reschedule(format!("it has no pool {:?}", params.pool));
@@ -225,6 +271,7 @@ pub fn decide(
     let recorded = recorded_node(claim);
     let serves = |n: &NodeView| {
         allowed(n)
+            && !n.stale
             && n.hostname().is_some()
             && n.pool(&params.pool).is_some_and(|p| p.ready && !(block && p.backend == "hostpath"))
     };
@@ -233,14 +280,43 @@ pub fn decide(
     }
     let best = nodes
         .iter()
-        .filter(|n| allowed(n) && n.hostname().is_some())
+        .filter(|n| allowed(n) && !n.stale && n.hostname().is_some())
         .filter_map(|n| n.pool(&params.pool).filter(|p| fits(p)).map(|p| (n, p.free_bytes)))
         .max_by(|(a, fa), (b, fb)| fa.cmp(fb).then_with(|| b.name.cmp(&a.name)));
     match best {
         Some((n, _)) => provision_on(n, request, params, recorded.map(str::to_owned)),
-        None if !pool_anywhere => nowhere(),
+        None if nodes.iter().filter(|n| n.pool(&params.pool).is_some()).all(|n| n.stale) => {
+            refuse(format!("pool {:?} is only on nodes whose agents are stale: {STALE}", params.pool), Retry::Backoff)
+        }
         None => refuse(format!("no allowed node has {size} bytes free in pool {:?}", params.pool), Retry::Backoff),
     }
+}
+
+/// Why no node that has the pool can ever serve this claim, whatever the scheduler picks: then the claim is
+/// refused once, instead of being sent from node to node. (Nodes appearing or changing bring it back.)
+fn served_nowhere(params: &ClassParams, block: bool, size: u64, nodes: &[NodeView]) -> Option<String> {
+    let pool = &params.pool;
+    let lvm_somewhere = nodes.iter().filter_map(|n| n.pool(pool)).any(|p| p.backend != "hostpath");
+    if block && !lvm_somewhere {
+        return Some(format!(
+            "volumeMode Block needs an lvm pool, and pool {pool:?} is a hostpath pool on every node that has it"
+        ));
+    }
+    if !block && let Some(fs) = &params.fs_type {
+        if !lvm_somewhere {
+            return Some(format!(
+                "fsType {fs:?}: only lvm pools make filesystems, and pool {pool:?} is a hostpath pool on every node \
+                 that has it (remove fsType from the class, or use an lvm pool)"
+            ));
+        }
+        if fs == "xfs" && size < berth::agent_api::XFS_MIN_BYTES {
+            return Some(format!(
+                "an xfs filesystem needs at least {} bytes (mkfs.xfs refuses smaller); the claim asks for {size}",
+                berth::agent_api::XFS_MIN_BYTES
+            ));
+        }
+    }
+    None
 }
 
 /// An lvm pool makes and mounts the filesystem of a `Filesystem` volume itself, so the class's mount options go to
@@ -322,7 +398,7 @@ mod tests {
             (keys::HOSTNAME_LABEL.to_string(), format!("host-{name}")),
             ("zone".to_string(), format!("zone-{name}")),
         ]);
-        NodeView { name: name.into(), labels: Some(labels), pools }
+        NodeView { name: name.into(), labels: Some(labels), pools, stale: false }
     }
 
     fn wffc() -> StorageClass {
@@ -353,11 +429,13 @@ mod tests {
         class.mount_options = Some(vec!["noatime".into()]);
         let lvm = PoolStatus { backend: "lvm".into(), ..pool("fast", 50 * GI) };
         let on = |p: PoolStatus| {
-            let d = decide(P, &claim("10Gi", Some("a")), Some(&class), false, &[node("a", Some(vec![p]))]);
+            // b has an lvm pool of that name, so the class can be served somewhere.
+            let nodes = [node("a", Some(vec![p])), node("b", Some(vec![lvm.clone()]))];
+            let d = decide(P, &claim("10Gi", Some("a")), Some(&class), false, &nodes);
             let Decision::Provision { request, .. } = d else { panic!("{d:?}") };
             request
         };
-        let to_lvm = on(lvm);
+        let to_lvm = on(lvm.clone());
         assert_eq!((to_lvm.fs_type.as_deref(), to_lvm.mount_options), (Some("xfs"), vec!["noatime".to_string()]));
         // A hostpath pool's volume is mounted by kubelet, with the options from the PV.
         assert_eq!(on(pool("fast", 50 * GI)).mount_options, Vec::<String>::new());
@@ -408,7 +486,7 @@ mod tests {
                 "down",
                 Some(vec![PoolStatus { ready: false, reason: Some("marker missing".into()), ..pool("fast", 0) }]),
             ),
-            NodeView { name: "gone".into(), labels: None, pools: Some(vec![pool("fast", 99 * GI)]) },
+            NodeView { name: "gone".into(), labels: None, pools: Some(vec![pool("fast", 99 * GI)]), stale: false },
         ];
         for selected in ["full", "no-agent", "other-pool", "down", "gone", "never-existed"] {
             let d = decide(P, &claim("10Gi", Some(selected)), Some(&wffc()), false, &nodes);
@@ -457,15 +535,101 @@ mod tests {
         ));
         cases.push((claim("0", Some("a")), wffc(), "0"));
         cases.push((claim("5m", Some("a")), wffc(), "milli"));
+        let mut c = claim("1Gi", Some("a"));
+        c.spec.as_mut().unwrap().volume_attributes_class_name = Some("gold".into());
+        cases.push((c, wffc(), "VolumeAttributesClass"));
         for (c, cl, what) in cases {
             let d = decide(P, &c, Some(&cl), false, &nodes);
-            assert!(matches!(&d, Decision::Refuse { message, .. } if message.contains(what)), "{what}: {d:?}");
+            assert!(
+                matches!(&d, Decision::Refuse { message, .. } | Decision::InvalidClass { message } if message.contains(what)),
+                "{what}: {d:?}"
+            );
         }
         assert!(matches!(decide(P, &claim("1Gi", Some("a")), None, false, &nodes), Decision::Refuse { .. }));
-        // Raw block on a hostpath pool reschedules (an lvm pool elsewhere could take it).
+        // Raw block on a hostpath pool reschedules when an lvm pool of that name is elsewhere.
+        let lvm = PoolStatus { backend: "lvm".into(), ..pool("fast", 50 * GI) };
+        let mixed = [node("a", Some(vec![pool("fast", 50 * GI)])), node("b", Some(vec![lvm]))];
         let mut c = claim("1Gi", Some("a"));
         c.spec.as_mut().unwrap().volume_mode = Some("Block".into());
-        assert!(matches!(decide(P, &c, Some(&wffc()), false, &nodes), Decision::Reschedule { .. }));
+        assert!(matches!(decide(P, &c, Some(&wffc()), false, &mixed), Decision::Reschedule { .. }));
+    }
+
+    #[test]
+    fn what_no_node_with_the_pool_can_serve_is_refused_once_not_rescheduled() {
+        let nodes = [node("a", Some(vec![pool("fast", 50 * GI)])), node("b", Some(vec![pool("fast", 50 * GI)]))];
+        let final_refusal = |d: &Decision, what: &str| matches!(d, Decision::Refuse { retry: Retry::OnChange, message } if message.contains(what));
+        let mut block = claim("1Gi", Some("a"));
+        block.spec.as_mut().unwrap().volume_mode = Some("Block".into());
+        for class in [wffc(), class("Immediate", &[("pool", "fast")])] {
+            let d = decide(P, &block, Some(&class), false, &nodes);
+            assert!(final_refusal(&d, "hostpath pool on every node"), "{d:?}");
+        }
+        let xfs = class("WaitForFirstConsumer", &[("pool", "fast"), ("fsType", "xfs")]);
+        let d = decide(P, &claim("1Gi", Some("a")), Some(&xfs), false, &nodes);
+        assert!(final_refusal(&d, "only lvm pools make filesystems"), "{d:?}");
+        let lvm = PoolStatus { backend: "lvm".into(), ..pool("fast", 50 * GI) };
+        let lvm_nodes = [node("a", Some(vec![lvm]))];
+        let d = decide(P, &claim("100Mi", Some("a")), Some(&xfs), false, &lvm_nodes);
+        assert!(final_refusal(&d, "at least 300000000 bytes"), "{d:?}");
+        assert!(provisioned_on(&decide(P, &claim("300Mi", Some("a")), Some(&xfs), false, &lvm_nodes)).is_some());
+        // A raw block claim of an xfs class has no filesystem: the minimum does not apply.
+        let mut small_block = claim("16Mi", Some("a"));
+        small_block.spec.as_mut().unwrap().volume_mode = Some("Block".into());
+        assert!(provisioned_on(&decide(P, &small_block, Some(&xfs), false, &lvm_nodes)).is_some());
+    }
+
+    fn unannounced(size: &str) -> PersistentVolumeClaim {
+        let mut c = claim(size, None);
+        c.metadata.annotations = None;
+        c
+    }
+
+    #[test]
+    fn a_claim_not_handed_over_yet_is_only_explained_never_provisioned() {
+        let nodes = [node("a", Some(vec![pool("fast", 50 * GI)]))];
+        // Nothing wrong: wait (for the scheduler, then kube-controller-manager's annotation).
+        assert_eq!(decide(P, &unannounced("1Gi"), Some(&wffc()), false, &nodes), Decision::WaitForScheduler);
+        let mut picked = unannounced("1Gi");
+        picked.metadata.annotations = Some(BTreeMap::from([(keys::SELECTED_NODE.into(), "a".into())]));
+        assert_eq!(decide(P, &picked, Some(&wffc()), false, &nodes), Decision::WaitForScheduler);
+        // What no scheduling can fix is said at once.
+        let typo = class("WaitForFirstConsumer", &[("pool", "fast"), ("poool", "x")]);
+        let d = decide(P, &unannounced("1Gi"), Some(&typo), false, &nodes);
+        assert!(matches!(&d, Decision::InvalidClass { message } if message.contains("poool")), "{d:?}");
+        let nowhere = class("WaitForFirstConsumer", &[("pool", "nowhere")]);
+        let d = decide(P, &unannounced("1Gi"), Some(&nowhere), false, &nodes);
+        assert!(matches!(&d, Decision::Refuse { retry: Retry::OnChange, message } if message.contains("nowhere")));
+        // Space is the scheduler's business here, not a refusal.
+        assert_eq!(decide(P, &unannounced("900Gi"), Some(&wffc()), false, &nodes), Decision::WaitForScheduler);
+        // Another provisioner's class, a bound claim: not ours.
+        let mut other = wffc();
+        other.provisioner = "rancher.io/local-path".into();
+        assert_eq!(decide(P, &unannounced("1Gi"), Some(&other), false, &nodes), Decision::NotOurs);
+        assert_eq!(decide(P, &unannounced("1Gi"), None, false, &nodes), Decision::NotOurs);
+        assert_eq!(decide(P, &unannounced("1Gi"), Some(&wffc()), true, &nodes), Decision::NotOurs);
+    }
+
+    fn stale(mut n: NodeView) -> NodeView {
+        n.stale = true;
+        n
+    }
+
+    #[test]
+    fn a_stale_agents_node_gets_nothing() {
+        let nodes = [stale(node("a", Some(vec![pool("fast", 80 * GI)]))), node("b", Some(vec![pool("fast", 50 * GI)]))];
+        let d = decide(P, &claim("10Gi", Some("a")), Some(&wffc()), false, &nodes);
+        assert!(matches!(&d, Decision::Reschedule { message } if message.contains("agent-stale-after")), "{d:?}");
+        let now = class("Immediate", &[("pool", "fast")]);
+        assert_eq!(provisioned_on(&decide(P, &claim("10Gi", None), Some(&now), false, &nodes)), Some(("b", "host-b")));
+        // An Immediate claim recorded on the stale node moves (and abandons it).
+        let d = decide(P, &recorded(claim("10Gi", None), "a"), Some(&now), false, &nodes);
+        assert_eq!((provisioned_on(&d), abandoned(&d)), (Some(("b", "host-b")), Some("a")), "{d:?}");
+        let only_stale = [stale(node("a", Some(vec![pool("fast", 80 * GI)])))];
+        let d = decide(P, &claim("10Gi", None), Some(&now), false, &only_stale);
+        assert!(
+            matches!(&d, Decision::Refuse { retry: Retry::Backoff, message } if message.contains("stale")),
+            "{d:?}"
+        );
     }
 
     #[test]
@@ -476,7 +640,7 @@ mod tests {
             node("b", Some(vec![pool("fast", 80 * GI)])),
             node("c", Some(vec![pool("fast", 80 * GI)])),
             node("d", Some(vec![pool("fast", 200 * GI), pool("slow", 0)])),
-            NodeView { name: "e".into(), labels: None, pools: Some(vec![pool("fast", 900 * GI)]) },
+            NodeView { name: "e".into(), labels: None, pools: Some(vec![pool("fast", 900 * GI)]), stale: false },
         ];
         assert_eq!(provisioned_on(&decide(P, &claim("1Gi", None), Some(&now), false, &nodes)), Some(("d", "host-d")));
         let mut limited = now.clone();
@@ -524,7 +688,7 @@ mod tests {
             node("a", None),
             node("a", Some(vec![pool("slow", 99 * GI)])),
             node("a", Some(vec![PoolStatus { ready: false, ..pool("fast", 99 * GI) }])),
-            NodeView { name: "a".into(), labels: None, pools: Some(vec![pool("fast", 99 * GI)]) },
+            NodeView { name: "a".into(), labels: None, pools: Some(vec![pool("fast", 99 * GI)]), stale: false },
         ] {
             let nodes = [gone.clone(), node("b", Some(vec![pool("fast", 50 * GI)]))];
             let d = decide(P, &recorded(claim("10Gi", None), "a"), Some(&now), false, &nodes);

@@ -13,6 +13,7 @@ mod error;
 mod expand;
 mod failpoints;
 mod leader;
+mod liveness;
 mod metrics;
 mod params;
 mod provision;
@@ -74,6 +75,13 @@ pub struct Args {
     /// are also rewritten at once when a class, Node or agent's pool changes).
     #[arg(long, default_value_t = 60)]
     capacity_resync_seconds: u64,
+    /// Seconds after which an agent whose BerthNode status has not changed is taken for dead (crashed, evicted,
+    /// its node cut off) although its Node may look Ready: its pools are published with zero capacity, so the
+    /// scheduler sends no pod there, and no claim is provisioned there, until its status changes again. Agents write
+    /// their status at least every --status-heartbeat-seconds (60 by default), so keep this a few times that.
+    /// Measured on this controller's own clock from when it saw the last change.
+    #[arg(long, default_value_t = 180, value_parser = clap::value_parser!(u64).range(1..))]
+    agent_stale_after: u64,
     /// Where /healthz, /readyz and /metrics are served (plain HTTP). In a pod: 0.0.0.0:8080.
     #[arg(long, default_value = "127.0.0.1:8080")]
     metrics_address: std::net::SocketAddr,
@@ -113,12 +121,14 @@ fn shutdown_signal() -> futures::future::Shared<futures::future::BoxFuture<'stat
 
 /// Reflects `api` into a store, driven by its own task; every change also sends a signal to each of `changed`
 /// (after the store has it): the claims are looked at again, and capacity is published again.
-fn cache<K>(api: Api<K>, changed: Vec<UnboundedSender<()>>) -> reflector::Store<K>
+/// `trim` drops what no decision reads before the object is stored (a cluster's Nodes and PVs are many).
+fn cache<K>(api: Api<K>, changed: Vec<UnboundedSender<()>>, trim: fn(&mut K)) -> reflector::Store<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
+    let watch = watcher(api, watcher::Config::default()).modify(trim).default_backoff();
+    let stream = reflector::reflector(writer, watch);
     tokio::spawn(stream.touched_objects().for_each(move |_| {
         for tx in &changed {
             let _ = tx.unbounded_send(());
@@ -126,6 +136,10 @@ where
         async {}
     }));
     store
+}
+
+fn trim_managed_fields<K: kube::Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
 }
 
 /// The whole controller: parses the command line, runs until SIGTERM or lost leadership.
@@ -152,10 +166,19 @@ pub async fn main() -> Result<()> {
     let (changed, changes) = futures::channel::mpsc::unbounded();
     let (capacity_changed, capacity_changes) = futures::channel::mpsc::unbounded();
     let both = vec![changed, capacity_changed];
-    let classes = cache(Api::<StorageClass>::all(client.clone()), both.clone());
-    let nodes = cache(Api::<Node>::all(client.clone()), both.clone());
-    let berth_nodes = cache(Api::<BerthNode>::all(client.clone()), both);
-    let volumes = cache(Api::<PersistentVolume>::all(client.clone()), Vec::new());
+    let classes = cache(Api::<StorageClass>::all(client.clone()), both.clone(), trim_managed_fields);
+    // Decisions read a Node's labels only (and whether it exists).
+    let nodes = cache(Api::<Node>::all(client.clone()), both.clone(), |n: &mut Node| {
+        n.metadata.managed_fields = None;
+        n.metadata.annotations = None;
+        n.spec = None;
+        n.status = None;
+    });
+    let (berth_node_changed, berth_node_changes) = futures::channel::mpsc::unbounded();
+    let mut for_berth_nodes = both.clone();
+    for_berth_nodes.push(berth_node_changed);
+    let berth_nodes = cache(Api::<BerthNode>::all(client.clone()), for_berth_nodes, trim_managed_fields);
+    let volumes = cache(Api::<PersistentVolume>::all(client.clone()), Vec::new(), trim_managed_fields);
     for (what, ready) in [
         ("StorageClasses", classes.wait_until_ready().await),
         ("Nodes", nodes.wait_until_ready().await),
@@ -165,6 +188,9 @@ pub async fn main() -> Result<()> {
         ready.with_context(|| format!("caching {what}"))?;
     }
     metrics.set_ready();
+    // Watched from the start, standing by too: a replica that takes over knows which agents went quiet.
+    let liveness = Arc::new(liveness::Liveness::new(std::time::Duration::from_secs(args.agent_stale_after)));
+    tokio::spawn(liveness::run(liveness.clone(), berth_nodes.clone(), berth_node_changes, both));
 
     let leadership = Arc::new(
         leader::Leadership::new(
@@ -204,6 +230,7 @@ pub async fn main() -> Result<()> {
         Recorder::new(client.clone(), reporter),
         args.gone_node_volumes,
         metrics.clone(),
+        liveness,
     ));
     metrics.leader.set(1);
     tracing::info!(epoch, identity = %leadership.identity(), "leading");
@@ -259,7 +286,8 @@ pub async fn main() -> Result<()> {
     }
 }
 
-/// Keeps the gauges computed from the caches current: claims still without a PV, agents known and ready.
+/// Keeps the gauges computed from the caches current (claims still without a PV, agents known and ready), and
+/// forgets the retry counters of claims and PVs that are gone.
 async fn gauges(ctx: Arc<context::Context>, claims: reflector::Store<PersistentVolumeClaim>) {
     loop {
         let waiting = claims
@@ -274,16 +302,14 @@ async fn gauges(ctx: Arc<context::Context>, claims: reflector::Store<PersistentV
             })
             .count();
         ctx.metrics.workqueue_depth.set(waiting as i64);
+        let uids: std::collections::BTreeSet<String> =
+            claims.state().iter().filter_map(|c| c.metadata.uid.clone()).collect();
+        ctx.forget_failures(&uids, |pv| ctx.pv_exists(pv));
         let agents = ctx.caches.berth_nodes.state();
-        let now = time::OffsetDateTime::now_utc();
         let ready = agents
             .iter()
-            .filter(|b| {
-                b.status.as_ref().is_some_and(|s| {
-                    time::OffsetDateTime::parse(&s.heartbeat_time, &time::format_description::well_known::Rfc3339)
-                        .is_ok_and(|t| now - t < time::Duration::minutes(3))
-                })
-            })
+            .filter(|b| b.status.as_ref().is_some_and(|s| !s.endpoint.is_empty()))
+            .filter(|b| !ctx.liveness.is_stale(&b.spec.node_name))
             .count();
         ctx.metrics.set_agents(agents.len() as i64, ready as i64);
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;

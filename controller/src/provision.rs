@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth::agent_api::{CreateVolumeRequest, ErrorReason};
+use berth::agent_api::{CreateVolumeRequest, ErrorReason, Volume, VolumeMode};
 use berth::keys;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
@@ -45,6 +45,15 @@ pub async fn carry_out(
                 Retry::OnChange => Action::await_change(),
                 Retry::Backoff => Action::requeue(ctx.next_backoff(&key)),
             })
+        }
+        Decision::InvalidClass { message } => {
+            ctx.metrics.provisioned(&class_name, Outcome::Refused, started.elapsed());
+            tracing::info!(claim = ?claim.metadata.name, namespace = ?claim.metadata.namespace, %message, "refused: invalid class");
+            ctx.event(claim, true, "ProvisioningFailed", message.clone()).await;
+            if let Some(class) = class {
+                ctx.event(class, true, "InvalidParameters", message).await;
+            }
+            Ok(Action::await_change())
         }
         Decision::Reschedule { message } => {
             reschedule(ctx, claim, (&class_name, started), message).await?;
@@ -127,6 +136,13 @@ impl Attempt<'_> {
                 let message = format!("node {}: {message}", node.name);
                 return self.elsewhere(message).await;
             }
+            Err(AgentError::Refused { reason: ErrorReason::Invalid, message }) => {
+                // The same request would be refused anywhere: said once, looked at again when the claim changes.
+                ctx.metrics.provisioned(self.class_name(), Outcome::Refused, self.started.elapsed());
+                let note = format!("node {} refused the request: {message}", node.name);
+                ctx.event(self.claim, true, "ProvisioningFailed", note).await;
+                return Ok(Action::await_change());
+            }
             Err(AgentError::Deposed(m)) => {
                 tracing::error!(claim = ?self.claim.metadata.name, volume = %self.volume, node = %node.name, message = %m, "deposed; leaving the claim to the new leader");
                 return Ok(Action::await_change());
@@ -151,6 +167,12 @@ impl Attempt<'_> {
                 return Err(e.into());
             }
         };
+        if let Err(why) = check_answer(self.volume, &request, &volume) {
+            let note =
+                format!("node {}: the agent's answer is not the volume asked for ({why}); no PV made", node.name);
+            ctx.event(self.claim, true, "ProvisioningFailed", note).await;
+            return Err(AgentError::Other(why).into());
+        }
         // Crash test: the volume exists, its PV does not yet.
         fail::fail_point!("provision-after-agent-create", |_| std::process::abort());
         crate::failpoints::pause("provision-before-pv-create").await;
@@ -308,7 +330,9 @@ async fn claim_gone(ctx: &Context, claim: &PersistentVolumeClaim) -> Result<bool
     Ok(now.is_none_or(|c| c.metadata.uid != claim.metadata.uid || c.metadata.deletion_timestamp.is_some()))
 }
 
-/// `ProvisioningFailed` with the reason, then `selected-node` removed so the scheduler picks again.
+/// `ProvisioningFailed` with the reason, then `selected-node` removed so the scheduler picks again — only from this
+/// claim (its uid) and only the node the decision was about: a JSON patch whose tests fail (the claim was made
+/// again, or the scheduler has just picked another node) changes nothing, and the change brings the claim back.
 async fn reschedule(
     ctx: &Context,
     claim: &PersistentVolumeClaim,
@@ -320,9 +344,145 @@ async fn reschedule(
     ctx.event(claim, true, "ProvisioningFailed", message).await;
     let claims: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), claim.metadata.namespace.as_deref().unwrap_or_default());
-    let patch = serde_json::json!({"metadata": {"annotations": {keys::SELECTED_NODE: null}}});
-    claims
-        .patch(claim.metadata.name.as_deref().unwrap_or_default(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
+    let Some(patch) = unselect_patch(claim) else { return Ok(()) };
+    let name = claim.metadata.name.as_deref().unwrap_or_default();
+    match claims.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
+        Ok(_) => Ok(()),
+        // A failed test: the claim is not the one decided about any more.
+        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 409 => {
+            tracing::info!(claim = %claim_key(claim), reason = %e.message, "the claim changed meanwhile; selected-node left as it is");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The JSON patch that removes `selected-node` from `claim` if it still has the same uid and node; `None` when
+/// the claim has no `selected-node`.
+pub fn unselect_patch(claim: &PersistentVolumeClaim) -> Option<json_patch::Patch> {
+    let selected = claim.metadata.annotations.as_ref()?.get(keys::SELECTED_NODE)?;
+    // RFC 6901: '/' in a key is written "~1".
+    let path = format!("/metadata/annotations/{}", keys::SELECTED_NODE.replace('~', "~0").replace('/', "~1"));
+    let ops = serde_json::json!([
+        {"op": "test", "path": "/metadata/uid", "value": claim.metadata.uid},
+        {"op": "test", "path": path, "value": selected},
+        {"op": "remove", "path": path},
+    ]);
+    Some(serde_json::from_value(ops).expect("a well-formed JSON patch"))
+}
+
+/// Whether the agent's answer is the volume that was asked for: its name, pool, mode and at least its size, and a
+/// plain absolute path (a raw block volume's under /dev, a directory's naming the volume). A PV is made from it,
+/// so an agent that answers something else gets no PV.
+pub fn check_answer(volume: &str, request: &CreateVolumeRequest, answer: &Volume) -> Result<(), String> {
+    if answer.name != volume || answer.pool != request.pool {
+        return Err(format!(
+            "asked for volume {volume} in pool {:?}, got {} in {:?}",
+            request.pool, answer.name, answer.pool
+        ));
+    }
+    if answer.volume_mode != request.volume_mode || answer.size_bytes < request.size_bytes {
+        return Err(format!(
+            "asked for a {:?} volume of {} bytes, got a {:?} one of {}",
+            request.volume_mode, request.size_bytes, answer.volume_mode, answer.size_bytes
+        ));
+    }
+    let path = std::path::Path::new(&answer.path);
+    let plain = path.is_absolute()
+        && !answer.path.contains("//")
+        && path.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)));
+    let names_it = match request.volume_mode {
+        VolumeMode::Block => answer.path.starts_with("/dev/"),
+        VolumeMode::Filesystem => path.components().any(|c| c.as_os_str() == volume),
+    };
+    if !plain || !names_it {
+        return Err(format!("the volume's path {:?} is not a plain path of volume {volume}", answer.path));
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth::agent_api::ClaimRef;
+
+    fn request(mode: VolumeMode) -> CreateVolumeRequest {
+        CreateVolumeRequest {
+            pool: "fast".into(),
+            size_bytes: 1 << 30,
+            volume_mode: mode,
+            claim: ClaimRef { namespace: "db".into(), name: "data".into() },
+            uid: None,
+            gid: None,
+            mode: None,
+            fs_type: None,
+            mount_options: vec![],
+        }
+    }
+
+    fn answer(name: &str, path: &str, mode: VolumeMode) -> Volume {
+        serde_json::from_value(serde_json::json!({
+            "name": name, "pool": "fast", "sizeBytes": 1u64 << 30, "volumeMode": mode, "path": path,
+            "claim": {"namespace": "db", "name": "data"}, "uid": 0, "gid": 0, "mode": 0o755,
+            "createdAt": "2026-12-04T00:00:00Z", "published": false,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_the_volume_asked_for_gets_a_pv() {
+        let fs = request(VolumeMode::Filesystem);
+        let v = "pvc-0f8e3c1a";
+        assert_eq!(
+            check_answer(v, &fs, &answer(v, "/var/lib/berth/fast/pvc-0f8e3c1a", VolumeMode::Filesystem)),
+            Ok(())
+        );
+        assert_eq!(check_answer(v, &fs, &answer(v, "/srv/lvm/pvc-0f8e3c1a/data", VolumeMode::Filesystem)), Ok(()));
+        let block = request(VolumeMode::Block);
+        assert_eq!(
+            check_answer(v, &block, &answer(v, "/dev/mapper/vg-berth--pvc--0f8e3c1a", VolumeMode::Block)),
+            Ok(())
+        );
+        for (name, path, mode, req) in [
+            ("pvc-other", "/var/lib/berth/fast/pvc-other", VolumeMode::Filesystem, &fs),
+            (v, "/var/lib/berth/fast/pvc-0f8e3c1a/../../../etc", VolumeMode::Filesystem, &fs),
+            (v, "relative/pvc-0f8e3c1a", VolumeMode::Filesystem, &fs),
+            (v, "/var/lib/berth/fast//pvc-0f8e3c1a", VolumeMode::Filesystem, &fs),
+            (v, "/", VolumeMode::Filesystem, &fs),
+            (v, "/var/lib/berth/fast/pvc-0f8e3c1a", VolumeMode::Block, &fs),
+            (v, "/etc/pvc-0f8e3c1a", VolumeMode::Block, &block),
+        ] {
+            assert!(check_answer(v, req, &answer(name, path, mode)).is_err(), "{name} {path} {mode:?}");
+        }
+        let mut small = answer(v, "/var/lib/berth/fast/pvc-0f8e3c1a", VolumeMode::Filesystem);
+        small.size_bytes -= 1;
+        assert!(check_answer(v, &fs, &small).is_err());
+    }
+
+    #[test]
+    fn the_unselect_patch_tests_uid_and_node_first() {
+        let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "c", "uid": "u1", "annotations": {"volume.kubernetes.io/selected-node": "n1"}},
+        }))
+        .unwrap();
+        let patch = serde_json::to_value(unselect_patch(&claim).unwrap()).unwrap();
+        assert_eq!(
+            patch,
+            serde_json::json!([
+                {"op": "test", "path": "/metadata/uid", "value": "u1"},
+                {"op": "test", "path": "/metadata/annotations/volume.kubernetes.io~1selected-node", "value": "n1"},
+                {"op": "remove", "path": "/metadata/annotations/volume.kubernetes.io~1selected-node"},
+            ])
+        );
+        let mut target = serde_json::to_value(&claim).unwrap();
+        json_patch::patch(&mut target, &unselect_patch(&claim).unwrap()).unwrap();
+        assert_eq!(target["metadata"]["annotations"], serde_json::json!({}));
+        // The scheduler picked another node meanwhile: the patch fails, nothing changes.
+        let mut moved = serde_json::to_value(&claim).unwrap();
+        moved["metadata"]["annotations"]["volume.kubernetes.io/selected-node"] = "n2".into();
+        assert!(json_patch::patch(&mut moved, &unselect_patch(&claim).unwrap()).is_err());
+        let mut remade = serde_json::to_value(&claim).unwrap();
+        remade["metadata"]["uid"] = "u2".into();
+        assert!(json_patch::patch(&mut remade, &unselect_patch(&claim).unwrap()).is_err());
+    }
 }

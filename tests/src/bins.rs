@@ -43,7 +43,10 @@ pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
 pub fn workspace_binary_with_features(package: &str, bin: &str, features: &[&str]) -> Result<PathBuf> {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    let path = repo_root().join("target/debug").join(bin);
+    // Where cargo puts it: CARGO_TARGET_DIR when set (relative to the workspace, as cargo reads it there).
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), |t| repo_root().join(t));
+    let path = target.join("debug").join(bin);
     if !built.iter().any(|b| b == bin) {
         let cargo = option_env!("CARGO").unwrap_or("cargo");
         let mut args = vec!["build", "--quiet", "-p", package, "--bin", bin];

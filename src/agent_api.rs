@@ -173,6 +173,8 @@ pub enum ErrorReason {
     Published,
     /// 413: the body is larger than [`MAX_BODY_BYTES`].
     TooLarge,
+    /// 408: the body did not arrive in time after the headers (the agent's `--body-read-timeout-seconds`).
+    Timeout,
     /// 422: the pool is not configured on this node.
     UnknownPool,
     /// 422: the pool's backend cannot serve this (raw block on a hostpath pool).

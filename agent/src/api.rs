@@ -28,6 +28,8 @@ pub struct ApiState {
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
     pub shutting_down: AtomicBool,
+    /// How long an authenticated caller has to send its whole body once its headers are in.
+    pub body_read_timeout: std::time::Duration,
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -69,6 +71,7 @@ fn status_of(reason: ErrorReason) -> StatusCode {
         ErrorReason::NotFound => StatusCode::NOT_FOUND,
         ErrorReason::Conflict | ErrorReason::StaleEpoch | ErrorReason::Published => StatusCode::CONFLICT,
         ErrorReason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorReason::Timeout => StatusCode::REQUEST_TIMEOUT,
         ErrorReason::UnknownPool | ErrorReason::Unsupported => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorReason::PoolNotReady | ErrorReason::ShuttingDown | ErrorReason::Unavailable => {
             StatusCode::SERVICE_UNAVAILABLE
@@ -82,7 +85,7 @@ impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         let body = ErrorBody { reason: self.reason, message: self.message, newest_epoch: self.newest_epoch };
         let mut response = (status_of(self.reason), axum::Json(body)).into_response();
-        if self.reason == ErrorReason::TooLarge {
+        if matches!(self.reason, ErrorReason::TooLarge | ErrorReason::Timeout) {
             // The rest of the body is never read, so hyper closes the connection after this response. Without
             // saying so, a client may put the connection back in its pool and send its next request into the
             // closing socket (it then fails with "incomplete message": seen in CI).
@@ -129,13 +132,45 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
 /// read. A refusal is logged here (the handlers never see the request).
 async fn require_controller(State(s): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     let value = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match s.auth.check(value).await {
-        Ok(()) => next.run(request).await,
-        Err(refusal) => {
-            let (method, path) = (request.method().as_str(), request.uri().path());
-            tracing::warn!(method, path, result = ?refusal.reason, message = %refusal.message, "request refused");
+    let checked = match s.auth.check(value).await {
+        Ok(()) => read_body(request, s.body_read_timeout).await,
+        Err(refusal) => Err((refusal, request.method().clone(), request.uri().path().to_owned())),
+    };
+    match checked {
+        Ok(request) => next.run(request).await,
+        Err((refusal, method, path)) => {
+            tracing::warn!(method = method.as_str(), path, result = ?refusal.reason, message = %refusal.message, "request refused");
             refusal.into_response()
         }
+    }
+}
+
+/// The whole body, read within `timeout` of the headers (whose own deadline is the edge's): a caller that sends
+/// headers and then trickles or stalls its body gets 408 and loses the connection instead of holding one of the
+/// agent's connection places. At most [`MAX_BODY_BYTES`] are read (413 beyond).
+async fn read_body(
+    request: Request,
+    timeout: std::time::Duration,
+) -> Result<Request, (Refusal, axum::http::Method, String)> {
+    let (parts, body) = request.into_parts();
+    let refused =
+        |reason, message: String| (Refusal::new(reason, message), parts.method.clone(), parts.uri.path().to_owned());
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
+        Ok(Err(e)) => {
+            let inner = e.into_inner();
+            let limit = |e: &(dyn std::error::Error + 'static)| e.is::<http_body_util::LengthLimitError>();
+            let too_large = limit(inner.as_ref()) || inner.source().is_some_and(limit);
+            Err(if too_large {
+                refused(ErrorReason::TooLarge, format!("request body: larger than {MAX_BODY_BYTES} bytes"))
+            } else {
+                refused(ErrorReason::Invalid, "request body: the connection broke while it was read".into())
+            })
+        }
+        Err(_) => Err(refused(
+            ErrorReason::Timeout,
+            format!("request body: not complete within {} s of the headers", timeout.as_secs()),
+        )),
     }
 }
 

@@ -88,6 +88,10 @@ struct RunArgs {
     /// requests (the TLS handshake has 10 s). Keep it above the controller's idle-connection timeout (20 s).
     #[arg(long, default_value_t = 30)]
     header_read_timeout_seconds: u64,
+    /// Seconds an authenticated caller has to send its whole request body once its headers are in; slower ones get
+    /// 408 and lose the connection (bodies are at most 16 KiB).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    body_read_timeout_seconds: u64,
     /// Seconds between two writes of the BerthNode status when nothing changed (a heartbeat). The controller
     /// treats an agent whose status has not changed for its --agent-stale-after (default 180) as dead: no new
     /// volumes, zero published capacity. Keep this well below that.
@@ -174,6 +178,7 @@ async fn run(args: RunArgs) -> Result<()> {
         ),
         metrics: metrics.clone(),
         shutting_down: AtomicBool::new(false),
+        body_read_timeout: Duration::from_secs(args.body_read_timeout_seconds),
     });
     let publisher = publisher::Publisher {
         client,

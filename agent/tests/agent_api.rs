@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use berth::agent_api::{ErrorBody, ErrorReason, PoolList, Volume, VolumeList};
 use berth::berth_node::BerthNode;
+use futures::StreamExt;
 use kube::api::Api;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -399,6 +400,41 @@ async fn connections_are_capped_and_silent_ones_do_not_keep_their_place() {
     assert_eq!(answered, Some(StatusCode::OK), "no place was given back within 30 s");
     assert!(silent.iter().all(closed), "the silent connections were closed (the handshake's deadline)");
     assert!(w.agent.log().contains("connection limit reached"), "{}", w.agent.log());
+}
+
+/// An authenticated caller that sends its headers and then stalls in the middle of its body gets 408 Timeout once
+/// `--body-read-timeout-seconds` have passed (instead of holding a connection place forever), nothing is made, and
+/// the same request sent whole afterwards is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_stalls_after_the_headers_is_refused_in_time() {
+    let mut w = world().await;
+    w.agent.kill();
+    w.agent.add_args(&["--body-read-timeout-seconds=2"]);
+    w.agent.start().await.unwrap();
+    // A new certificate with the new process.
+    w.http = w.agent.http().unwrap();
+    let http = w.http.clone();
+    let body = serde_json::to_vec(&create_body("fast", 4 * MI)).unwrap();
+    let (first, _) = body.split_at(body.len() / 2);
+    // Half the body, then nothing (the stream never ends).
+    let chunks = futures::stream::iter([Ok::<_, std::io::Error>(first.to_vec())]).chain(futures::stream::pending());
+    let started = std::time::Instant::now();
+    let resp = w
+        .agent
+        .controller_request(&http, Method::PUT, &format!("/v1/volumes/{VOL}"), &w.token, 1)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    let (status, reason, message) = refusal(resp).await;
+    assert_eq!((status, reason), (StatusCode::REQUEST_TIMEOUT, ErrorReason::Timeout), "{message}");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(20), "answered after {took:?}");
+    assert!(w.on_disk().is_empty(), "{:?}", w.on_disk());
+    assert!(w.agent.log().contains("Timeout"), "{}", w.agent.log());
+    // A whole body is served as always.
+    assert_eq!(w.put(VOL, 1, &create_body("fast", 4 * MI)).await.status(), StatusCode::CREATED);
 }
 
 /// Every authenticated endpoint and method refuses, with the exact status and reason: no token, a made-up token and

@@ -32,8 +32,6 @@ pub struct VolumeLabels {
     pub node: String,
     pub pool: String,
     pub volume: String,
-    pub namespace: String,
-    pub claim: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -161,13 +159,7 @@ impl Metrics {
         let mut now = self.volumes_now.lock().unwrap_or_else(|p| p.into_inner());
         let mut seen = BTreeSet::new();
         for v in volumes {
-            let l = VolumeLabels {
-                node: node.into(),
-                pool: v.pool.clone(),
-                volume: v.name.clone(),
-                namespace: v.claim.namespace.clone(),
-                claim: v.claim.name.clone(),
-            };
+            let l = VolumeLabels { node: node.into(), pool: v.pool.clone(), volume: v.name.clone() };
             self.volume_size.get_or_create(&l).set(v.size_bytes);
             match v.used_bytes {
                 Some(used) => {

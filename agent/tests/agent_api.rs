@@ -139,10 +139,7 @@ async fn create_repeat_conflict_delete() {
     // The host's filesystems have no project quotas: no enforcement, no used bytes; the size is a metric.
     assert_eq!(w.pool("fast").await.enforcement, "none");
     assert_eq!(listed.volumes[0].used_bytes, None);
-    let size_series = format!(
-        r#"berth_volume_size_bytes{{node="node-0",pool="fast",volume="{VOL}",namespace="db",claim="data-0"}} {}"#,
-        10 * MI
-    );
+    let size_series = format!(r#"berth_volume_size_bytes{{node="node-0",pool="fast",volume="{VOL}"}} {}"#, 10 * MI);
     let metrics = w.metrics().await;
     assert!(metrics.contains(&size_series), "{metrics}");
     assert!(

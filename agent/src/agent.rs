@@ -540,7 +540,7 @@ impl Agent {
         Ok(state.volumes.get(name).cloned())
     }
 
-    fn not_found(&self, name: &str) -> Refusal {
+    pub fn not_found(&self, name: &str) -> Refusal {
         Refusal::new(ErrorReason::NotFound, format!("no volume {name} on node {}", self.node))
     }
 
@@ -694,9 +694,6 @@ impl Agent {
         statuses
     }
 
-    /// Capacity of `pool`, counting the volumes of every other pool that shares its filesystem — and of every
-    /// pool whose filesystem cannot be told right now (not ready): counting them too under-promises, never over.
-    /// `fs_ids` holds each configured pool's filesystem id, in order (`None`: not ready now).
     /// `pool`'s capacity now, from a fresh probe.
     fn capacity_now(&self, pool: &Pool, state: &State) -> Result<Capacity, Refusal> {
         let probe = pool.backend.probe(&own_sizes(state, pool))?;
@@ -713,6 +710,9 @@ impl Agent {
         Ok(self.capacity_of(pool, &probe, &fs_ids, state))
     }
 
+    /// Capacity of `pool`, counting the volumes of every other pool that shares its filesystem — and of every
+    /// pool whose filesystem cannot be told right now (not ready): counting them too under-promises, never over.
+    /// `fs_ids` holds each configured pool's filesystem id, in order (`None`: not ready now).
     fn capacity_of(&self, pool: &Pool, probe: &PoolProbe, fs_ids: &[Option<u64>], state: &State) -> Capacity {
         let volumes = &state.volumes;
         let (fs, fs_id) = match *probe {

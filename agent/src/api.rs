@@ -223,7 +223,7 @@ async fn get_volume(State(s): State<Arc<ApiState>>, Path(name): Path<String>) ->
     let volume = tokio::task::spawn_blocking(move || agent.volume(&volume_name))
         .await
         .map_err(internal)?
-        .ok_or_else(|| Refusal::new(ErrorReason::NotFound, format!("no volume {name} on node {}", s.agent.node)))?;
+        .ok_or_else(|| s.agent.not_found(&name))?;
     Ok(axum::Json(volume).into_response())
 }
 

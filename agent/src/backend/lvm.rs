@@ -184,6 +184,11 @@ pub fn mounted_device(mountinfo: &str, target: &Path) -> Option<(u32, u32)> {
 }
 
 impl LvmPool {
+    /// `<vg>/<lv>`: how lvm2's commands name an LV of this pool's volume group.
+    fn full_name(&self, lv: &str) -> String {
+        format!("{}/{}", self.vg, lv)
+    }
+
     pub fn new(
         pool: &str,
         root: &Path,
@@ -247,12 +252,12 @@ impl LvmPool {
         let lvs = self.lvm.lvs(&self.vg).map_err(backend_error)?;
         {
             let Some(pool) = lvs.iter().find(|l| l.name == thin.pool_lv && l.segtype == "thin-pool") else {
-                return Err(BackendError::NotReady(format!("no thin pool {}/{}", self.vg, thin.pool_lv)));
+                return Err(BackendError::NotReady(format!("no thin pool {}", self.full_name(&thin.pool_lv))));
             };
             if pool.zero != "zero" {
                 return Err(BackendError::NotReady(format!(
-                    "thin pool {}/{} does not zero new blocks (lvchange -Z y): deleted data could show up in new volumes",
-                    self.vg, thin.pool_lv
+                    "thin pool {} does not zero new blocks (lvchange -Z y): deleted data could show up in new volumes",
+                    self.full_name(&thin.pool_lv)
                 )));
             }
         }
@@ -287,7 +292,7 @@ impl LvmPool {
 
     fn activate(&self, lv: &LvRow) -> Result<(), BackendError> {
         if !lv.active {
-            self.lvm.run(&["lvchange", "-ay", &format!("{}/{}", self.vg, lv.name)]).map_err(backend_error)?;
+            self.lvm.run(&["lvchange", "-ay", &self.full_name(&lv.name)]).map_err(backend_error)?;
         }
         if !Path::new(&lv.dm_path).exists() {
             return Err(BackendError::Io(format!("{} is active but {} does not exist", lv.name, lv.dm_path)));
@@ -349,15 +354,13 @@ impl LvmPool {
             VolumeMode::Filesystem => self.make_filesystem(lv, record)?.display().to_string(),
             VolumeMode::Block => lv.dm_path.clone(),
         };
-        self.lvm
-            .run(&["lvchange", "--deltag", CREATING, &format!("{}/{}", self.vg, lv.name)])
-            .map_err(backend_error)?;
+        self.lvm.run(&["lvchange", "--deltag", CREATING, &self.full_name(&lv.name)]).map_err(backend_error)?;
         Ok(path)
     }
 
     /// Removes an LV this pool no longer (or never completely) handed out; a thick one is zeroed first.
     fn remove_lv(&self, lv: &LvRow) -> Result<(), BackendError> {
-        let full = format!("{}/{}", self.vg, lv.name);
+        let full = self.full_name(&lv.name);
         if self.thin.is_none() {
             self.activate(lv)?;
             // BLKZEROOUT: the device writes zeros (or unmaps where that reads back as zeros).
@@ -417,7 +420,7 @@ impl Backend for LvmPool {
         {
             // An inactive thin pool reports no data usage, so it would promise nothing (capacity.rs) until one of
             // its volumes was activated; after a reboot with none, that is never. Activate it as a volume would.
-            let full = format!("{}/{}", self.vg, thin.pool_lv);
+            let full = self.full_name(&thin.pool_lv);
             if let Err(e) = self.lvm.run(&["lvchange", "-ay", &full]) {
                 tracing::warn!(pool = %self.pool, thin_pool = %full, error = %e, "cannot activate the thin pool: it promises nothing until it is active");
             }
@@ -428,7 +431,7 @@ impl Backend for LvmPool {
             if lv.tags.iter().any(|t| t == CREATING || t == DELETING) {
                 // Removed by `purge`, in the background (zeroing a thick LV takes as long as writing it).
                 let volume = lv.name.strip_prefix(LV_PREFIX).map(str::to_owned);
-                let path = PathBuf::from(format!("{}/{}", self.vg, lv.name));
+                let path = PathBuf::from(self.full_name(&lv.name));
                 debris.push(Debris { path, volume, size_bytes: lv.size });
                 continue;
             }
@@ -471,14 +474,9 @@ impl Backend for LvmPool {
         let mut args: Vec<String> = vec!["lvcreate".into(), "-y".into(), "-W".into(), "y".into()];
         match &self.thin {
             None => args.extend(["-L".into(), size, "-n".into(), name.clone(), self.vg.clone()]),
-            Some(t) => args.extend([
-                "-V".into(),
-                size,
-                "-T".into(),
-                format!("{}/{}", self.vg, t.pool_lv),
-                "-n".into(),
-                name.clone(),
-            ]),
+            Some(t) => {
+                args.extend(["-V".into(), size, "-T".into(), self.full_name(&t.pool_lv), "-n".into(), name.clone()])
+            }
         }
         let unpublished = (!record.published).then(|| UNPUBLISHED.to_owned());
         for tag in record_tags(&record)?.into_iter().chain([CREATING.to_owned()]).chain(unpublished) {
@@ -502,7 +500,7 @@ impl Backend for LvmPool {
                 return None;
             }
         };
-        let path = PathBuf::from(format!("{}/{}", self.vg, lv.name));
+        let path = PathBuf::from(self.full_name(&lv.name));
         lv.tags.iter().any(|t| t == CREATING).then(|| Debris {
             path,
             volume: Some(volume.to_owned()),
@@ -515,7 +513,7 @@ impl Backend for LvmPool {
         let lv = self.lvm.lv(&self.vg, &lv_name(&record.name)).map_err(backend_error)?;
         if lv.tags.iter().any(|t| t == UNPUBLISHED) {
             // lvm2 commits the metadata change before it returns.
-            let full = format!("{}/{}", self.vg, lv.name);
+            let full = self.full_name(&lv.name);
             self.lvm.run(&["lvchange", "--deltag", UNPUBLISHED, &full]).map_err(backend_error)?;
         }
         Ok(())
@@ -541,7 +539,7 @@ impl Backend for LvmPool {
     fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError> {
         self.check_marked()?;
         let lv = self.lvm.lv(&self.vg, &lv_name(&record.name)).map_err(backend_error)?;
-        let full = format!("{}/{}", self.vg, lv.name);
+        let full = self.full_name(&lv.name);
         if lv.size < size_bytes {
             self.lvm.run(&["lvextend", "-L", &format!("{size_bytes}b"), &full]).map_err(backend_error)?;
         }
@@ -566,7 +564,7 @@ impl Backend for LvmPool {
             Err(e) => return Err(backend_error(e)),
         };
         self.unmount(&lv, name)?;
-        let full = format!("{}/{}", self.vg, lv.name);
+        let full = self.full_name(&lv.name);
         self.lvm.run(&["lvchange", "--addtag", DELETING, &full]).map_err(backend_error)?;
         Ok(Some(PathBuf::from(full)))
     }

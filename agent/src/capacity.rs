@@ -8,6 +8,22 @@ pub struct FsUsage {
     pub size_bytes: u64,
     /// Bytes an unprivileged writer can still write (f_bavail).
     pub available_bytes: u64,
+    /// Inodes in all (f_files; 0 when the filesystem does not say) and still free to unprivileged writers
+    /// (f_favail): a filesystem out of inodes takes no new file, whatever its free bytes.
+    pub inodes: u64,
+    pub available_inodes: u64,
+}
+
+impl FsUsage {
+    /// The bytes the free inodes stand for, at the filesystem's own ratio of bytes to inodes: a volume gets its
+    /// share of inodes with its bytes (backend::quota::limit_inodes), so free inodes limit what can be promised.
+    fn inode_bound_bytes(&self) -> u64 {
+        if self.inodes == 0 {
+            return u64::MAX;
+        }
+        let bytes = u128::from(self.available_inodes) * u128::from(self.size_bytes) / u128::from(self.inodes);
+        u64::try_from(bytes).unwrap_or(u64::MAX)
+    }
 }
 
 /// One live volume on a filesystem.
@@ -55,7 +71,8 @@ pub fn pool_capacity(limits: PoolLimits, fs: FsUsage, own: &[VolumeUsage], other
     let capacity = limits.cap.map_or(fs.size_bytes, |cap| cap.min(fs.size_bytes));
     let allocated: u64 = own.iter().map(|v| v.size_bytes).sum();
     let still_claimable: u64 = own.iter().chain(others).map(VolumeUsage::may_still_claim).sum();
-    let fs_free = fs.available_bytes.saturating_sub(limits.headroom).saturating_sub(still_claimable);
+    let fs_free =
+        fs.available_bytes.min(fs.inode_bound_bytes()).saturating_sub(limits.headroom).saturating_sub(still_claimable);
     let free = capacity.saturating_sub(allocated).min(fs_free);
     // A directory can grow to anything the filesystem has, so the largest single volume is all that is free.
     Capacity { capacity, allocated, free, maximum_volume_size: free }
@@ -109,7 +126,8 @@ mod tests {
     const GI: u64 = 1 << 30;
 
     fn fs(size: u64, available: u64) -> FsUsage {
-        FsUsage { size_bytes: size, available_bytes: available }
+        // Plenty of inodes: one per KiB, all free.
+        FsUsage { size_bytes: size, available_bytes: available, inodes: size >> 10, available_inodes: size >> 10 }
     }
 
     fn vol(size: u64) -> VolumeUsage {
@@ -122,6 +140,19 @@ mod tests {
     fn empty_pool_offers_the_available_space() {
         let c = pool_capacity(NO_LIMITS, fs(100 * GI, 90 * GI), &[], &[]);
         assert_eq!(c, Capacity { capacity: 100 * GI, allocated: 0, free: 90 * GI, maximum_volume_size: 90 * GI });
+    }
+
+    #[test]
+    fn free_inodes_bound_what_is_promised() {
+        // 100 GiB, one inode per MiB, 90 GiB of bytes free but only a tenth of the inodes: 10 GiB's worth.
+        let short =
+            FsUsage { size_bytes: 100 * GI, available_bytes: 90 * GI, inodes: 102_400, available_inodes: 10_240 };
+        assert_eq!(pool_capacity(NO_LIMITS, short, &[], &[]).free, 10 * GI);
+        // Out of inodes: nothing, whatever the bytes.
+        assert_eq!(pool_capacity(NO_LIMITS, FsUsage { available_inodes: 0, ..short }, &[], &[]).free, 0);
+        // A filesystem that reports no inode count is bound by its bytes only.
+        let uncounted = FsUsage { inodes: 0, available_inodes: 0, ..short };
+        assert_eq!(pool_capacity(NO_LIMITS, uncounted, &[], &[]).free, 90 * GI);
     }
 
     #[test]

@@ -279,7 +279,12 @@ impl Backend for HostPath {
         let (enforcement, enforcement_reason) =
             enforcement_of(self.quotas(&root).map_err(|e| not_ready("project quota state", &e))?);
         Ok(PoolProbe::Filesystem {
-            fs: FsUsage { size_bytes: st.f_blocks * st.f_frsize, available_bytes: st.f_bavail * st.f_frsize },
+            fs: FsUsage {
+                size_bytes: st.f_blocks * st.f_frsize,
+                available_bytes: st.f_bavail * st.f_frsize,
+                inodes: st.f_files,
+                available_inodes: st.f_favail,
+            },
             fs_id,
             enforcement,
             enforcement_reason,

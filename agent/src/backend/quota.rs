@@ -228,13 +228,34 @@ pub fn limit_blocks(bytes: u64) -> u64 {
     bytes.div_ceil(QUOTA_BLOCK)
 }
 
-/// Limits project `id` on `fs` to `bytes` (hard limit; no soft limit, no inode limit).
+/// The fewest inodes a volume's limit allows, however small the volume.
+pub const MIN_INODES: u64 = 1024;
+
+/// The hard inode limit for a volume of `bytes` on a filesystem of `fs_bytes` with `fs_inodes` inodes in all: its
+/// share of the inodes, as its share of the bytes (at least [`MIN_INODES`]). Without it a pod could use up a shared
+/// ext4's fixed inode table with empty files, which cost no blocks, and every other volume there could make no file.
+/// `None` when the filesystem reports no inode count (0).
+pub fn limit_inodes(bytes: u64, fs_bytes: u64, fs_inodes: u64) -> Option<u64> {
+    if fs_inodes == 0 || fs_bytes == 0 {
+        return None;
+    }
+    let share = (u128::from(bytes) * u128::from(fs_inodes)).div_ceil(u128::from(fs_bytes));
+    Some(u64::try_from(share).unwrap_or(u64::MAX).max(MIN_INODES))
+}
+
+/// Limits project `id` on `fs` to `bytes` and its share of the filesystem's inodes (hard limits, no soft limits).
 pub fn set_limit(fs: &File, id: u32, bytes: u64) -> std::io::Result<()> {
+    let st = rustix::fs::fstatvfs(fs)?;
     // SAFETY: dqblk is plain integers; all-zero is a valid value.
     let mut q: libc::dqblk = unsafe { std::mem::zeroed() };
     q.dqb_bhardlimit = limit_blocks(bytes);
     q.dqb_bsoftlimit = 0;
     q.dqb_valid = libc::QIF_BLIMITS;
+    if let Some(inodes) = limit_inodes(bytes, st.f_blocks * st.f_frsize, st.f_files) {
+        q.dqb_ihardlimit = inodes;
+        q.dqb_isoftlimit = 0;
+        q.dqb_valid |= libc::QIF_ILIMITS;
+    }
     quotactl(fs, qcmd(libc::Q_SETQUOTA, PRJQUOTA), id, (&raw mut q).cast())
 }
 
@@ -280,6 +301,20 @@ mod tests {
         assert_eq!(size_of::<libc::dqblk>(), 72);
         // struct fs_quota_statv is 160 bytes; the buffer must hold all of it.
         assert!(size_of::<QuotaStatV>() >= 160);
+    }
+
+    #[test]
+    fn a_volume_gets_its_share_of_the_inodes() {
+        const MI: u64 = 1 << 20;
+        // A 128 MiB ext4 with one inode per 4 KiB: a 16 MiB volume may make 4096 files.
+        assert_eq!(limit_inodes(16 * MI, 128 * MI, 32768), Some(4096));
+        // Rounded up, never below the floor.
+        assert_eq!(limit_inodes(16 * MI + 1, 128 * MI, 32768), Some(4097));
+        assert_eq!(limit_inodes(MI, 128 * MI, 32768), Some(MIN_INODES));
+        // No inode count (some filesystems report 0): no inode limit.
+        assert_eq!(limit_inodes(16 * MI, 128 * MI, 0), None);
+        // Huge numbers do not overflow.
+        assert_eq!(limit_inodes(u64::MAX, 1, u64::MAX), Some(u64::MAX));
     }
 
     #[test]

@@ -25,6 +25,7 @@ const XB: &str = "pvc-22222222-0000-4000-8000-00000000000b";
 const XC: &str = "pvc-22222222-0000-4000-8000-00000000000c";
 const XD: &str = "pvc-22222222-0000-4000-8000-00000000000d";
 const EA: &str = "pvc-22222222-0000-4000-8000-0000000000ea";
+const EI: &str = "pvc-22222222-0000-4000-8000-0000000000e1";
 const PA: &str = "pvc-22222222-0000-4000-8000-0000000000fa";
 const AA: &str = "pvc-22222222-0000-4000-8000-0000000000aa";
 const IA: &str = "pvc-22222222-0000-4000-8000-0000000000ba";
@@ -88,6 +89,21 @@ fn write_as(uid: u32, file: &Path, mib: u64) -> Result<(), String> {
         .output()
         .unwrap();
     if out.status.success() { Ok(()) } else { Err(String::from_utf8_lossy(&out.stderr).into_owned()) }
+}
+
+/// Makes empty files `f0`, `f1`, … in `dir` as `uid` until `most` are made or one fails: how many were made and the
+/// shell's error. (A shell builtin's redirection: no process per file. `true`, not `:`: a failed redirection of a
+/// special builtin such as `:` ends a POSIX shell.)
+fn make_files_as(uid: u32, dir: &Path, most: u64) -> (u64, String) {
+    let script = format!(
+        "cd '{}' || exit 1; i=0; while [ $i -lt {most} ]; do true > f$i || break; i=$((i+1)); done; echo $i",
+        dir.display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).uid(uid).gid(uid).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr).into_owned());
+    let made =
+        stdout.trim().parse().unwrap_or_else(|_| panic!("making files in {}: {stdout:?} {stderr}", dir.display()));
+    (made, stderr)
 }
 
 fn fails_with(result: Result<(), String>, error: &str, what: &str) {
@@ -178,6 +194,20 @@ async fn quota_phase_one() {
     fails_with(write_as(0, &data(XA, "xfs").join("root"), 1), "No space left on device", "root past an xfs quota");
     write_as(0, &data(EA, "ext4").join("root"), 1).expect("root ignores an ext4 hard limit");
     std::fs::remove_file(data(EA, "ext4").join("root")).unwrap();
+    // Empty files cost no blocks but each takes one of ext4's fixed inodes: a volume may make its share of them
+    // (as its share of the filesystem's bytes), no more, so no pod can leave its neighbours unable to make a file.
+    agent.create(EI, &body("ext4", 16 * MI, owned())).await;
+    let fs = sh("stat", &["-f", "-c", "%c %b %S", root("ext4").to_str().unwrap()]);
+    let [inodes, blocks, block_size]: [u64; 3] =
+        fs.split_whitespace().map(|n| n.parse().unwrap()).collect::<Vec<_>>().try_into().unwrap();
+    // The project's limit is for the size plus the agent's allowance for its own files.
+    let limit = ((16 * MI + ALLOWANCE) * inodes).div_ceil(blocks * block_size).max(1024);
+    let (made, error) = make_files_as(USER, &data(EI, "ext4"), limit + 1000);
+    assert!(error.contains("Disk quota exceeded"), "stopped after {made} files (limit {limit}) by: {error}");
+    // The volume's own directories and marker count too.
+    assert!((limit - 8..=limit).contains(&made), "{made} files made, limit {limit}");
+    agent.delete(EI).await;
+
     // Without quotas nothing stops a volume at its size.
     write_as(USER, &data(PA, "plain").join("fill"), 32).expect("a volume without enforcement outgrows its size");
     // Counted but not enforced (ext4 mounted without prjquota): the volume outgrows its size, its usage is known.

@@ -119,6 +119,8 @@ async fn delete(pv: Arc<PersistentVolume>, ctx: Arc<Context>, started: std::time
             return Err(e.into());
         }
     }
+    // Crash test: the volume is gone, its PV and finalizer are not yet.
+    fail::fail_point!("delete-after-agent-delete", |_| std::process::abort());
     if has_finalizer {
         drop_finalizer(&ctx, &pv).await?;
     }

@@ -179,6 +179,8 @@ pub async fn run(
                     return Err(e.into());
                 }
             }
+            // Crash test: the volume has grown, neither PV nor claim says so yet.
+            fail::fail_point!("expand-after-agent-grow", |_| std::process::abort());
             let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
             let patch = serde_json::json!({"spec": {"capacity": {"storage": quantity}}});
             pvs.patch(&pv_name, &PatchParams::default(), &Patch::Merge(&patch)).await?;

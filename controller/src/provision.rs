@@ -342,6 +342,8 @@ async fn reschedule(
     tracing::info!(claim = ?claim.metadata.name, %message, "rescheduling");
     ctx.metrics.provisioned(class, Outcome::Rescheduled, started.elapsed());
     ctx.event(claim, true, "ProvisioningFailed", message).await;
+    // Crash test: the refusal is said, the scheduler not yet asked again.
+    fail::fail_point!("reschedule-before-unselect", |_| std::process::abort());
     let claims: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), claim.metadata.namespace.as_deref().unwrap_or_default());
     let Some(patch) = unselect_patch(claim) else { return Ok(()) };

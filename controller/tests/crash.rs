@@ -169,3 +169,104 @@ async fn a_claim_whose_selected_node_changed_after_an_abort_ends_with_one_volume
         .await
         .unwrap();
 }
+
+/// Released with policy Delete, the controller aborts after the agent deleted the volume and before it lifted the
+/// PV's finalizer: the restarted controller asks again (the agent has nothing left to delete) and the PV goes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_the_agents_delete_and_the_finalizer_ends_with_both_gone() {
+    let mut w = world_without_controller(&[256 * MI]).await;
+    let client = w.bed.client();
+    let mut crashing = start_with_failpoints(&w, "controller", &[], "delete-after-agent-delete=return").await;
+    add_class(&w, class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")])).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    claims.create(&PostParams::default(), &claim("data", "berth-local", "64Mi")).await.unwrap();
+    pods.create(&PostParams::default(), &pod("db", "data")).await.unwrap();
+    let volume = wait_for(&claims, "data", WAIT, bound).await.unwrap().spec.unwrap().volume_name.unwrap();
+    pods.delete("db", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    claims.delete("data", &DeleteParams::default()).await.unwrap();
+
+    let status = crashing.wait_exit(WAIT).expect("the controller aborts after the agent's delete");
+    assert!(!status.success(), "{status}");
+    assert!(all_volume_dirs(&w).is_empty(), "the volume was deleted before the crash: {:?}", all_volume_dirs(&w));
+    let pv = pvs.get(&volume).await.unwrap();
+    assert!(
+        pv.metadata.finalizers.unwrap_or_default().iter().any(|f| f.contains("external-provisioner")),
+        "the PV still has its finalizer"
+    );
+
+    w.controllers.push(w.bed.start_controller_named("controller", &controller_bin(), &[], &[]).await.unwrap());
+    wait_deleted(&pvs, &volume, WAIT).await.unwrap();
+    assert!(all_volume_dirs(&w).is_empty());
+    // Asked twice, deleted once (the second answer says it was already gone).
+    assert_eq!(agent_operations(&w.agents[0], "delete", &volume, ""), 2, "{}", w.agents[0].log());
+}
+
+/// The controller aborts after the agent grew the volume and before the PV and the claim say so: the claim's
+/// status still says the resize is under way, and the restarted controller completes it at that size.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_after_the_agent_grew_the_volume_completes_the_resize() {
+    let mut w = world_without_controller(&[256 * MI]).await;
+    let client = w.bed.client();
+    let mut crashing = start_with_failpoints(&w, "controller", &[], "expand-after-agent-grow=return").await;
+    let mut expandable = class("berth-grow", "WaitForFirstConsumer", "Delete", &[("pool", "fast")]);
+    expandable.allow_volume_expansion = Some(true);
+    add_class(&w, expandable).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "app");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    claims.create(&PostParams::default(), &claim("data", "berth-grow", "32Mi")).await.unwrap();
+    pods.create(&PostParams::default(), &pod("db", "data")).await.unwrap();
+    let volume = wait_for(&claims, "data", WAIT, bound).await.unwrap().spec.unwrap().volume_name.unwrap();
+    let patch = serde_json::json!({"spec": {"resources": {"requests": {"storage": "64Mi"}}}});
+    claims.patch("data", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+
+    crashing.wait_exit(WAIT).expect("the controller aborts after the agent's grow");
+    assert_eq!(agent_operations(&w.agents[0], "expand", &volume, "result=ok"), 1, "{}", w.agents[0].log());
+    let storage = |pv: &PersistentVolume| pv.spec.as_ref().unwrap().capacity.as_ref().unwrap()["storage"].0.clone();
+    assert_eq!(storage(&pvs.get(&volume).await.unwrap()), "32Mi");
+    let c = claims.get("data").await.unwrap();
+    let status = c.status.unwrap();
+    assert_eq!(status.allocated_resource_statuses.unwrap()["storage"], "ControllerResizeInProgress");
+    assert_eq!(status.capacity.unwrap()["storage"].0, "32Mi");
+
+    w.controllers.push(w.bed.start_controller_named("controller", &controller_bin(), &[], &[]).await.unwrap());
+    let c = wait_for(&claims, "data", WAIT, |c| {
+        c.status.as_ref().and_then(|s| s.capacity.as_ref()).is_some_and(|cap| cap["storage"].0 == "64Mi")
+    })
+    .await
+    .unwrap();
+    assert_eq!(c.status.unwrap().allocated_resource_statuses.unwrap_or_default().get("storage"), None);
+    assert_eq!(storage(&pvs.get(&volume).await.unwrap()), "64Mi");
+}
+
+/// The controller aborts after saying why the selected node cannot take a claim and before removing
+/// `selected-node`: the restarted controller decides again and asks the scheduler for another node, which then
+/// gets the volume — one, nowhere else.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_before_the_reschedule_patch_reschedules_after_the_restart() {
+    let mut w = world_without_controller(&[256 * MI]).await;
+    let client = w.bed.client();
+    let mut crashing = start_with_failpoints(&w, "controller", &[], "reschedule-before-unselect=return").await;
+    add_class(&w, class("berth-local", "WaitForFirstConsumer", "Delete", &[("pool", "fast")])).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    // As the scheduler would have written it, for a node that has left the cluster since.
+    let mut c = claim("data", "berth-local", "64Mi");
+    c.metadata.annotations = Some([("volume.kubernetes.io/selected-node".to_string(), "node-gone".to_string())].into());
+    claims.create(&PostParams::default(), &c).await.unwrap();
+
+    crashing.wait_exit(WAIT).expect("the controller aborts before removing selected-node");
+    let selected = |c: &PersistentVolumeClaim| {
+        c.metadata.annotations.as_ref().and_then(|a| a.get("volume.kubernetes.io/selected-node")).cloned()
+    };
+    assert_eq!(selected(&claims.get("data").await.unwrap()).as_deref(), Some("node-gone"));
+
+    w.controllers.push(w.bed.start_controller_named("controller", &controller_bin(), &[], &[]).await.unwrap());
+    wait_for(&claims, "data", WAIT, |c| selected(c).is_none()).await.unwrap();
+    Api::<Pod>::namespaced(client.clone(), "app").create(&PostParams::default(), &pod("db", "data")).await.unwrap();
+    let volume = wait_for(&claims, "data", WAIT, bound).await.unwrap().spec.unwrap().volume_name.unwrap();
+    assert_eq!(all_volume_dirs(&w), vec![format!("node-0/{volume}")]);
+    let failures = event_messages(&w, "data", "ProvisioningFailed").await;
+    assert!(failures.iter().any(|m| m.contains("node-gone")), "the reason is on the claim: {failures:?}");
+}

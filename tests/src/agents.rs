@@ -291,6 +291,12 @@ impl AgentProcess {
             .header(berth::agent_api::EPOCH_HEADER, epoch.to_string())
     }
 
+    /// The running agent's process ID: the agent's own only when it was started without a [`AgentProcess::wrap`]
+    /// prefix (else the wrapper's).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// An HTTPS client that trusts exactly this agent's published certificate.
     pub fn http(&self) -> Result<reqwest::Client> {
         Ok(reqwest::Client::builder()

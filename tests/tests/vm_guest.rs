@@ -7,6 +7,8 @@ use std::process::Command;
 use serde_json::Value;
 use testbed::vm::guest_disk;
 
+#[path = "vm_guest/churn.rs"]
+mod churn;
 #[path = "vm_guest/quotas.rs"]
 mod quotas;
 
@@ -648,6 +650,7 @@ async fn lvm_agent_phase_two() {
     let left: Vec<String> = lv_names().into_iter().filter(|n| n.starts_with("berth-")).collect();
     assert_eq!(left, Vec::<String>::new());
     assert_eq!(volumes(&agent).await.volumes.len(), 0);
+    crate::churn::lvm(&agent, &[&root("thick"), &root("thin")]).await;
     agent.stop();
 }
 

@@ -116,6 +116,11 @@ fn lvm_world(image_name: &str) -> LvmWorld {
         .env("BERTH_AGENT_BIN", agent_bin.display().to_string())
         .env("BERTH_CONTROLLER_TOKEN", &controller_token)
         .env("BERTH_TOKEN", token());
+    // The soak's length (tests/tests/vm_guest/churn.rs), when asked for.
+    let vm = match std::env::var("BERTH_CHURN_CYCLES") {
+        Ok(n) => vm.env("BERTH_CHURN_CYCLES", n),
+        Err(_) => vm,
+    };
     LvmWorld { rt, bed: Some(bed), _dir: dir, pool_base, vm }
 }
 

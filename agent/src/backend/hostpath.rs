@@ -230,6 +230,22 @@ impl HostPath {
         }
     }
 
+    /// Removes the limits of project `id`, a removed volume's, before its files go: while any file carries the ID
+    /// no create picks it (quota::first_free), so no new volume's limit can be cleared by mistake, and none is
+    /// left behind (after the files, XFS may count unlinked inodes a while longer, until it inactivates them in
+    /// the background: a check after the removal missed a quarter of a soak's). Best effort: a limit left behind
+    /// (the agent refused quotas; a crash, after which the debris's removal clears it) only costs a quota record,
+    /// and the next volume to take the ID sets its own.
+    fn release_project(&self, id: u32) {
+        let Ok(fs) = self.open_root() else { return };
+        if !self.quotas(&fs).is_ok_and(QuotaState::gives_projects) {
+            return;
+        }
+        if let Err(e) = quota::clear_limit(&fs, id) {
+            tracing::warn!(pool = %self.pool, project = id, error = %e, "cannot release a removed volume's project limit");
+        }
+    }
+
     /// At start: the project of each volume, read from its directory, and its limit set again from the marker's
     /// size (which heals an expansion interrupted between the two).
     fn recover_project(&self, fs: Option<&File>, record: &mut VolumeRecord) {
@@ -476,6 +492,11 @@ impl Backend for HostPath {
     }
 
     fn purge(&self, detached: &Path) -> Result<(), BackendError> {
+        // The volume's project limit goes first, while its files still hold the ID (release_project).
+        let project = File::open(detached).and_then(|d| quota::project_of(&d)).ok().map(|p| p.id);
+        if let Some(id) = project.filter(|id| quota::PROJECT_IDS.contains(id)) {
+            self.release_project(id);
+        }
         remove_tree(detached).map_err(|e| io(detached.display(), e))
     }
 }

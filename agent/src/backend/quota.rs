@@ -259,6 +259,15 @@ pub fn set_limit(fs: &File, id: u32, bytes: u64) -> std::io::Result<()> {
     quotactl(fs, qcmd(libc::Q_SETQUOTA, PRJQUOTA), id, (&raw mut q).cast())
 }
 
+/// Removes project `id`'s limits on `fs` (zero is "no limit"), so that the filesystem's quota records do not grow
+/// with every volume ever made: XFS and ext4 keep a record for an ID as long as it has a limit.
+pub fn clear_limit(fs: &File, id: u32) -> std::io::Result<()> {
+    // SAFETY: as in `set_limit`.
+    let mut q: libc::dqblk = unsafe { std::mem::zeroed() };
+    q.dqb_valid = libc::QIF_BLIMITS | libc::QIF_ILIMITS;
+    quotactl(fs, qcmd(libc::Q_SETQUOTA, PRJQUOTA), id, (&raw mut q).cast())
+}
+
 /// What project `id` uses on `fs`. A project the filesystem has never seen uses nothing (XFS says ENOENT).
 pub fn usage(fs: &File, id: u32) -> std::io::Result<ProjectUsage> {
     // SAFETY: as in `set_limit`.

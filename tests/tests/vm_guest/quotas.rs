@@ -288,6 +288,8 @@ async fn quota_phase_two() {
     let text = metrics(&agent).await;
     assert!(!text.contains(XB), "the deleted volume's series are gone:\n{text}");
     assert!(text.contains(&format!("volume=\"{XD}\"")), "{text}");
+    // Churn: volumes made and deleted leave no project quota records behind (issue 19's soak).
+    crate::churn::quota(&agent, "xfs", &base().join("mnt-xfs"), owned()).await;
     // The same XFS mounted without quotas: the pool says `none`, and growing a volume that has a project is
     // refused (its limit could not be raised) and changes nothing.
     agent.stop();

@@ -199,8 +199,11 @@ async fn a_crash_between_the_agents_delete_and_the_finalizer_ends_with_both_gone
     w.controllers.push(w.bed.start_controller_named("controller", &controller_bin(), &[], &[]).await.unwrap());
     wait_deleted(&pvs, &volume, WAIT).await.unwrap();
     assert!(all_volume_dirs(&w).is_empty());
-    // Asked twice, deleted once (the second answer says it was already gone).
-    assert_eq!(agent_operations(&w.agents[0], "delete", &volume, ""), 2, "{}", w.agents[0].log());
+    // Asked again after the restart (the volume was already gone before it, so nothing more was deleted). Maybe
+    // more than once: a reconcile queued while the first ran can read the PV from a cache that still shows its
+    // finalizer, and asks again — harmless, a delete of what is gone answers `deleted: false` (CI saw 3 calls).
+    let asked = agent_operations(&w.agents[0], "delete", &volume, "");
+    assert!(asked >= 2, "asked {asked} times: {}", w.agents[0].log());
 }
 
 /// The controller aborts after the agent grew the volume and before the PV and the claim say so: the claim's

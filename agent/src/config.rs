@@ -64,8 +64,13 @@ pub const DEFAULT_COMMAND_TIMEOUT_SECONDS: u64 = 60;
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let config: AgentConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        config.validate().with_context(|| format!("in {}", path.display()))?;
+        AgentConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// A config file's text, parsed and validated: all that `load` does after reading the file (fuzzed whole).
+    pub fn from_toml(text: &str) -> Result<AgentConfig> {
+        let config: AgentConfig = toml::from_str(text).context("parsing")?;
+        config.validate()?;
         Ok(config)
     }
 
@@ -183,9 +188,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<AgentConfig> {
-        let c: AgentConfig = toml::from_str(text)?;
-        c.validate()?;
-        Ok(c)
+        AgentConfig::from_toml(text)
     }
 
     #[test]

@@ -351,6 +351,46 @@ async fn authentication_comes_before_the_body_and_failed_reviews_are_rate_limite
     );
 }
 
+/// The API server stopped for as long as it lives: SIGCONT when dropped, also when the test fails.
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: u32) -> Stopped {
+        let pid = pid as i32;
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP {pid}");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// A TokenReview that cannot be made is 503 Unavailable, not 500, and has a deadline: with the API server stopped
+/// (SIGSTOP: it answers nothing, as behind a partition), a caller whose token is not in the agent's cache is refused
+/// once the review's 10 s have passed, instead of waiting as long as the API server is silent. Running again, the
+/// API server reviews the same token and the caller is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tokenreview_outage_is_503_within_the_reviews_deadline() {
+    let w = world().await;
+    // A new token of the controller: reviewed by nobody yet.
+    let token = w.bed.controller_token("node-0").await.unwrap();
+    let (_, apiserver) = w.bed.processes().into_iter().find(|(name, _)| name == "kube-apiserver").unwrap();
+    let stopped = Stopped::new(apiserver);
+    let started = std::time::Instant::now();
+    let resp = w.http.get(w.agent.url("/v1/pools")).bearer_auth(&token).send().await.unwrap();
+    let took = started.elapsed();
+    let (status, reason, message) = refusal(resp).await;
+    assert_eq!((status, reason), (StatusCode::SERVICE_UNAVAILABLE, ErrorReason::Unavailable), "{message}");
+    assert!(message.contains("TokenReview did not answer within 10 s"), "{message}");
+    assert!(took >= Duration::from_secs(9) && took < Duration::from_secs(20), "answered after {took:?}");
+    drop(stopped);
+    let served = w.http.get(w.agent.url("/v1/pools")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+}
+
 /// Anyone who can reach the port gets at most `--max-connections` at once: more are closed as they are accepted,
 /// and connections that say nothing give theirs back (the TLS handshake has 10 s), with nothing closed by the test.
 #[tokio::test(flavor = "multi_thread")]

@@ -478,13 +478,23 @@ async fn a_body_that_stalls_after_the_headers_is_refused_in_time() {
     assert_eq!(w.put(VOL, 1, &create_body("fast", 4 * MI)).await.status(), StatusCode::CREATED);
 }
 
-/// Every authenticated endpoint and method refuses, with the exact status and reason: no token, a made-up token and
-/// the controller's token for another node (401 Unauthenticated), and another identity's token for this node (403
-/// Forbidden). Nothing is made on disk.
+/// Every authenticated endpoint and method refuses, with the exact status and reason: no token, a made-up token, the
+/// controller's token for this node that has expired, and the controller's token for another node (401
+/// Unauthenticated), and another identity's token for this node (403 Forbidden). Nothing is made on disk.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_endpoint_refuses_everyone_but_this_nodes_controller() {
     let w = world().await;
     let other_node = w.bed.controller_token("node-1").await.unwrap();
+    // Signed with the bed's key, the API server's own TokenReview refuses it as expired (and its unexpired twin not).
+    let expired = w
+        .bed
+        .expired_service_account_token(
+            testbed::agents::CONTROLLER_NAMESPACE,
+            testbed::agents::CONTROLLER_SERVICE_ACCOUNT,
+            &berth::agent_audience("node-0"),
+        )
+        .await
+        .unwrap();
     let intruder = w.bed.service_account_token("default", "intruder", &berth::agent_audience("node-0")).await.unwrap();
     let endpoints = [
         (Method::GET, "/v1/pools".to_owned(), None),
@@ -499,6 +509,7 @@ async fn every_endpoint_refuses_everyone_but_this_nodes_controller() {
     let callers = [
         (None, StatusCode::UNAUTHORIZED, ErrorReason::Unauthenticated, "no token"),
         (Some("not-a-token"), StatusCode::UNAUTHORIZED, ErrorReason::Unauthenticated, "a made-up token"),
+        (Some(expired.as_str()), StatusCode::UNAUTHORIZED, ErrorReason::Unauthenticated, "an expired token"),
         (Some(other_node.as_str()), StatusCode::UNAUTHORIZED, ErrorReason::Unauthenticated, "another node's"),
         (Some(intruder.as_str()), StatusCode::FORBIDDEN, ErrorReason::Forbidden, "another identity"),
     ];

@@ -86,6 +86,10 @@ impl AgentConfig {
             if pool.root.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
                 bail!("pool {:?}: root {:?} contains '..'", pool.name, pool.root);
             }
+            // TOML allows "\u0000"; no system call takes a path holding it, so the pool could never be ready.
+            if pool.root.as_os_str().as_encoded_bytes().contains(&0) {
+                bail!("pool {:?}: root {:?} holds a NUL character", pool.name, pool.root);
+            }
             if let Some(other) =
                 self.pools[..i].iter().find(|p| p.root.starts_with(&pool.root) || pool.root.starts_with(&p.root))
             {
@@ -228,6 +232,7 @@ mod tests {
             (pool("../x", "/a", ""), "bad name"),
             (pool("a", "relative", ""), "relative root"),
             (pool("a", "/a/../b", ""), "root with .."),
+            ("[[pool]]\nname = \"a\"\nbackend = \"hostpath\"\nroot = \"/a\\u0000b\"\n".to_string(), "root with NUL"),
             (pool("a", "/a", "capacity = \"10Zi\""), "unknown unit"),
             (pool("a", "/a", "capacity = 0"), "zero capacity"),
             (pool("a", "/a", "colour = \"red\""), "unknown key"),

@@ -70,8 +70,9 @@ struct Shared {
     dir: PathBuf,
 }
 
+static SHARED: OnceLock<Shared> = OnceLock::new();
+
 fn shared() -> &'static Shared {
-    static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         let service = tower::service_fn(|request: http::Request<kube::client::Body>| async move {
@@ -90,8 +91,16 @@ fn shared() -> &'static Shared {
         let client = runtime.block_on(async { kube::Client::new(service, "default") });
         let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
         let dir = base.join(format!("berth-fuzz-api-{}", std::process::id()));
+        // libFuzzer ends a run with exit(): the last input's directory goes with it. After a crash it stays, to look at.
+        unsafe { libc::atexit(remove_dir) };
         Shared { runtime, client, dir }
     })
+}
+
+extern "C" fn remove_dir() {
+    if let Some(shared) = SHARED.get() {
+        let _ = std::fs::remove_dir_all(&shared.dir);
+    }
 }
 
 /// The requests in `data`: raw HTTP/1.1, each body as long as its Content-Length says (what is left, at most).

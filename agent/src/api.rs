@@ -217,7 +217,7 @@ async fn list_volumes(State(s): State<Arc<ApiState>>) -> Result<Response, Refusa
     Ok(axum::Json(VolumeList { volumes }).into_response())
 }
 
-async fn get_volume(State(s): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, Refusal> {
+async fn get_volume(State(s): State<Arc<ApiState>>, VolumeName(name): VolumeName) -> Result<Response, Refusal> {
     let agent = s.agent.clone();
     let volume_name = name.clone();
     let volume = tokio::task::spawn_blocking(move || agent.volume(&volume_name))
@@ -225,6 +225,21 @@ async fn get_volume(State(s): State<Arc<ApiState>>, Path(name): Path<String>) ->
         .map_err(internal)?
         .ok_or_else(|| s.agent.not_found(&name))?;
     Ok(axum::Json(volume).into_response())
+}
+
+/// The `{name}` of a volume's routes. Axum's own refusal of a name that is not UTF-8 once percent-decoded is
+/// plain text; this is a refusal like every other, with its JSON body (found by fuzz/fuzz_targets/api_requests.rs).
+struct VolumeName(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for VolumeName {
+    type Rejection = Refusal;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Refusal> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| Refusal::new(ErrorReason::Invalid, format!("volume name: {}", e.body_text())))?;
+        Ok(VolumeName(name))
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> Refusal {
@@ -248,7 +263,7 @@ fn record(s: &ApiState, operation: &str, volume: &str, started: Instant, result:
 
 async fn create_volume(
     State(s): State<Arc<ApiState>>,
-    Path(name): Path<String>,
+    VolumeName(name): VolumeName,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Refusal> {
@@ -286,7 +301,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection
 
 async fn expand_volume(
     State(s): State<Arc<ApiState>>,
-    Path(name): Path<String>,
+    VolumeName(name): VolumeName,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Refusal> {
@@ -309,7 +324,7 @@ async fn expand_volume(
 /// `PUT /v1/volumes/{name}/published`: a PV has been made for the volume; it is never an orphan from now on.
 async fn publish_volume(
     State(s): State<Arc<ApiState>>,
-    Path(name): Path<String>,
+    VolumeName(name): VolumeName,
     headers: HeaderMap,
 ) -> Result<Response, Refusal> {
     let started = Instant::now();
@@ -328,7 +343,7 @@ async fn publish_volume(
 
 async fn delete_volume(
     State(s): State<Arc<ApiState>>,
-    Path(name): Path<String>,
+    VolumeName(name): VolumeName,
     headers: HeaderMap,
     query: Result<Query<DeleteVolumeQuery>, QueryRejection>,
 ) -> Result<Response, Refusal> {

@@ -21,6 +21,9 @@ const CACHE_FOR: Duration = Duration::from_secs(10);
 const CACHE_MAX: usize = 1024;
 /// How long a token that passed review is still accepted while unknown tokens are refused without review.
 pub const GRACE: Duration = Duration::from_secs(300);
+/// How long a TokenReview may take. The API server client has no read timeout of its own: without this, an API
+/// server that stops answering would hold every caller, and a connection place each, for as long as it is silent.
+pub const REVIEW_DEADLINE: Duration = Duration::from_secs(10);
 /// Failed reviews allowed at once, and per second after that.
 const FAILURE_BURST: f64 = 32.0;
 const FAILURES_PER_SECOND: f64 = 2.0;
@@ -119,9 +122,12 @@ impl Authenticator {
             ..Default::default()
         };
         let reviews: Api<TokenReview> = Api::all(self.client.clone());
-        let status = reviews
-            .create(&PostParams::default(), &review)
+        let status = tokio::time::timeout(REVIEW_DEADLINE, reviews.create(&PostParams::default(), &review))
             .await
+            .map_err(|_| {
+                let seconds = REVIEW_DEADLINE.as_secs();
+                Refusal::new(ErrorReason::Unavailable, format!("TokenReview did not answer within {seconds} s"))
+            })?
             .map_err(|e| Refusal::new(ErrorReason::Unavailable, format!("TokenReview failed: {e}")))?
             .status
             .unwrap_or_default();

@@ -64,8 +64,13 @@ pub const DEFAULT_COMMAND_TIMEOUT_SECONDS: u64 = 60;
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig> {
         let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let config: AgentConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        config.validate().with_context(|| format!("in {}", path.display()))?;
+        AgentConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// A config file's text, parsed and validated: all that `load` does after reading the file (fuzzed whole).
+    pub fn from_toml(text: &str) -> Result<AgentConfig> {
+        let config: AgentConfig = toml::from_str(text).context("parsing")?;
+        config.validate()?;
         Ok(config)
     }
 
@@ -80,6 +85,10 @@ impl AgentConfig {
             }
             if pool.root.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
                 bail!("pool {:?}: root {:?} contains '..'", pool.name, pool.root);
+            }
+            // TOML allows "\u0000"; no system call takes a path holding it, so the pool could never be ready.
+            if pool.root.as_os_str().as_encoded_bytes().contains(&0) {
+                bail!("pool {:?}: root {:?} holds a NUL character", pool.name, pool.root);
             }
             if let Some(other) =
                 self.pools[..i].iter().find(|p| p.root.starts_with(&pool.root) || pool.root.starts_with(&p.root))
@@ -183,9 +192,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<AgentConfig> {
-        let c: AgentConfig = toml::from_str(text)?;
-        c.validate()?;
-        Ok(c)
+        AgentConfig::from_toml(text)
     }
 
     #[test]
@@ -225,6 +232,7 @@ mod tests {
             (pool("../x", "/a", ""), "bad name"),
             (pool("a", "relative", ""), "relative root"),
             (pool("a", "/a/../b", ""), "root with .."),
+            ("[[pool]]\nname = \"a\"\nbackend = \"hostpath\"\nroot = \"/a\\u0000b\"\n".to_string(), "root with NUL"),
             (pool("a", "/a", "capacity = \"10Zi\""), "unknown unit"),
             (pool("a", "/a", "capacity = 0"), "zero capacity"),
             (pool("a", "/a", "colour = \"red\""), "unknown key"),

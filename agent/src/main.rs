@@ -1,20 +1,6 @@
 //! `berth-agent`: one per node. Carves volumes out of the node's pools and reports their capacity over an
 //! authenticated HTTPS API (docs/agent-api.md); publishes itself in the node's BerthNode.
 
-mod agent;
-mod api;
-mod auth;
-mod backend;
-mod capacity;
-mod command;
-mod config;
-mod edge;
-mod epoch;
-mod metrics;
-mod publisher;
-mod safe_remove;
-mod tls;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,12 +10,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::agent::{Agent, Pool};
-use crate::backend::Backend;
-use crate::backend::hostpath::HostPath;
-use crate::backend::lvm::{LvmPool, Thin};
-use crate::capacity::PoolLimits;
-use crate::config::{AgentConfig, BackendKind, PoolConfig};
+use berth_agent::agent::{Agent, Pool};
+use berth_agent::backend::Backend;
+use berth_agent::backend::hostpath::HostPath;
+use berth_agent::backend::lvm::{LvmPool, Thin};
+use berth_agent::capacity::PoolLimits;
+use berth_agent::config::{AgentConfig, BackendKind, PoolConfig};
+use berth_agent::{api, auth, config, edge, epoch, metrics, publisher, tls};
 
 /// Berth's node agent: creates and deletes volumes in this node's pools and reports their free capacity over
 /// an authenticated HTTPS API. Pools are listed in a TOML config file (see docs/agent-config.md).

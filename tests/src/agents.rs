@@ -308,6 +308,62 @@ impl AgentProcess {
             .build()?)
     }
 
+    /// Sends one request exactly as written — `target` (path and query) reaches the agent byte for byte, where an
+    /// HTTP client would resolve `..` and `%2e%2e` first — over TLS that trusts only this agent's certificate, and
+    /// returns the status and body. `Content-Length` and `Connection: close` are added; 30 s in all.
+    pub async fn raw_request(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>)> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(self.certificate.as_bytes())?)?;
+        let config = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let address = self.endpoint.trim_start_matches("https://").to_owned();
+        let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h);
+        let server = ServerName::try_from(host.to_owned())?;
+        let mut head = format!("{method} {target} HTTP/1.1\r\nhost: {address}\r\nconnection: close\r\n");
+        head += &format!("content-length: {}\r\n", body.len());
+        for (name, value) in headers {
+            head += &format!("{name}: {value}\r\n");
+        }
+        head += "\r\n";
+        let exchange = async {
+            let tcp = tokio::net::TcpStream::connect(&address).await?;
+            let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(server, tcp).await?;
+            tls.write_all(head.as_bytes()).await?;
+            tls.write_all(body).await?;
+            tls.flush().await?;
+            let mut response = Vec::new();
+            match tls.read_to_end(&mut response).await {
+                // hyper closes without TLS's close_notify after `Connection: close`; the response is whole.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+                other => {
+                    other?;
+                }
+            }
+            anyhow::Ok(response)
+        };
+        let response = tokio::time::timeout(Duration::from_secs(30), exchange)
+            .await
+            .with_context(|| format!("{method} {target}: no whole answer within 30 s"))??;
+        let split = response.windows(4).position(|w| w == b"\r\n\r\n").context("no end of headers")?;
+        let head = String::from_utf8_lossy(&response[..split]);
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+            bail!("{method} {target}: a chunked answer (not read here): {head}");
+        }
+        let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).context("no status line")?;
+        Ok((status, response[split + 4..].to_vec()))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.endpoint)
     }

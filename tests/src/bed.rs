@@ -170,6 +170,9 @@ impl Drop for Resources {
     }
 }
 
+/// The issuer of the bed's ServiceAccount tokens (`iss`).
+pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
 /// A running local cluster. See the crate documentation.
 pub struct TestBed {
     res: Resources,
@@ -258,7 +261,7 @@ impl TestBed {
             format!("--tls-private-key-file={}", s(&pki.serving_key)?),
             format!("--client-ca-file={}", s(&pki.ca_cert)?),
             "--service-cluster-ip-range=10.0.0.0/24".into(),
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
             format!("--service-account-key-file={}", s(&pki.sa_public_key)?),
             format!("--service-account-signing-key-file={}", s(&pki.sa_private_key)?),
             "--authorization-mode=Node,RBAC".into(),
@@ -480,6 +483,11 @@ impl TestBed {
     /// The pids of the bed's processes, by name (etcd, kube-apiserver, …).
     pub fn processes(&self) -> Vec<(String, u32)> {
         self.res.procs.iter().map(|p| (p.name().to_owned(), p.pid())).collect()
+    }
+
+    /// The bed's keys and certificates.
+    pub(crate) fn pki(&self) -> &Pki {
+        &self.pki
     }
 
     /// The kubectl built with the control plane.

@@ -25,6 +25,7 @@ pub mod process;
 pub mod prometheus;
 pub mod real_node;
 mod reaper;
+mod tokens;
 pub mod vm;
 
 pub use bed::{FsType, NodeDiskSpec, NodeSpec, SimNode, TestBed, TestBedConfig};

@@ -173,9 +173,13 @@ pub fn parse_lvs(json: &str) -> Result<Vec<LvRow>, String> {
     let report: Report<LvSection> = serde_json::from_str(json).map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
     for raw in report.report.into_iter().flat_map(|s| s.lv) {
+        // Only a percentage is one: a NaN or negative usage would never reach the thin pool's threshold.
         let percent = |field: &str, v: &str| match v {
             "" => Ok(None),
-            v => v.parse::<f64>().map(Some).map_err(|_| format!("{field} {v:?} is not a number")),
+            v => match v.parse::<f64>() {
+                Ok(p) if (0.0..=100.0).contains(&p) => Ok(Some(p)),
+                _ => Err(format!("{field} {v:?} is not a percentage")),
+            },
         };
         let data_percent = percent("data_percent", &raw.data_percent)?;
         let metadata_percent = percent("metadata_percent", &raw.metadata_percent)?;
@@ -384,5 +388,18 @@ mod tests {
         let (_, code, stderr) = recorded("lvcreate_thin2");
         assert_eq!(code, 0);
         assert!(stderr.contains("WARNING: Sum of all thin volume sizes"));
+    }
+
+    /// Found by fuzzing (fuzz/fuzz_targets/lvm2_report.rs): usages outside 0–100 were read as they came.
+    #[test]
+    fn a_usage_that_is_not_a_percentage_is_unreadable_output() {
+        let (json, _, _) = recorded("lvs_thin");
+        for bad in ["NaN", "-1.00", "inf", "1123.", "100.01"] {
+            let json = json.replace("\"metadata_percent\":\"11.23\"", &format!("\"metadata_percent\":\"{bad}\""));
+            let err = parse_lvs(&json).expect_err(bad);
+            assert!(err.contains("metadata_percent") && err.contains("not a percentage"), "{bad}: {err}");
+        }
+        let json = json.replace("\"data_percent\":\"3.91\"", "\"data_percent\":\"100.00\"");
+        assert_eq!(parse_lvs(&json).unwrap().iter().find(|l| l.name == "thin").unwrap().data_percent, Some(100.0));
     }
 }

@@ -1,0 +1,19 @@
+//! The agent's code as a library: `main.rs` (the `berth-agent` binary) wires it together, and the fuzz targets
+//! (`fuzz/`, docs/fuzzing.md) reach its parsers and its router without a process.
+
+// A library for the agent's own binary and fuzz targets, not an API for others: constructors need no `Default`.
+#![allow(clippy::new_without_default)]
+
+pub mod agent;
+pub mod api;
+pub mod auth;
+pub mod backend;
+pub mod capacity;
+pub mod command;
+pub mod config;
+pub mod edge;
+pub mod epoch;
+pub mod metrics;
+pub mod publisher;
+pub mod safe_remove;
+pub mod tls;

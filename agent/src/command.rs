@@ -16,7 +16,7 @@ use thiserror::Error;
 pub enum CommandError {
     #[error("cannot run {command}: {error}")]
     Spawn { command: String, error: std::io::Error },
-    #[error("{command} did not finish within {} s; it is left running (never killed)", deadline.as_secs_f64())]
+    #[error("{command} did not finish within its {} s deadline; it is left running (never killed)", deadline.as_secs_f64())]
     TimedOut { command: String, deadline: Duration },
 }
 

@@ -1,5 +1,6 @@
-//! The agent's code as a library: `main.rs` (the `berth-agent` binary) wires it together, and the fuzz targets
-//! (`fuzz/`, docs/fuzzing.md) reach its parsers and its router without a process.
+//! The agent's code as a library: `cli.rs` wires it together (both binaries, `berth-agent` and the test-only
+//! `berth-agent-failpoints`, only call it), and the fuzz targets (`fuzz/`, docs/fuzzing.md) reach its parsers and
+//! its router without a process.
 
 // A library for the agent's own binary and fuzz targets, not an API for others: constructors need no `Default`.
 #![allow(clippy::new_without_default)]
@@ -9,10 +10,12 @@ pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod capacity;
+pub mod cli;
 pub mod command;
 pub mod config;
 pub mod edge;
 pub mod epoch;
+pub mod failpoints;
 pub mod metrics;
 pub mod publisher;
 pub mod safe_remove;

@@ -210,6 +210,7 @@ impl Walk<'_> {
                 }
                 Err(e) => return Err(io(&here())(e)),
             }
+            crate::failpoints::point("hostpath-purge-after-unlink");
         }
         Ok(found.unwrap_or(Scan::Done))
     }

@@ -233,18 +233,37 @@ impl TestBed {
 impl AgentProcess {
     /// (Re)starts the process and waits for a BerthNode status carrying this endpoint and a new certificate.
     pub async fn start(&mut self) -> Result<()> {
-        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.start_as(&self.binary.clone(), &[]).await
+    }
+
+    /// [`AgentProcess::start`] this once as `binary` (another build of the agent, such as
+    /// `berth-agent-failpoints`) with `env` added; the next `start` is the usual one again.
+    pub async fn start_as(&mut self, binary: &Path, env: &[(&str, &str)]) -> Result<()> {
+        self.launch_as(binary, env)?;
+        self.wait_published().await
+    }
+
+    /// Starts the process as [`AgentProcess::start_as`] does, without waiting for it to publish itself (it may be
+    /// meant to die first: a crash point on its way to serving).
+    pub fn launch_as(&mut self, binary: &Path, extra_env: &[(&str, &str)]) -> Result<()> {
+        let mut env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        env.extend_from_slice(extra_env);
         let (program, args) = match self.prefix.split_first() {
-            None => (self.binary.clone(), self.args.clone()),
+            None => (binary.to_owned(), self.args.clone()),
             Some((program, rest)) => {
                 let mut args = rest.to_vec();
-                args.push(self.binary.display().to_string());
+                args.push(binary.display().to_string());
                 args.extend(self.args.iter().cloned());
                 (PathBuf::from(program), args)
             }
         };
         self.proc =
             Some(Proc::spawn_with_env(&format!("berth-agent {}", self.node), &program, &args, &env, &self.log)?);
+        Ok(())
+    }
+
+    /// Waits for a BerthNode status carrying this endpoint and a certificate other than the last one seen.
+    async fn wait_published(&mut self) -> Result<()> {
         let old = std::mem::take(&mut self.certificate);
         let nodes: Api<BerthNode> = Api::all(self.client.clone());
         let endpoint = self.endpoint.clone();
@@ -377,6 +396,14 @@ impl AgentProcess {
         if let Some(mut p) = self.proc.take() {
             p.signal_and_wait(libc::SIGKILL, Duration::from_secs(10));
         }
+    }
+
+    /// Waits up to `timeout` for the agent to exit by itself (a crash point): its exit status, or None if it still
+    /// runs. Once it has exited, [`AgentProcess::start`] starts it again.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let status = self.proc.as_mut()?.wait_exit(timeout)?;
+        self.proc = None;
+        Some(status)
     }
 
     /// SIGTERM and the exit status (None if it did not exit within `timeout`).

@@ -365,6 +365,7 @@ impl Backend for HostPath {
         let staging = self.ensure_staging()?;
         let work = staging.join(format!("create-{}-{:08x}", record.name, fastrand::u32(..)));
         std::fs::DirBuilder::new().mode(0o711).create(&work).map_err(|e| io(work.display(), e))?;
+        crate::failpoints::point("hostpath-create-after-mkdir");
         // The project goes on while the directory is empty: files only take a project when they are made.
         let root = self.open_root()?;
         let state = self.quotas(&root).map_err(|e| io(format!("project quota state of {}", self.root.display()), e));
@@ -380,24 +381,31 @@ impl Backend for HostPath {
                 return Err(e);
             }
         }
+        crate::failpoints::point("hostpath-create-after-project");
         make_data_dir(&work, &record)?;
+        crate::failpoints::point("hostpath-create-after-data-dir");
         if !record.published {
             write_synced(&work.join(UNPUBLISHED), b"")?;
         }
+        crate::failpoints::point("hostpath-create-after-unpublished-mark");
         let body = serde_json::to_vec_pretty(&record).expect("serialisable");
         write_synced(&work.join(VOLUME_MARKER), &body)?;
+        crate::failpoints::point("hostpath-create-after-marker");
         sync_dir(&work)?;
+        crate::failpoints::point("hostpath-create-after-staging-sync");
         let target = self.root.join(&record.name);
         // rename(2) onto an existing non-empty directory fails, so a concurrent twin cannot be overwritten.
         std::fs::rename(&work, &target).map_err(|e| {
             let _ = remove_tree(&work);
             io(format!("moving the new volume to {}", target.display()), e)
         })?;
+        crate::failpoints::point("hostpath-create-after-rename");
         if let Err(e) = sync_dir(&self.root) {
             // The volume is in place (the rename happened); a crash could lose it before the controller made
             // its PV, which the controller's retry handles like any lost create.
             tracing::warn!(pool = %self.pool, error = %e, "cannot sync the pool root after creating a volume");
         }
+        crate::failpoints::point("hostpath-create-after-root-sync");
         record.path = self.data_path(&record.name).display().to_string();
         Ok(record)
     }
@@ -429,6 +437,7 @@ impl Backend for HostPath {
             quota::set_limit(&root, id, size_bytes + QUOTA_ALLOWANCE)
                 .map_err(|e| io(format!("raising the quota of project {id}"), e))?;
         }
+        crate::failpoints::point("hostpath-expand-after-quota");
         let mut grown = record.clone();
         grown.size_bytes = size_bytes;
         let dir = self.root.join(&record.name);
@@ -444,8 +453,11 @@ impl Backend for HostPath {
             Err(e) => return Err(io(tmp.display(), e)),
         }
         write_synced(&tmp, &body)?;
+        crate::failpoints::point("hostpath-expand-after-tmp-marker");
         std::fs::rename(&tmp, dir.join(VOLUME_MARKER)).map_err(|e| io(dir.join(VOLUME_MARKER).display(), e))?;
+        crate::failpoints::point("hostpath-expand-after-rename");
         sync_dir(&dir)?;
+        crate::failpoints::point("hostpath-expand-after-sync");
         Ok(grown)
     }
 
@@ -458,6 +470,7 @@ impl Backend for HostPath {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(mark.display(), e)),
         }
+        crate::failpoints::point("hostpath-publish-after-unmark");
         // Durable before the answer: a crash must not bring the mark back after the controller was told.
         sync_dir(&dir)
     }
@@ -484,10 +497,12 @@ impl Backend for HostPath {
         let staging = self.ensure_staging()?;
         let doomed = staging.join(format!("delete-{name}-{:08x}", fastrand::u32(..)));
         std::fs::rename(&target, &doomed).map_err(|e| io(format!("moving {} aside", target.display()), e))?;
+        crate::failpoints::point("hostpath-detach-after-rename");
         if let Err(e) = sync_dir(&self.root) {
             // The rename happened; at worst a crash brings the volume back, to be deleted again.
             tracing::warn!(pool = %self.pool, error = %e, "cannot sync the pool root after moving a volume aside");
         }
+        crate::failpoints::point("hostpath-detach-after-sync");
         Ok(Some(doomed))
     }
 
@@ -497,6 +512,7 @@ impl Backend for HostPath {
         if let Some(id) = project.filter(|id| quota::PROJECT_IDS.contains(id)) {
             self.release_project(id);
         }
+        crate::failpoints::point("hostpath-purge-after-release-project");
         remove_tree(detached).map_err(|e| io(detached.display(), e))
     }
 }

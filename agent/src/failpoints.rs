@@ -31,6 +31,25 @@ pub const POINTS: &[&str] = &[
     "hostpath-purge-after-release-project",
     // After each entry remove_tree unlinks (safe_remove.rs): armed with `return`, after the first one.
     "hostpath-purge-after-unlink",
+    // lvm create: the LV made with its record and `berth:creating`, mkfs, mount, data/ made and synced, `creating`
+    // lifted (backend/lvm.rs).
+    "lvm-create-after-lvcreate",
+    "lvm-create-after-mkfs",
+    "lvm-create-after-mount",
+    "lvm-create-after-data-dir",
+    "lvm-create-after-untag",
+    // lvm publish: `berth:unpublished` lifted.
+    "lvm-publish-after-untag",
+    // lvm expand: lvextend, the filesystem grown, the size tag replaced.
+    "lvm-expand-after-lvextend",
+    "lvm-expand-after-resize",
+    "lvm-expand-after-retag",
+    // lvm delete: unmounted, tagged `berth:deleting` (detach); zeroed (thick pools) and removed (purge: the same
+    // code removes debris).
+    "lvm-detach-after-unmount",
+    "lvm-detach-after-tag",
+    "lvm-purge-after-zero",
+    "lvm-purge-after-lvremove",
 ];
 
 /// Kills the agent with SIGKILL here if FAILPOINTS arms `name` (any action that fires, e.g. `return`); nothing

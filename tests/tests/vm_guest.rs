@@ -9,6 +9,8 @@ use testbed::vm::guest_disk;
 
 #[path = "vm_guest/churn.rs"]
 mod churn;
+#[path = "vm_guest/crash.rs"]
+mod crash;
 #[path = "vm_guest/quotas.rs"]
 mod quotas;
 
@@ -241,18 +243,35 @@ mod lvm_agent {
         /// [`GuestAgent::start_with`], the agent started by `wrapper` (a program and its arguments, such as
         /// `setpriv …`, which execs the agent's command line given after them) when it is not empty.
         pub async fn start_under(phase: &str, config: &Path, wrapper: &[&str]) -> GuestAgent {
+            GuestAgent::start_as(phase, config, wrapper, &env("BERTH_AGENT_BIN"), &[]).await
+        }
+
+        /// [`GuestAgent::start_under`] with the agent binary `binary` (the failpoints build) and `extra_env`.
+        pub async fn start_as(
+            phase: &str,
+            config: &Path,
+            wrapper: &[&str],
+            binary: &str,
+            extra_env: &[(&str, &str)],
+        ) -> GuestAgent {
             let client = kube::Client::try_default().await.expect("KUBECONFIG reaches the host's API server");
             let nodes: Api<BerthNode> = Api::all(client);
             let old = nodes.get_opt(NODE).await.unwrap().and_then(|n| n.status).map(|s| s.certificate);
-            let log = std::fs::File::create(base().join(format!("agent-{phase}.log"))).unwrap();
+            // Appended to: a phase that restarts its agent keeps every run's lines.
+            let log = std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(base().join(format!("agent-{phase}.log")))
+                .unwrap();
             let mut command = match wrapper.split_first() {
                 Some((program, args)) => {
                     let mut c = Command::new(program);
-                    c.args(args).arg(env("BERTH_AGENT_BIN"));
+                    c.args(args).arg(binary);
                     c
                 }
-                None => Command::new(env("BERTH_AGENT_BIN")),
+                None => Command::new(binary),
             };
+            command.envs(extra_env.iter().copied());
             let child = command
                 .args(["run", "--config"])
                 .arg(config)
@@ -343,6 +362,20 @@ mod lvm_agent {
 
         pub fn pid(&self) -> u32 {
             self.child.id()
+        }
+
+        /// Waits up to `timeout` for the agent to exit by itself (a crash point): its exit status, or None.
+        pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return Some(status);
+                }
+                if std::time::Instant::now() >= deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
 
         pub fn stop(mut self) {

@@ -106,6 +106,8 @@ fn lvm_world(image_name: &str) -> LvmWorld {
     std::fs::write(&guest_kubeconfig, kubeconfig).unwrap();
     let agent_bin = repo_root().join("target/debug/berth-agent");
     assert!(agent_bin.exists(), "{} is built by hack/test-vm", agent_bin.display());
+    // Only the crash matrix runs it (and checks that it is there).
+    let failpoints_bin = repo_root().join("target/debug/berth-agent-failpoints");
     let vm = Vm::new()
         .unwrap()
         .disk(&image)
@@ -114,6 +116,7 @@ fn lvm_world(image_name: &str) -> LvmWorld {
         .env("BERTH_POOL_BASE", pool_base.display().to_string())
         .env("KUBECONFIG", guest_kubeconfig.display().to_string())
         .env("BERTH_AGENT_BIN", agent_bin.display().to_string())
+        .env("BERTH_AGENT_FAILPOINTS_BIN", failpoints_bin.display().to_string())
         .env("BERTH_CONTROLLER_TOKEN", &controller_token)
         .env("BERTH_TOKEN", token());
     // The soak's length (tests/tests/vm_guest/churn.rs), when asked for.
@@ -174,6 +177,14 @@ fn hostpath_quotas_across_a_reboot() {
     for phase in ["quotas::quota_phase_one", "quotas::quota_phase_two"] {
         world.run_phase(phase);
     }
+}
+
+/// The agent killed by SIGKILL at every step of create, publish, expand and delete of an lvm pool (the `lvm-…`
+/// points of agent/src/failpoints.rs), restarted, the request retried: one LV per claim, no debris left, the
+/// inventory equal to the LVs, mounts where the volumes are and nowhere else. One boot (tests/tests/vm_guest/crash.rs).
+#[test]
+fn lvm_crash_matrix() {
+    lvm_world("crash.img").run_phase("crash::lvm_crash_matrix");
 }
 
 /// Directory volume create+delete through the agent with and without project quotas (docs/benchmarks.md).

@@ -342,9 +342,12 @@ impl LvmPool {
             Some("ext4") => self.run("mkfs.ext4", &["-q", "-F", &lv.dm_path])?,
             other => return Err(BackendError::Io(format!("no filesystem {other:?}"))),
         }
+        crate::failpoints::point("lvm-create-after-mkfs");
         let target = self.mount(lv, record)?;
+        crate::failpoints::point("lvm-create-after-mount");
         let data = make_data_dir(&target, record)?;
         std::fs::File::open(&target).and_then(|d| d.sync_all()).map_err(|e| io(target.display(), e))?;
+        crate::failpoints::point("lvm-create-after-data-dir");
         Ok(data)
     }
 
@@ -355,6 +358,7 @@ impl LvmPool {
             VolumeMode::Block => lv.dm_path.clone(),
         };
         self.lvm.run(&["lvchange", "--deltag", CREATING, &self.full_name(&lv.name)]).map_err(backend_error)?;
+        crate::failpoints::point("lvm-create-after-untag");
         Ok(path)
     }
 
@@ -367,8 +371,10 @@ impl LvmPool {
             // Zeroing writes the whole LV: its deadline grows with the size (at 10 MiB/s, slow disks included).
             let deadline = self.deadline + Duration::from_secs(lv.size / (10 << 20));
             self.run_for(deadline, "blkdiscard", &["--zeroout", &lv.dm_path])?;
+            crate::failpoints::point("lvm-purge-after-zero");
         }
         self.lvm.run(&["lvremove", "-y", &full]).map_err(backend_error)?;
+        crate::failpoints::point("lvm-purge-after-lvremove");
         Ok(())
     }
 
@@ -484,6 +490,7 @@ impl Backend for LvmPool {
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.lvm.run(&args).map_err(backend_error)?;
+        crate::failpoints::point("lvm-create-after-lvcreate");
         // On failure what was made keeps its `creating` tag: debris, which the agent removes in the background
         // (`leftover_of_create`), or the next start does.
         let lv = self.lvm.lv(&self.vg, &name).map_err(backend_error)?;
@@ -515,6 +522,7 @@ impl Backend for LvmPool {
             // lvm2 commits the metadata change before it returns.
             let full = self.full_name(&lv.name);
             self.lvm.run(&["lvchange", "--deltag", UNPUBLISHED, &full]).map_err(backend_error)?;
+            crate::failpoints::point("lvm-publish-after-untag");
         }
         Ok(())
     }
@@ -543,16 +551,19 @@ impl Backend for LvmPool {
         if lv.size < size_bytes {
             self.lvm.run(&["lvextend", "-L", &format!("{size_bytes}b"), &full]).map_err(backend_error)?;
         }
+        crate::failpoints::point("lvm-expand-after-lvextend");
         if record.volume_mode == VolumeMode::Filesystem {
             match record.fs_type.as_deref() {
                 Some("xfs") => self.run("xfs_growfs", &[&self.mount_point(&record.name).display().to_string()])?,
                 _ => self.run("resize2fs", &[&lv.dm_path])?,
             }
         }
+        crate::failpoints::point("lvm-expand-after-resize");
         let mut grown = record.clone();
         grown.size_bytes = size_bytes;
         let (old, new) = (format!("{TAG}size={}", record.size_bytes), format!("{TAG}size={size_bytes}"));
         self.lvm.run(&["lvchange", "--deltag", &old, "--addtag", &new, &full]).map_err(backend_error)?;
+        crate::failpoints::point("lvm-expand-after-retag");
         Ok(grown)
     }
 
@@ -565,7 +576,9 @@ impl Backend for LvmPool {
         };
         self.unmount(&lv, name)?;
         let full = self.full_name(&lv.name);
+        crate::failpoints::point("lvm-detach-after-unmount");
         self.lvm.run(&["lvchange", "--addtag", DELETING, &full]).map_err(backend_error)?;
+        crate::failpoints::point("lvm-detach-after-tag");
         Ok(Some(PathBuf::from(full)))
     }
 

@@ -171,6 +171,9 @@ pub enum ErrorReason {
     StaleEpoch,
     /// 409: a delete with `unpublishedOnly` of a volume that has been published.
     Published,
+    /// 409: a delete of a volume something still uses (a pod's mount of it, an open device): nothing was changed;
+    /// the controller retries until it is free.
+    InUse,
     /// 413: the body is larger than [`MAX_BODY_BYTES`].
     TooLarge,
     /// 408: the body did not arrive in time after the headers (the agent's `--body-read-timeout-seconds`).

@@ -2,6 +2,10 @@
 //! capacity) every backend shares. Operations are serialised by one lock: they are short, and it is what makes
 //! "check free space, then create" safe for pools that share a filesystem.
 //!
+//! The one exception is zeroing the bytes a new or grown volume gets (a thick raw block LV): that writes the whole
+//! range, so it runs without the lock ([`Agent::zero_unlocked`]) while the volume's name is held and its bytes
+//! counted, and the operation finishes under the lock again.
+//!
 //! Debris that recovery finds (what a crash left of a create or a delete) is removed by [`Agent::remove_debris`],
 //! one piece at a time and outside the lock, on a thread of its own that starts once the API serves: removing a
 //! pod's million files or zeroing a thick LV can take minutes, and the live volumes must not wait for it. Until a
@@ -9,12 +13,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use berth::agent_api::{CreateVolumeRequest, ErrorReason, PoolStatus, Volume, VolumeMode};
 
-use crate::backend::{Backend, BackendError, Debris, PoolProbe, Recovered, VOLUME_MARKER_VERSION, VolumeRecord};
+use crate::backend::{
+    Backend, BackendError, Debris, Made, PoolProbe, Recovered, VOLUME_MARKER_VERSION, VolumeRecord, Zeroing,
+};
 use crate::capacity::{Capacity, PoolLimits, VolumeUsage, pool_capacity};
 use crate::config::PoolConfig;
 use crate::epoch::{AdmitError, EpochFence};
@@ -44,6 +50,7 @@ impl From<BackendError> for Refusal {
             BackendError::NotReady(m) => Refusal::new(ErrorReason::PoolNotReady, m),
             BackendError::InsufficientSpace(m) => Refusal::new(ErrorReason::InsufficientSpace, m),
             BackendError::Io(m) => Refusal::new(ErrorReason::Internal, m),
+            BackendError::InUse(m) => Refusal::new(ErrorReason::InUse, m),
             BackendError::Busy(m) => Refusal::new(
                 ErrorReason::PoolNotReady,
                 format!("{m}; the pool takes no work until it exits (retry later)"),
@@ -85,9 +92,42 @@ struct State {
     recovered: BTreeSet<String>,
     /// Debris recovery found, until it is removed.
     debris: Vec<PendingDebris>,
+    /// Volumes being made or grown while their new bytes are zeroed, without the lock.
+    zeroing: Vec<InFlight>,
+}
+
+/// A create or an expansion zeroing its volume's new bytes without the agent's lock ([`Agent::zero_unlocked`]):
+/// it holds the volume's name (other requests for it are a `Conflict` meanwhile) and its bytes count against the
+/// pool.
+struct InFlight {
+    pool: String,
+    volume: String,
+    bytes: u64,
+    /// What its zeroing leaves if it is given up: not debris while it runs.
+    leftover: std::path::PathBuf,
+    /// "being made", "being grown".
+    what: &'static str,
+}
+
+impl InFlight {
+    fn new(pool: &Pool, volume: &str, bytes: u64, what: &'static str, zeroing: &Zeroing) -> InFlight {
+        let (pool, volume, leftover) = (pool.config.name.clone(), volume.to_owned(), zeroing.leftover.path.clone());
+        InFlight { pool, volume, bytes, leftover, what }
+    }
 }
 
 impl State {
+    /// A `Conflict` if `name` is being made or grown.
+    fn not_in_flight(&self, name: &str) -> Result<(), Refusal> {
+        match self.zeroing.iter().find(|z| z.volume == name) {
+            Some(z) => Err(Refusal::new(
+                ErrorReason::Conflict,
+                format!("volume {name} is {} (its new bytes are being zeroed); try again later", z.what),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Drops what is known of `pool`, so that it is read from disk again at its next use (debris being removed
     /// now stays: recovery finds it again only if its removal fails).
     fn forget(&mut self, pool: &str) {
@@ -235,7 +275,7 @@ impl Agent {
         agent
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -301,8 +341,11 @@ impl Agent {
     /// Hands `debris` of `pool` to the debris thread; from now on it counts against the pool and holds its name.
     fn queue_debris(&self, state: &mut State, pool: &Pool, debris: Debris, what: &str) {
         let name = &pool.config.name;
-        // A pool read again (after a stuck command) finds the piece being removed now once more.
-        if state.debris.iter().any(|d| d.pool == *name && d.debris.path == debris.path) {
+        // A pool read again (after a stuck command) finds the piece being removed now once more, and the LVs of
+        // creates and expansions zeroing now (which are not debris unless they are given up).
+        if state.debris.iter().any(|d| d.pool == *name && d.debris.path == debris.path)
+            || state.zeroing.iter().any(|z| z.pool == *name && z.leftover == debris.path)
+        {
             return;
         }
         tracing::warn!(pool = %name, path = %debris.path.display(), bytes = debris.size_bytes, "{what}");
@@ -414,6 +457,7 @@ impl Agent {
                 ))
             };
         }
+        state.not_in_flight(name)?;
         if let Some(d) = state.debris.iter().find(|d| d.debris.volume.as_deref() == Some(name)) {
             let failed = if d.removal == Removal::Failed { " (its removal failed: see the agent's log)" } else { "" };
             return Err(Refusal::new(
@@ -472,15 +516,24 @@ impl Agent {
             project_id: None,
             published: false,
         };
-        let made = pool.backend.create(record).inspect_err(|e| {
+        let leftover = |state: &mut State, e: &BackendError| {
             // Not while a command is stuck: asking lvm2 would wait as long again, and the pool is read from disk
             // once it has exited, which finds the leftover anyway.
             if !matches!(e, BackendError::Busy(_))
                 && let Some(left) = pool.backend.leftover_of_create(name)
             {
-                self.queue_debris(&mut state, pool, left, "what the failed create left: removed in the background");
+                self.queue_debris(state, pool, left, "what the failed create left: removed in the background");
             }
-        })?;
+        };
+        let made = pool.backend.create(record).inspect_err(|e| leftover(&mut state, e))?;
+        let (made, mut state) = match made {
+            Made::Ready(made) => (made, state),
+            Made::ZeroFirst(made, zeroing) => {
+                let work = InFlight::new(pool, name, req.size_bytes, "being made", &zeroing);
+                let mut state = self.zero_unlocked(state, pool, work, &zeroing, epoch)?;
+                (pool.backend.finish_create(made).inspect_err(|e| leftover(&mut state, e))?, state)
+            }
+        };
         let api = to_api(&made);
         state.volumes.insert(name.to_owned(), made);
         self.changed();
@@ -520,16 +573,62 @@ impl Agent {
                 ),
             ));
         }
-        let grown = pool.backend.expand(&existing, size_bytes)?;
+        let (grown, mut state) = match pool.backend.expand(&existing, size_bytes)? {
+            Made::Ready(grown) => (grown, state),
+            Made::ZeroFirst(grown, zeroing) => {
+                let work = InFlight::new(pool, name, extra, "being grown", &zeroing);
+                let mut state = self.zero_unlocked(state, pool, work, &zeroing, epoch)?;
+                let finished = pool.backend.finish_expand(&existing, grown, &zeroing).inspect_err(|e| {
+                    if !matches!(e, BackendError::Busy(_)) {
+                        let what = "what the failed expansion left: removed in the background";
+                        self.queue_debris(&mut state, pool, zeroing.leftover.clone(), what);
+                    }
+                })?;
+                (finished, state)
+            }
+        };
         let api = to_api(&grown);
         state.volumes.insert(name.to_owned(), grown);
         self.changed();
         Ok(api)
     }
 
+    /// Zeroes what `zeroing` names without holding the agent's lock (it writes every byte: minutes for a large
+    /// volume, and nothing else should wait for it), while `work` holds its volume's name and counts its bytes;
+    /// then takes the lock again. The epoch is checked again then: a leader that was deposed meanwhile finishes
+    /// nothing. If the zeroing fails or the epoch is stale, what it leaves is debris; if it outlived its deadline
+    /// the pool is busy and read from disk once it exits, which finds that.
+    fn zero_unlocked<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        pool: &Pool,
+        work: InFlight,
+        zeroing: &Zeroing,
+        epoch: u64,
+    ) -> Result<MutexGuard<'a, State>, Refusal> {
+        let name = work.volume.clone();
+        state.zeroing.push(work);
+        drop(state);
+        let zeroed = pool.backend.zero(zeroing);
+        let mut state = self.lock();
+        state.zeroing.retain(|z| z.volume != name);
+        let outcome = match zeroed {
+            Err(e @ BackendError::Busy(_)) => return Err(e.into()),
+            Err(e) => Err(Refusal::from(e)),
+            Ok(()) => self.admit_epoch(epoch),
+        };
+        if let Err(refusal) = outcome {
+            let given_up = format!("volume {name} was not finished ({}): removed in the background", refusal.message);
+            self.queue_debris(&mut state, pool, zeroing.leftover.clone(), &given_up);
+            return Err(refusal);
+        }
+        Ok(state)
+    }
+
     /// The volume called `name`, if there is one. Only the pool holding it must be usable (not busy); "there is
     /// none" needs every pool read.
     fn find_volume(&self, state: &mut State, name: &str) -> Result<Option<VolumeRecord>, Refusal> {
+        state.not_in_flight(name)?;
         if let Some(pool) = state.volumes.get(name).and_then(|r| self.pool(&r.pool)) {
             // Refused while busy; read again (the volume may be gone) once a stuck command has exited.
             self.ensure_recovered(state, pool)?;
@@ -758,10 +857,12 @@ fn pool_usage<'a>(
     of_pool.into_iter().zip(used).collect()
 }
 
-/// The sizes promised to `pool`'s volumes, and those of its debris not yet removed.
+/// The sizes promised to `pool`'s volumes, those of its debris not yet removed, and the bytes of volumes being
+/// made or grown.
 fn own_sizes(state: &State, pool: &Pool) -> Vec<u64> {
     let volumes = state.volumes.values().filter(|v| v.pool == pool.config.name).map(|v| v.size_bytes);
-    volumes.chain(pool_debris(state, pool).map(|d| d.size_bytes)).collect()
+    let in_flight = state.zeroing.iter().filter(|z| z.pool == pool.config.name).map(|z| z.bytes);
+    volumes.chain(pool_debris(state, pool).map(|d| d.size_bytes)).chain(in_flight).collect()
 }
 
 fn pool_debris<'a>(state: &'a State, pool: &'a Pool) -> impl Iterator<Item = &'a Debris> {
@@ -843,6 +944,26 @@ mod tests {
         recoveries: std::sync::Arc<std::sync::atomic::AtomicUsize>,
         /// Recovery fails: the pool's disk is missing.
         not_ready: bool,
+        /// Creates and expansions must zero their new bytes first; the zeroing waits for `gate` to open.
+        zero_first: bool,
+        gate: Gate,
+        zero_fails: bool,
+        /// Volumes whose create or expansion was finished after zeroing.
+        finished: Purged,
+    }
+
+    /// Opened once: `zero` waits for it, so a test can look at the agent while a zeroing runs.
+    type Gate = std::sync::Arc<(Mutex<bool>, Condvar)>;
+
+    fn open(gate: &Gate) {
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+    }
+
+    fn zeroing_of(volume: &str, bytes: u64) -> Zeroing {
+        let leftover =
+            Debris { path: format!("vg/berth-{volume}").into(), volume: Some(volume.into()), size_bytes: bytes };
+        Zeroing { device: format!("/dev/vg/berth-{volume}").into(), offset: 0, len: bytes, leftover }
     }
 
     /// What an LV of `NAME` left: 3 GiB holding the volume's name.
@@ -873,11 +994,36 @@ mod tests {
         fn stuck(&self) -> Option<&crate::command::Stuck> {
             Some(&self.stuck)
         }
-        fn create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
+        fn create(&self, record: VolumeRecord) -> Result<Made, BackendError> {
             if self.create_fails {
                 return Err(BackendError::Io("mkfs.ext4: exit status 1".into()));
             }
-            Ok(VolumeRecord { path: format!("/dev/vg/berth-{}", record.name), ..record })
+            let made = VolumeRecord { path: format!("/dev/vg/berth-{}", record.name), ..record };
+            Ok(match self.zero_first {
+                true => {
+                    let zeroing = zeroing_of(&made.name, made.size_bytes);
+                    Made::ZeroFirst(made, zeroing)
+                }
+                false => Made::Ready(made),
+            })
+        }
+        fn zero(&self, _: &Zeroing) -> Result<(), BackendError> {
+            let (open, opened) = &*self.gate;
+            drop(opened.wait_while(open.lock().unwrap(), |open| !*open).unwrap());
+            if self.zero_fails { Err(BackendError::Io("BLKZEROOUT: EIO".into())) } else { Ok(()) }
+        }
+        fn finish_create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
+            self.finished.lock().unwrap().push(record.path.clone().into());
+            Ok(record)
+        }
+        fn finish_expand(
+            &self,
+            _: &VolumeRecord,
+            grown: VolumeRecord,
+            _: &Zeroing,
+        ) -> Result<VolumeRecord, BackendError> {
+            self.finished.lock().unwrap().push(grown.path.clone().into());
+            Ok(grown)
         }
         fn leftover_of_create(&self, volume: &str) -> Option<Debris> {
             assert_eq!(volume, NAME);
@@ -889,8 +1035,14 @@ mod tests {
         fn publish(&self, _: &VolumeRecord) -> Result<(), BackendError> {
             Ok(())
         }
-        fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError> {
-            Ok(VolumeRecord { size_bytes, ..record.clone() })
+        fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<Made, BackendError> {
+            let grown = VolumeRecord { size_bytes, ..record.clone() };
+            Ok(match self.zero_first {
+                true => {
+                    Made::ZeroFirst(grown, zeroing_of(&format!("{}.grow", record.name), size_bytes - record.size_bytes))
+                }
+                false => Made::Ready(grown),
+            })
         }
         fn used_bytes(&self, volumes: &[&VolumeRecord]) -> Vec<Option<u64>> {
             vec![None; volumes.len()]
@@ -1036,5 +1188,101 @@ mod tests {
         let stderr = std::fs::read_to_string(format!("{dir}vgs_missing.stderr")).unwrap();
         let e = crate::backend::lvm2::classify("vgs", 5, &stderr);
         assert_eq!(Refusal::from(crate::backend::lvm::backend_error(e)).reason, ErrorReason::PoolNotReady);
+    }
+
+    /// Runs `f` on a thread of its own; its result once it is done.
+    fn in_background<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        std::thread::spawn(f)
+    }
+
+    /// Waits until `done` holds, at most 10 s.
+    fn eventually(what: &str, done: impl Fn() -> bool) {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < until, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_volume_is_zeroed_without_the_lock_its_name_held_and_its_bytes_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = DebrisPool { zero_first: true, ..DebrisPool::default() };
+        let (gate, finished) = (backend.gate.clone(), backend.finished.clone());
+        let agent = std::sync::Arc::new(fake_agent(&dir, vec![("lvm", backend)]));
+        let creating = {
+            let agent = agent.clone();
+            in_background(move || agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1))
+        };
+        // While it zeroes, the agent answers (its lock is free), counts the bytes and refuses the name.
+        eventually("the zeroing started", || agent.pool_statuses()[0].allocated_bytes == 400 << 20);
+        let status = &agent.pool_statuses()[0];
+        assert_eq!((status.free_bytes, status.volumes), (10 * GI - (400 << 20), 0), "{status:?}");
+        for refusal in [
+            agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1).unwrap_err(),
+            agent.delete(NAME, 1, false).unwrap_err(),
+            agent.publish(NAME, 1).unwrap_err(),
+        ] {
+            assert_eq!(refusal.reason, ErrorReason::Conflict, "{}", refusal.message);
+            assert!(refusal.message.contains("being made"), "{}", refusal.message);
+        }
+        assert!(agent.volume(NAME).is_none(), "not a volume until it is finished");
+        assert!(finished.lock().unwrap().is_empty());
+        open(&gate);
+        let made = creating.join().unwrap().unwrap();
+        assert!(matches!(made, Created::New(_)), "{made:?}");
+        assert_eq!(finished.lock().unwrap().len(), 1, "finished once zeroed");
+        assert_eq!(agent.pool_statuses()[0].allocated_bytes, 400 << 20, "counted once");
+
+        // Grown the same way: the volume keeps its size until the new bytes are zeroed.
+        let growing = {
+            let agent = agent.clone();
+            *gate.0.lock().unwrap() = false;
+            in_background(move || agent.expand(NAME, 600 << 20, 1))
+        };
+        eventually("the zeroing started", || agent.pool_statuses()[0].allocated_bytes == 600 << 20);
+        assert_eq!(agent.volume(NAME).unwrap().size_bytes, 400 << 20);
+        let refusal = agent.delete(NAME, 1, false).unwrap_err();
+        assert!(refusal.reason == ErrorReason::Conflict && refusal.message.contains("being grown"), "{refusal:?}");
+        open(&gate);
+        assert_eq!(growing.join().unwrap().unwrap().size_bytes, 600 << 20);
+        assert_eq!(agent.volume(NAME).unwrap().size_bytes, 600 << 20);
+        assert_eq!(agent.pool_statuses()[0].allocated_bytes, 600 << 20);
+    }
+
+    #[test]
+    fn a_create_whose_leader_was_deposed_while_it_zeroed_is_not_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = DebrisPool { zero_first: true, ..DebrisPool::default() };
+        let (gate, finished, purged) = (backend.gate.clone(), backend.finished.clone(), backend.purged.clone());
+        let agent = std::sync::Arc::new(fake_agent(&dir, vec![("lvm", backend)]));
+        let creating = {
+            let agent = agent.clone();
+            in_background(move || agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1))
+        };
+        eventually("the zeroing started", || agent.pool_statuses()[0].allocated_bytes == 400 << 20);
+        agent.fence(2).unwrap();
+        open(&gate);
+        let refusal = creating.join().unwrap().unwrap_err();
+        assert_eq!(refusal.reason, ErrorReason::StaleEpoch, "{}", refusal.message);
+        assert!(finished.lock().unwrap().is_empty(), "a deposed leader's create is not finished");
+        // What it made is debris: it counts until the background removes it.
+        assert_eq!(agent.pool_statuses()[0].allocated_bytes, 400 << 20);
+        assert!(agent.remove_debris());
+        assert_eq!(*purged.lock().unwrap(), [std::path::PathBuf::from(format!("vg/berth-{NAME}"))]);
+        assert_eq!(agent.pool_statuses()[0].allocated_bytes, 0);
+    }
+
+    #[test]
+    fn a_failed_zeroing_leaves_debris_and_no_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = DebrisPool { zero_first: true, zero_fails: true, ..DebrisPool::default() };
+        open(&backend.gate);
+        let agent = fake_agent(&dir, vec![("lvm", backend)]);
+        let refusal = agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1).unwrap_err();
+        assert_eq!(refusal.reason, ErrorReason::Internal, "{}", refusal.message);
+        assert!(agent.volume(NAME).is_none());
+        let again = agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1).unwrap_err();
+        assert!(again.reason == ErrorReason::Conflict && again.message.contains("still being removed"), "{again:?}");
     }
 }

@@ -69,7 +69,9 @@ fn status_of(reason: ErrorReason) -> StatusCode {
         ErrorReason::Unauthenticated => StatusCode::UNAUTHORIZED,
         ErrorReason::Forbidden => StatusCode::FORBIDDEN,
         ErrorReason::NotFound => StatusCode::NOT_FOUND,
-        ErrorReason::Conflict | ErrorReason::StaleEpoch | ErrorReason::Published => StatusCode::CONFLICT,
+        ErrorReason::Conflict | ErrorReason::StaleEpoch | ErrorReason::Published | ErrorReason::InUse => {
+            StatusCode::CONFLICT
+        }
         ErrorReason::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorReason::Timeout => StatusCode::REQUEST_TIMEOUT,
         ErrorReason::UnknownPool | ErrorReason::Unsupported => StatusCode::UNPROCESSABLE_ENTITY,

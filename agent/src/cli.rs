@@ -16,6 +16,7 @@ use crate::backend::hostpath::HostPath;
 use crate::backend::lvm::{LvmPool, Thin};
 use crate::capacity::PoolLimits;
 use crate::config::{AgentConfig, BackendKind, PoolConfig};
+use crate::in_use::MountTables;
 use crate::{api, auth, config, edge, epoch, metrics, publisher, tls};
 
 /// Berth's node agent: creates and deletes volumes in this node's pools and reports their free capacity over
@@ -84,9 +85,14 @@ struct RunArgs {
     /// volumes, zero published capacity. Keep this well below that.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     status_heartbeat_seconds: u64,
+    /// The host's /proc: before deleting a volume the agent reads the host's mount table (`<host-proc>/1/
+    /// mountinfo`) for kubelet's mounts of it. In a pod, the host's /proc mounted read-only (deploy/agent mounts it
+    /// at /host/proc); an agent running on the host reads its own.
+    #[arg(long, env = "BERTH_HOST_PROC", default_value = "/proc")]
+    host_proc: PathBuf,
 }
 
-fn lvm_pool(p: &PoolConfig) -> LvmPool {
+fn lvm_pool(p: &PoolConfig, mounts: &MountTables) -> LvmPool {
     let thin = p.thin_pool.as_ref().map(|t| Thin {
         pool_lv: t.clone(),
         ratio: p.overprovision_ratio.unwrap_or(config::DEFAULT_OVERPROVISION_RATIO),
@@ -95,18 +101,18 @@ fn lvm_pool(p: &PoolConfig) -> LvmPool {
     let vg = p.volume_group.as_deref().expect("validated: lvm pools have a volume group");
     let limits = PoolLimits { cap: p.capacity, headroom: p.headroom };
     let deadline = Duration::from_secs(p.command_timeout_seconds.unwrap_or(config::DEFAULT_COMMAND_TIMEOUT_SECONDS));
-    LvmPool::new(&p.name, &p.root, vg, thin, limits, p.lvm_config.clone(), deadline)
+    LvmPool::new(&p.name, &p.root, vg, thin, limits, p.lvm_config.clone(), deadline, mounts.clone())
 }
 
-fn build_pools(config: &AgentConfig) -> Vec<Pool> {
+fn build_pools(config: &AgentConfig, mounts: &MountTables) -> Vec<Pool> {
     config
         .pools
         .iter()
         .map(|p| Pool {
             config: p.clone(),
             backend: match p.backend {
-                BackendKind::Hostpath => Box::new(HostPath::new(&p.name, &p.root)) as Box<dyn Backend>,
-                BackendKind::Lvm => Box::new(lvm_pool(p)),
+                BackendKind::Hostpath => Box::new(HostPath::new(&p.name, &p.root, mounts.clone())) as Box<dyn Backend>,
+                BackendKind::Lvm => Box::new(lvm_pool(p, mounts)),
             },
         })
         .collect()
@@ -130,9 +136,11 @@ pub fn main() -> Result<()> {
             let Some(p) = config.pools.iter().find(|p| p.name == pool) else {
                 bail!("no pool {pool:?} in the config");
             };
+            // Preparing a pool deletes nothing: no mount table is read.
+            let mounts = MountTables::new(std::path::Path::new("/proc"));
             match p.backend {
-                BackendKind::Hostpath => HostPath::new(&p.name, &p.root).init()?,
-                BackendKind::Lvm => lvm_pool(p).init()?,
+                BackendKind::Hostpath => HostPath::new(&p.name, &p.root, mounts).init()?,
+                BackendKind::Lvm => lvm_pool(p, &mounts).init()?,
             }
             tracing::info!(pool = %p.name, root = %p.root.display(), "pool initialised");
             Ok(())
@@ -155,7 +163,12 @@ async fn run(args: RunArgs) -> Result<()> {
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("state dir {}", args.state_dir.display()))?;
 
     let fence = epoch::EpochFence::load(args.state_dir.join("leader-epoch"))?;
-    let agent = Arc::new(Agent::start(args.node_name.clone(), build_pools(&config), fence));
+    let mounts = MountTables::new(&args.host_proc);
+    if let Err(e) = mounts.host() {
+        // Deletes of directory volumes are refused until it can be read; nothing else needs it.
+        tracing::error!(error = %e, "the host's mount table is unreadable: directory volumes cannot be deleted");
+    }
+    let agent = Arc::new(Agent::start(args.node_name.clone(), build_pools(&config, &mounts), fence));
     let client = kube::Client::try_default().await.context("connecting to the API server")?;
     let cert = tls::self_signed(&args.node_name, &host)?;
     let metrics = Arc::new(metrics::Metrics::new());

@@ -1,4 +1,5 @@
-//! External commands (lvm2, mkfs, mount, blkdiscard, resize) with deadlines (issue 18 item 3).
+//! External commands (lvm2, mkfs, mount, resize) and the agent's own long device I/O (zeroing) with deadlines
+//! (issue 18 item 3).
 //!
 //! A command that outlives its deadline is reported ([`CommandError::TimedOut`]) but never killed: lvm2 killed
 //! between suspending and resuming a device leaves it suspended, and mkfs or blkdiscard killed halfway leave a
@@ -16,6 +17,9 @@ use thiserror::Error;
 pub enum CommandError {
     #[error("cannot run {command}: {error}")]
     Spawn { command: String, error: std::io::Error },
+    /// The agent's own work ([`call`]) failed, or a command's output could not be read.
+    #[error("{command}: {error}")]
+    Failed { command: String, error: std::io::Error },
     #[error("{command} did not finish within its {} s deadline; it is left running (never killed)", deadline.as_secs_f64())]
     TimedOut { command: String, deadline: Duration },
 }
@@ -83,10 +87,10 @@ impl Stuck {
     }
 }
 
-/// Where the waiting thread leaves the command's result, or learns that nobody waits for it any more.
-enum Slot {
+/// Where the waiting thread leaves the work's result, or learns that nobody waits for it any more.
+enum Slot<T> {
     Waiting,
-    Done(std::io::Result<Output>),
+    Done(std::io::Result<T>),
     Abandoned(u64),
 }
 
@@ -100,22 +104,39 @@ pub fn output(cmd: &mut Command, deadline: Duration, stuck: &Arc<Stuck>) -> Resu
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|error| CommandError::Spawn { command: command.clone(), error })?;
+    // Reads stdout and stderr to the end (so a chatty command never blocks on a full pipe), then reaps it.
+    let status = |out: &std::io::Result<Output>| match out {
+        Ok(o) => o.status.to_string(),
+        Err(e) => e.to_string(),
+    };
+    call(&command, deadline, stuck, move || child.wait_with_output(), status)
+}
+
+/// Runs `work`, blocking I/O of the agent's own (an ioctl that writes a whole device), on a thread of its own and
+/// waits at most `deadline`: past it the work is left to finish, never interrupted (no more than a command is
+/// killed), and listed in `stuck` as `what` until it returns. `summary` says in the log how it ended then.
+pub fn call<T: Send + 'static>(
+    what: &str,
+    deadline: Duration,
+    stuck: &Arc<Stuck>,
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    summary: impl FnOnce(&std::io::Result<T>) -> String + Send + 'static,
+) -> Result<T, CommandError> {
+    let command = what.to_owned();
     let started = Instant::now();
     let slot = Arc::new((Mutex::new(Slot::Waiting), Condvar::new()));
     let waiter = {
         let (slot, stuck, command) = (slot.clone(), stuck.clone(), command.clone());
         move || {
-            // Reads stdout and stderr to the end (so a chatty command never blocks on a full pipe), then reaps it.
-            let out = child.wait_with_output();
+            let out = work();
             let (lock, done) = &*slot;
             let mut slot = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             match *slot {
                 Slot::Abandoned(id) => {
-                    let status = out.map(|o| o.status.to_string()).unwrap_or_else(|e| e.to_string());
                     tracing::warn!(
                         command,
                         seconds = started.elapsed().as_secs(),
-                        status,
+                        result = summary(&out),
                         "a command that outlived its deadline has exited"
                     );
                     stuck.exited(id);
@@ -128,7 +149,7 @@ pub fn output(cmd: &mut Command, deadline: Duration, stuck: &Arc<Stuck>) -> Resu
         }
     };
     if let Err(error) = std::thread::Builder::new().name("command".into()).spawn(waiter) {
-        // The child runs on unreaped; say so rather than wait without a deadline.
+        // A child runs on unreaped; say so rather than wait without a deadline.
         return Err(CommandError::Spawn { command, error });
     }
     let (lock, done) = &*slot;
@@ -137,7 +158,7 @@ pub fn output(cmd: &mut Command, deadline: Duration, stuck: &Arc<Stuck>) -> Resu
         .wait_timeout_while(guard, deadline, |s| matches!(s, Slot::Waiting))
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     match std::mem::replace(&mut *slot, Slot::Waiting) {
-        Slot::Done(out) => out.map_err(|error| CommandError::Spawn { command, error }),
+        Slot::Done(out) => out.map_err(|error| CommandError::Failed { command, error }),
         _ => {
             // Listed before the slot is released, so the waiter's removal cannot come first.
             *slot = Slot::Abandoned(stuck.add(&command, deadline, started));

@@ -31,12 +31,14 @@ pub const POINTS: &[&str] = &[
     "hostpath-purge-after-release-project",
     // After each entry remove_tree unlinks (safe_remove.rs): armed with `return`, after the first one.
     "hostpath-purge-after-unlink",
-    // lvm create: the LV made with its record and `berth:creating`, mkfs, mount, data/ made and synced, `creating`
-    // lifted (backend/lvm.rs).
+    // lvm create: the LV made with its record and `berth:creating`; a filesystem volume's mkfs, mount, data/ made
+    // and synced; a thick raw block volume's zeroing (BLKZEROOUT, without the agent's lock; the point is where the
+    // create is finished under it again); `creating` lifted (backend/lvm.rs).
     "lvm-create-after-lvcreate",
     "lvm-create-after-mkfs",
     "lvm-create-after-mount",
     "lvm-create-after-data-dir",
+    "lvm-create-after-zero",
     "lvm-create-after-untag",
     // lvm publish: `berth:unpublished` lifted.
     "lvm-publish-after-untag",
@@ -44,8 +46,16 @@ pub const POINTS: &[&str] = &[
     "lvm-expand-after-lvextend",
     "lvm-expand-after-resize",
     "lvm-expand-after-retag",
-    // lvm delete: unmounted, tagged `berth:deleting` (detach); zeroed (thick pools) and removed (purge: the same
-    // code removes debris).
+    // lvm expand of a thick raw block volume: the spare LV `<lv>.grow` made on the new extents (tagged
+    // `berth:creating`), zeroed (without the lock; the point is where the expansion is finished under it again),
+    // removed, lvextend onto exactly its extents; then the size tag replaced as above (no point of its own: what a
+    // crash there leaves is what `lvm-expand-after-retag` leaves).
+    "lvm-expand-after-spare-lvcreate",
+    "lvm-expand-after-spare-zero",
+    "lvm-expand-after-spare-lvremove",
+    "lvm-expand-after-spare-lvextend",
+    // lvm delete: unmounted (after the in-use check) and the mount point removed, tagged `berth:deleting`
+    // (detach); zeroed (thick pools: BLKZEROOUT) and removed (purge: the same code removes debris).
     "lvm-detach-after-unmount",
     "lvm-detach-after-tag",
     "lvm-purge-after-zero",

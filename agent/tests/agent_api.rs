@@ -859,3 +859,52 @@ async fn a_published_volume_is_never_deleted_as_unpublished_also_after_a_restart
     assert_eq!(w.delete(VOL, 9).await.json::<Value>().await.unwrap(), json!({"deleted": true}));
     assert!(w.on_disk().is_empty());
 }
+
+/// A volume a pod still has is not deleted (issue 19): kubelet bind-mounts a `local` PV's directory into each pod
+/// that uses it, and a claim deleted before its pod is gone gets its volume deleted while that mount lives. The
+/// agent reads the host's mount table and refuses with 409 `InUse` (as the delete and the orphan audit's
+/// `unpublishedOnly` delete); nothing is moved or removed; once the mount is gone the delete succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_a_pod_still_mounts_is_not_deleted_until_it_is_unmounted() {
+    use testbed::bind_mount::BindMount;
+    let w = world().await;
+    let made: Volume = w.put(VOL, 1, &create_body("fast", 10 * MI)).await.json().await.unwrap();
+    let data = Path::new(&made.path).to_owned();
+    std::fs::create_dir_all(data.join("logs/app")).unwrap();
+    std::fs::write(data.join("db.sqlite"), "precious").unwrap();
+    // Where kubelet would mount it for a pod: outside the pool, on another filesystem than the volume's.
+    let pods = w.bed.dir().join("kubelet/pods");
+    let pod = BindMount::new(&data, &pods.join("u1/volumes/kubernetes.io~local-volume").join(VOL)).unwrap();
+
+    let held = |message: &str, at: &Path| {
+        assert!(message.contains(&at.display().to_string()), "the refusal names the mount: {message}");
+    };
+    let (status, reason, message) = refusal(w.delete(VOL, 1).await).await;
+    assert_eq!((status, reason), (StatusCode::CONFLICT, ErrorReason::InUse), "{message}");
+    held(&message, pod.target());
+    let (status, reason, message) = refusal(w.delete_unpublished(VOL, 1).await).await;
+    assert_eq!((status, reason), (StatusCode::CONFLICT, ErrorReason::InUse), "the audit's delete too: {message}");
+    // Nothing changed: the volume is listed, its files are there, and the pod still sees them.
+    assert_eq!(w.on_disk(), vec![format!("fast/{VOL}")]);
+    let listed: VolumeList = w.get("/v1/volumes").await;
+    assert_eq!(listed.volumes.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), [VOL]);
+    assert_eq!(std::fs::read_to_string(pod.target().join("db.sqlite")).unwrap(), "precious");
+    assert!(std::fs::read_dir(w.agent.pool_root("fast").join(".berth-tmp")).map_or(true, |mut d| d.next().is_none()));
+
+    // The pod goes; another one mounts only a subdirectory (a subPath): still in use.
+    pod.unmount().unwrap();
+    let sub = BindMount::new(&data.join("logs/app"), &pods.join("u2/volume-subpaths").join(VOL).join("c/0")).unwrap();
+    let (status, reason, message) = refusal(w.delete(VOL, 1).await).await;
+    assert_eq!((status, reason), (StatusCode::CONFLICT, ErrorReason::InUse), "{message}");
+    held(&message, sub.target());
+    assert_eq!(std::fs::read_to_string(data.join("db.sqlite")).unwrap(), "precious");
+
+    // Nothing holds it any more: deleted.
+    sub.unmount().unwrap();
+    let del = w.delete(VOL, 1).await;
+    assert_eq!(del.status(), StatusCode::OK);
+    assert_eq!(del.json::<Value>().await.unwrap(), json!({"deleted": true}));
+    assert!(w.on_disk().is_empty());
+    let refused = r#"operation="delete""#;
+    assert!(w.agent.log().lines().any(|l| l.contains(refused) && l.contains("InUse")), "{}", w.agent.log());
+}

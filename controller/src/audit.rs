@@ -19,12 +19,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth::agent_api::Volume;
+use berth::agent_api::{ErrorReason, Volume};
 use berth::berth_node::{BerthNode, BerthNodeStatus};
 use berth::keys;
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use kube::api::Api;
 
+use crate::agent_client::AgentError;
 use crate::context::Context;
 use crate::pv::{NODE_ANNOTATION, POOL_LABEL};
 
@@ -300,6 +301,9 @@ async fn remove_orphan(
     }
     match ctx.agents.delete_unpublished(node, status, &v.name).await {
         Ok(_) => tracing::warn!(node = %node, volume = %v.name, %claim, why, "orphan volume deleted"),
+        Err(AgentError::Refused { reason: ErrorReason::InUse, message }) => {
+            tracing::warn!(node = %node, volume = %v.name, %message, "an orphan volume is in use: left for a later audit")
+        }
         Err(e) => tracing::warn!(node = %node, volume = %v.name, error = %e, "cannot delete an orphan volume"),
     }
 }

@@ -1,9 +1,12 @@
 //! The PV reconciler: frees the storage of Berth's PVs by their reclaim policy. Released + Delete → the agent
 //! deletes the volume, then the PV object goes. A Delete-policy PV object deleted first keeps Berth's finalizer
 //! until the volume is gone (KEP-2644). Retain → untouched, and the finalizer is lifted if someone switched to it.
+//! A volume a pod still uses is refused by its agent (`InUse`): the PV keeps its finalizer, one `VolumeInUse` event
+//! says so, and the delete is retried with the PV's backoff until the pod is gone.
 
 use std::sync::Arc;
 
+use berth::agent_api::ErrorReason;
 use berth::keys;
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -113,6 +116,20 @@ async fn delete(pv: Arc<PersistentVolume>, ctx: Arc<Context>, started: std::time
         Err(AgentError::Deposed(m)) => {
             tracing::warn!(volume = %name, node = %node, message = %m, "deposed; leaving the PV to the new leader");
             return Ok(Action::await_change());
+        }
+        Err(AgentError::Refused { reason: ErrorReason::InUse, message }) => {
+            // A pod still has the volume (its claim was deleted before the pod was gone, or kubelet has not
+            // unmounted it yet). Nothing was changed; the PV and its finalizer stay, and the delete is retried
+            // with backoff. The event is published once, not at every retry (Context::event).
+            let delay = ctx.next_backoff(&key);
+            let note = format!(
+                "not deleted yet: the volume is still in use on node {node} ({message}). It is deleted once nothing \
+                 uses it: delete the pods that use it, and kubelet unmounts it. Retrying"
+            );
+            ctx.event(pv.as_ref(), true, "VolumeInUse", note).await;
+            ctx.metrics.deleted(class_of(&pv), Outcome::Refused, started.elapsed());
+            tracing::info!(volume = %name, node = %node, retry_in = ?delay, message = %message, "volume in use; delete retried");
+            return Ok(Action::requeue(delay));
         }
         Err(e) => {
             ctx.event(pv.as_ref(), true, "VolumeFailedDelete", format!("node {node}: {e}")).await;

@@ -227,6 +227,59 @@ async fn a_pv_object_deleted_first_still_frees_its_volume() {
     assert!(!dir.exists(), "the PV object went but its directory stayed");
 }
 
+/// A Delete-policy claim deleted while a pod still mounts its volume (issue 19): the agent refuses the delete as
+/// in use, so the PV stays, with its finalizer and one `VolumeInUse` event however often the delete is retried;
+/// once the mount is gone (kubelet's bind mount of the volume's directory, made here as kubelet makes it), the
+/// retried delete takes the volume and the PV.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_still_mounted_keeps_its_pv_with_an_event_until_the_mount_goes() {
+    use testbed::bind_mount::BindMount;
+    let w = world(&[128 * MI]).await;
+    let client = w.bed.client();
+    add_class(&w, class("berth-now", "Immediate", "Delete", &[("pool", "fast")])).await;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    claims.create(&PostParams::default(), &claim("data", "berth-now", "8Mi")).await.unwrap();
+    let pv_name = wait_for(&claims, "data", WAIT, bound).await.unwrap().spec.unwrap().volume_name.unwrap();
+    let dir = volume_dir(&w, "node-0", &pv_name);
+    std::fs::write(dir.join("data/db"), "precious").unwrap();
+    let pod_dir = w.bed.dir().join("kubelet/pods/u1/volumes/kubernetes.io~local-volume").join(&pv_name);
+    let pod = BindMount::new(&dir.join("data"), &pod_dir).unwrap();
+
+    claims.delete("data", &DeleteParams::default()).await.unwrap();
+    let note = wait_for_event(&w, &pv_name, "VolumeInUse", &pod_dir.display().to_string()).await;
+    assert!(note.contains("delete the pods that use it"), "the event says what to do: {note}");
+    // Retried (each a refusal by the agent), yet told once.
+    let agent = &w.agents[0];
+    let deadline = std::time::Instant::now() + WAIT;
+    while agent_operations(agent, "delete", &pv_name, "InUse") < 3 {
+        assert!(std::time::Instant::now() < deadline, "the delete was not retried: {}", agent.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let events: Api<Event> = Api::all(client.clone());
+    let told: Vec<Event> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(pv_name.as_str()))
+        .collect();
+    let reasons: Vec<(Option<String>, Option<i32>)> = told.iter().map(|e| (e.reason.clone(), e.count)).collect();
+    assert_eq!(told.len(), 1, "one event, not one per retry: {reasons:?}");
+    assert!(told[0].count.unwrap_or(1) == 1 && told[0].type_.as_deref() == Some("Warning"), "{reasons:?}");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pv = pvs.get(&pv_name).await.unwrap();
+    assert!(released(&pv), "{:?}", pv.status);
+    let finalizers = pv.metadata.finalizers.unwrap_or_default();
+    assert!(finalizers.iter().any(|f| f == "external-provisioner.volume.kubernetes.io/finalizer"), "{finalizers:?}");
+    assert_eq!(std::fs::read_to_string(pod_dir.join("db")).unwrap(), "precious", "the pod's data is untouched");
+
+    // The pod is gone: the next retry deletes the volume, then the PV.
+    pod.unmount().unwrap();
+    wait_deleted(&pvs, &pv_name, WAIT).await.unwrap();
+    assert!(!dir.exists(), "the PV went but its directory stayed");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_released_volume_of_a_node_that_left_waits_or_is_forgotten_by_policy() {
     let mut w = world(&[256 * MI]).await;

@@ -30,6 +30,7 @@ use berth_agent::auth::Authenticator;
 use berth_agent::backend::hostpath::HostPath;
 use berth_agent::config::AgentConfig;
 use berth_agent::epoch::EpochFence;
+use berth_agent::in_use::MountTables;
 use berth_agent::metrics::Metrics;
 use bytes::Bytes;
 use http::StatusCode;
@@ -190,11 +191,13 @@ fuzz_target!(|data: &[u8]| {
         dir.join("pools/cold")
     ))
     .unwrap();
-    HostPath::new("fast", &root).init().unwrap();
+    // The agent's own /proc: what a delete checks for mounts of the volume (none here).
+    let mounts = MountTables::new(Path::new("/proc"));
+    HostPath::new("fast", &root, mounts.clone()).init().unwrap();
     let pools = config
         .pools
         .iter()
-        .map(|p| Pool { config: p.clone(), backend: Box::new(HostPath::new(&p.name, &p.root)) as _ })
+        .map(|p| Pool { config: p.clone(), backend: Box::new(HostPath::new(&p.name, &p.root, mounts.clone())) as _ })
         .collect();
     let fence = EpochFence::load(dir.join("state/leader-epoch")).unwrap();
     let agent = Arc::new(Agent::start(NODE.into(), pools, fence));

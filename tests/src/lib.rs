@@ -10,6 +10,7 @@
 
 pub mod agents;
 mod bed;
+pub mod bind_mount;
 pub mod bins;
 pub mod cgroup;
 pub mod demo;

@@ -124,6 +124,22 @@ fn agent_security(daemonset: &serde_json::Value) -> &serde_json::Value {
     &containers.iter().find(|c| c["name"] == "agent").expect("the agent container")["securityContext"]
 }
 
+/// Whether the agent of a DaemonSet's JSON reads the host's mount table: the host's /proc mounted read-only at
+/// /host/proc and given to `--host-proc`.
+fn reads_the_hosts_mounts(daemonset: &serde_json::Value) -> bool {
+    let spec = &daemonset["spec"]["template"]["spec"];
+    let agent = spec["containers"].as_array().unwrap().iter().find(|c| c["name"] == "agent").unwrap();
+    let volume = spec["volumes"].as_array().unwrap().iter().find(|v| v["hostPath"]["path"] == "/proc");
+    let Some(name) = volume.map(|v| &v["name"]) else { return false };
+    let mounted = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == *name && m["mountPath"] == "/host/proc" && m["readOnly"] == true);
+    let command: Vec<&str> = agent["command"].as_array().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    mounted && command.windows(2).any(|w| w == ["--host-proc", "/host/proc"])
+}
+
 /// The quota component (deploy/quota) on the base, alone and with the lvm component in either order: the server
 /// takes each as it is, the agent gains CAP_SYS_ADMIN and keeps the rest of its confinement, and with lvm the
 /// privileged container wins.
@@ -159,6 +175,7 @@ async fn the_quota_component_adds_sys_admin_and_composes_with_lvm() {
     };
     let base_ds = base["items"].as_array().unwrap().iter().find(|o| o["kind"] == "DaemonSet").unwrap();
     let base_add = agent_security(base_ds)["capabilities"]["add"].as_array().unwrap().clone();
+    assert!(reads_the_hosts_mounts(base_ds), "the base agent reads the host's mount table");
     assert!(!base_add.contains(&"SYS_ADMIN".into()), "the base grants CAP_SYS_ADMIN: {base_add:?}");
 
     apply(&["apply", "-k", &overlay("quota", &["quota"])]);
@@ -177,6 +194,7 @@ async fn the_quota_component_adds_sys_admin_and_composes_with_lvm() {
     assert_eq!(security["readOnlyRootFilesystem"], true);
     let volumes = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
     assert!(!volumes.iter().any(|v| v["hostPath"]["path"] == "/dev"), "no host /dev without lvm");
+    assert!(reads_the_hosts_mounts(&ds), "quota: the host's mount table is still read");
 
     for order in [["quota", "lvm"], ["lvm", "quota"]] {
         let name = order.join("-");
@@ -189,5 +207,6 @@ async fn the_quota_component_adds_sys_admin_and_composes_with_lvm() {
         assert_eq!(security["allowPrivilegeEscalation"], true, "{name}");
         let volumes = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
         assert!(volumes.iter().any(|v| v["hostPath"]["path"] == "/dev"), "{name}: lvm's host /dev");
+        assert!(reads_the_hosts_mounts(ds), "{name}: the host's mount table is still read");
     }
 }

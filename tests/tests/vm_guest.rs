@@ -14,6 +14,9 @@ mod crash;
 #[path = "vm_guest/quotas.rs"]
 mod quotas;
 
+#[path = "vm_guest/in_use.rs"]
+mod in_use;
+
 fn in_vm() {
     assert_eq!(
         std::env::var("BERTH_IN_VM").as_deref(),
@@ -340,15 +343,18 @@ mod lvm_agent {
             serde_json::from_str(&text).unwrap()
         }
 
-        pub async fn delete(&self, name: &str) {
-            let resp = self
-                .http
+        pub async fn delete_response(&self, name: &str) -> reqwest::Response {
+            self.http
                 .delete(format!("{URL}/v1/volumes/{name}"))
                 .bearer_auth(&self.token)
                 .header("berth-leader-epoch", "1")
                 .send()
                 .await
-                .unwrap();
+                .unwrap()
+        }
+
+        pub async fn delete(&self, name: &str) {
+            let resp = self.delete_response(name).await;
             let status = resp.status();
             let body: Value = resp.json().await.unwrap();
             assert_eq!((status, body), (StatusCode::OK, json!({"deleted": true})), "delete {name}");
@@ -434,6 +440,12 @@ mod lvm_agent {
         assert_eq!(std::fs::read_to_string(data.join("token")).unwrap(), token);
     }
 
+    /// The physical extents of LV `berth/<lv>` (`/dev/vda:4-7`, one item per segment).
+    pub fn extents(lv: &str) -> Vec<String> {
+        let out = lvm(&["lvs", "--noheadings", "--segments", "-o", "seg_pe_ranges", &format!("berth/{lv}")]);
+        out.split_whitespace().map(str::to_owned).collect()
+    }
+
     pub fn write_pattern(dev: &str, len: u64) {
         let mut f = std::fs::OpenOptions::new().write(true).open(dev).unwrap();
         let mut buf = Vec::with_capacity(len as usize);
@@ -449,6 +461,15 @@ mod lvm_agent {
         let mut all = Vec::new();
         std::fs::File::open(dev).unwrap().read_to_end(&mut all).unwrap();
         all.windows(PATTERN.len()).any(|w| w == PATTERN)
+    }
+
+    /// Whether `len` bytes of `dev` from `offset` are all zeroes.
+    pub fn zeroes_at(dev: &str, offset: u64, len: u64) -> bool {
+        let mut f = std::fs::File::open(dev).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        let mut buf = vec![1u8; len as usize];
+        f.read_exact(&mut buf).unwrap();
+        buf.iter().all(|&b| b == 0)
     }
 
     pub fn write_block_token(dev: &str, token: &str) {
@@ -731,7 +752,47 @@ async fn lvm_agent_benchmark() {
         }
         through.insert(pool, median(times));
     }
+    // The cost of zeroing (issue 19): a 1 GiB thick block volume is zeroed at its create (and at its delete).
+    // Timed: the bare lvcreate+lvremove of 1 GiB, the agent's create of such a volume, and the zeroing itself as
+    // the agent logs it (BLKZEROOUT of the whole LV).
+    let zero_rounds = rounds.min(3);
+    let mut bare_gib = Vec::new();
+    for i in 0..zero_rounds {
+        let name = format!("bare-gib-{i}");
+        let t = Instant::now();
+        lvm(&["lvcreate", "-y", "-W", "y", "-L", "1g", "-n", &name, "berth"]);
+        lvm(&["lvremove", "-y", &format!("berth/{name}")]);
+        bare_gib.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    // What zeroing costs where the device cannot write zeroes by itself (then the kernel writes zero pages): 1 GiB
+    // of zeroes written to an LV with O_DIRECT.
+    let mut written_gib = Vec::new();
+    for i in 0..zero_rounds {
+        let name = format!("written-gib-{i}");
+        lvm(&["lvcreate", "-y", "-W", "y", "-L", "1g", "-n", &name, "berth"]);
+        let dev = format!("of=/dev/mapper/berth-written--gib--{i}");
+        let t = Instant::now();
+        sh("dd", &["if=/dev/zero", &dev, "bs=4M", "count=256", "oflag=direct", "status=none"]);
+        written_gib.push(t.elapsed().as_secs_f64() * 1000.0);
+        lvm(&["lvremove", "-y", &format!("berth/{name}")]);
+    }
+    let mut create_gib = Vec::new();
+    for i in 0..zero_rounds {
+        let name = format!("pvc-bench-gib-{i}");
+        let t = Instant::now();
+        agent.create(&name, &body("thick", 1 << 30, json_block())).await;
+        create_gib.push(t.elapsed().as_secs_f64() * 1000.0);
+        agent.delete(&name).await;
+    }
     agent.stop();
+    let log = std::fs::read_to_string(base().join("agent-bench.log")).unwrap();
+    let zeroing_ms: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains(" zeroed ") && l.contains("bytes=1073741824"))
+        .filter_map(|l| l.split("seconds=").nth(1)?.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|s| s * 1000.0)
+        .collect();
+    assert_eq!(zeroing_ms.len(), 2 * zero_rounds, "a zeroing at each create and delete of 1 GiB:\n{log}");
     let bare = median(bare);
     println!(
         "BENCH rounds={rounds} size={size} bare_ms={bare:.0} agent_thick_block_ms={:.0} agent_thin_block_ms={:.0} ratio_thick={:.2} ratio_thin={:.2}",
@@ -739,6 +800,13 @@ async fn lvm_agent_benchmark() {
         through["thin"],
         through["thick"] / bare,
         through["thin"] / bare
+    );
+    let (bare_gib, create_gib, zeroing) = (median(bare_gib), median(create_gib), median(zeroing_ms));
+    let written = median(written_gib);
+    println!(
+        "BENCH zeroing rounds={zero_rounds} bare_1gib_ms={bare_gib:.0} agent_thick_block_1gib_create_ms={create_gib:.0} zeroing_ms_per_gib={zeroing:.0} ratio_create_to_bare={:.2} zeroing_share_of_create={:.2} written_zeroes_ms_per_gib={written:.0}",
+        create_gib / bare_gib,
+        zeroing / create_gib
     );
 }
 

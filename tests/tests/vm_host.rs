@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use testbed::bins::repo_root;
 use testbed::vm::Vm;
@@ -84,6 +85,11 @@ struct LvmWorld {
 }
 
 fn lvm_world(image_name: &str) -> LvmWorld {
+    lvm_world_of(image_name, 1 << 30)
+}
+
+/// [`lvm_world`] with a disk of `disk_bytes` (sparse).
+fn lvm_world_of(image_name: &str, disk_bytes: u64) -> LvmWorld {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let beds = repo_root().join("target/vm-beds");
     std::fs::create_dir_all(&beds).unwrap();
@@ -94,7 +100,7 @@ fn lvm_world(image_name: &str) -> LvmWorld {
     assert_eq!(bed.nodes()[0].name, "node-0");
     let controller_token = rt.block_on(bed.controller_token("node-0")).unwrap();
 
-    let (dir, image) = disk_image(image_name, 1 << 30);
+    let (dir, image) = disk_image(image_name, disk_bytes);
     let pool_base = dir.path().join("node");
     std::fs::create_dir_all(&pool_base).unwrap();
     // The admin kubeconfig, with the API server as the guest reaches it.
@@ -147,8 +153,11 @@ impl LvmWorld {
     /// Runs a guest benchmark phase and prints its result line (`BENCH …`).
     fn run_benchmark(&self, phase: &str) {
         let run = self.run_phase(phase);
-        let line = run.output.lines().find(|l| l.contains("BENCH ")).expect("the guest printed its result");
-        println!("{line}");
+        let lines: Vec<&str> = run.output.lines().filter(|l| l.contains("BENCH ")).collect();
+        assert!(!lines.is_empty(), "the guest printed its result");
+        for line in lines {
+            println!("{line}");
+        }
     }
 }
 
@@ -169,6 +178,14 @@ fn lvm_pools_through_the_agent_across_a_reboot() {
     }
 }
 
+/// Issue 19 in a real kernel: logical volumes in use (a pod's bind mount of a filesystem volume, kubelet's loop
+/// device over a raw one, a process holding one open) are not deleted; the bytes a thick raw block volume gets at
+/// create and when grown read back as zeroes, whatever an LV removed outside Berth left there. One boot.
+#[test]
+fn lvm_volumes_in_use_and_new_bytes_zeroed() {
+    lvm_world("inuse.img").run_phase("in_use::lvm_in_use_and_zeroing");
+}
+
 /// Project quotas on directory volumes (XFS and ext4) through the agent in a real kernel, across a real reboot:
 /// writes past a volume's size fail, expansion raises the limit, projects and limits are found on disk again.
 #[test]
@@ -181,10 +198,16 @@ fn hostpath_quotas_across_a_reboot() {
 
 /// The agent killed by SIGKILL at every step of create, publish, expand and delete of an lvm pool (the `lvm-…`
 /// points of agent/src/failpoints.rs), restarted, the request retried: one LV per claim, no debris left, the
-/// inventory equal to the LVs, mounts where the volumes are and nowhere else. One boot (tests/tests/vm_guest/crash.rs).
+/// inventory equal to the LVs, mounts where the volumes are and nowhere else, block volumes reading zeroes. One boot
+/// (tests/tests/vm_guest/crash.rs). Far over CI's budget (18 points, about a minute each under TCG): run by hand
+/// when the agent's lvm steps change; CI runs the hostpath matrix (agent/tests/crash_matrix.rs).
 #[test]
+#[ignore = "about 20 minutes under TCG, over CI's budget: run it with hack/test-vm --ignored lvm_crash_matrix"]
 fn lvm_crash_matrix() {
-    lvm_world("crash.img").run_phase("crash::lvm_crash_matrix");
+    let mut world = lvm_world("crash.img");
+    // Over the default 15 minutes a guest command may take.
+    world.vm = world.vm.clone().deadline(Duration::from_secs(45 * 60));
+    world.run_phase("crash::lvm_crash_matrix");
 }
 
 /// Directory volume create+delete through the agent with and without project quotas (docs/benchmarks.md).
@@ -196,7 +219,8 @@ fn hostpath_quota_benchmark() {
 /// LV create+delete through the agent against bare lvcreate/lvremove in the same boot (docs/benchmarks.md).
 #[test]
 fn lvm_create_delete_benchmark() {
-    lvm_world("bench.img").run_benchmark("lvm_agent_benchmark");
+    // 3 GiB: the zeroing part makes 1 GiB volumes.
+    lvm_world_of("bench.img", 3 << 30).run_benchmark("lvm_agent_benchmark");
 }
 
 /// End to end across the VM boundary: the control plane and the controller here, one node's agent with its lvm

@@ -34,10 +34,12 @@ use serde::{Deserialize, Serialize};
 
 use super::quota::{self, QuotaState, Refused};
 use super::{
-    Backend, BackendError, DATA_DIR, Debris, Enforcement, PoolProbe, Recovered, VOLUME_MARKER_VERSION, VolumeRecord,
-    io, make_data_dir,
+    Backend, BackendError, DATA_DIR, Debris, Enforcement, Made, PoolProbe, Recovered, VOLUME_MARKER_VERSION,
+    VolumeRecord, io, make_data_dir,
 };
 use crate::capacity::FsUsage;
+use crate::in_use::{MountTables, describe_holders, directory_holders};
+use crate::mountinfo::locate;
 use crate::safe_remove::remove_tree;
 
 pub const POOL_MARKER: &str = ".berth-pool";
@@ -66,6 +68,8 @@ pub struct HostPath {
     refused_at_create: OnceLock<Refused>,
     /// Whether the pool's refused quotas have been logged (once per pool, not once per sample).
     refusal_logged: AtomicBool,
+    /// Where to look for mounts that keep a volume in use.
+    mounts: MountTables,
 }
 
 /// How a pool whose filesystem's quota state is `state` holds volumes to their sizes, and why it does not when the
@@ -94,12 +98,36 @@ pub fn enforcement_of(state: QuotaState) -> (Enforcement, Option<&'static str>) 
 }
 
 impl HostPath {
-    pub fn new(pool: &str, root: &Path) -> HostPath {
+    pub fn new(pool: &str, root: &Path, mounts: MountTables) -> HostPath {
         HostPath {
             pool: pool.to_owned(),
             root: root.to_owned(),
             refused_at_create: OnceLock::new(),
             refusal_logged: AtomicBool::new(false),
+            mounts,
+        }
+    }
+
+    /// Refuses (`InUse`) while the host's mount table shows the directory `dir` (a volume's, or one moved into
+    /// staging) or anything in it mounted somewhere: a pod still has it (crate::in_use). A symlink is not
+    /// looked through: what is removed is the link, never its target.
+    fn check_unused(&self, dir: &Path, what: &str) -> Result<(), BackendError> {
+        if !std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()) {
+            return Ok(());
+        }
+        let (parent, name) = match (dir.parent(), dir.file_name()) {
+            (Some(p), Some(n)) => (p, n),
+            _ => return Err(BackendError::Io(format!("{} names no directory entry", dir.display()))),
+        };
+        // The path as the host's mount table would show it: the parent's symlinks resolved, the entry itself not.
+        let dir = std::fs::canonicalize(parent).map_err(|e| io(parent.display(), e))?.join(name);
+        let own = self.mounts.own().map_err(BackendError::Io)?;
+        let at = locate(&own, &dir)
+            .ok_or_else(|| BackendError::Io(format!("{} is on no mount of the agent's own table", dir.display())))?;
+        let host = self.mounts.host().map_err(BackendError::Io)?;
+        match directory_holders(&host, &dir, &at) {
+            holders if holders.is_empty() => Ok(()),
+            holders => Err(BackendError::InUse(describe_holders(what, &holders))),
         }
     }
 
@@ -267,6 +295,107 @@ impl HostPath {
             tracing::error!(pool = %self.pool, volume = %record.name, project = id, error = %e, "cannot set the volume's quota");
         }
     }
+
+    fn make(&self, mut record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
+        self.check_marker()?;
+        let staging = self.ensure_staging()?;
+        let work = staging.join(format!("create-{}-{:08x}", record.name, fastrand::u32(..)));
+        std::fs::DirBuilder::new().mode(0o711).create(&work).map_err(|e| io(work.display(), e))?;
+        crate::failpoints::point("hostpath-create-after-mkdir");
+        // The project goes on while the directory is empty: files only take a project when they are made.
+        let root = self.open_root()?;
+        let state = self.quotas(&root).map_err(|e| io(format!("project quota state of {}", self.root.display()), e));
+        // Refused quotas make the same plain directory as none at all.
+        let given = match state {
+            Ok(s) if !s.gives_projects() => Ok(None),
+            state => state.and_then(|_| self.give_project(&root, &work, record.size_bytes)),
+        };
+        match given {
+            Ok(id) => record.project_id = id,
+            Err(e) => {
+                let _ = remove_tree(&work);
+                return Err(e);
+            }
+        }
+        crate::failpoints::point("hostpath-create-after-project");
+        make_data_dir(&work, &record)?;
+        crate::failpoints::point("hostpath-create-after-data-dir");
+        if !record.published {
+            write_synced(&work.join(UNPUBLISHED), b"")?;
+        }
+        crate::failpoints::point("hostpath-create-after-unpublished-mark");
+        let body = serde_json::to_vec_pretty(&record).expect("serialisable");
+        write_synced(&work.join(VOLUME_MARKER), &body)?;
+        crate::failpoints::point("hostpath-create-after-marker");
+        sync_dir(&work)?;
+        crate::failpoints::point("hostpath-create-after-staging-sync");
+        let target = self.root.join(&record.name);
+        // rename(2) onto an existing non-empty directory fails, so a concurrent twin cannot be overwritten.
+        std::fs::rename(&work, &target).map_err(|e| {
+            let _ = remove_tree(&work);
+            io(format!("moving the new volume to {}", target.display()), e)
+        })?;
+        crate::failpoints::point("hostpath-create-after-rename");
+        if let Err(e) = sync_dir(&self.root) {
+            // The volume is in place (the rename happened); a crash could lose it before the controller made
+            // its PV, which the controller's retry handles like any lost create.
+            tracing::warn!(pool = %self.pool, error = %e, "cannot sync the pool root after creating a volume");
+        }
+        crate::failpoints::point("hostpath-create-after-root-sync");
+        record.path = self.data_path(&record.name).display().to_string();
+        Ok(record)
+    }
+
+    fn grow(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError> {
+        self.check_marker()?;
+        // The quota first, then the marker: a crash in between leaves the old size in the marker, and the start
+        // sets the quota back to it (the controller retries the expansion). Without a project the directory
+        // needs nothing. The marker is replaced by rename, so it is never half-written.
+        let root = self.open_root()?;
+        if let Some(id) = record.project_id {
+            // A limit not raised now would stay at the old size on disk: refuse until quotas are back (the
+            // controller retries), rather than record a size the quota does not give.
+            let state = self.quotas(&root).map_err(|e| io("project quota state", e))?;
+            if state == QuotaState::Off {
+                return Err(BackendError::NotReady(format!(
+                    "volume {} has project {id} but {} has no project quotas now (mounted without prjquota?): its limit cannot be raised",
+                    record.name,
+                    self.root.display()
+                )));
+            }
+            if let (QuotaState::Refused(_), (_, Some(reason))) = (state, enforcement_of(state)) {
+                return Err(BackendError::NotReady(format!(
+                    "volume {} has project {id} but its limit cannot be raised on {}: {reason}",
+                    record.name,
+                    self.root.display()
+                )));
+            }
+            quota::set_limit(&root, id, size_bytes + QUOTA_ALLOWANCE)
+                .map_err(|e| io(format!("raising the quota of project {id}"), e))?;
+        }
+        crate::failpoints::point("hostpath-expand-after-quota");
+        let mut grown = record.clone();
+        grown.size_bytes = size_bytes;
+        let dir = self.root.join(&record.name);
+        let tmp = dir.join(format!("{VOLUME_MARKER}.tmp"));
+        let body = serde_json::to_vec_pretty(&grown).expect("serialisable");
+        // One left by a crash between writing and renaming would make every later expand fail (EEXIST). The
+        // directory is Berth's own (a pod sees only data/), so what is there is ours to remove.
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => {
+                tracing::warn!(pool = %self.pool, volume = %record.name, "removed a marker an interrupted expand left")
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(tmp.display(), e)),
+        }
+        write_synced(&tmp, &body)?;
+        crate::failpoints::point("hostpath-expand-after-tmp-marker");
+        std::fs::rename(&tmp, dir.join(VOLUME_MARKER)).map_err(|e| io(dir.join(VOLUME_MARKER).display(), e))?;
+        crate::failpoints::point("hostpath-expand-after-rename");
+        sync_dir(&dir)?;
+        crate::failpoints::point("hostpath-expand-after-sync");
+        Ok(grown)
+    }
 }
 
 fn write_synced(path: &Path, body: &[u8]) -> Result<(), BackendError> {
@@ -360,105 +489,12 @@ impl Backend for HostPath {
         Ok(Recovered { volumes, debris })
     }
 
-    fn create(&self, mut record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
-        self.check_marker()?;
-        let staging = self.ensure_staging()?;
-        let work = staging.join(format!("create-{}-{:08x}", record.name, fastrand::u32(..)));
-        std::fs::DirBuilder::new().mode(0o711).create(&work).map_err(|e| io(work.display(), e))?;
-        crate::failpoints::point("hostpath-create-after-mkdir");
-        // The project goes on while the directory is empty: files only take a project when they are made.
-        let root = self.open_root()?;
-        let state = self.quotas(&root).map_err(|e| io(format!("project quota state of {}", self.root.display()), e));
-        // Refused quotas make the same plain directory as none at all.
-        let given = match state {
-            Ok(s) if !s.gives_projects() => Ok(None),
-            state => state.and_then(|_| self.give_project(&root, &work, record.size_bytes)),
-        };
-        match given {
-            Ok(id) => record.project_id = id,
-            Err(e) => {
-                let _ = remove_tree(&work);
-                return Err(e);
-            }
-        }
-        crate::failpoints::point("hostpath-create-after-project");
-        make_data_dir(&work, &record)?;
-        crate::failpoints::point("hostpath-create-after-data-dir");
-        if !record.published {
-            write_synced(&work.join(UNPUBLISHED), b"")?;
-        }
-        crate::failpoints::point("hostpath-create-after-unpublished-mark");
-        let body = serde_json::to_vec_pretty(&record).expect("serialisable");
-        write_synced(&work.join(VOLUME_MARKER), &body)?;
-        crate::failpoints::point("hostpath-create-after-marker");
-        sync_dir(&work)?;
-        crate::failpoints::point("hostpath-create-after-staging-sync");
-        let target = self.root.join(&record.name);
-        // rename(2) onto an existing non-empty directory fails, so a concurrent twin cannot be overwritten.
-        std::fs::rename(&work, &target).map_err(|e| {
-            let _ = remove_tree(&work);
-            io(format!("moving the new volume to {}", target.display()), e)
-        })?;
-        crate::failpoints::point("hostpath-create-after-rename");
-        if let Err(e) = sync_dir(&self.root) {
-            // The volume is in place (the rename happened); a crash could lose it before the controller made
-            // its PV, which the controller's retry handles like any lost create.
-            tracing::warn!(pool = %self.pool, error = %e, "cannot sync the pool root after creating a volume");
-        }
-        crate::failpoints::point("hostpath-create-after-root-sync");
-        record.path = self.data_path(&record.name).display().to_string();
-        Ok(record)
+    fn create(&self, record: VolumeRecord) -> Result<Made, BackendError> {
+        self.make(record).map(Made::Ready)
     }
 
-    fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError> {
-        self.check_marker()?;
-        // The quota first, then the marker: a crash in between leaves the old size in the marker, and the start
-        // sets the quota back to it (the controller retries the expansion). Without a project the directory
-        // needs nothing. The marker is replaced by rename, so it is never half-written.
-        let root = self.open_root()?;
-        if let Some(id) = record.project_id {
-            // A limit not raised now would stay at the old size on disk: refuse until quotas are back (the
-            // controller retries), rather than record a size the quota does not give.
-            let state = self.quotas(&root).map_err(|e| io("project quota state", e))?;
-            if state == QuotaState::Off {
-                return Err(BackendError::NotReady(format!(
-                    "volume {} has project {id} but {} has no project quotas now (mounted without prjquota?): its limit cannot be raised",
-                    record.name,
-                    self.root.display()
-                )));
-            }
-            if let (QuotaState::Refused(_), (_, Some(reason))) = (state, enforcement_of(state)) {
-                return Err(BackendError::NotReady(format!(
-                    "volume {} has project {id} but its limit cannot be raised on {}: {reason}",
-                    record.name,
-                    self.root.display()
-                )));
-            }
-            quota::set_limit(&root, id, size_bytes + QUOTA_ALLOWANCE)
-                .map_err(|e| io(format!("raising the quota of project {id}"), e))?;
-        }
-        crate::failpoints::point("hostpath-expand-after-quota");
-        let mut grown = record.clone();
-        grown.size_bytes = size_bytes;
-        let dir = self.root.join(&record.name);
-        let tmp = dir.join(format!("{VOLUME_MARKER}.tmp"));
-        let body = serde_json::to_vec_pretty(&grown).expect("serialisable");
-        // One left by a crash between writing and renaming would make every later expand fail (EEXIST). The
-        // directory is Berth's own (a pod sees only data/), so what is there is ours to remove.
-        match std::fs::remove_file(&tmp) {
-            Ok(()) => {
-                tracing::warn!(pool = %self.pool, volume = %record.name, "removed a marker an interrupted expand left")
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(tmp.display(), e)),
-        }
-        write_synced(&tmp, &body)?;
-        crate::failpoints::point("hostpath-expand-after-tmp-marker");
-        std::fs::rename(&tmp, dir.join(VOLUME_MARKER)).map_err(|e| io(dir.join(VOLUME_MARKER).display(), e))?;
-        crate::failpoints::point("hostpath-expand-after-rename");
-        sync_dir(&dir)?;
-        crate::failpoints::point("hostpath-expand-after-sync");
-        Ok(grown)
+    fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<Made, BackendError> {
+        self.grow(record, size_bytes).map(Made::Ready)
     }
 
     fn publish(&self, record: &VolumeRecord) -> Result<(), BackendError> {
@@ -494,6 +530,9 @@ impl Backend for HostPath {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io(target.display(), e)),
         }
+        // Mounts of it only go, never come, while it is deleted: kubelet mounts a volume only for a pod of a
+        // Bound claim, and the controller deletes only released volumes or ones no PV was made for.
+        self.check_unused(&target, &format!("volume {name}"))?;
         let staging = self.ensure_staging()?;
         let doomed = staging.join(format!("delete-{name}-{:08x}", fastrand::u32(..)));
         std::fs::rename(&target, &doomed).map_err(|e| io(format!("moving {} aside", target.display()), e))?;
@@ -506,7 +545,11 @@ impl Backend for HostPath {
         Ok(Some(doomed))
     }
 
+    /// Refused while what is to be removed is in use: debris of an interrupted delete may be (an agent before
+    /// the in-use check moved volumes aside whatever held them), and removing files under a pod would destroy
+    /// its data; it is then tried again at the next start.
     fn purge(&self, detached: &Path) -> Result<(), BackendError> {
+        self.check_unused(detached, &format!("{}", detached.display()))?;
         // The volume's project limit goes first, while its files still hold the ID (release_project).
         let project = File::open(detached).and_then(|d| quota::project_of(&d)).ok().map(|p| p.id);
         if let Some(id) = project.filter(|id| quota::PROJECT_IDS.contains(id)) {

@@ -27,12 +27,15 @@ use std::time::Duration;
 use berth::agent_api::{ClaimRef, VolumeMode};
 
 use super::lvm2::{LvRow, Lvm, LvmError, VgRow};
+use super::zeroing::{self, zero_out};
 use super::{
-    Backend, BackendError, DATA_DIR, Debris, Enforcement, PoolProbe, Recovered, VOLUME_MARKER_VERSION, VolumeRecord,
-    io, make_data_dir,
+    Backend, BackendError, DATA_DIR, Debris, Enforcement, Made, PoolProbe, Recovered, VOLUME_MARKER_VERSION,
+    VolumeRecord, Zeroing, io, make_data_dir,
 };
 use crate::capacity::{LvmSpace, PoolLimits, lvm_capacity};
 use crate::command::{self, CommandError, Stuck};
+use crate::in_use::{MountTables, device_held};
+use crate::mountinfo::mounted_at;
 
 const TAG: &str = "berth:";
 const CREATING: &str = "berth:creating";
@@ -58,10 +61,12 @@ pub struct LvmPool {
     thin: Option<Thin>,
     limits: PoolLimits,
     lvm: Lvm,
-    /// How long each external command may run (blkdiscard: more, by size).
+    /// How long each external command may run (zeroing: more, by size).
     deadline: Duration,
     /// This pool's commands that outlived their deadlines (shared with `lvm`).
     stuck: Arc<Stuck>,
+    /// Where the mounts of a volume in use are found, for the refusal to name them.
+    mounts: MountTables,
 }
 
 pub fn backend_error(e: LvmError) -> BackendError {
@@ -75,6 +80,12 @@ pub fn backend_error(e: LvmError) -> BackendError {
 
 pub fn lv_name(volume: &str) -> String {
     format!("{LV_PREFIX}{volume}")
+}
+
+/// The LV that holds the extents a thick block volume is about to grow by while they are zeroed. `.` is in no
+/// volume name (DNS-1123 labels), so it is never another volume's LV.
+fn spare_lv_name(volume: &str) -> String {
+    format!("{LV_PREFIX}{volume}.grow")
 }
 
 /// The characters lvm2 allows in a tag.
@@ -162,33 +173,15 @@ pub fn record_from_tags(tags: &[String]) -> Result<VolumeRecord, String> {
     })
 }
 
-/// The device (major, minor) mounted at `target` according to `/proc/self/mountinfo` text, the topmost mount if
-/// several are stacked.
-pub fn mounted_device(mountinfo: &str, target: &Path) -> Option<(u32, u32)> {
-    let target = target.to_str()?;
-    let mut found = None;
-    for line in mountinfo.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        if fields.len() < 5 {
-            continue;
-        }
-        // Mount points are octal-escaped (\040 for a space); Berth's paths need no escaping, so compare as is.
-        if fields[4] == target
-            && let Some((maj, min)) = fields[2].split_once(':')
-            && let (Ok(maj), Ok(min)) = (maj.parse(), min.parse())
-        {
-            found = Some((maj, min));
-        }
-    }
-    found
-}
-
 impl LvmPool {
     /// `<vg>/<lv>`: how lvm2's commands name an LV of this pool's volume group.
     fn full_name(&self, lv: &str) -> String {
         format!("{}/{}", self.vg, lv)
     }
 
+    // The pool's identity (name, root, volume group, thin pool, limits) and how it runs commands; a struct for
+    // them would only be built here.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: &str,
         root: &Path,
@@ -197,23 +190,20 @@ impl LvmPool {
         limits: PoolLimits,
         lvm_config: Option<String>,
         deadline: Duration,
+        mounts: MountTables,
     ) -> LvmPool {
         let stuck = Arc::new(Stuck::default());
         let lvm = Lvm::new(lvm_config, deadline, stuck.clone());
-        LvmPool { pool: pool.into(), root: root.into(), vg: vg.into(), thin, limits, lvm, deadline, stuck }
+        LvmPool { pool: pool.into(), root: root.into(), vg: vg.into(), thin, limits, lvm, deadline, stuck, mounts }
     }
 
     /// Runs a program other than lvm2 (mkfs, mount, resize), within the pool's command deadline.
     fn run(&self, program: &str, args: &[&str]) -> Result<(), BackendError> {
-        self.run_for(self.deadline, program, args)
-    }
-
-    fn run_for(&self, deadline: Duration, program: &str, args: &[&str]) -> Result<(), BackendError> {
         let mut cmd = Command::new(program);
         cmd.args(args).env("LC_ALL", "C");
-        let out = command::output(&mut cmd, deadline, &self.stuck).map_err(|e| match e {
+        let out = command::output(&mut cmd, self.deadline, &self.stuck).map_err(|e| match e {
             CommandError::TimedOut { .. } => BackendError::Busy(e.to_string()),
-            CommandError::Spawn { .. } => BackendError::Io(e.to_string()),
+            CommandError::Spawn { .. } | CommandError::Failed { .. } => BackendError::Io(e.to_string()),
         })?;
         if !out.status.success() {
             // The first lines say why; mkfs then prints its whole usage text.
@@ -286,8 +276,8 @@ impl LvmPool {
 
     fn mounted(&self, dev: &str, target: &Path) -> Result<bool, BackendError> {
         let rdev = std::fs::metadata(dev).map_err(|e| io(dev, e))?.rdev();
-        let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| io("/proc/self/mountinfo", e))?;
-        Ok(mounted_device(&info, target) == Some((rustix::fs::major(rdev), rustix::fs::minor(rdev))))
+        let own = self.mounts.own().map_err(BackendError::Io)?;
+        Ok(mounted_at(&own, target) == Some((rustix::fs::major(rdev), rustix::fs::minor(rdev))))
     }
 
     fn activate(&self, lv: &LvRow) -> Result<(), BackendError> {
@@ -323,16 +313,62 @@ impl LvmPool {
         Ok(target)
     }
 
-    fn unmount(&self, lv: &LvRow, volume: &str) -> Result<(), BackendError> {
+    /// Unmounts the agent's own mount of the volume's filesystem; whether there was one.
+    fn unmount(&self, lv: &LvRow, volume: &str) -> Result<bool, BackendError> {
         let target = self.mount_point(volume);
         if Path::new(&lv.dm_path).exists() && self.mounted(&lv.dm_path, &target)? {
             self.run("umount", &[target.to_str().unwrap_or_default()])?;
+            return Ok(true);
         }
+        Ok(false)
+    }
+
+    fn remove_mount_point(&self, volume: &str) -> Result<(), BackendError> {
+        let target = self.mount_point(volume);
         match std::fs::remove_dir(&target) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io(target.display(), e)),
         }
+    }
+
+    /// Unmounts the agent's own mount of `lv` (of `volume`), then refuses (`InUse`) if its device is still open:
+    /// something else has it (crate::in_use), and what was unmounted is mounted back. Returns the LV as lvm2
+    /// reports it now.
+    fn release(&self, lv: LvRow, volume: &str) -> Result<LvRow, BackendError> {
+        let unmounted = self.unmount(&lv, volume)?;
+        // The open count the agent's own mount added is gone only now.
+        let lv = if unmounted { self.lvm.lv(&self.vg, &lv.name).map_err(backend_error)? } else { lv };
+        if !device_held(&lv.device_open, lv.active) {
+            return Ok(lv);
+        }
+        let mut why = format!("volume {volume} is in use: its device {} is open", lv.dm_path);
+        match self.holders(&lv) {
+            Ok(holders) if !holders.is_empty() => {
+                let points: Vec<&str> = holders.iter().take(3).map(String::as_str).collect();
+                why.push_str(&format!(" and its filesystem mounted at {}", points.join(", ")));
+            }
+            // Not mounted anywhere: a raw block volume kubelet maps (through a loop device), or a process.
+            Ok(_) => why.push_str(" (a pod's raw block device, or a process that has it open)"),
+            Err(e) => why.push_str(&format!(" ({e})")),
+        }
+        why.push_str("; nothing was changed, delete it again once nothing holds it");
+        if unmounted {
+            let back = record_from_tags(&lv.tags).map_err(BackendError::Io).and_then(|r| self.mount(&lv, &r));
+            if let Err(e) = back {
+                tracing::error!(pool = %self.pool, volume, error = %e, "a volume in use was unmounted for its delete and cannot be mounted back: its PV path is missing until the agent restarts");
+                why.push_str(&format!("; mounting it back at {} failed: {e}", self.mount_point(volume).display()));
+            }
+        }
+        Err(BackendError::InUse(why))
+    }
+
+    /// Where the host's mount table shows the filesystem of `lv` mounted.
+    fn holders(&self, lv: &LvRow) -> Result<Vec<String>, String> {
+        let rdev = std::fs::metadata(&lv.dm_path).map_err(|e| format!("{}: {e}", lv.dm_path))?.rdev();
+        let device = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+        let host = self.mounts.host()?;
+        Ok(host.into_iter().filter(|m| m.device == device).map(|m| m.mount_point).collect())
     }
 
     /// Makes the filesystem, mounts it, and makes `data/` with the request's owner and mode.
@@ -351,15 +387,35 @@ impl LvmPool {
         Ok(data)
     }
 
-    fn finish_create(&self, lv: &LvRow, record: &VolumeRecord) -> Result<String, BackendError> {
+    /// Makes a new LV usable: active, and for a Filesystem volume the filesystem made and mounted.
+    fn make_usable(&self, lv: &LvRow, record: &VolumeRecord) -> Result<String, BackendError> {
         self.activate(lv)?;
-        let path = match record.volume_mode {
+        Ok(match record.volume_mode {
             VolumeMode::Filesystem => self.make_filesystem(lv, record)?.display().to_string(),
             VolumeMode::Block => lv.dm_path.clone(),
-        };
-        self.lvm.run(&["lvchange", "--deltag", CREATING, &self.full_name(&lv.name)]).map_err(backend_error)?;
+        })
+    }
+
+    /// The last step of a create: the `creating` tag lifted, the volume is whole.
+    fn lift_creating(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
+        let full = self.full_name(&lv_name(&record.name));
+        self.lvm.run(&["lvchange", "--deltag", CREATING, &full]).map_err(backend_error)?;
         crate::failpoints::point("lvm-create-after-untag");
-        Ok(path)
+        Ok(record)
+    }
+
+    /// Whether a volume's bytes must be zeroed before anyone has them: a raw block volume of a thick pool, whose
+    /// extents hold whatever was written there before (a volume removed outside Berth, never zeroed). A thin pool
+    /// zeroes every block it provisions (it must, or it is not ready: `check_ready`), and a filesystem volume is
+    /// only ever seen through its filesystem, which reads unwritten blocks as zeroes (docs/agent-config.md).
+    fn zeroes_new_space(&self, record: &VolumeRecord) -> bool {
+        self.thin.is_none() && record.volume_mode == VolumeMode::Block
+    }
+
+    /// What zeroing the whole of `lv` is, and what is left if it cannot be finished.
+    fn whole(&self, lv: &LvRow, volume: Option<String>) -> Zeroing {
+        let leftover = Debris { path: PathBuf::from(self.full_name(&lv.name)), volume, size_bytes: lv.size };
+        Zeroing { device: PathBuf::from(&lv.dm_path), offset: 0, len: lv.size, leftover }
     }
 
     /// Removes an LV this pool no longer (or never completely) handed out; a thick one is zeroed first.
@@ -367,14 +423,29 @@ impl LvmPool {
         let full = self.full_name(&lv.name);
         if self.thin.is_none() {
             self.activate(lv)?;
-            // BLKZEROOUT: the device writes zeros (or unmaps where that reads back as zeros).
-            // Zeroing writes the whole LV: its deadline grows with the size (at 10 MiB/s, slow disks included).
-            let deadline = self.deadline + Duration::from_secs(lv.size / (10 << 20));
-            self.run_for(deadline, "blkdiscard", &["--zeroout", &lv.dm_path])?;
+            self.zero(&self.whole(lv, None))?;
             crate::failpoints::point("lvm-purge-after-zero");
         }
         self.lvm.run(&["lvremove", "-y", &full]).map_err(backend_error)?;
         crate::failpoints::point("lvm-purge-after-lvremove");
+        Ok(())
+    }
+
+    fn grow_filesystem(&self, lv: &LvRow, record: &VolumeRecord) -> Result<(), BackendError> {
+        if record.volume_mode == VolumeMode::Filesystem {
+            match record.fs_type.as_deref() {
+                Some("xfs") => self.run("xfs_growfs", &[&self.mount_point(&record.name).display().to_string()])?,
+                _ => self.run("resize2fs", &[&lv.dm_path])?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The size tag of `record`'s LV changed to `size_bytes`.
+    fn record_size(&self, lv: &LvRow, record: &VolumeRecord, size_bytes: u64) -> Result<(), BackendError> {
+        let (old, new) = (format!("{TAG}size={}", record.size_bytes), format!("{TAG}size={size_bytes}"));
+        let full = self.full_name(&lv.name);
+        self.lvm.run(&["lvchange", "--deltag", &old, "--addtag", &new, &full]).map_err(backend_error)?;
         Ok(())
     }
 
@@ -474,7 +545,7 @@ impl Backend for LvmPool {
         Ok(Recovered { volumes, debris })
     }
 
-    fn create(&self, mut record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
+    fn create(&self, mut record: VolumeRecord) -> Result<Made, BackendError> {
         let name = lv_name(&record.name);
         let size = format!("{}b", record.size_bytes);
         let mut args: Vec<String> = vec!["lvcreate".into(), "-y".into(), "-W".into(), "y".into()];
@@ -494,8 +565,40 @@ impl Backend for LvmPool {
         // On failure what was made keeps its `creating` tag: debris, which the agent removes in the background
         // (`leftover_of_create`), or the next start does.
         let lv = self.lvm.lv(&self.vg, &name).map_err(backend_error)?;
-        record.path = self.finish_create(&lv, &record)?;
-        Ok(record)
+        record.path = self.make_usable(&lv, &record)?;
+        if self.zeroes_new_space(&record) {
+            let zeroing = self.whole(&lv, Some(record.name.clone()));
+            return Ok(Made::ZeroFirst(record, zeroing));
+        }
+        self.lift_creating(record).map(Made::Ready)
+    }
+
+    /// A create that was [`Made::ZeroFirst`], its LV zeroed: made whole.
+    fn finish_create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
+        crate::failpoints::point("lvm-create-after-zero");
+        self.lift_creating(record)
+    }
+
+    /// BLKZEROOUT in the agent's process (zeroing.rs), within the pool's deadline for that many bytes.
+    fn zero(&self, zeroing: &Zeroing) -> Result<(), BackendError> {
+        let (device, offset, len) = (zeroing.device.clone(), zeroing.offset, zeroing.len);
+        let what = format!("zeroing {len} bytes of {} (BLKZEROOUT)", device.display());
+        let started = std::time::Instant::now();
+        let outcome = |r: &std::io::Result<()>| r.as_ref().map_or_else(|e| e.to_string(), |()| "zeroed".to_owned());
+        command::call(
+            &what,
+            zeroing::deadline(self.deadline, len),
+            &self.stuck,
+            move || zero_out(&device, offset, len),
+            outcome,
+        )
+        .map_err(|e| match e {
+            CommandError::TimedOut { .. } => BackendError::Busy(e.to_string()),
+            _ => BackendError::Io(e.to_string()),
+        })?;
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(pool = %self.pool, device = %zeroing.device.display(), bytes = len, seconds, "zeroed");
+        Ok(())
     }
 
     fn leftover_of_create(&self, volume: &str) -> Option<Debris> {
@@ -544,26 +647,58 @@ impl Backend for LvmPool {
 
     /// lvextend (to whole extents), then the filesystem grown while mounted (resize2fs on the device, xfs_growfs
     /// on the mount point), then the size tag. Each step is idempotent, so a repeat after a crash completes it.
-    fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError> {
+    /// A raw block volume of a thick pool gets only extents zeroed beforehand: an LV made on the free extents
+    /// it will have, zeroed (without the agent's lock), removed, and its extents named to lvextend
+    /// ([`LvmPool::finish_expand`]). Zeroing after lvextend would let a pod read the old bytes meanwhile.
+    fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<Made, BackendError> {
         self.check_marked()?;
         let lv = self.lvm.lv(&self.vg, &lv_name(&record.name)).map_err(backend_error)?;
-        let full = self.full_name(&lv.name);
-        if lv.size < size_bytes {
-            self.lvm.run(&["lvextend", "-L", &format!("{size_bytes}b"), &full]).map_err(backend_error)?;
-        }
-        crate::failpoints::point("lvm-expand-after-lvextend");
-        if record.volume_mode == VolumeMode::Filesystem {
-            match record.fs_type.as_deref() {
-                Some("xfs") => self.run("xfs_growfs", &[&self.mount_point(&record.name).display().to_string()])?,
-                _ => self.run("resize2fs", &[&lv.dm_path])?,
+        let grown = VolumeRecord { size_bytes, ..record.clone() };
+        if lv.size >= size_bytes || !self.zeroes_new_space(record) {
+            if lv.size < size_bytes {
+                let full = self.full_name(&lv.name);
+                self.lvm.run(&["lvextend", "-L", &format!("{size_bytes}b"), &full]).map_err(backend_error)?;
             }
+            crate::failpoints::point("lvm-expand-after-lvextend");
+            self.grow_filesystem(&lv, record)?;
+            crate::failpoints::point("lvm-expand-after-resize");
+            self.record_size(&lv, record, size_bytes)?;
+            crate::failpoints::point("lvm-expand-after-retag");
+            return Ok(Made::Ready(grown));
         }
-        crate::failpoints::point("lvm-expand-after-resize");
-        let mut grown = record.clone();
-        grown.size_bytes = size_bytes;
-        let (old, new) = (format!("{TAG}size={}", record.size_bytes), format!("{TAG}size={size_bytes}"));
-        self.lvm.run(&["lvchange", "--deltag", &old, "--addtag", &new, &full]).map_err(backend_error)?;
-        crate::failpoints::point("lvm-expand-after-retag");
+        let extent = self.lvm.vg(&self.vg).map_err(backend_error)?.extent_size;
+        let extents = size_bytes.div_ceil(extent) - lv.size / extent;
+        let spare = spare_lv_name(&record.name);
+        // Tagged as debris from the start: a crash before it is removed leaves it to the next start's removal.
+        let (pool_tag, count) = (self.marker_tag(), extents.to_string());
+        let args =
+            ["lvcreate", "-y", "-l", &count, "-n", &spare, &self.vg, "--addtag", &pool_tag, "--addtag", CREATING];
+        self.lvm.run(&args).map_err(backend_error)?;
+        crate::failpoints::point("lvm-expand-after-spare-lvcreate");
+        let spare = self.lvm.lv(&self.vg, &spare).map_err(backend_error)?;
+        self.activate(&spare)?;
+        Ok(Made::ZeroFirst(grown, self.whole(&spare, None)))
+    }
+
+    fn finish_expand(
+        &self,
+        record: &VolumeRecord,
+        grown: VolumeRecord,
+        zeroed: &Zeroing,
+    ) -> Result<VolumeRecord, BackendError> {
+        crate::failpoints::point("lvm-expand-after-spare-zero");
+        let spare = zeroed.leftover.path.to_str().unwrap_or_default();
+        let ranges = self.lvm.pe_ranges(spare).map_err(backend_error)?;
+        self.lvm.run(&["lvremove", "-y", spare]).map_err(backend_error)?;
+        crate::failpoints::point("lvm-expand-after-spare-lvremove");
+        // Only those extents: lvm2 would otherwise pick any free ones, not necessarily the zeroed.
+        let lv = self.lvm.lv(&self.vg, &lv_name(&record.name)).map_err(backend_error)?;
+        let (size, full) = (format!("{}b", grown.size_bytes), self.full_name(&lv.name));
+        let mut args = vec!["lvextend", "-L", &size, &full];
+        args.extend(ranges.iter().map(String::as_str));
+        self.lvm.run(&args).map_err(backend_error)?;
+        crate::failpoints::point("lvm-expand-after-spare-lvextend");
+        self.record_size(&lv, record, grown.size_bytes)?;
         Ok(grown)
     }
 
@@ -574,9 +709,10 @@ impl Backend for LvmPool {
             Err(LvmError::LvNotFound(_)) => return Ok(None),
             Err(e) => return Err(backend_error(e)),
         };
-        self.unmount(&lv, name)?;
-        let full = self.full_name(&lv.name);
+        let lv = self.release(lv, name)?;
+        self.remove_mount_point(name)?;
         crate::failpoints::point("lvm-detach-after-unmount");
+        let full = self.full_name(&lv.name);
         self.lvm.run(&["lvchange", "--addtag", DELETING, &full]).map_err(backend_error)?;
         crate::failpoints::point("lvm-detach-after-tag");
         Ok(Some(PathBuf::from(full)))
@@ -592,7 +728,11 @@ impl Backend for LvmPool {
             Err(LvmError::LvNotFound(_)) => return Ok(()),
             Err(e) => return Err(backend_error(e)),
         };
-        self.unmount(&lv, name.strip_prefix(LV_PREFIX).unwrap_or(name))?;
+        // Checked again: debris of a delete interrupted by a crash, or left by an agent before this check, may be
+        // in use, and zeroing it would destroy a pod's data under it.
+        let volume = name.strip_prefix(LV_PREFIX).unwrap_or(name);
+        let lv = self.release(lv, volume)?;
+        self.remove_mount_point(volume)?;
         self.remove_lv(&lv)
     }
 }
@@ -663,14 +803,5 @@ mod tests {
     fn lv_names_keep_clear_of_reserved_prefixes() {
         assert_eq!(lv_name("snapshot-1"), "berth-snapshot-1");
         assert!(crate::config::lvm_name(&lv_name(&"a".repeat(63))).is_ok());
-    }
-
-    #[test]
-    fn mountinfo_finds_the_topmost_mount() {
-        let info = "22 1 0:21 / /var/lib/berth rw shared:1 - tmpfs tmpfs rw\n\
-                    40 22 253:3 / /var/lib/berth/lvm/pvc-a rw,noatime shared:5 - xfs /dev/mapper/vg-berth--pvc--a rw\n\
-                    41 40 253:7 / /var/lib/berth/lvm/pvc-a rw shared:6 - ext4 /dev/mapper/x rw\n";
-        assert_eq!(mounted_device(info, Path::new("/var/lib/berth/lvm/pvc-a")), Some((253, 7)));
-        assert_eq!(mounted_device(info, Path::new("/var/lib/berth/lvm/pvc-b")), None);
     }
 }

@@ -16,7 +16,7 @@ use crate::command::{self, CommandError, Stuck};
 /// The fields Berth reads of a logical volume.
 pub const LV_FIELDS: &str = concat!(
     "lv_name,vg_name,lv_size,lv_path,lv_dm_path,lv_active,lv_attr,lv_tags,pool_lv,origin,segtype,",
-    "data_percent,metadata_percent,zero"
+    "data_percent,metadata_percent,zero,lv_device_open"
 );
 /// The fields Berth reads of a volume group.
 pub const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,vg_free_count,vg_tags";
@@ -100,6 +100,9 @@ pub struct LvRow {
     pub metadata_percent: Option<f64>,
     /// `zero` when a thin pool zeroes newly provisioned blocks.
     pub zero: String,
+    /// `open` while the kernel's open count of the LV's device is above 0, empty at 0, `unknown` without a
+    /// device (not active): crate::in_use::device_held.
+    pub device_open: String,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +120,17 @@ struct VgSection {
 struct LvSection {
     #[serde(default)]
     lv: Vec<RawLv>,
+}
+
+#[derive(Deserialize)]
+struct SegSection {
+    #[serde(default)]
+    seg: Vec<RawSeg>,
+}
+
+#[derive(Deserialize)]
+struct RawSeg {
+    seg_pe_ranges: String,
 }
 
 #[derive(Deserialize)]
@@ -144,6 +158,13 @@ struct RawLv {
     data_percent: String,
     metadata_percent: String,
     zero: String,
+    /// Absent from recordings made before Berth read it: not known, which holds an active LV.
+    #[serde(default = "unknown")]
+    lv_device_open: String,
+}
+
+fn unknown() -> String {
+    "unknown".into()
 }
 
 fn bytes(field: &str, v: &str) -> Result<u64, String> {
@@ -167,6 +188,22 @@ pub fn parse_vgs(json: &str) -> Result<Vec<VgRow>, String> {
         });
     }
     Ok(rows)
+}
+
+/// The physical extents of an LV from `lvs --segments -o seg_pe_ranges`, one item per area, as lvextend takes
+/// them (`/dev/vda:120-129`).
+pub fn parse_pe_ranges(json: &str) -> Result<Vec<String>, String> {
+    let report: Report<SegSection> = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let ranges: Vec<String> = report
+        .report
+        .into_iter()
+        .flat_map(|s| s.seg)
+        .flat_map(|seg| seg.seg_pe_ranges.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .collect();
+    if ranges.is_empty() || ranges.iter().any(|r| !r.contains(':')) {
+        return Err(format!("no physical extent ranges in {ranges:?}"));
+    }
+    Ok(ranges)
 }
 
 pub fn parse_lvs(json: &str) -> Result<Vec<LvRow>, String> {
@@ -198,6 +235,7 @@ pub fn parse_lvs(json: &str) -> Result<Vec<LvRow>, String> {
             origin: raw.origin,
             segtype: raw.segtype,
             zero: raw.zero,
+            device_open: raw.lv_device_open,
         });
     }
     Ok(rows)
@@ -228,7 +266,7 @@ impl Lvm {
         cmd.env("LC_ALL", "C").env("LVM_SUPPRESS_FD_WARNINGS", "1");
         let command = args.first().copied().unwrap_or_default();
         let out = command::output(&mut cmd, self.deadline, &self.stuck).map_err(|e| match e {
-            CommandError::Spawn { .. } => LvmError::Spawn(e.to_string()),
+            CommandError::Spawn { .. } | CommandError::Failed { .. } => LvmError::Spawn(e.to_string()),
             CommandError::TimedOut { .. } => LvmError::TimedOut(e.to_string()),
         })?;
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -260,6 +298,12 @@ impl Lvm {
     pub fn lvs(&self, vg: &str) -> Result<Vec<LvRow>, LvmError> {
         let json = self.report("lvs", LV_FIELDS, vg)?;
         parse_lvs(&json).map_err(|why| LvmError::BadOutput { command: "lvs".into(), why })
+    }
+
+    /// The physical extents `vg/lv` (`full`) occupies: [`parse_pe_ranges`].
+    pub fn pe_ranges(&self, full: &str) -> Result<Vec<String>, LvmError> {
+        let json = self.run(&["lvs", "--segments", "--reportformat", "json", "-o", "seg_pe_ranges", full])?;
+        parse_pe_ranges(&json).map_err(|why| LvmError::BadOutput { command: "lvs --segments".into(), why })
     }
 
     pub fn lv(&self, vg: &str, lv: &str) -> Result<LvRow, LvmError> {
@@ -401,5 +445,34 @@ mod tests {
         }
         let json = json.replace("\"data_percent\":\"3.91\"", "\"data_percent\":\"100.00\"");
         assert_eq!(parse_lvs(&json).unwrap().iter().find(|l| l.name == "thin").unwrap().data_percent, Some(100.0));
+    }
+
+    #[test]
+    fn the_open_count_of_mounted_unmounted_and_inactive_volumes() {
+        let (json, code, _) = recorded("lvs_device_open");
+        assert_eq!(code, 0);
+        let lvs = parse_lvs(&json).unwrap();
+        let by = |n: &str| lvs.iter().find(|l| l.name == n).unwrap();
+        let held = |l: &LvRow| crate::in_use::device_held(&l.device_open, l.active);
+        let open = by("berth-pvc-open");
+        assert_eq!((open.device_open.as_str(), open.active, held(open)), ("open", true, true), "mounted");
+        let closed = by("berth-pvc-closed");
+        assert_eq!((closed.device_open.as_str(), closed.active, held(closed)), ("", true, false));
+        let inactive = by("berth-pvc-inactive");
+        assert_eq!((inactive.device_open.as_str(), inactive.active, held(inactive)), ("unknown", false, false));
+        // Recorded before Berth read the field: not known, so an active LV counts as held.
+        let (json, _, _) = recorded("lvs_thick");
+        let thick = &parse_lvs(&json).unwrap()[0];
+        assert!(thick.active && held(thick), "{thick:?}");
+    }
+
+    #[test]
+    fn physical_extents_one_item_per_segment() {
+        let (json, code, _) = recorded("lvs_segments_extended");
+        assert_eq!(code, 0);
+        assert_eq!(parse_pe_ranges(&json).unwrap(), ["/dev/vda:2-3", "/dev/vda:13-16"]);
+        assert!(parse_pe_ranges(r#"{"report": [{"seg": []}]}"#).is_err(), "no extents is no answer");
+        let striped = r#"{"report": [{"seg": [{"seg_pe_ranges": "/dev/vda:0-3 /dev/vdb:0-3"}]}]}"#;
+        assert_eq!(parse_pe_ranges(striped).unwrap(), ["/dev/vda:0-3", "/dev/vdb:0-3"]);
     }
 }

@@ -5,8 +5,11 @@ pub mod hostpath;
 pub mod lvm;
 pub mod lvm2;
 pub mod quota;
+pub mod zeroing;
 
 use berth::agent_api::{ClaimRef, VolumeMode};
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -60,6 +63,29 @@ pub struct Debris {
     pub volume: Option<String>,
     /// The bytes it may still hold on the pool's storage: its volume's size where known, else 0.
     pub size_bytes: u64,
+}
+
+/// Bytes of a new or grown volume that must read back as zeroes before anyone has them (a thick LV's extents
+/// hold whatever was written there before: a volume removed outside Berth, a region `lvextend` adds), zeroed by
+/// [`Backend::zero`] outside the agent's lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zeroing {
+    /// The block device to zero, and the range.
+    pub device: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+    /// What is left to remove (in the background) if the volume cannot be finished.
+    pub leftover: Debris,
+}
+
+/// What [`Backend::create`] and [`Backend::expand`] made.
+#[derive(Debug)]
+pub enum Made {
+    /// Finished: the volume as it is now.
+    Ready(VolumeRecord),
+    /// The volume (as it will be) once `Zeroing` is done, then [`Backend::finish_create`] or
+    /// [`Backend::finish_expand`].
+    ZeroFirst(VolumeRecord, Zeroing),
 }
 
 /// What [`Backend::recover`] found on disk.
@@ -143,6 +169,9 @@ pub enum BackendError {
     /// A command outlived its deadline and still runs (crate::command): the pool takes no work until it exits.
     #[error("{0}")]
     Busy(String),
+    /// Something still uses the volume (crate::in_use): nothing destructive was done.
+    #[error("{0}")]
+    InUse(String),
 }
 
 fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> BackendError {
@@ -184,8 +213,17 @@ pub trait Backend: Send + Sync {
     fn recover(&self) -> Result<Recovered, BackendError>;
     /// Makes the volume described by `record` (whose `path` it fills in). Atomic: after a crash the volume either
     /// exists completely or [`Backend::recover`] finds what was left as debris. A create that fails may leave
-    /// debris too, which [`Backend::leftover_of_create`] names.
-    fn create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError>;
+    /// debris too, which [`Backend::leftover_of_create`] names. A volume whose bytes must be zeroed first is
+    /// [`Made::ZeroFirst`]: not usable (debris to a crash) until [`Backend::finish_create`].
+    fn create(&self, record: VolumeRecord) -> Result<Made, BackendError>;
+    /// Writes zeroes as `zeroing` says; slow (the whole range is written), run without the agent's lock.
+    fn zero(&self, zeroing: &Zeroing) -> Result<(), BackendError> {
+        Err(BackendError::Io(format!("{} pools zero nothing ({})", self.kind(), zeroing.device.display())))
+    }
+    /// Completes a create that was [`Made::ZeroFirst`], once the zeroing is done.
+    fn finish_create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
+        Ok(record)
+    }
     /// What a failed [`Backend::create`] of `volume` left, for the agent to remove in the background (undoing it
     /// inline would hold the agent's lock while a thick LV is zeroed); `None` when the create cleaned up itself.
     fn leftover_of_create(&self, _volume: &str) -> Option<Debris> {
@@ -198,8 +236,19 @@ pub trait Backend: Send + Sync {
     /// Removes the volume's "unpublished" mark, durably (a PV has been made for it). Idempotent.
     fn publish(&self, record: &VolumeRecord) -> Result<(), BackendError>;
     /// Grows the volume to `size_bytes` while it may be in use, and records the new size in its marker (atomic:
-    /// after a crash the marker has the old size or the new one). The core has checked the space.
-    fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError>;
+    /// after a crash the marker has the old size or the new one). The core has checked the space. Space that must
+    /// be zeroed before the volume may have it is [`Made::ZeroFirst`] (nothing of the volume changed yet), then
+    /// [`Backend::finish_expand`].
+    fn expand(&self, record: &VolumeRecord, size_bytes: u64) -> Result<Made, BackendError>;
+    /// Completes an expansion that was [`Made::ZeroFirst`] (`grown` is what it returned), once the zeroing is done.
+    fn finish_expand(
+        &self,
+        _record: &VolumeRecord,
+        grown: VolumeRecord,
+        _zeroed: &Zeroing,
+    ) -> Result<VolumeRecord, BackendError> {
+        Ok(grown)
+    }
     /// Bytes each of `volumes` (this pool's) uses now, where the storage counts it (a project quota, a mounted
     /// filesystem); `None` where nothing does. Cheap: called on every sample.
     fn used_bytes(&self, volumes: &[&VolumeRecord]) -> Vec<Option<u64>>;

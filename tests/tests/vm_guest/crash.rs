@@ -7,9 +7,13 @@
 //! done, every volume mounted at its mount point and no other mount point left, `GET /v1/volumes` equal to the LVs'
 //! tags, and the same inventory after the next restart.
 //!
-//! One volume kind for every point: thick ext4 `Filesystem` volumes of 8 MiB (the steps of block and thin volumes
-//! are a subset, or the same lvm2 calls). The volumes the create points leave are those the publish, expand and
-//! delete points work on, so no point pays for a create of its own.
+//! Thick ext4 `Filesystem` volumes of 8 MiB for every point but those only a thick raw block volume reaches (its
+//! zeroing at create, and the spare LV `<lv>.grow` its growth is zeroed through); thin volumes take a subset of the
+//! same lvm2 calls. The volumes the create points leave are those the publish, expand and delete points work on, so
+//! no point pays for a create of its own, but for the block volumes the spare points grow: one create point leaves
+//! one, the others are made (without a crash) before their point. Before each block point the free extents the
+//! next LV gets are dirtied from outside Berth, and every block volume must read zeroes throughout, whatever
+//! crashed where.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -21,7 +25,7 @@ use berth_agent::failpoints::POINTS;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::lvm_agent::{GuestAgent, MI, base, env, init_pools, mount_of, root};
+use crate::lvm_agent::{GuestAgent, MI, base, env, extents, init_pools, mount_of, root, write_pattern, zeroes_at};
 use crate::{in_vm, lvm, sh, volume_group};
 
 const SIZE: u64 = 8 * MI;
@@ -32,6 +36,15 @@ const URL: &str = "https://127.0.0.1:7443";
 const WITHIN: Duration = Duration::from_secs(90);
 const CREATING: &str = "berth:creating";
 const DELETING: &str = "berth:deleting";
+
+/// The volume a point works on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// ext4, mounted by the agent.
+    Fs,
+    /// Raw block: the LV's device, zeroed before a pod gets its bytes.
+    Block,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -46,8 +59,9 @@ enum Op {
 enum Left {
     /// The volume's LV tagged with this tag: debris, out of the inventory.
     Debris(&'static str),
-    /// The volume, mounted, its size tag `size`, its LV `lv_size` bytes, published or not.
-    Volume { size: u64, lv_size: u64, published: bool },
+    /// The volume (mounted, if a filesystem), its size tag `size`, its LV `lv_size` bytes, published or not, and
+    /// the spare LV of its growth there (tagged `berth:creating`: debris) or not.
+    Volume { size: u64, lv_size: u64, published: bool, spare: bool },
     /// The volume's LV untagged but unmounted (the delete stopped between the two).
     Unmounted,
     /// No LV any more.
@@ -55,24 +69,37 @@ enum Left {
 }
 
 const fn volume(size: u64, lv_size: u64, published: bool) -> Left {
-    Left::Volume { size, lv_size, published }
+    Left::Volume { size, lv_size, published, spare: false }
 }
 
-/// Every lvm point: the operation that reaches it and what a crash there leaves.
-const LVM: &[(&str, Op, Left)] = &[
-    ("lvm-create-after-lvcreate", Op::Create, Left::Debris(CREATING)),
-    ("lvm-create-after-mkfs", Op::Create, Left::Debris(CREATING)),
-    ("lvm-create-after-mount", Op::Create, Left::Debris(CREATING)),
-    ("lvm-create-after-data-dir", Op::Create, Left::Debris(CREATING)),
-    ("lvm-create-after-untag", Op::Create, volume(SIZE, SIZE, false)),
-    ("lvm-publish-after-untag", Op::Publish, volume(SIZE, SIZE, true)),
-    ("lvm-expand-after-lvextend", Op::Expand, volume(SIZE, GROWN, false)),
-    ("lvm-expand-after-resize", Op::Expand, volume(SIZE, GROWN, false)),
-    ("lvm-expand-after-retag", Op::Expand, volume(GROWN, GROWN, false)),
-    ("lvm-detach-after-unmount", Op::Delete, Left::Unmounted),
-    ("lvm-detach-after-tag", Op::Delete, Left::Debris(DELETING)),
-    ("lvm-purge-after-zero", Op::Delete, Left::Debris(DELETING)),
-    ("lvm-purge-after-lvremove", Op::Delete, Left::Gone),
+/// A block volume whose growth stopped with its spare LV made (`spare`) or already removed.
+const fn growing(lv_size: u64, spare: bool) -> Left {
+    Left::Volume { size: SIZE, lv_size, published: false, spare }
+}
+
+/// Every lvm point: the operation that reaches it, on which kind of volume, and what a crash there leaves.
+const LVM: &[(&str, Op, Kind, Left)] = &[
+    ("lvm-create-after-lvcreate", Op::Create, Kind::Fs, Left::Debris(CREATING)),
+    ("lvm-create-after-mkfs", Op::Create, Kind::Fs, Left::Debris(CREATING)),
+    ("lvm-create-after-mount", Op::Create, Kind::Fs, Left::Debris(CREATING)),
+    ("lvm-create-after-data-dir", Op::Create, Kind::Fs, Left::Debris(CREATING)),
+    // Zeroed, not yet finished: still debris (zeroed again when it is removed).
+    ("lvm-create-after-zero", Op::Create, Kind::Block, Left::Debris(CREATING)),
+    ("lvm-create-after-untag", Op::Create, Kind::Fs, volume(SIZE, SIZE, false)),
+    ("lvm-publish-after-untag", Op::Publish, Kind::Fs, volume(SIZE, SIZE, true)),
+    ("lvm-expand-after-lvextend", Op::Expand, Kind::Fs, volume(SIZE, GROWN, false)),
+    ("lvm-expand-after-resize", Op::Expand, Kind::Fs, volume(SIZE, GROWN, false)),
+    ("lvm-expand-after-retag", Op::Expand, Kind::Fs, volume(GROWN, GROWN, false)),
+    // The volume untouched until lvextend; the spare is debris while it exists.
+    ("lvm-expand-after-spare-lvcreate", Op::Expand, Kind::Block, growing(SIZE, true)),
+    ("lvm-expand-after-spare-zero", Op::Expand, Kind::Block, growing(SIZE, true)),
+    ("lvm-expand-after-spare-lvremove", Op::Expand, Kind::Block, growing(SIZE, false)),
+    // Grown onto the zeroed extents, the size tag not yet: the retry only replaces the tag.
+    ("lvm-expand-after-spare-lvextend", Op::Expand, Kind::Block, growing(GROWN, false)),
+    ("lvm-detach-after-unmount", Op::Delete, Kind::Fs, Left::Unmounted),
+    ("lvm-detach-after-tag", Op::Delete, Kind::Fs, Left::Debris(DELETING)),
+    ("lvm-purge-after-zero", Op::Delete, Kind::Fs, Left::Debris(DELETING)),
+    ("lvm-purge-after-lvremove", Op::Delete, Kind::Fs, Left::Gone),
 ];
 
 /// Name → (size, published), as the inventory should hold it.
@@ -82,11 +109,18 @@ struct Lv {
     name: String,
     tags: Vec<String>,
     size: u64,
+    dm_path: String,
+}
+
+impl Lv {
+    fn is_block(&self) -> bool {
+        self.tags.iter().any(|t| t == "berth:volmode=Block")
+    }
 }
 
 fn lvs() -> Vec<Lv> {
-    let json =
-        lvm(&["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", "lv_name,lv_tags,lv_size", "berth"]);
+    let fields = "lv_name,lv_tags,lv_size,lv_dm_path";
+    let json = lvm(&["lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields, "berth"]);
     let v: Value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("lvs JSON {json:?}: {e}"));
     let rows = v["report"][0]["lv"].as_array().cloned().unwrap_or_default();
     rows.iter()
@@ -94,8 +128,41 @@ fn lvs() -> Vec<Lv> {
             name: r["lv_name"].as_str().unwrap().to_owned(),
             tags: r["lv_tags"].as_str().unwrap().split(',').filter(|t| !t.is_empty()).map(str::to_owned).collect(),
             size: r["lv_size"].as_str().unwrap().parse().unwrap(),
+            dm_path: r["lv_dm_path"].as_str().unwrap().to_owned(),
         })
         .collect()
+}
+
+/// The spare LV a block volume's growth is zeroed through.
+fn spare_of(volume: &str) -> Option<Lv> {
+    lvs().into_iter().find(|l| l.name == format!("berth-{volume}.grow"))
+}
+
+/// Whether the whole of a block volume's LV reads zeroes (nobody writes to them here).
+fn reads_zeroes(lv: &Lv) -> bool {
+    zeroes_at(&lv.dm_path, 0, lv.size)
+}
+
+/// The physical extents (numbers on the one PV) of LV `berth/<lv>`.
+fn extent_numbers(lv: &str) -> std::collections::BTreeSet<u64> {
+    let mut set = std::collections::BTreeSet::new();
+    for range in extents(lv) {
+        let (_, span) = range.rsplit_once(':').unwrap();
+        let (from, to) = span.split_once('-').unwrap_or((span, span));
+        set.extend(from.parse::<u64>().unwrap()..=to.parse().unwrap());
+    }
+    set
+}
+
+/// Makes the next LV's extents hold bytes Berth never wrote: an LV on the lowest free extents (where lvm2 puts the
+/// next one) filled with the pattern and removed outside Berth (lvremove does not zero). Its extents.
+fn dirty_free_extents() -> std::collections::BTreeSet<u64> {
+    lvm(&["lvcreate", "-y", "-W", "y", "-L", "32m", "-n", "stranger", "berth"]);
+    let stranger = lvs().into_iter().find(|l| l.name == "stranger").unwrap();
+    write_pattern(&stranger.dm_path, stranger.size);
+    let dirty = extent_numbers("stranger");
+    lvm(&["lvremove", "-y", "berth/stranger"]);
+    dirty
 }
 
 fn lv_of(volume: &str) -> Option<Lv> {
@@ -111,20 +178,27 @@ fn debris_left() -> Vec<String> {
     lvs().into_iter().filter(|l| l.tags.iter().any(|t| t == CREATING || t == DELETING)).map(|l| l.name).collect()
 }
 
-/// The volumes as the LVs' tags say, after checking that each is mounted at its mount point with its data/
-/// directory, that its LV holds its size, and that the pool root holds no other mount point.
+/// The volumes as the LVs' tags say, after checking that each filesystem volume is mounted at its mount point with
+/// its data/ directory and each block volume reads zeroes, that its LV holds its size, and that the pool root holds
+/// no other mount point.
 fn on_disk() -> Model {
     let mut model = Model::new();
+    let mut mounted_volumes = Vec::new();
     for lv in lvs() {
         let Some(name) = lv.name.strip_prefix("berth-") else { continue };
         assert!(!lv.tags.iter().any(|t| t == CREATING || t == DELETING), "{} is debris", lv.name);
         let size = size_tag(&lv);
         assert!(lv.size >= size, "{}: the LV has {} bytes, its tag says {size}", lv.name, lv.size);
+        model.insert(name.to_owned(), (size, !lv.tags.iter().any(|t| t == "berth:unpublished")));
+        if lv.is_block() {
+            assert!(reads_zeroes(&lv), "{name}: a block volume shows bytes Berth did not zero");
+            continue;
+        }
+        mounted_volumes.push(name.to_owned());
         let mount_point = root(POOL).join(name);
         let mounted = mount_of(&mount_point).map(|(fs, _)| fs);
         assert_eq!(mounted.as_deref(), Some("ext4"), "{name} is mounted at {}", mount_point.display());
         assert!(mount_point.join("data").is_dir(), "{name}/data");
-        model.insert(name.to_owned(), (size, !lv.tags.iter().any(|t| t == "berth:unpublished")));
     }
     let mut dirs: Vec<String> = std::fs::read_dir(root(POOL))
         .unwrap()
@@ -132,7 +206,7 @@ fn on_disk() -> Model {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     dirs.sort();
-    assert_eq!(dirs, model.keys().cloned().collect::<Vec<_>>(), "mount points in {}", root(POOL).display());
+    assert_eq!(dirs, mounted_volumes, "mount points in {}", root(POOL).display());
     model
 }
 
@@ -150,15 +224,20 @@ fn config() -> PathBuf {
     path
 }
 
-/// Sends `op`'s request for `volume` once: its status and body, or the transport error.
-async fn send(agent: &GuestAgent, op: Op, volume: &str) -> Result<(StatusCode, Value), reqwest::Error> {
+/// Sends `op`'s request for `volume` (of `kind`) once: its status and body, or the transport error.
+async fn send(agent: &GuestAgent, op: Op, kind: Kind, volume: &str) -> Result<(StatusCode, Value), reqwest::Error> {
     let url = format!("{URL}/v1/volumes/{volume}");
-    let request = match op {
-        Op::Create => agent.http.put(&url).json(&json!({"pool": POOL, "sizeBytes": SIZE, "fsType": "ext4",
-            "claim": {"namespace": "crash", "name": volume}})),
-        Op::Publish => agent.http.put(format!("{url}/published")),
-        Op::Expand => agent.http.post(format!("{url}/expand")).json(&json!({"sizeBytes": GROWN})),
-        Op::Delete => agent.http.delete(&url),
+    let claim = json!({"namespace": "crash", "name": volume});
+    let request = match (op, kind) {
+        (Op::Create, Kind::Fs) => {
+            agent.http.put(&url).json(&json!({"pool": POOL, "sizeBytes": SIZE, "fsType": "ext4", "claim": claim}))
+        }
+        (Op::Create, Kind::Block) => {
+            agent.http.put(&url).json(&json!({"pool": POOL, "sizeBytes": SIZE, "volumeMode": "Block", "claim": claim}))
+        }
+        (Op::Publish, _) => agent.http.put(format!("{url}/published")),
+        (Op::Expand, _) => agent.http.post(format!("{url}/expand")).json(&json!({"sizeBytes": GROWN})),
+        (Op::Delete, _) => agent.http.delete(&url),
     };
     let resp = request.bearer_auth(env("BERTH_CONTROLLER_TOKEN")).header("berth-leader-epoch", "1").send().await?;
     let status = resp.status();
@@ -166,14 +245,28 @@ async fn send(agent: &GuestAgent, op: Op, volume: &str) -> Result<(StatusCode, V
 }
 
 /// Retries `op` on `volume` as the controller does until it succeeds (a create meets `Conflict` while the debris
-/// of its earlier attempt is removed); its answer.
-async fn retry(agent: &GuestAgent, op: Op, volume: &str, point: &str) -> (StatusCode, Value) {
+/// of its earlier attempt is removed, an expansion fails while the spare LV of its earlier attempt is); its answer,
+/// and the refusals before it (printed: what the controller would have seen).
+async fn retry(agent: &GuestAgent, op: Op, kind: Kind, volume: &str, point: &str) -> (StatusCode, Value) {
     let deadline = Instant::now() + WITHIN;
+    let mut refusals = Vec::new();
     loop {
-        let answer = send(agent, op, volume).await;
+        let answer = send(agent, op, kind, volume).await;
         match &answer {
-            Ok((status, body)) if status.is_success() => return (*status, body.clone()),
-            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(250)).await,
+            Ok((status, body)) if status.is_success() => {
+                if !refusals.is_empty() {
+                    println!("{point}: refused before the retry succeeded (repeats folded): {refusals:?}");
+                }
+                return (*status, body.clone());
+            }
+            _ if Instant::now() < deadline => {
+                if let Ok((status, body)) = &answer
+                    && refusals.last() != Some(&(*status, body["reason"].clone()))
+                {
+                    refusals.push((*status, body["reason"].clone()));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await
+            }
             other => panic!("{point}: {op:?} of {volume} did not succeed within {WITHIN:?}: {other:?}"),
         }
     }
@@ -200,7 +293,7 @@ fn log_lines_naming(point: &str) -> usize {
 async fn lvm_crash_matrix() {
     in_vm();
     let listed_points: Vec<&str> = POINTS.iter().copied().filter(|p| p.starts_with("lvm-")).collect();
-    let tested: Vec<&str> = LVM.iter().map(|(p, _, _)| *p).collect();
+    let tested: Vec<&str> = LVM.iter().map(|(p, _, _, _)| *p).collect();
     assert_eq!(tested, listed_points, "LVM lists every lvm point of POINTS, in order");
     let failpoints_bin = env("BERTH_AGENT_FAILPOINTS_BIN");
     assert!(Path::new(&failpoints_bin).exists(), "{failpoints_bin} is built by hack/test-vm");
@@ -212,29 +305,45 @@ async fn lvm_crash_matrix() {
 
     let mut agent = GuestAgent::start_with("crash", &config).await;
     let mut model = Model::new();
-    // The volumes the create points leave, in order: the publish point works on the first, the expand points on the
-    // next three, the delete points on the first four; the last is left.
-    let mut made: Vec<String> = Vec::new();
-    let (mut publishes, mut expands, mut deletes) = (0, 1, 0);
-    for (i, &(point, op, left)) in LVM.iter().enumerate() {
+    // The filesystem volumes the create points leave, in order: the publish point works on the first, the expand
+    // points on the next three, the delete points on the first four; the last is left. The block volumes: the one
+    // the create point leaves, then one made for each further spare point; all are left.
+    let (mut made_fs, mut made_block): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    let (mut publishes, mut expands, mut block_expands, mut deletes) = (0, 1, 0, 0);
+    for (i, &(point, op, kind, left)) in LVM.iter().enumerate() {
         let t = Instant::now();
-        let next = |i: &mut usize| {
+        let next = |i: &mut usize, made: &[String]| {
             *i += 1;
             made[*i - 1].clone()
         };
-        let volume = match op {
-            Op::Create => format!("pvc-22222222-0000-4000-8000-{i:012}"),
-            Op::Publish => next(&mut publishes),
-            Op::Expand => next(&mut expands),
-            Op::Delete => next(&mut deletes),
+        let volume = match (op, kind) {
+            (Op::Create, _) => format!("pvc-22222222-0000-4000-8000-{i:012}"),
+            (Op::Publish, Kind::Fs) => next(&mut publishes, &made_fs),
+            (Op::Expand, Kind::Fs) => next(&mut expands, &made_fs),
+            (Op::Expand, Kind::Block) => {
+                if block_expands == made_block.len() {
+                    // Made by the plain agent, which runs until the armed restart below.
+                    let volume = format!("pvc-22222222-0000-4000-9000-{i:012}");
+                    let (status, body) = send(&agent, Op::Create, Kind::Block, &volume).await.unwrap();
+                    assert_eq!(status, StatusCode::CREATED, "{point}: the block volume to grow: {body}");
+                    model.insert(volume.clone(), (SIZE, false));
+                    made_block.push(volume);
+                }
+                next(&mut block_expands, &made_block)
+            }
+            (Op::Delete, Kind::Fs) => next(&mut deletes, &made_fs),
+            (op, kind) => unreachable!("no {op:?} point on {kind:?} volumes"),
         };
+        // The bytes the block point's new extents hold before Berth zeroes them (none after a crash may show).
+        let dirty = (kind == Kind::Block).then(dirty_free_extents);
+        let extents_before = lv_of(&volume).map(|_| extent_numbers(&format!("berth-{volume}"))).unwrap_or_default();
         // The restart into the armed build is also the second restart after the previous point: nothing changes.
         agent.stop();
         let armed = format!("{point}=return");
         agent = GuestAgent::start_as("crash", &config, &[], &failpoints_bin, &[("FAILPOINTS", &armed)]).await;
         check(&agent, &format!("{point}: after the next restart"), &model).await;
 
-        let answer = send(&agent, op, &volume).await;
+        let answer = send(&agent, op, kind, &volume).await;
         assert!(answer.is_err(), "{point}: the agent answered {answer:?} instead of dying");
         let status = agent.wait_exit(WITHIN).unwrap_or_else(|| panic!("the agent did not die at {point}"));
         assert_eq!(status.signal(), Some(libc::SIGKILL), "{point}: {status}");
@@ -248,12 +357,23 @@ async fn lvm_crash_matrix() {
                 let lv = lv.unwrap_or_else(|| panic!("{point}: no LV"));
                 assert!(lv.tags.iter().any(|t| t == tag), "{point}: tagged {tag}: {:?}", lv.tags);
             }
-            Left::Volume { size, lv_size, published } => {
+            Left::Volume { size, lv_size, published, spare } => {
                 let lv = lv.unwrap_or_else(|| panic!("{point}: no LV"));
                 assert!(!lv.tags.iter().any(|t| t == CREATING || t == DELETING), "{point}: {:?}", lv.tags);
                 assert_eq!((size_tag(&lv), lv.size), (size, lv_size), "{point}: size tag and LV size");
                 assert_eq!(!lv.tags.iter().any(|t| t == "berth:unpublished"), published, "{point}: published");
-                assert!(mount_of(&mount_point).is_some(), "{point}: mounted");
+                match kind {
+                    Kind::Fs => assert!(mount_of(&mount_point).is_some(), "{point}: mounted"),
+                    // Grown or not, what the volume has now was zeroed.
+                    Kind::Block => assert!(reads_zeroes(&lv), "{point}: the block volume reads zeroes"),
+                }
+                match spare_of(&volume) {
+                    Some(s) => {
+                        assert!(spare, "{point}: a spare LV {} is left", s.name);
+                        assert!(s.tags.iter().any(|t| t == CREATING), "{point}: the spare is debris: {:?}", s.tags);
+                    }
+                    None => assert!(!spare, "{point}: no spare LV"),
+                }
             }
             Left::Unmounted => {
                 let lv = lv.unwrap_or_else(|| panic!("{point}: no LV"));
@@ -264,16 +384,23 @@ async fn lvm_crash_matrix() {
         }
 
         agent = GuestAgent::start_with("crash", &config).await;
-        let (status, body) = retry(&agent, op, &volume, point).await;
+        let (status, body) = retry(&agent, op, kind, &volume, point).await;
         match op {
             Op::Create => {
                 // 201 when the crash came while the LV was still debris (the retry made it anew), 200 after.
                 let expected = if matches!(left, Left::Debris(_)) { StatusCode::CREATED } else { StatusCode::OK };
                 assert_eq!(status, expected, "{point}: {body}");
                 assert_eq!(body["sizeBytes"], SIZE, "{point}: {body}");
-                assert_eq!(body["path"], root(POOL).join(&volume).join("data").display().to_string());
+                let path = match kind {
+                    Kind::Fs => root(POOL).join(&volume).join("data").display().to_string(),
+                    Kind::Block => lv_of(&volume).unwrap().dm_path,
+                };
+                assert_eq!(body["path"], path, "{point}");
                 model.insert(volume.clone(), (SIZE, false));
-                made.push(volume.clone());
+                match kind {
+                    Kind::Fs => made_fs.push(volume.clone()),
+                    Kind::Block => made_block.push(volume.clone()),
+                }
             }
             Op::Publish => {
                 assert_eq!(body["published"], true, "{point}: {body}");
@@ -282,15 +409,32 @@ async fn lvm_crash_matrix() {
             Op::Expand => {
                 assert_eq!(body["sizeBytes"], GROWN, "{point}: {body}");
                 model.get_mut(&volume).unwrap().0 = GROWN;
-                let (fs, dev) = crate::lvm_agent::sizes_of(&root(POOL).join(&volume));
-                assert_eq!(dev, GROWN, "{point}: the device");
-                assert!(fs > SIZE, "{point}: the filesystem grew: {fs}");
+                match kind {
+                    Kind::Fs => {
+                        let (fs, dev) = crate::lvm_agent::sizes_of(&root(POOL).join(&volume));
+                        assert_eq!(dev, GROWN, "{point}: the device");
+                        assert!(fs > SIZE, "{point}: the filesystem grew: {fs}");
+                    }
+                    Kind::Block => {
+                        let dev = lv_of(&volume).unwrap().dm_path;
+                        assert_eq!(sh("blockdev", &["--getsize64", &dev]).trim(), GROWN.to_string(), "{point}");
+                    }
+                }
             }
             Op::Delete => {
                 // Only a crash before the `deleting` tag left a volume for the retry to delete.
                 assert_eq!(body, json!({"deleted": left == Left::Unmounted}), "{point}");
                 model.remove(&volume);
             }
+        }
+        if let Some(dirty) = dirty {
+            // Else the zeroes read below prove nothing.
+            let new: Vec<u64> =
+                extent_numbers(&format!("berth-{volume}")).difference(&extents_before).copied().collect();
+            assert!(
+                new.iter().all(|e| dirty.contains(e)),
+                "{point}: the volume's new extents {new:?} are among those dirtied {dirty:?}"
+            );
         }
         let deadline = Instant::now() + WITHIN;
         while !debris_left().is_empty() {
@@ -303,7 +447,13 @@ async fn lvm_crash_matrix() {
     agent.stop();
     let agent = GuestAgent::start_with("crash", &config).await;
     check(&agent, "after the last restart", &model).await;
-    assert_eq!(model.len(), 1, "the last create point's volume is left: {model:?}");
+    let left: Vec<&String> = model.keys().collect();
+    let expected: Vec<&String> = {
+        let mut v: Vec<&String> = made_block.iter().chain(made_fs.last()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(left, expected, "the last filesystem create point's volume and the block volumes are left");
     agent.stop();
     println!("{} lvm points in {:.1} s", LVM.len(), started.elapsed().as_secs_f64());
 }

@@ -52,3 +52,17 @@ mkfs.xfs -q /dev/mapper/berth--vg-berth--pvc--cc > $OUT/mkfs_xfs_small.txt 2>&1;
 mkfs.xfs -q /dev/mapper/berth--vg-berth--pvc--t1 > $OUT/mkfs_xfs_300.txt 2>&1; echo $? >> $OUT/mkfs_xfs_300.txt
 blkdiscard -z /dev/mapper/berth--vg-berth--pvc--cc > $OUT/blkdiscard.txt 2>&1; echo $? >> $OUT/blkdiscard.txt
 echo done
+
+# Recorded later (issue 19), in a boot of its own on a fresh disk, with this script's first lines (up to `rep`) and
+# then what follows instead of the rest: the open count (lv_device_open) of a mounted, an unmounted and an inactive
+# LV, and the physical extents of an LV grown onto named extents (lvs --segments). Its stderr has lvm2's
+# descriptor warnings (the guest's virtio ports).
+#   LVF=$LVF,lv_device_open
+#   lvm pvcreate -y $disk; lvm vgcreate -s 4m berth-vg $disk
+#   lvm lvcreate -y -W y -L 8m -n berth-pvc-open berth-vg     (and berth-pvc-closed, berth-pvc-inactive)
+#   lvm lvchange -an berth-vg/berth-pvc-inactive
+#   mkfs.ext4 -q /dev/mapper/berth--vg-berth--pvc--open; mount it at /tmp/m
+#   rep lvs_device_open lvs -o $LVF berth-vg; umount /tmp/m
+#   lvm lvcreate -y -l 4 -n berth-pvc-x.grow berth-vg; r=$(lvm lvs --noheadings --segments -o seg_pe_ranges berth-vg/berth-pvc-x.grow)
+#   lvm lvremove -y berth-vg/berth-pvc-x.grow; lvm lvextend -L 24m berth-vg/berth-pvc-closed $r
+#   rep lvs_segments_extended lvs --segments -o seg_pe_ranges berth-vg/berth-pvc-closed

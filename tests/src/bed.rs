@@ -436,6 +436,16 @@ impl TestBed {
         wait_real_node(&mut self.res, &nodes, &name, Some(&previous)).await
     }
 
+    /// Stops the real node's kubelet alone ([`RealNode::stop_kubelet`]): its pods' containers and mounts stay.
+    pub fn stop_real_kubelet(&mut self) -> Result<()> {
+        self.res.real_node.as_mut().context("the bed has no real node")?.stop_kubelet()
+    }
+
+    /// Starts the real node's kubelet again; returns once it runs (not once the Node is Ready again).
+    pub fn start_real_kubelet(&mut self) -> Result<()> {
+        self.res.real_node.as_mut().context("the bed has no real node")?.start_kubelet()
+    }
+
     /// An admin client (group system:masters).
     pub fn client(&self) -> kube::Client {
         self.client.clone()

@@ -163,6 +163,11 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
     assert_eq!(pool.enforcement, "device", "{pool:?}");
     lvm_volumes_in_pods(&bed, &node.name).await;
     phase("deploy/lvm: the lvm pool ready; an xfs volume mounted into a pod, a Block volume written and read", started);
+    volumes_in_use_are_not_deleted(&mut bed, &node.name).await;
+    phase(
+        "volumes a pod still mounts (kubelet stopped): deletes refused and retried until kubelet unmounts them",
+        started,
+    );
 
     // 4. The operator's day: a drain, then a reboot with the agent late (held back) — both with the volumes above.
     let first_start = demo.lines().next().unwrap_or_default().to_owned();
@@ -309,6 +314,102 @@ async fn lvm_volumes_in_pods(bed: &TestBed, node: &str) {
     let read =
         agent_sh(bed, node, &format!("dd if='{device}' bs={} count=1 iflag=direct 2>/dev/null", 512)).await.unwrap();
     assert!(read.starts_with(PATTERN), "{device} on the node holds the pod's pattern: {read:?}");
+}
+
+/// The PV of claim `name` in namespace apps (Bound).
+async fn pv_of(client: &kube::Client, name: &str) -> String {
+    bound_claim(client, "apps", name).await.unwrap().spec.unwrap().volume_name.unwrap()
+}
+
+/// The number of volumes of each pool as the agent publishes them in its BerthNode.
+async fn volume_counts(client: &kube::Client, node: &str) -> Vec<(String, u32)> {
+    let bn = Api::<BerthNode>::all(client.clone()).get(node).await.unwrap();
+    bn.status.unwrap().pools.into_iter().map(|p| (p.name, p.volumes)).collect()
+}
+
+/// Issue 15 item 7 (the agent's in-use refusal, issue 19): volumes a pod still mounts — kubelet stopped, the pod
+/// force-deleted, its claims deleted — are not deleted: the agent refuses each delete as in use (nothing is moved,
+/// zeroed or removed: the volumes stay in its inventory) and the controller retries, with one `VolumeInUse` event
+/// per PV, until kubelet is back and has unmounted them. A directory volume, which only the host's mount table
+/// shows in use (the agent reads it through the host's /proc that deploy/agent mounts), and a thick ext4 LV, whose
+/// filesystem the pod's bind mount keeps alive after the agent's own umount (its device stays open), in one pod.
+async fn volumes_in_use_are_not_deleted(bed: &mut TestBed, node: &str) {
+    let client = bed.client();
+    deploy::kubectl_apply_text(bed, &storage_class("berth-lvm-ext4", "lvm", "  fsType: ext4\n")).unwrap();
+    let claims = async {
+        create_claim(&client, "apps", "held-dir", "berth-local", "16Mi", VolumeMode::Filesystem).await?;
+        create_claim(&client, "apps", "held-lvm", "berth-lvm-ext4", "64Mi", VolumeMode::Filesystem).await
+    };
+    claims.await.unwrap();
+    let holder: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "holder"},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main", "image": testbed::demo::BUSYBOX, "imagePullPolicy": "Never",
+                "command": ["sh", "-c", "echo kept > /dir/proof && echo kept > /lvm/proof && exec sleep 2147483647"],
+                "volumeMounts": [{"name": "dir", "mountPath": "/dir"}, {"name": "lvm", "mountPath": "/lvm"}],
+            }],
+            "volumes": [
+                {"name": "dir", "persistentVolumeClaim": {"claimName": "held-dir"}},
+                {"name": "lvm", "persistentVolumeClaim": {"claimName": "held-lvm"}},
+            ],
+        },
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "apps");
+    pods.create(&Default::default(), &holder).await.unwrap();
+    wait_pod(&client, "apps", "holder", "held-lvm", PodLife::Stays).await.unwrap();
+    let (dir_pv, lvm_pv) = (pv_of(&client, "held-dir").await, pv_of(&client, "held-lvm").await);
+    let before = volume_counts(&client, node).await;
+
+    let down = Instant::now();
+    bed.stop_real_kubelet().unwrap();
+    let force = kube::api::DeleteParams { grace_period_seconds: Some(0), ..Default::default() };
+    pods.delete("holder", &force).await.unwrap();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "apps");
+    for claim in ["held-dir", "held-lvm"] {
+        claims.delete(claim, &Default::default()).await.unwrap();
+    }
+    let events: Api<Event> = Api::all(client.clone());
+    for pv in [&dir_pv, &lvm_pv] {
+        let until = Instant::now() + Duration::from_secs(120);
+        let note = loop {
+            let params = ListParams::default().fields(&format!("involvedObject.name={pv},reason=VolumeInUse"));
+            if let Some(e) = events.list(&params).await.unwrap().items.into_iter().next() {
+                break e.message.unwrap_or_default();
+            }
+            assert!(Instant::now() < until, "no VolumeInUse event on {pv} while kubelet is stopped");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        println!("{pv}: {note}");
+        // The pod's mount, as the host's mount table shows it (for the directory volume, only it can).
+        assert!(note.contains("/var/lib/kubelet/pods/"), "the refusal names the pod's mount: {note}");
+    }
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    for pv in [&dir_pv, &lvm_pv] {
+        let p = pvs.get(pv).await.unwrap();
+        let finalizers = p.metadata.finalizers.unwrap_or_default();
+        assert!(finalizers.iter().any(|f| f.starts_with("external-provisioner")), "{pv} keeps its finalizer");
+    }
+    assert_eq!(volume_counts(&client, node).await, before, "both volumes are still the agent's: nothing was removed");
+    bed.start_real_kubelet().unwrap();
+    println!("kubelet was down {:.0} s", down.elapsed().as_secs_f64());
+
+    // kubelet finds the pod gone and unmounts its volumes; the controller's next retry deletes them.
+    for pv in [&dir_pv, &lvm_pv] {
+        if let Err(e) = testbed::kube_util::wait_deleted(&pvs, pv, Duration::from_secs(240)).await {
+            panic!("{e:#}\n{}", testbed::kube_util::events_of(&client, "default", pv).await);
+        }
+    }
+    let agent_log = deploy::kubectl(bed, &["-n", NAMESPACE, "logs", "daemonset/berth-agent"]).unwrap();
+    for pv in [&dir_pv, &lvm_pv] {
+        let refused = agent_log.lines().filter(|l| l.contains(pv.as_str()) && l.contains("result=InUse")).count();
+        assert!(refused > 0, "the agent refused {pv} as in use:\n{agent_log}");
+    }
+    let left =
+        agent_sh(bed, node, "ls /var/lib/berth/pools/local; lvm lvs --noheadings -o lv_name berth").await.unwrap();
+    assert!(!left.contains(dir_pv.as_str()) && !left.contains(lvm_pv.as_str()), "both volumes are gone: {left}");
 }
 
 /// The label the agent's DaemonSet is made to require while it is held back: no node has it.

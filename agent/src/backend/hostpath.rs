@@ -296,6 +296,7 @@ impl HostPath {
         }
     }
 
+    /// The create ([`Backend::create`]): the volume made complete in staging, then renamed into place.
     fn make(&self, mut record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
         self.check_marker()?;
         let staging = self.ensure_staging()?;
@@ -346,6 +347,7 @@ impl HostPath {
         Ok(record)
     }
 
+    /// The expansion ([`Backend::expand`]): the quota raised, then the marker replaced.
     fn grow(&self, record: &VolumeRecord, size_bytes: u64) -> Result<VolumeRecord, BackendError> {
         self.check_marker()?;
         // The quota first, then the marker: a crash in between leaves the old size in the marker, and the start

@@ -83,6 +83,8 @@ pub struct RealNode {
 const SHUTDOWN_MARKER: &str = "shutdown";
 /// How long node.sh may take from the request to the guest's exit (kubelet's and containerd's stop, a sync).
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(90);
+/// How long node.sh may take to stop or start kubelet when asked.
+const KUBELET_DEADLINE: Duration = Duration::from_secs(60);
 
 impl RealNode {
     /// Writes the node's configuration under `dir`, routes the API server's way to its kubelet through `egress`,
@@ -195,6 +197,36 @@ impl RealNode {
         let _ = std::fs::remove_file(self.logs.join("images.imported"));
         self.vm = Some(self.guest.spawn(&self.command)?);
         self.boots += 1;
+        Ok(())
+    }
+
+    /// Stops kubelet alone (node.sh's answer to the file `kubelet-stop`), as an administrator or a crash would:
+    /// the pods' containers and kubelet's mounts for them stay. Returns once kubelet has exited; nothing reaches
+    /// the node through kubelet (exec, logs) until [`RealNode::start_kubelet`].
+    pub fn stop_kubelet(&mut self) -> Result<()> {
+        self.ask_kubelet("kubelet-stop", "kubelet-stopped")
+    }
+
+    /// Starts kubelet again after [`RealNode::stop_kubelet`]; returns once it runs (the caller waits for the Node).
+    pub fn start_kubelet(&mut self) -> Result<()> {
+        self.ask_kubelet("kubelet-start", "kubelet-started")
+    }
+
+    fn ask_kubelet(&mut self, marker: &str, answer: &str) -> Result<()> {
+        std::fs::write(self.logs.join(marker), "")?;
+        let asked = Instant::now();
+        while !self.logs.join(answer).exists() {
+            self.ensure_running()?;
+            if asked.elapsed() > KUBELET_DEADLINE {
+                bail!(
+                    "the real node did not answer {marker} within {KUBELET_DEADLINE:?}; its console ended with:\n{}\n{}",
+                    self.console_tail(20),
+                    self.log_tails()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        println!("real node: {answer} {:.0} s after being asked", asked.elapsed().as_secs_f64());
         Ok(())
     }
 

@@ -118,10 +118,13 @@ log "starting kube-proxy and kubelet"
 # Appended to: a later boot's lines follow the first's.
 kube-proxy --config "$cfg/kube-proxy.yaml" >>"$logs/kube-proxy.log" 2>&1 &
 proxy=$!
-kubelet --config "$cfg/kubelet.yaml" --kubeconfig "$cfg/kubelet.kubeconfig" --node-ip 10.0.2.15 \
-  --hostname-override "$BERTH_NODE_NAME" --node-labels "kubernetes.io/hostname=$BERTH_NODE_HOSTNAME" \
-  >>"$logs/kubelet.log" 2>&1 &
-kubelet=$!
+start_kubelet() {
+  kubelet --config "$cfg/kubelet.yaml" --kubeconfig "$cfg/kubelet.kubeconfig" --node-ip 10.0.2.15 \
+    --hostname-override "$BERTH_NODE_NAME" --node-labels "kubernetes.io/hostname=$BERTH_NODE_HOSTNAME" \
+    >>"$logs/kubelet.log" 2>&1 &
+  kubelet=$!
+}
+start_kubelet
 log "node started"
 # What the guest's CPUs do (under emulation they are what every step waits for): top every 20 s in top.log.
 (while sleep 20; do date +%T; top -b -n 1 -w 160 | head -n 18; done) >>"$logs/top.log" 2>&1 &
@@ -131,6 +134,25 @@ log "node started"
 # stop, the pods' processes are killed, containerd stops, the disks are synced; then the guest powers off.
 (while [ ! -e "$logs/shutdown" ]; do sleep 1; done) &
 asked=$!
+# The host stops kubelet alone (RealNode::stop_kubelet: the file `kubelet-stop`), as an administrator or a crash
+# would: the pods' containers and their mounts stay. node.sh answers `kubelet-stopped` once it has exited, and
+# starts it again when asked (`kubelet-start`), answering `kubelet-started`.
+watch_stop() { (while [ ! -e "$logs/kubelet-stop" ]; do sleep 1; done) & stop_asked=$!; }
+watch_stop
+stop_kubelet_until_asked() {
+  log "stopping kubelet (asked)"
+  kill -TERM "$kubelet" 2>/dev/null
+  wait "$kubelet"
+  rm -f "$logs/kubelet-stop" "$logs/kubelet-started"
+  : >"$logs/kubelet-stopped"
+  log "kubelet stopped"
+  while [ ! -e "$logs/kubelet-start" ] && [ ! -e "$logs/shutdown" ]; do sleep 1; done
+  rm -f "$logs/kubelet-start" "$logs/kubelet-stopped"
+  start_kubelet
+  : >"$logs/kubelet-started"
+  log "kubelet started again"
+  watch_stop
+}
 shutdown_node() {
   log "shutting down: kubelet, kube-proxy, the pods' processes, containerd"
   kill -TERM "$kubelet" "$proxy" 2>/dev/null
@@ -147,10 +169,11 @@ shutdown_node() {
 # Either daemon exiting, or a failed import, ends the node: the host sees the guest stop and reports this line and
 # the logs.
 while :; do
-  wait -n -p done "$kubelet" "$proxy" "$asked" ${imports:+"$imports"}
+  wait -n -p done "$kubelet" "$proxy" "$asked" "$stop_asked" ${imports:+"$imports"}
   rc=$?
   case $done in
     "$asked") shutdown_node ;;
+    "$stop_asked") stop_kubelet_until_asked ;;
     "$imports") [ "$rc" = 0 ] || fail "the images were not imported"; imports= ;;
     "$proxy") fail "kube-proxy exited ($rc); the end of kube-proxy.log: $(tail -n 20 "$logs/kube-proxy.log")" ;;
     *) fail "kubelet exited ($rc); the end of kubelet.log: $(tail -n 20 "$logs/kubelet.log")" ;;

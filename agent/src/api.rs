@@ -135,7 +135,10 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
 async fn require_controller(State(s): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
     let value = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let checked = match s.auth.check(value).await {
-        Ok(()) => read_body(request, s.body_read_timeout).await,
+        Ok(()) => match query_refusal(request.method(), request.uri().query()) {
+            None => read_body(request, s.body_read_timeout).await,
+            Some(refusal) => Err((refusal, request.method().clone(), request.uri().path().to_owned())),
+        },
         Err(refusal) => Err((refusal, request.method().clone(), request.uri().path().to_owned())),
     };
     match checked {
@@ -145,6 +148,16 @@ async fn require_controller(State(s): State<Arc<ApiState>>, request: Request, ne
             refusal.into_response()
         }
     }
+}
+
+/// A `/v1` request's query: only `DELETE /v1/volumes/{name}` takes one (its handler refuses what it does not
+/// know); on any other endpoint a query is refused rather than ignored, so that a caller who thinks it asked for
+/// something (`PUT …?dryRun=true`) is not answered as if it had, with the operation done.
+fn query_refusal(method: &axum::http::Method, query: Option<&str>) -> Option<Refusal> {
+    let query = query.filter(|q| !q.is_empty())?;
+    (method != axum::http::Method::DELETE).then(|| {
+        Refusal::new(ErrorReason::Invalid, format!("query {query:?}: this endpoint takes no query parameters"))
+    })
 }
 
 /// The whole body, read within `timeout` of the headers (whose own deadline is the edge's): a caller that sends
@@ -363,4 +376,32 @@ async fn delete_volume(
     .await;
     record(&s, "delete", &name, started, &result);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Method;
+
+    use super::*;
+
+    #[test]
+    fn only_delete_takes_a_query() {
+        for (method, query, refused) in [
+            (Method::PUT, Some("dryRun=true"), true),
+            (Method::POST, Some("x"), true),
+            (Method::GET, Some("watch=1"), true),
+            (Method::PUT, None, false),
+            (Method::PUT, Some(""), false),
+            (Method::GET, None, false),
+            // DELETE's handler reads its query and refuses what it does not know.
+            (Method::DELETE, Some("unpublishedOnly=true"), false),
+            (Method::DELETE, Some("force=true"), false),
+        ] {
+            let refusal = query_refusal(&method, query);
+            assert_eq!(refusal.is_some(), refused, "{method} ?{query:?}");
+            if let Some(r) = refusal {
+                assert_eq!(r.reason, ErrorReason::Invalid);
+            }
+        }
+    }
 }

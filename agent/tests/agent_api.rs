@@ -855,6 +855,28 @@ async fn a_published_volume_is_never_deleted_as_unpublished_also_after_a_restart
         .unwrap();
     assert_eq!(refusal(resp).await.1, ErrorReason::Invalid);
     assert_eq!(w.on_disk(), vec![format!("fast/{VOL}")]);
+    // On the other endpoints too: a create, an expansion, a publish or a read with a query the caller believes
+    // means something (a dry run) is refused, not done as if it had not been asked.
+    let (vol3, vol3_url) =
+        ("pvc-00000000-0000-4000-8000-00000000000e", "/v1/volumes/pvc-00000000-0000-4000-8000-00000000000e");
+    for (method, path, body) in [
+        (reqwest::Method::PUT, format!("{vol3_url}?dryRun=true"), Some(create_body("fast", MI))),
+        (reqwest::Method::POST, format!("/v1/volumes/{VOL}/expand?dryRun=true"), Some(json!({"sizeBytes": 2 * MI}))),
+        (reqwest::Method::PUT, format!("/v1/volumes/{VOL}/published?x=1"), None),
+        (reqwest::Method::GET, "/v1/volumes?watch=true".to_owned(), None),
+    ] {
+        let mut request =
+            w.http.request(method.clone(), w.agent.url(&path)).bearer_auth(&w.token).header("berth-leader-epoch", "9");
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let (code, reason, message) = refusal(request.send().await.unwrap()).await;
+        assert_eq!((code, reason), (StatusCode::BAD_REQUEST, ErrorReason::Invalid), "{method} {path}: {message}");
+        assert!(message.contains("no query parameters"), "{method} {path}: {message}");
+    }
+    assert_eq!(w.on_disk(), vec![format!("fast/{VOL}")], "no {vol3}");
+    let listed: VolumeList = w.get("/v1/volumes").await;
+    assert_eq!(listed.volumes.iter().map(|v| v.size_bytes).collect::<Vec<_>>(), [MI], "not grown");
     // The plain delete (a Delete-policy PV released) still removes a published volume.
     assert_eq!(w.delete(VOL, 9).await.json::<Value>().await.unwrap(), json!({"deleted": true}));
     assert!(w.on_disk().is_empty());

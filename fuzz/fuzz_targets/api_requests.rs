@@ -159,7 +159,7 @@ fn documented_status(reason: ErrorReason) -> u16 {
         Forbidden => 403,
         NotFound => 404,
         Timeout => 408,
-        Conflict | StaleEpoch | Published => 409,
+        Conflict | StaleEpoch | Published | InUse => 409,
         TooLarge => 413,
         UnknownPool | Unsupported => 422,
         PoolNotReady | ShuttingDown | Unavailable => 503,

@@ -488,6 +488,18 @@ impl Backend for HostPath {
             }
         }
         volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        // An agent killed between a rename and the fsync of its directory (create, delete, expand, publish) left a
+        // change the kernel may not have written yet; a retry then finds it done and answers success without
+        // syncing, and a power cut after that answer would undo what the controller was told. So every directory
+        // such a rename touches is synced before the pool serves a request.
+        let mut dirs = vec![self.root.clone()];
+        if !debris.is_empty() {
+            dirs.push(self.staging());
+        }
+        dirs.extend(volumes.iter().map(|v| self.root.join(&v.name)));
+        for dir in dirs {
+            sync_dir(&dir)?;
+        }
         Ok(Recovered { volumes, debris })
     }
 

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use testbed::bins::repo_root;
+use testbed::bins::{repo_root, target_dir};
 use testbed::vm::Vm;
 
 fn guest_bin() -> String {
@@ -110,10 +110,10 @@ fn lvm_world_of(image_name: &str, disk_bytes: u64) -> LvmWorld {
         .replace(bed.api_server(), &format!("https://{}:{port}", testbed::vm::HOST_FROM_GUEST));
     let guest_kubeconfig = pool_base.join("guest.kubeconfig");
     std::fs::write(&guest_kubeconfig, kubeconfig).unwrap();
-    let agent_bin = repo_root().join("target/debug/berth-agent");
+    let agent_bin = target_dir().join("debug/berth-agent");
     assert!(agent_bin.exists(), "{} is built by hack/test-vm", agent_bin.display());
     // Only the crash matrix runs it (and checks that it is there).
-    let failpoints_bin = repo_root().join("target/debug/berth-agent-failpoints");
+    let failpoints_bin = target_dir().join("debug/berth-agent-failpoints");
     let vm = Vm::new()
         .unwrap()
         .disk(&image)
@@ -234,7 +234,7 @@ fn lvm_end_to_end_agent_in_the_vm() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     world.vm = world.vm.clone().forward(port, 7443).env("BERTH_ADVERTISE", format!("127.0.0.1:{port}"));
     let bed = world.bed.as_ref().unwrap();
-    let controller_bin = repo_root().join("target/debug/berth-controller");
+    let controller_bin = target_dir().join("debug/berth-controller");
     assert!(controller_bin.exists(), "{} is built by hack/test-vm", controller_bin.display());
     let _controller = world.rt.block_on(bed.start_controller(&controller_bin, &[])).unwrap();
     let classes = repo_root().join("deploy/examples/storageclass-lvm.yaml");

@@ -3,6 +3,8 @@
 //! after the point runs, no destructor, no cleanup. Compiled to nothing unless the `failpoints` feature is on, which
 //! only the `berth-agent-failpoints` binary of the crash tests has. `FAILPOINTS=hostpath-create-after-rename=return`
 //! arms one (agent/tests/crash_matrix.rs for hostpath pools, the VM tier's `lvm_crash_matrix` for lvm pools).
+//! `return(pause)` stops the request there for good instead, the agent living on, for a power cut from outside to
+//! find it there (the VM tier's `quota_phase_one`); `10*off->return(pause)` lets the first ten requests through.
 //!
 //! Names are `<backend>-<operation>-after-<step>`: the operation tells a test what request reaches the point.
 
@@ -62,12 +64,19 @@ pub const POINTS: &[&str] = &[
     "lvm-purge-after-lvremove",
 ];
 
-/// Kills the agent with SIGKILL here if FAILPOINTS arms `name` (any action that fires, e.g. `return`); nothing
-/// without the `failpoints` feature.
+/// Kills the agent with SIGKILL here if FAILPOINTS arms `name` (any action that fires, e.g. `return`), or stops the
+/// calling thread here for good if the action is `return(pause)` (logged, so a test knows the request got here);
+/// nothing without the `failpoints` feature.
 #[inline]
 pub fn point(name: &str) {
     #[cfg(feature = "failpoints")]
-    if fail::eval(name, |_| ()).is_some() {
+    if let Some(arg) = fail::eval(name, |arg| arg) {
+        if arg.as_deref() == Some("pause") {
+            tracing::warn!(failpoint = name, "failpoint: this request stops here until the agent dies");
+            loop {
+                std::thread::park();
+            }
+        }
         tracing::warn!(failpoint = name, "failpoint: killing the agent with SIGKILL");
         // SAFETY: kill(2) with this process's own ID and a signal number; no memory is involved.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };

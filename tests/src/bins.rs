@@ -43,10 +43,7 @@ pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
 pub fn workspace_binary_with_features(package: &str, bin: &str, features: &[&str]) -> Result<PathBuf> {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    // Where cargo puts it: CARGO_TARGET_DIR when set (relative to the workspace, as cargo reads it there).
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), |t| repo_root().join(t));
-    let path = target.join("debug").join(bin);
+    let path = target_dir().join("debug").join(bin);
     if !built.iter().any(|b| b == bin) {
         let cargo = option_env!("CARGO").unwrap_or("cargo");
         let mut args = vec!["build", "--quiet", "-p", package, "--bin", bin];
@@ -65,6 +62,12 @@ pub fn workspace_binary_with_features(package: &str, bin: &str, features: &[&str
         built.push(bin.to_owned());
     }
     Ok(path)
+}
+
+/// Where cargo puts this workspace's builds: CARGO_TARGET_DIR when set (relative to the workspace, as cargo reads
+/// it there), else `target/`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), |t| repo_root().join(t))
 }
 
 /// The repository root (this crate lives in `tests/`).

@@ -261,6 +261,9 @@ impl Vm {
 /// How long a boot may take to reach the guest command: 25–60 s is usual under TCG.
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(240);
 const BOOT_MARKER: &str = "berth-vm: the guest command starts";
+/// What a guest command prints, on a line of its own, when it is ready for [`RunningVm::power_cut`]; after it the
+/// guest must sync nothing.
+pub const CUT_THE_POWER: &str = "berth-vm: cut the power now";
 
 /// A guest started by [`Vm::spawn`] (or being run by [`Vm::run`]): killed, with qemu, on drop.
 pub struct RunningVm {
@@ -291,6 +294,32 @@ impl RunningVm {
     /// Kills the guest (qemu and vng) and waits for it.
     pub fn stop(mut self) {
         self.kill();
+    }
+
+    /// Cuts the guest's power: SIGKILL to qemu (in the process group of vng, which forks and execs it), so that
+    /// nothing is flushed and nothing shut down. The guest loses what it had not written to its virtual disks yet
+    /// (its page cache, journal transactions not committed); what it had written is in the host's page cache (the
+    /// disks are qemu's default `cache=writeback`) and stays, as on a disk without a volatile write cache. Fails
+    /// (the guest killed all the same) when no qemu process was in the group, or one outlived the signal.
+    pub fn power_cut(mut self) -> Result<()> {
+        let group = self.child.id() as libc::pid_t;
+        let qemu: Vec<libc::pid_t> = processes_in_group(group)
+            .into_iter()
+            .filter(|(_, comm)| comm.starts_with("qemu-system"))
+            .map(|(pid, _)| pid)
+            .collect();
+        self.kill();
+        if qemu.is_empty() {
+            bail!("no qemu process in the guest's process group {group}: the power cut would not be one");
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while let Some(pid) = qemu.iter().find(|&&pid| is_alive(pid)) {
+            if Instant::now() > until {
+                bail!("qemu (pid {pid}) still runs 10 s after SIGKILL");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     fn wait_for_boot(&mut self, deadline: Duration) -> Result<bool> {
@@ -366,6 +395,30 @@ fn stream(
             all.push('\n');
         }
     })
+}
+
+/// The processes of process group `group`: (pid, command name), from /proc.
+fn processes_in_group(group: libc::pid_t) -> Vec<(libc::pid_t, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: libc::pid_t = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid pgrp …`: the name may hold spaces and parentheses, so split at the last ')'.
+            let (head, rest) = stat.rsplit_once(')')?;
+            let comm = head.split_once('(')?.1.to_owned();
+            let pgrp: libc::pid_t = rest.split_whitespace().nth(2)?.parse().ok()?;
+            (pgrp == group).then_some((pid, comm))
+        })
+        .collect()
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn is_alive(pid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s != "Z")))
+        .unwrap_or(false)
 }
 
 fn shell_quote(s: &str) -> String {

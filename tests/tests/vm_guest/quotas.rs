@@ -7,18 +7,36 @@
 //! are made by an unprivileged user (uid 999, the volumes' owner), as a pod's would be. Two boots:
 //! `quota_phase_one` fills, refuses and grows volumes; `quota_phase_two` finds their projects and limits on disk,
 //! then runs the agent without quotas on the disk and without CAP_SYS_ADMIN.
+//!
+//! Phase one ends in a power cut (issue 19): everything before is synced by the test, then the guest stops
+//! committing journals by itself (ext4 `commit=600`, XFS `xfssyncd_centisecs` at its maximum), so that only what the
+//! agent syncs is on disk when the host kills qemu. In that window the agent (phase one runs its failpoints build,
+//! `berth-agent-failpoints`) grows a volume (`XB`), creates one on the XFS (`XP`) and one on the ext4 (`EW`), and
+//! deletes one on the plain ext4 (`PD`), each the last change to its filesystem; data a pod synced (`XB`'s
+//! `data/synced`) is acknowledged before them. A pod-like writer (uid 999, no fsync) then fills `EW`, files written
+//! without a sync are left as canaries, and a create on the `acct` ext4 (`AX`) stops for good between the fsync
+//! of its staging directory and its rename (`hostpath-create-after-staging-sync`, `return(pause)` after the
+//! creates before it), never answered. The acknowledged changes that must hold are those of the window and all of
+//! phase one's before it (creates, `EI`'s delete, `XA`'s and `EA`'s growth, the data written with `conv=fsync`).
+//! The guest prints `testbed::vm::CUT_THE_POWER` and waits; the host kills qemu by SIGKILL. Phase two checks,
+//! before the agent runs, that the canaries are gone (the cut was one) and that every limit on disk is its
+//! volume's, then with it: the inventory equal to the volumes on disk and to what was acknowledged (every create
+//! there with its size, every delete gone, the unanswered create at most debris, removed), the synced data whole,
+//! the writer's volume a volume with its quota (its file may be short), no stray project quota records.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use berth::agent_api::{ErrorReason, Volume};
 use berth::berth_node::BerthNode;
 use serde_json::json;
 
-use crate::lvm_agent::{GuestAgent, MI, NODE, base, body, init_pools, pools, refusal, volumes};
+use crate::lvm_agent::{GuestAgent, MI, NODE, base, body, env, init_pools, pools, refusal, volumes};
 use crate::{in_vm, lvm, sh, volume_group};
+use testbed::vm::CUT_THE_POWER;
 
 const XA: &str = "pvc-22222222-0000-4000-8000-00000000000a";
 const XB: &str = "pvc-22222222-0000-4000-8000-00000000000b";
@@ -30,6 +48,29 @@ const PA: &str = "pvc-22222222-0000-4000-8000-0000000000fa";
 const AA: &str = "pvc-22222222-0000-4000-8000-0000000000aa";
 const IA: &str = "pvc-22222222-0000-4000-8000-0000000000ba";
 const XU: &str = "pvc-22222222-0000-4000-8000-0000000000ca";
+/// The power cut's (see the module doc): created on the XFS as the last change to it.
+const XP: &str = "pvc-22222222-0000-4000-8000-0000000000d1";
+/// Created on the ext4 as the last change the agent makes to it, then filled by the writer until the cut.
+const EW: &str = "pvc-22222222-0000-4000-8000-0000000000d2";
+/// Made before the window, deleted in it as the last change to the plain ext4.
+const PD: &str = "pvc-22222222-0000-4000-8000-0000000000d3";
+/// The create stopped between its fsync and its rename, never answered (on the `acct` ext4).
+const AX: &str = "pvc-22222222-0000-4000-8000-0000000000d4";
+/// The creates of phase one before `AX`'s, which its failpoint lets through (checked in the agent's log).
+const CREATES_BEFORE_AX: usize = 10;
+/// The inventory after the cut: every volume acknowledged and not deleted, with its pool and size.
+const AFTER_THE_CUT: [(&str, &str, u64); 8] = [
+    (XA, "xfs", 96 * MI),
+    (XB, "xfs", 80 * MI),
+    (XP, "xfs", 16 * MI),
+    (IA, "inherit", 8 * MI),
+    (EA, "ext4", 48 * MI),
+    (EW, "ext4", 16 * MI),
+    (AA, "acct", 8 * MI),
+    (PA, "plain", 16 * MI),
+];
+/// Files written without a sync just before the cut, on the XFS and on the plain ext4 (outside the pool roots).
+const CANARIES: [&str; 2] = ["mnt-xfs/power-cut-canary", "mnt-plain/power-cut-canary"];
 const POOLS: [&str; 5] = ["xfs", "inherit", "ext4", "acct", "plain"];
 /// The LVs (filesystems) and their mount options.
 const LVS: [(&str, &str, &str); 4] = [
@@ -149,11 +190,20 @@ async fn quota_phase_one() {
         sh("mkfs.ext4", &["-q", "-O", "quota,project", "-I", "256", &format!("/dev/mapper/quota-{lv}")]);
     }
     sh("mkfs.ext4", &["-q", "/dev/mapper/quota-plain"]);
+    // XFS forces its log every `xfssyncd_centisecs` (30 s): at its maximum, 2 hours, from the mount on (the work is
+    // queued with the value of the time), the power cut's window is not committed by it (see power_cut).
+    sh("modprobe", &["xfs"]);
+    std::fs::write("/proc/sys/fs/xfs/xfssyncd_centisecs", "720000").unwrap();
     mount_pools();
     std::fs::create_dir(root("inherit")).unwrap();
     sh("xfs_io", &["-c", "chproj 7", "-c", "chattr +P", root("inherit").to_str().unwrap()]);
     init_pools(&config(), &POOLS);
-    let agent = GuestAgent::start_with("quota-one", &config()).await;
+    // The failpoints build from the start (without a failpoint it is the agent; a restart into it would cost the
+    // CI budget 12 s under TCG): `AX`'s create, the last, stops between its fsync and its rename (see power_cut).
+    let failpoints_bin = env("BERTH_AGENT_FAILPOINTS_BIN");
+    assert!(Path::new(&failpoints_bin).exists(), "{failpoints_bin} is built by hack/test-vm");
+    let stop_ax = format!("hostpath-create-after-staging-sync={CREATES_BEFORE_AX}*off->return(pause)");
+    let agent = GuestAgent::start_as("quota-one", &config(), &[], &failpoints_bin, &[("FAILPOINTS", &stop_ax)]).await;
 
     // Enforcement follows each filesystem's quota state, in the API and in the BerthNode.
     let list = pools(&agent).await;
@@ -248,12 +298,119 @@ async fn quota_phase_one() {
     write_as(USER, &data(EA, "ext4").join("more"), 8).expect("writing into the grown ext4 volume");
     fails_with(write_as(USER, &data(EA, "ext4").join("much"), 16), "Disk quota exceeded", "past the new ext4 size");
 
+    agent.create(PD, &body("plain", 8 * MI, owned())).await;
+    power_cut(agent, xa_id, xb_id).await;
+}
+
+/// The end of phase one (see the module doc): the window in which only the agent's own syncs (and a pod's) make
+/// anything durable, ended by a power cut the host makes on [`CUT_THE_POWER`]. Does not return.
+async fn power_cut(agent: GuestAgent, xa_id: u32, xb_id: u32) {
+    // The guest's periodic commits held back (XFS's since the mount, see quota_phase_one; the next boot has the
+    // defaults again): a cut at any moment of the window then loses what nobody synced, as an unlucky one would.
+    // (jbd2 gives each transaction the interval in force when it starts: the sync below ends the last one of 5 s.)
+    for lv in ["ext4", "acct", "plain"] {
+        sh("mount", &["-o", "remount,commit=600", base().join(format!("mnt-{lv}")).to_str().unwrap()]);
+    }
     // As if the agent had crashed between raising a quota and rewriting the marker: the limit is wrong on disk.
     // The next start sets it back from the marker.
     sh("xfs_quota", &["-x", "-c", &format!("limit -p bhard=1g {xa_id}"), root("xfs").to_str().unwrap()]);
+    // (The pool base is the host's directory: this is there at once.)
     std::fs::write(base().join("quota-projects"), format!("{xa_id} {xb_id}")).unwrap();
-    agent.stop();
-    unmount_pools();
+    // Everything so far is on disk; from here only what is synced.
+    sh("sync", &[]);
+    let window = Instant::now();
+
+    // Data a pod wrote and synced: acknowledged once its fsync returned.
+    let synced: Vec<u8> = std::iter::repeat_with(|| fastrand::u8(..)).take(4 * MI as usize).collect();
+    std::fs::write(base().join("power-cut-synced"), &synced).unwrap();
+    write_synced_as(USER, &data(XB, "xfs").join("synced"), &synced);
+    // Acknowledged changes, each the last change to its filesystem: nothing but the agent's own syncs makes them
+    // durable (any later fsync on the same filesystem would commit its whole journal).
+    assert_eq!(agent.expand(XB, 80 * MI).await.size_bytes, 80 * MI);
+    agent.create(XP, &body("xfs", 16 * MI, owned())).await;
+    agent.create(EW, &body("ext4", 16 * MI, owned())).await;
+    agent.delete(PD).await;
+    for canary in CANARIES {
+        std::fs::write(base().join(canary), "written without a sync just before the power cut").unwrap();
+    }
+    // A pod filling its volume (without fsync) when the power goes.
+    let mut writer = start_writer(&data(EW, "ext4"));
+    let fill = data(EW, "ext4").join("fill");
+    poll_until("the writer has written 1 MiB", || std::fs::metadata(&fill).is_ok_and(|m| m.len() >= MI)).await;
+    // The create that never answers: stopped between the fsync of its staging directory and its rename.
+    let log = base().join("agent-quota-one.log");
+    let created = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("operation=\"create\"") && l.contains("status=201"))
+        .count();
+    assert_eq!(created, CREATES_BEFORE_AX, "the creates before {AX}'s, which its failpoint lets through");
+    let agent = std::sync::Arc::new(agent);
+    let request = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.put(AX, &body("acct", 8 * MI, owned())).await.status() }
+    });
+    poll_until("the create stops at its failpoint", || {
+        std::fs::read_to_string(&log).unwrap_or_default().lines().any(|l| {
+            l.contains("this request stops here") && l.contains("failpoint=\"hostpath-create-after-staging-sync\"")
+        })
+    })
+    .await;
+    assert!(!request.is_finished(), "the create stopped at its failpoint was answered");
+    assert!(writer.try_wait().unwrap().is_none(), "the writer is still writing");
+    assert!(!root("acct").join(AX).exists(), "{AX} was not renamed into place");
+    println!("power cut: the window took {:.1} s", window.elapsed().as_secs_f64());
+    println!("{CUT_THE_POWER}");
+    // Nothing after this syncs: the host kills qemu now.
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    panic!("no power cut 10 minutes after asking for it");
+}
+
+/// Polls `done` every 100 ms for up to a minute.
+async fn poll_until(what: &str, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < until, "{what}: not within a minute");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes `bytes` to `file` as `uid` and syncs it (dd conv=fsync), as a pod that calls fsync: on disk once this
+/// returns.
+fn write_synced_as(uid: u32, file: &Path, bytes: &[u8]) {
+    use std::io::Write;
+    let mut dd = Command::new("dd")
+        .arg(format!("of={}", file.display()))
+        .args(["bs=1M", "iflag=fullblock", "conv=fsync", "status=none"])
+        .uid(uid)
+        .gid(uid)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    dd.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = dd.wait_with_output().unwrap();
+    assert!(out.status.success(), "dd of {}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+/// A pod filling its volume: 256 KiB at a time into `<dir>/fill`, as uid 999, without fsync, starting over from
+/// the beginning when the quota stops it, until it is killed.
+fn start_writer(dir: &Path) -> Child {
+    let script = format!(
+        "cd '{}' || exit 1; i=0; while :; do \
+         if dd if=/dev/zero of=fill bs=256k count=1 seek=$i conv=notrunc status=none 2>/dev/null; \
+         then i=$((i+1)); else i=0; fi; sleep 0.05; done",
+        dir.display()
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .uid(USER)
+        .gid(USER)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -263,7 +420,14 @@ async fn quota_phase_two() {
     sh("modprobe", &["dm_mod"]);
     lvm(&["vgchange", "-ay", "quota"]);
     mount_pools();
+    let checks = Instant::now();
+    let debris = found_after_the_cut();
+    let mut took = checks.elapsed();
     let agent = GuestAgent::start_with("quota-two", &config()).await;
+    let checks = Instant::now();
+    held_through_the_cut(&agent, &debris).await;
+    took += checks.elapsed();
+    println!("power cut: its checks took {:.1} s (the agent's start not counted)", took.as_secs_f64());
     let recorded = std::fs::read_to_string(base().join("quota-projects")).unwrap();
     let ids: Vec<u32> = recorded.split_whitespace().map(|s| s.parse().unwrap()).collect();
     assert_eq!([project_of("xfs", XA), project_of("xfs", XB)], [ids[0], ids[1]], "projects are on disk");
@@ -379,6 +543,181 @@ async fn quota_phase_two() {
     }
     agent.stop();
     unmount_pools();
+}
+
+/// The LVs' filesystems with project quotas, each with the pools on it.
+const QUOTA_LVS: [(&str, &[&str]); 3] = [("xfs", &["xfs", "inherit"]), ("ext4", &["ext4"]), ("acct", &["acct"])];
+
+/// Berth's project records on the filesystem of LV `lv` that hold some usage or a limit: project ID → (KiB used,
+/// hard block limit in KiB), from `xfs_quota -x -c 'report -p -n -N -b -i'` (`-f` on ext4, a foreign filesystem
+/// to it). As `churn::projects_on`, with the limits.
+fn project_records(lv: &str) -> BTreeMap<u32, (u64, u64)> {
+    let mount = base().join(format!("mnt-{lv}"));
+    let mut args = vec!["-x"];
+    if lv != "xfs" {
+        args.push("-f");
+    }
+    args.extend(["-c", "report -p -n -N -b -i", mount.to_str().unwrap()]);
+    let report = sh("xfs_quota", &args);
+    // A line per record: `#<id>`, then KiB used, soft and hard limits, warnings, a grace period in brackets; the
+    // same for inodes.
+    report
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('#'))
+        .filter_map(|l| {
+            let fields: Vec<u64> = l.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+            match fields[..] {
+                [id, used, _, hard, ..] if id >= 1_000_000_000 && fields[1..].iter().any(|&n| n > 0) => {
+                    Some((u32::try_from(id).unwrap(), (used, hard)))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// The hard limit a volume of `size` bytes has, in KiB (hostpath.rs: its size and the agent's allowance).
+fn limit_kib(size: u64) -> u64 {
+    (size + ALLOWANCE).div_ceil(1024)
+}
+
+/// What is in each pool's `.berth-tmp/`: (pool, entry).
+fn staging_entries() -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for pool in POOLS {
+        for e in std::fs::read_dir(root(pool).join(".berth-tmp")).into_iter().flatten().flatten() {
+            found.push((pool.to_owned(), e.file_name().to_string_lossy().into_owned()));
+        }
+    }
+    found
+}
+
+/// A volume as the inventory holds it: pool, size, published.
+type Held = (String, u64, bool);
+
+/// The volumes on disk: each directory of a pool root with a marker of its own name and pool, and whether it has
+/// the `unpublished` mark (hostpath.rs).
+fn volumes_on_disk() -> BTreeMap<String, Held> {
+    let mut found = BTreeMap::new();
+    for pool in POOLS {
+        for e in std::fs::read_dir(root(pool)).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !e.file_type().unwrap().is_dir() {
+                continue;
+            }
+            let text = std::fs::read_to_string(e.path().join("volume.json"))
+                .unwrap_or_else(|err| panic!("{}: a directory without a readable marker ({err})", e.path().display()));
+            let marker: berth_agent::backend::VolumeRecord = serde_json::from_str(&text)
+                .unwrap_or_else(|err| panic!("{}: marker {text:?}: {err}", e.path().display()));
+            assert_eq!((marker.name.as_str(), marker.pool.as_str()), (name.as_str(), pool), "{}", e.path().display());
+            let published = !e.path().join("unpublished").exists();
+            found.insert(name, (pool.to_owned(), marker.size_bytes, published));
+        }
+    }
+    found
+}
+
+/// Phase two, before the agent runs: what the power cut left. The files written without a sync are gone (else the
+/// cut was none), and every limit on disk is its volume's: durable with the create or expansion that set it, not
+/// set again by the agent's start (but `XA`'s, set wrong on purpose before the cut). Returns what was in the
+/// staging directories.
+fn found_after_the_cut() -> Vec<(String, String)> {
+    for canary in CANARIES {
+        assert!(
+            !base().join(canary).exists(),
+            "{canary}, written without a sync just before the power cut, survived it: the cut was none (or the guest \
+             synced after asking for it), and this test proves nothing"
+        );
+    }
+    let debris = staging_entries();
+    println!("after the power cut, before the agent: in the staging directories {debris:?}");
+    let mut wrong = Vec::new();
+    for (lv, pools) in QUOTA_LVS {
+        let records = project_records(lv);
+        let ours = AFTER_THE_CUT.iter().filter(|(n, p, _)| pools.contains(p) && *p != "inherit" && *n != XA);
+        for (name, pool, size) in ours {
+            // A volume that is not there is for the inventory's check to report.
+            let Ok(dir) = std::fs::File::open(root(pool).join(name)) else { continue };
+            let id = berth_agent::backend::quota::project_of(&dir).unwrap().id;
+            let hard = records.get(&id).map(|r| r.1);
+            if hard != Some(limit_kib(*size)) {
+                wrong.push(format!("{name}: project {id} limited to {hard:?} KiB, its size is {size}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "limits on disk after the power cut: {wrong:?}");
+    debris
+}
+
+/// Phase two, the agent started: every acknowledged change held, the create never answered is at most debris,
+/// which the agent removes, and the inventory is the disk's.
+async fn held_through_the_cut(agent: &GuestAgent, debris: &[(String, String)]) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while !staging_entries().is_empty() {
+        assert!(Instant::now() < until, "debris left a minute after the start: {:?}", staging_entries());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The inventory: every acknowledged create there with its size (and growth), every delete gone, no half
+    // volume; the disk and GET /v1/volumes agree.
+    let expected: BTreeMap<String, Held> =
+        AFTER_THE_CUT.iter().map(|(n, p, size)| (n.to_string(), (p.to_string(), *size, false))).collect();
+    let listed: BTreeMap<String, Held> = volumes(agent)
+        .await
+        .volumes
+        .into_iter()
+        .map(|v| (v.name, (v.pool, v.size_bytes, v.published == Some(true))))
+        .collect();
+    let on_disk = volumes_on_disk();
+    let missing: Vec<&String> = expected.keys().filter(|n| !on_disk.contains_key(*n)).collect();
+    let extra: Vec<&String> = on_disk.keys().filter(|n| !expected.contains_key(*n)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "after the power cut: acknowledged volumes missing {missing:?}, volumes that should not be there {extra:?} \
+         (acknowledged deletes: {EI} before the window, {PD} in it; never answered: {AX}; debris found: {debris:?})"
+    );
+    assert_eq!(on_disk, expected, "the volumes on disk after the power cut");
+    assert_eq!(listed, on_disk, "GET /v1/volumes after the power cut");
+    // Data synced before the cut, whole.
+    let synced = std::fs::read(base().join("power-cut-synced")).unwrap();
+    assert!(std::fs::read(data(XB, "xfs").join("synced")).unwrap() == synced, "{XB}/data/synced after the power cut");
+    let before = [(XA, "xfs", "fill", 64), (XA, "xfs", "more", 16), (EA, "ext4", "fill", 32), (EA, "ext4", "more", 8)];
+    for (volume, pool, file, mib) in before {
+        let len = std::fs::metadata(data(volume, pool).join(file)).map(|m| m.len()).ok();
+        assert_eq!(len, Some(mib * MI), "{volume}/data/{file}, written and synced before the power cut");
+    }
+    // Each volume with a project of its own has its limit (XA's set again from its marker), and the filesystems
+    // hold no other records of Berth's projects: none of the create that never answered, none of the delete.
+    for (lv, pools) in QUOTA_LVS {
+        let records = project_records(lv);
+        let mut own = BTreeSet::new();
+        for (name, pool, size) in AFTER_THE_CUT.iter().filter(|(_, p, _)| pools.contains(p) && *p != "inherit") {
+            let id = project_of(pool, name);
+            let hard = records.get(&id).map(|r| r.1);
+            assert_eq!(hard, Some(limit_kib(*size)), "{name}: the limit of project {id} after the start");
+            own.insert(id);
+        }
+        let stray: Vec<&u32> = records.keys().filter(|id| !own.contains(id)).collect();
+        assert!(stray.is_empty(), "mnt-{lv}: project quota records of no volume after the power cut: {stray:?}");
+    }
+    // The writer's volume: its file may be short (nothing synced it), what it has reads back as written, and the
+    // quota holds.
+    let fill = std::fs::read(data(EW, "ext4").join("fill")).unwrap_or_default();
+    assert!(
+        fill.len() as u64 <= 16 * MI + ALLOWANCE && fill.iter().all(|&b| b == 0),
+        "{EW}/data/fill: {} bytes",
+        fill.len()
+    );
+    fails_with(write_as(USER, &data(EW, "ext4").join("after"), 32), "Disk quota exceeded", "the writer's volume");
+    println!(
+        "power cut held: {XB} grown with its synced data, {XP} and {EW} created, {PD} deleted; the writer's file has \
+         {} bytes; the unanswered create {AX} was {}",
+        fill.len(),
+        if debris.iter().any(|(_, e)| e.contains(AX)) { "debris, removed" } else { "gone" }
+    );
+    // The rest of phase two runs on the volumes it had before the power cut was added.
+    for v in [XP, EW] {
+        agent.delete(v).await;
+    }
 }
 
 /// util-linux's setpriv, removing CAP_SYS_ADMIN from the bounding and inheritable sets before it execs what

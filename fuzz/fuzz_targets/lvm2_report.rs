@@ -45,9 +45,21 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
+/// The document as serde_json's Value, to compare the parser's reading with. None for the one kind of JSON Value
+/// cannot hold: a number beyond f64's range (`1e4444`), which the parser skips untouched where it ignores a field
+/// (serde's IgnoredAny); the fuzzer found one in a field parse_lvs does not read. Anything else the parser accepted
+/// must be JSON.
+fn as_value(input: &str, parser: &str) -> Option<Value> {
+    match serde_json::from_str(input) {
+        Ok(json) => Some(json),
+        Err(e) if e.to_string().starts_with("number out of range") => None,
+        Err(e) => panic!("{parser} accepted what is not JSON: {e}"),
+    }
+}
+
 fn check_lvs(input: &str) {
     let Ok(lvs) = parse_lvs(input) else { return };
-    let json: Value = serde_json::from_str(input).expect("parse_lvs accepted what is not JSON");
+    let Some(json) = as_value(input, "parse_lvs") else { return };
     let Some(raw) = rows(&json, "lv") else { return };
     assert_eq!(lvs.len(), raw.len(), "{input}");
     for (lv, raw) in lvs.iter().zip(raw) {
@@ -70,7 +82,7 @@ fn check_lvs(input: &str) {
 
 fn check_vgs(input: &str) {
     let Ok(vgs) = parse_vgs(input) else { return };
-    let json: Value = serde_json::from_str(input).expect("parse_vgs accepted what is not JSON");
+    let Some(json) = as_value(input, "parse_vgs") else { return };
     let Some(raw) = rows(&json, "vg") else { return };
     assert_eq!(vgs.len(), raw.len(), "{input}");
     for (vg, raw) in vgs.iter().zip(raw) {

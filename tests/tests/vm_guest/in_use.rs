@@ -1,6 +1,7 @@
 //! Issue 19 in a real kernel, through the real agent: a logical volume something still uses is not deleted (409
 //! `InUse`, nothing changed), and the bytes a new or grown raw block volume of a thick pool gets read back as
-//! zeroes, whatever its extents held before. One boot (`vm_host::lvm_volumes_in_use_and_new_bytes_zeroed`).
+//! zeroes, whatever its extents held before. In the second boot of `vm_host::hostpath_quotas_across_a_reboot`, on a
+//! disk of its own (`inuse.img`).
 
 use std::path::Path;
 use std::process::Command;
@@ -60,7 +61,7 @@ async fn in_use(agent: &GuestAgent, name: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "run by vm_host::lvm_volumes_in_use_and_new_bytes_zeroed in a boot of its own"]
+#[ignore = "run by vm_host::hostpath_quotas_across_a_reboot in its second boot"]
 async fn lvm_in_use_and_zeroing() {
     in_vm();
     sh("modprobe", &["dm_mod"]);

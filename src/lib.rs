@@ -5,6 +5,7 @@
 pub mod agent_api;
 pub mod berth_node;
 pub mod keys;
+pub mod logging;
 pub mod naming;
 pub mod quantity;
 pub mod validate;

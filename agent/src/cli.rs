@@ -122,14 +122,7 @@ fn build_pools(config: &AgentConfig, mounts: &MountTables) -> Vec<Pool> {
 pub fn main() -> Result<()> {
     // FAILPOINTS arms the crash points of a `failpoints` build (failpoints.rs); nothing otherwise.
     let _failpoints = fail::FailScenario::setup();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn,hyper=warn".into()),
-        )
-        // Colours only on a terminal: log files and `kubectl logs` stay greppable.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    berth::logging::init();
     match Cli::parse().command {
         Command::InitPool { config, pool } => {
             let config = AgentConfig::load(&config)?;

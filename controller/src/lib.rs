@@ -146,14 +146,7 @@ fn trim_managed_fields<K: kube::Resource>(object: &mut K) {
 pub async fn main() -> Result<()> {
     // Crash points for the tests, set by the FAILPOINTS variable; compiled in only with the `failpoints` feature.
     let _failpoints = fail::FailScenario::setup();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,kube=warn,hyper=warn".into()),
-        )
-        // Colours only on a terminal: log files and `kubectl logs` stay greppable.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    berth::logging::init();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let client = kube::Client::try_default().await.context("connecting to the API server")?;

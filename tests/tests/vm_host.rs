@@ -133,6 +133,11 @@ fn lvm_world_of(image_name: &str, disk_bytes: u64) -> LvmWorld {
     LvmWorld { rt, bed: Some(bed), _dir: dir, pool_base, vm }
 }
 
+/// The guest command that runs the ignored guest tests `phases` (exact names), one at a time, with their output.
+fn guest_phases(phases: &[&str]) -> String {
+    format!("{} --ignored --exact --nocapture --test-threads=1 {}", guest_bin(), phases.join(" "))
+}
+
 impl LvmWorld {
     fn run_phase(&self, phase: &str) -> testbed::vm::VmRun {
         self.run_phases(&[phase])
@@ -142,8 +147,7 @@ impl LvmWorld {
     /// pass: phases that need no boot of their own share one (a boot and a control plane cost about a minute).
     fn run_phases(&self, phases: &[&str]) -> testbed::vm::VmRun {
         let names = phases.join(" ");
-        let run =
-            self.vm.run(&format!("{} --ignored --exact --nocapture --test-threads=1 {names}", guest_bin())).unwrap();
+        let run = self.vm.run(&guest_phases(phases)).unwrap();
         if run.status != 0 {
             self.print_agent_logs();
         }
@@ -164,7 +168,7 @@ impl LvmWorld {
     fn run_until_power_cut(&self, phase: &str) {
         const WITHIN: Duration = Duration::from_secs(10 * 60);
         let started = Instant::now();
-        let mut vm = self.vm.spawn(&format!("{} --ignored --exact --nocapture {phase}", guest_bin())).unwrap();
+        let mut vm = self.vm.spawn(&guest_phases(&[phase])).unwrap();
         while !vm.output().lines().any(|l| l.trim() == CUT_THE_POWER) {
             let exited = !vm.is_running();
             if exited || started.elapsed() > WITHIN {

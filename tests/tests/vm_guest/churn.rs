@@ -1,7 +1,8 @@
 //! Churn soak in the guest's kernel (issue 19): create/delete cycles through the real agent leave no LV, no
 //! device-mapper device, no mount and no project quota record behind, and the agent's descriptors and memory do
 //! not grow with the cycles. CI runs `BERTH_CHURN_CYCLES` cycles (default: 8 LVM cycles, two of each kind, since one
-//! takes ~8 s under TCG; 20 quota cycles, ~130 ms each); the full soak of 200 is a command in docs/benchmarks.md. Each function runs inside a phase that has an agent already (no boot of its own).
+//! takes ~8 s under TCG; 20 quota cycles, ~130 ms each); the full soak of 200 is a command in docs/benchmarks.md.
+//! Each function runs inside a phase that has an agent already (no boot of its own).
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -15,6 +15,7 @@ use crate::provision::claim_failures_key;
 
 pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
+    ctx.metrics.reconciling("claims");
     let class_name = claim.spec.as_ref().and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
     let class = ctx.class(&class_name);
     let uid = claim.metadata.uid.as_deref().unwrap_or_default();

@@ -47,6 +47,7 @@ fn class_of(pv: &PersistentVolume) -> &str {
 
 pub async fn reconcile(pv: Arc<PersistentVolume>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
+    ctx.metrics.reconciling("volumes");
     let result = delete(pv.clone(), ctx.clone(), started).await;
     if result.is_err() {
         ctx.metrics.deleted(class_of(&pv), Outcome::Error, started.elapsed());

@@ -18,6 +18,7 @@ mod metrics;
 mod params;
 mod provision;
 mod pv;
+mod wake;
 
 use std::sync::Arc;
 
@@ -155,7 +156,7 @@ pub async fn main() -> Result<()> {
     metrics::serve(args.metrics_address, metrics.clone()).await?;
 
     // A claim refused for a missing class, pool or agent is looked at again when classes, Nodes or BerthNodes
-    // change: that is what can fix it.
+    // change: that is what can fix it (wake.rs: only the claims that wait for a volume).
     let (changed, changes) = futures::channel::mpsc::unbounded();
     let (capacity_changed, capacity_changes) = futures::channel::mpsc::unbounded();
     let both = vec![changed, capacity_changed];
@@ -248,9 +249,13 @@ pub async fn main() -> Result<()> {
     let config = kube::runtime::controller::Config::default().concurrency(args.concurrency);
     let claims = Controller::new(Api::<PersistentVolumeClaim>::all(client.clone()), watcher::Config::default());
     tokio::spawn(gauges(ctx.clone(), claims.store()));
+    let woken = wake::on_change(changes, claims.store(), {
+        let ctx = ctx.clone();
+        move |volume| ctx.pv_exists(volume)
+    });
     let claims = claims
         .with_config(config.clone())
-        .reconcile_all_on(changes)
+        .reconcile_on(woken)
         .graceful_shutdown_on(shutdown.clone())
         .run(claims::reconcile, claims::error_policy, ctx.clone())
         .for_each(|_| async {});
@@ -287,11 +292,9 @@ async fn gauges(ctx: Arc<context::Context>, claims: reflector::Store<PersistentV
             .state()
             .iter()
             .filter(|c| {
+                // Handed over to Berth (not merely of a Berth class) and waiting for a volume.
                 decide::claim_provisioner(c) == Some(berth::PROVISIONER_NAME)
-                    && c.metadata.deletion_timestamp.is_none()
-                    && c.spec.as_ref().is_none_or(|s| s.volume_name.is_none())
-                    && berth::naming::volume_name(c.metadata.uid.as_deref().unwrap_or_default())
-                        .map_or(true, |v| !ctx.pv_exists(&v))
+                    && wake::waits(c, berth::PROVISIONER_NAME, |v| ctx.pv_exists(v))
             })
             .count();
         ctx.metrics.workqueue_depth.set(waiting as i64);

@@ -32,6 +32,11 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub controller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
 }
@@ -70,6 +75,7 @@ pub struct Metrics {
     provision_duration: Durations,
     deletions: Family<ResultLabels, Counter>,
     delete_duration: Durations,
+    reconciles: Family<ControllerLabels, Counter>,
     reconcile_errors: Family<ErrorLabels, Counter>,
     pub workqueue_depth: Gauge,
     agents: Family<StateLabels, Gauge>,
@@ -93,6 +99,7 @@ impl Metrics {
             provision_duration: Family::new_with_constructor(durations as fn() -> Histogram),
             deletions: Family::default(),
             delete_duration: Family::new_with_constructor(durations as fn() -> Histogram),
+            reconciles: Family::default(),
             reconcile_errors: Family::default(),
             workqueue_depth: Gauge::default(),
             agents: Family::default(),
@@ -115,6 +122,11 @@ impl Metrics {
             "delete_duration_seconds",
             "Duration of volume deletions (agent delete and PV removal), by class and result",
             m.delete_duration.clone(),
+        );
+        registry.register(
+            "reconciles",
+            "Reconciles started, by controller (claims, volumes): what changes and the claims' own events cost",
+            m.reconciles.clone(),
         );
         registry.register(
             "reconcile_errors",
@@ -161,6 +173,10 @@ impl Metrics {
         let labels = ResultLabels { class: class.to_owned(), result: outcome.label().to_owned() };
         self.deletions.get_or_create(&labels).inc();
         self.delete_duration.get_or_create(&labels).observe(took.as_secs_f64());
+    }
+
+    pub fn reconciling(&self, controller: &str) {
+        self.reconciles.get_or_create(&ControllerLabels { controller: controller.into() }).inc();
     }
 
     pub fn reconcile_failed(&self, controller: &str, error: &str) {

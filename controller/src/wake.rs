@@ -58,8 +58,7 @@ mod tests {
         let mut c = PersistentVolumeClaim::default();
         c.metadata.uid = Some(UID.into());
         if let Some(p) = provisioner {
-            c.metadata.annotations =
-                Some([("volume.kubernetes.io/storage-provisioner".to_string(), p.to_string())].into());
+            c.metadata.annotations = Some([(berth::keys::STORAGE_PROVISIONER.to_string(), p.to_string())].into());
         }
         c.spec = Some(PersistentVolumeClaimSpec { volume_name: volume_name.map(Into::into), ..Default::default() });
         c

@@ -50,7 +50,7 @@ async fn heartbeats(w: &World, node: &str, count: usize) {
 #[tokio::test(flavor = "multi_thread")]
 async fn heartbeats_wake_only_waiting_claims_and_a_standby_backlog_is_one_pass() {
     let mut w = world_without_controller(&[2048 * MI]).await;
-    let a = w.bed.start_controller_named("replica-a", &controller_bin(), &LEASE, &[]).await.unwrap();
+    let mut a = w.bed.start_controller_named("replica-a", &controller_bin(), &LEASE, &[]).await.unwrap();
     wait_for_log(&a, &["leading"], WAIT).await;
 
     // BOUND claims provisioned and Bound (Immediate: no pods needed).
@@ -96,7 +96,6 @@ async fn heartbeats_wake_only_waiting_claims_and_a_standby_backlog_is_one_pass()
     // 2. The standby saw those and 900 more; it reconciles nothing while it stands by.
     heartbeats(&w, &node, 900).await;
     assert_eq!(sample(&metrics_of(&b).await, CLAIMS_SERIES), 0.0, "a standby reconciles nothing");
-    let mut a = a;
     a.signal_and_wait(libc::SIGKILL, Duration::from_secs(5)).unwrap();
     wait_for_log(&b, &["leading"], WAIT).await;
     // Its first pass over every claim, and the backlog of 1,000 heartbeats as one pass over the waiting claim.

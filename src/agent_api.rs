@@ -58,6 +58,12 @@ pub struct CreateVolumeRequest {
     /// lvm pools, `Filesystem` volumes: options of the agent's mount of the volume (the class's mountOptions).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mount_options: Vec<String>,
+    /// A clone: the name of the volume on this node whose content the new volume starts with. It must be in the
+    /// same pool, with the same volume mode and filesystem, and no larger than `size_bytes`. Only lvm thin pools
+    /// make clones (a thin snapshot); other pools refuse `Unsupported`. Agents older than this field refuse it as
+    /// an unknown field (400): a clone is never made as an empty volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// A volume as the agent reports it.

@@ -885,6 +885,7 @@ mod tests {
             mode: None,
             fs_type: None,
             mount_options: vec![],
+            source: None,
         };
         extra(&mut r);
         r

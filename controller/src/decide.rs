@@ -195,6 +195,7 @@ fn decide_ours(
         // so one class serves both volume modes, as fsType does for CSI drivers.
         fs_type: if block { None } else { params.fs_type.clone() },
         mount_options: vec![],
+        source: None,
     };
     let pool_anywhere = nodes.iter().any(|n| n.pool(&params.pool).is_some());
     if !pool_anywhere {

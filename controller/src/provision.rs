@@ -419,6 +419,7 @@ mod tests {
             mode: None,
             fs_type: None,
             mount_options: vec![],
+            source: None,
         }
     }
 

@@ -51,6 +51,7 @@ impl From<BackendError> for Refusal {
             BackendError::InsufficientSpace(m) => Refusal::new(ErrorReason::InsufficientSpace, m),
             BackendError::Io(m) => Refusal::new(ErrorReason::Internal, m),
             BackendError::InUse(m) => Refusal::new(ErrorReason::InUse, m),
+            BackendError::Unsupported(m) => Refusal::new(ErrorReason::Unsupported, m),
             BackendError::Busy(m) => Refusal::new(
                 ErrorReason::PoolNotReady,
                 format!("{m}; the pool takes no work until it exits (retry later)"),
@@ -190,6 +191,12 @@ pub fn validate_create(name: &str, req: &CreateVolumeRequest) -> Result<(), Refu
     let invalid = |m: String| Refusal::new(ErrorReason::Invalid, m);
     berth::validate::volume_name(name).map_err(|e| invalid(e.to_string()))?;
     berth::validate::pool_name(&req.pool).map_err(|e| invalid(e.to_string()))?;
+    if let Some(source) = &req.source {
+        berth::validate::volume_name(source).map_err(|e| invalid(format!("source: {e}")))?;
+        if source == name {
+            return Err(invalid(format!("volume {name} cannot be a clone of itself")));
+        }
+    }
     if req.size_bytes == 0 {
         return Err(invalid("sizeBytes must be greater than 0".into()));
     }
@@ -486,9 +493,17 @@ impl Agent {
                 ),
             ));
         }
+        // A pool that makes no clones refuses a clone before anything else of the request is looked at.
+        if req.source.is_some() {
+            pool.backend.can_clone()?;
+        }
         // The target pool's volumes must be known before its free space is. (A claim's volume is always asked of
         // the same pool, its class's, so a pool that is down elsewhere on the node cannot hide a twin.)
         self.ensure_recovered(&mut state, pool)?;
+        let source = match &req.source {
+            Some(source) => Some(self.clone_source(&state, pool, name, source, req, (uid, gid, mode))?),
+            None => None,
+        };
         let capacity = self.capacity_now(pool, &state)?;
         if req.size_bytes > capacity.maximum_volume_size {
             return Err(Refusal::new(
@@ -525,7 +540,13 @@ impl Agent {
                 self.queue_debris(state, pool, left, "what the failed create left: removed in the background");
             }
         };
-        let made = pool.backend.create(record).inspect_err(|e| leftover(&mut state, e))?;
+        // A clone is made under the lock like any create (a thin snapshot is one lvcreate), so no delete,
+        // expansion or other clone of its source can run while it is taken.
+        let made = match &source {
+            None => pool.backend.create(record),
+            Some(source) => pool.backend.clone_from(record, source),
+        };
+        let made = made.inspect_err(|e| leftover(&mut state, e))?;
         let (made, mut state) = match made {
             Made::Ready(made) => (made, state),
             Made::ZeroFirst(made, zeroing) => {
@@ -538,6 +559,58 @@ impl Agent {
         state.volumes.insert(name.to_owned(), made);
         self.changed();
         Ok(Created::New(api))
+    }
+
+    /// The volume a clone of `req` (to be called `name`, in `pool`, whose volumes are known) starts from: it must
+    /// exist in the same pool, with the same volume mode and filesystem, be no larger than the clone, and (for a
+    /// filesystem volume, whose `data/` directory the clone carries over) have the owner and mode asked for. A
+    /// volume being made or grown is not cloned (`Conflict`).
+    fn clone_source(
+        &self,
+        state: &State,
+        pool: &Pool,
+        name: &str,
+        source: &str,
+        req: &CreateVolumeRequest,
+        (uid, gid, mode): (u32, u32, u32),
+    ) -> Result<VolumeRecord, Refusal> {
+        let invalid = |m: String| Refusal::new(ErrorReason::Invalid, format!("clone {name} of {source}: {m}"));
+        state.not_in_flight(source)?;
+        let Some(s) = state.volumes.get(source) else {
+            return Err(invalid(format!("source volume {source} does not exist on node {}", self.node)));
+        };
+        if s.pool != req.pool {
+            return Err(invalid(format!(
+                "source volume {source} is in pool {:?}, not {:?}: a clone is made in its source's pool",
+                s.pool, req.pool
+            )));
+        }
+        if s.volume_mode != req.volume_mode {
+            return Err(invalid(format!(
+                "source volume {source} is a {:?} volume, not {:?}: a clone has its source's volume mode",
+                s.volume_mode, req.volume_mode
+            )));
+        }
+        let fs_type = resolved_fs_type(pool.backend.kind(), req);
+        if s.fs_type != fs_type {
+            return Err(invalid(format!(
+                "source volume {source} has filesystem {:?}, not {fs_type:?}: a clone carries its source's filesystem",
+                s.fs_type
+            )));
+        }
+        if req.size_bytes < s.size_bytes {
+            return Err(invalid(format!(
+                "a clone is at least its source's size: {source} has {} bytes, asked for {}",
+                s.size_bytes, req.size_bytes
+            )));
+        }
+        if s.volume_mode == VolumeMode::Filesystem && (s.uid, s.gid, s.mode) != (uid, gid, mode) {
+            return Err(invalid(format!(
+                "the clone carries its source's data directory, owned by {}:{} with mode {:#o}; asked for {uid}:{gid} with mode {mode:#o}",
+                s.uid, s.gid, s.mode
+            )));
+        }
+        Ok(s.clone())
     }
 
     /// Grows a volume to `size_bytes`: the extra bytes must fit in its pool now (as for a create); the same size
@@ -951,6 +1024,9 @@ mod tests {
         zero_fails: bool,
         /// Volumes whose create or expansion was finished after zeroing.
         finished: Purged,
+        /// The pool makes clones (as an lvm thin pool does); each is recorded as (clone, source).
+        clones: bool,
+        cloned: std::sync::Arc<Mutex<Vec<(String, String)>>>,
     }
 
     /// Opened once: `zero` waits for it, so a test can look at the agent while a zeroing runs.
@@ -1012,6 +1088,17 @@ mod tests {
             let (open, opened) = &*self.gate;
             drop(opened.wait_while(open.lock().unwrap(), |open| !*open).unwrap());
             if self.zero_fails { Err(BackendError::Io("BLKZEROOUT: EIO".into())) } else { Ok(()) }
+        }
+        fn can_clone(&self) -> Result<(), BackendError> {
+            match self.clones {
+                true => Ok(()),
+                false => Err(BackendError::Unsupported("this fake pool makes no clones".into())),
+            }
+        }
+        fn clone_from(&self, record: VolumeRecord, source: &VolumeRecord) -> Result<Made, BackendError> {
+            self.can_clone()?;
+            self.cloned.lock().unwrap().push((record.name.clone(), source.name.clone()));
+            Ok(Made::Ready(VolumeRecord { path: format!("/dev/vg/berth-{}", record.name), ..record }))
         }
         fn finish_create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
             self.finished.lock().unwrap().push(record.path.clone().into());
@@ -1285,5 +1372,137 @@ mod tests {
         assert!(agent.volume(NAME).is_none());
         let again = agent.create(NAME, &req(|_| {}), "2026-12-04T00:00:00Z", 1).unwrap_err();
         assert!(again.reason == ErrorReason::Conflict && again.message.contains("still being removed"), "{again:?}");
+    }
+
+    const CLONE: &str = "pvc-0f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f71";
+
+    fn clone_of(source: &str, extra: impl FnOnce(&mut CreateVolumeRequest)) -> CreateVolumeRequest {
+        req(|r| {
+            r.source = Some(source.into());
+            extra(r)
+        })
+    }
+
+    fn cloning_pool() -> DebrisPool {
+        DebrisPool { clones: true, ..DebrisPool::default() }
+    }
+
+    #[test]
+    fn a_clone_is_made_from_its_source_counted_and_answered_again_as_existing() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = cloning_pool();
+        let cloned = backend.cloned.clone();
+        let agent = fake_agent(&dir, vec![("lvm", backend)]);
+        assert!(matches!(agent.create(NAME, &req(|_| {}), "2026-12-07T00:00:00Z", 1), Ok(Created::New(_))));
+        // At least its source's size: the same, or larger.
+        let made = agent.create(CLONE, &clone_of(NAME, |r| r.size_bytes = 500 << 20), "2026-12-07T00:00:01Z", 1);
+        let Ok(Created::New(clone)) = made else { panic!("{made:?}") };
+        assert_eq!(
+            (clone.size_bytes, clone.fs_type.as_deref(), clone.published),
+            (500 << 20, Some("ext4"), Some(false))
+        );
+        assert_eq!(*cloned.lock().unwrap(), [(CLONE.to_owned(), NAME.to_owned())]);
+        // Its full size is promised, like a new volume's.
+        assert_eq!(agent.pool_statuses()[0].allocated_bytes, 900 << 20);
+        let again = agent.create(CLONE, &clone_of(NAME, |r| r.size_bytes = 500 << 20), "2026-12-07T00:00:02Z", 1);
+        assert!(matches!(again, Ok(Created::Existing(_))), "{again:?}");
+        assert_eq!(cloned.lock().unwrap().len(), 1, "a retry makes nothing");
+    }
+
+    #[test]
+    fn a_clone_that_cannot_be_its_sources_is_invalid_and_nothing_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = cloning_pool();
+        let cloned = backend.cloned.clone();
+        let agent = fake_agent(&dir, vec![("lvm", backend), ("other", cloning_pool())]);
+        assert!(matches!(agent.create(NAME, &req(|_| {}), "2026-12-07T00:00:00Z", 1), Ok(Created::New(_))));
+        let other = "pvc-0f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f72";
+        let in_other = req(|r| r.pool = "other".into());
+        assert!(matches!(agent.create(other, &in_other, "2026-12-07T00:00:00Z", 1), Ok(Created::New(_))));
+        for (bad, says) in [
+            (clone_of("pvc-nothing-here", |_| {}), "source volume pvc-nothing-here does not exist on node node-0"),
+            (clone_of(other, |_| {}), "is in pool \"other\", not \"lvm\""),
+            (clone_of(NAME, |r| r.size_bytes = (400 << 20) - 1), "a clone is at least its source's size"),
+            (clone_of(NAME, |r| r.volume_mode = VolumeMode::Block), "volume mode"),
+            (clone_of(NAME, |r| r.fs_type = Some("xfs".into())), "filesystem"),
+            (clone_of(NAME, |r| r.uid = Some(999)), "owned by 0:0 with mode 0o750"),
+            (clone_of(NAME, |r| r.mode = Some(0o700)), "owned by 0:0 with mode 0o750"),
+            (clone_of(CLONE, |_| {}), "cannot be a clone of itself"),
+            (clone_of("Not-A-Name", |_| {}), "source: "),
+        ] {
+            let refusal = agent.create(CLONE, &bad, "2026-12-07T00:00:01Z", 1).unwrap_err();
+            assert_eq!(refusal.reason, ErrorReason::Invalid, "{}", refusal.message);
+            assert!(refusal.message.contains(says), "{says:?} not in {:?}", refusal.message);
+        }
+        assert!(cloned.lock().unwrap().is_empty());
+        assert!(agent.volume(CLONE).is_none());
+        // A clone of a raw block volume is one too.
+        let block = "pvc-0f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f73";
+        let block_req = |r: &mut CreateVolumeRequest| r.volume_mode = VolumeMode::Block;
+        assert!(matches!(agent.create(block, &req(block_req), "2026-12-07T00:00:00Z", 1), Ok(Created::New(_))));
+        let made = agent.create(CLONE, &clone_of(block, block_req), "2026-12-07T00:00:01Z", 1);
+        assert!(matches!(made, Ok(Created::New(_))), "{made:?}");
+    }
+
+    #[test]
+    fn a_clone_that_does_not_fit_is_refused_like_any_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = cloning_pool();
+        let cloned = backend.cloned.clone();
+        let agent = fake_agent(&dir, vec![("lvm", backend)]);
+        let big = req(|r| r.size_bytes = 6 * GI);
+        assert!(matches!(agent.create(NAME, &big, "2026-12-07T00:00:00Z", 1), Ok(Created::New(_))));
+        let refusal = agent.create(CLONE, &clone_of(NAME, |r| r.size_bytes = 6 * GI), "2026-12-07T00:00:01Z", 1);
+        assert_eq!(refusal.unwrap_err().reason, ErrorReason::InsufficientSpace);
+        assert!(cloned.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_source_being_made_is_not_cloned() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = DebrisPool { zero_first: true, ..cloning_pool() };
+        let gate = backend.gate.clone();
+        let agent = std::sync::Arc::new(fake_agent(&dir, vec![("lvm", backend)]));
+        let creating = {
+            let agent = agent.clone();
+            in_background(move || agent.create(NAME, &req(|_| {}), "2026-12-07T00:00:00Z", 1))
+        };
+        eventually("the zeroing started", || agent.pool_statuses()[0].allocated_bytes == 400 << 20);
+        let refusal = agent.create(CLONE, &clone_of(NAME, |_| {}), "2026-12-07T00:00:01Z", 1).unwrap_err();
+        assert!(refusal.reason == ErrorReason::Conflict && refusal.message.contains("being made"), "{refusal:?}");
+        open(&gate);
+        assert!(matches!(creating.join().unwrap(), Ok(Created::New(_))));
+        assert!(matches!(agent.create(CLONE, &clone_of(NAME, |_| {}), "2026-12-07T00:00:01Z", 1), Ok(Created::New(_))));
+    }
+
+    #[test]
+    fn pools_that_make_no_clones_refuse_them_as_unsupported_before_anything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("dirs");
+        let hostpath =
+            crate::backend::hostpath::HostPath::new("dirs", &root, crate::in_use::MountTables::new("/proc".as_ref()));
+        hostpath.init().unwrap();
+        let config = PoolConfig {
+            backend: crate::config::BackendKind::Hostpath,
+            root: root.clone(),
+            volume_group: None,
+            ..lvm_config("dirs")
+        };
+        let pools = vec![Pool { config, backend: Box::new(hostpath) as Box<dyn Backend> }];
+        let agent = Agent::start("node-0".into(), pools, EpochFence::load(dir.path().join("epoch")).unwrap());
+        let in_dirs = |r: &mut CreateVolumeRequest| r.pool = "dirs".into();
+        assert!(matches!(agent.create(NAME, &req(in_dirs), "2026-12-07T00:00:00Z", 1), Ok(Created::New(_))));
+        for source in [NAME, "pvc-nothing-here"] {
+            let refusal = agent.create(CLONE, &clone_of(source, in_dirs), "2026-12-07T00:00:01Z", 1).unwrap_err();
+            assert_eq!(refusal.reason, ErrorReason::Unsupported, "{}", refusal.message);
+            assert!(
+                refusal
+                    .message
+                    .contains("pool \"dirs\" is a hostpath pool: Berth clones only volumes of lvm thin pools"),
+                "{}",
+                refusal.message
+            );
+        }
+        assert!(agent.volume(CLONE).is_none() && !root.join(CLONE).exists());
     }
 }

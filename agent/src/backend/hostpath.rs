@@ -415,6 +415,14 @@ impl Backend for HostPath {
         "hostpath"
     }
 
+    /// A directory's copy would take as long as its bytes, and a pod may write to it meanwhile: not done (yet).
+    fn can_clone(&self) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported(format!(
+            "pool {:?} is a hostpath pool: Berth clones only volumes of lvm thin pools (a thin snapshot) so far",
+            self.pool
+        )))
+    }
+
     fn probe(&self, _own_sizes: &[u64]) -> Result<PoolProbe, BackendError> {
         self.check_marker()?;
         let not_ready = |what: &str, e: &dyn std::fmt::Display| {

@@ -17,6 +17,9 @@
 //! `lvremove`. An LV found with either tag at start is debris of an interrupted operation, removed the same way
 //! in the background once the API serves (agent.rs).
 //! A new LV also carries `berth:unpublished` until the controller says its PV exists (`publish`).
+//!
+//! A clone (thin pools only) is a thin snapshot of its source's LV (`lvcreate -s`), tagged like a new LV, then made
+//! usable the same way except that it keeps its source's filesystem (an XFS one gets a UUID of its own).
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -133,6 +136,37 @@ pub fn record_tags(r: &VolumeRecord) -> Result<Vec<String>, BackendError> {
         tags.push(format!("{TAG}mountopts={}", hex(&r.mount_options.join(","))));
     }
     Ok(tags)
+}
+
+/// The `--addtag` arguments of a new LV: its record, `creating` (lifted as the create's last step) and, until its
+/// PV exists, `unpublished`.
+fn new_lv_tags(record: &VolumeRecord) -> Result<Vec<String>, BackendError> {
+    let unpublished = (!record.published).then(|| UNPUBLISHED.to_owned());
+    let tags = record_tags(record)?.into_iter().chain([CREATING.to_owned()]).chain(unpublished);
+    Ok(tags.flat_map(|tag| ["--addtag".to_owned(), tag]).collect())
+}
+
+/// The UUID in an XFS superblock (`sb_uuid`, bytes 32–47 after the magic `XFSB`): the one a mount refuses to
+/// see twice. `None` for anything else.
+fn xfs_sb_uuid(sb: &[u8]) -> Option<[u8; 16]> {
+    if sb.get(..4)? != b"XFSB" {
+        return None;
+    }
+    sb.get(32..48)?.try_into().ok()
+}
+
+/// The UUID of the XFS filesystem on `dev`, read past the page cache (O_DIRECT): what is on the device now.
+fn xfs_uuid(dev: &str) -> Result<[u8; 16], BackendError> {
+    use rustix::fs::{Mode, OFlags};
+    const BLOCK: usize = 4096;
+    let fd = rustix::fs::open(dev, OFlags::RDONLY | OFlags::DIRECT | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| io(dev, e))?;
+    // O_DIRECT reads into memory aligned to the device's logical block size: one page is aligned enough.
+    let mut buf = vec![0u8; 2 * BLOCK];
+    let at = buf.as_ptr().align_offset(BLOCK);
+    let block = &mut buf[at..at + BLOCK];
+    let n = rustix::io::pread(&fd, &mut *block, 0).map_err(|e| io(dev, e))?;
+    xfs_sb_uuid(&block[..n]).ok_or_else(|| BackendError::Io(format!("{dev} holds no XFS superblock")))
 }
 
 /// The record of a volume from its LV's tags; `Err` says what is missing or malformed.
@@ -290,13 +324,18 @@ impl LvmPool {
         Ok(())
     }
 
-    fn mount(&self, lv: &LvRow, record: &VolumeRecord) -> Result<PathBuf, BackendError> {
-        let target = self.mount_point(&record.name);
+    /// The volume's mount point, made if it is missing.
+    fn make_mount_point(&self, volume: &str) -> Result<PathBuf, BackendError> {
+        let target = self.mount_point(volume);
         match std::fs::DirBuilder::new().mode(0o700).create(&target) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(io(target.display(), e)),
+            Ok(()) => Ok(target),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(target),
+            Err(e) => Err(io(target.display(), e)),
         }
+    }
+
+    fn mount(&self, lv: &LvRow, record: &VolumeRecord) -> Result<PathBuf, BackendError> {
+        let target = self.make_mount_point(&record.name)?;
         if !self.mounted(&lv.dm_path, &target)? {
             let fs = record.fs_type.as_deref().unwrap_or("ext4");
             let target_str = target.to_str().ok_or_else(|| BackendError::Io("root is not UTF-8".into()))?;
@@ -394,6 +433,41 @@ impl LvmPool {
             VolumeMode::Filesystem => self.make_filesystem(lv, record)?.display().to_string(),
             VolumeMode::Block => lv.dm_path.clone(),
         })
+    }
+
+    /// The thin pool clones are made in; a thick pool makes none.
+    fn thin_for_clones(&self) -> Result<&Thin, BackendError> {
+        self.thin.as_ref().ok_or_else(|| {
+            BackendError::Unsupported(format!(
+                "pool {:?} is a thick lvm pool: a clone would be a full block copy of the source; Berth clones only \
+                 volumes of lvm thin pools (a thin snapshot)",
+                self.pool
+            ))
+        })
+    }
+
+    /// Gives the XFS filesystem of a new clone `lv` a UUID of its own. A thin snapshot is its source's twin, UUID
+    /// included, and XFS refuses to mount a filesystem whose UUID is mounted already: the clone would not mount
+    /// beside its source, and after a reboot whichever of the two mounted second would fail. Mounting every XFS
+    /// volume with `nouuid` would do too, but only as long as every mount of it does (the agent's, after each
+    /// reboot; an administrator's; a rescue's); a UUID of its own holds for any mount. xfs_admin changes it only
+    /// with a clean log, and the snapshot of a filesystem in use has a dirty one (lvm2 froze it mid-flight: the
+    /// clone is as after a crash at that instant): a mount with `nouuid` replays it, the unmount leaves it clean.
+    /// xfs_admin prints its refusals but exits 0, so the UUID is read back from the device.
+    fn own_xfs_uuid(&self, lv: &LvRow, volume: &str) -> Result<(), BackendError> {
+        let twin = xfs_uuid(&lv.dm_path)?;
+        let target = self.make_mount_point(volume)?;
+        let target = target.to_str().ok_or_else(|| BackendError::Io("root is not UTF-8".into()))?;
+        self.run("mount", &["-t", "xfs", "-o", "nouuid,nosuid,nodev", &lv.dm_path, target])?;
+        self.run("umount", &[target])?;
+        self.run("xfs_admin", &["-U", "generate", &lv.dm_path])?;
+        if xfs_uuid(&lv.dm_path)? == twin {
+            return Err(BackendError::Io(format!(
+                "xfs_admin -U generate {} left the clone with its source's UUID",
+                lv.dm_path
+            )));
+        }
+        Ok(())
     }
 
     /// The last step of a create: the `creating` tag lifted, the volume is whole.
@@ -555,10 +629,7 @@ impl Backend for LvmPool {
                 args.extend(["-V".into(), size, "-T".into(), self.full_name(&t.pool_lv), "-n".into(), name.clone()])
             }
         }
-        let unpublished = (!record.published).then(|| UNPUBLISHED.to_owned());
-        for tag in record_tags(&record)?.into_iter().chain([CREATING.to_owned()]).chain(unpublished) {
-            args.extend(["--addtag".into(), tag]);
-        }
+        args.extend(new_lv_tags(&record)?);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.lvm.run(&args).map_err(backend_error)?;
         crate::failpoints::point("lvm-create-after-lvcreate");
@@ -577,6 +648,69 @@ impl Backend for LvmPool {
     fn finish_create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
         crate::failpoints::point("lvm-create-after-zero");
         self.lift_creating(record)
+    }
+
+    fn can_clone(&self) -> Result<(), BackendError> {
+        self.thin_for_clones().map(|_| ())
+    }
+
+    /// A thin snapshot of the source's LV, made a volume like any other: its own record tags (a thin snapshot
+    /// inherits none of its origin's: seen with lvm2 2.03.16 in the VM), active, grown to its size, its filesystem
+    /// mounted as it is (no mkfs: it is the content; its `data/` is the source's, owner and mode included). lvm2
+    /// suspends the origin while it takes the snapshot, which freezes a filesystem mounted on it, so the clone holds
+    /// that filesystem as after a crash at that instant: consistent, its journal replayed at its first mount. The
+    /// snapshot is an independent thin volume from then on: either may be written, grown or deleted.
+    fn clone_from(&self, mut record: VolumeRecord, source: &VolumeRecord) -> Result<Made, BackendError> {
+        let thin = self.thin_for_clones()?;
+        let origin = self.lvm.lv(&self.vg, &lv_name(&source.name)).map_err(backend_error)?;
+        if origin.pool_lv != thin.pool_lv {
+            return Err(BackendError::Io(format!(
+                "{} is not a thin volume of {}",
+                self.full_name(&origin.name),
+                self.full_name(&thin.pool_lv)
+            )));
+        }
+        let name = lv_name(&record.name);
+        // `-s` without a size: a thin snapshot, sharing the origin's blocks (with one it would be an old-style
+        // copy-on-write snapshot of that size). Not `-W y`: the filesystem signature is the content. `-kn`: thin
+        // snapshots skip activation by default, so `lvchange -ay` and a boot's autoactivation would pass it over.
+        let origin_name = self.full_name(&origin.name);
+        let mut args: Vec<String> =
+            ["lvcreate", "-y", "-s", "--setactivationskip", "n", "-n", &name, &origin_name].map(str::to_owned).into();
+        args.extend(new_lv_tags(&record)?);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.lvm.run(&args).map_err(backend_error)?;
+        // From here on a failure leaves the LV tagged `creating`: debris (`leftover_of_create`).
+        let mut lv = self.lvm.lv(&self.vg, &name).map_err(backend_error)?;
+        self.activate(&lv)?;
+        let grown = lv.size < record.size_bytes;
+        if grown {
+            let full = self.full_name(&lv.name);
+            self.lvm.run(&["lvextend", "-L", &format!("{}b", record.size_bytes), &full]).map_err(backend_error)?;
+            lv = self.lvm.lv(&self.vg, &name).map_err(backend_error)?;
+        }
+        record.path = match record.volume_mode {
+            VolumeMode::Block => lv.dm_path.clone(),
+            VolumeMode::Filesystem => {
+                if record.fs_type.as_deref() == Some("xfs") {
+                    self.own_xfs_uuid(&lv, &record.name)?;
+                }
+                let target = self.mount(&lv, &record)?;
+                if grown {
+                    self.grow_filesystem(&lv, &record)?;
+                }
+                let data = target.join(DATA_DIR);
+                if !std::fs::symlink_metadata(&data).is_ok_and(|m| m.is_dir()) {
+                    return Err(BackendError::Io(format!(
+                        "the clone of {} has no directory {}: its source's filesystem had none",
+                        source.name,
+                        data.display()
+                    )));
+                }
+                data.display().to_string()
+            }
+        };
+        self.lift_creating(record).map(Made::Ready)
     }
 
     /// BLKZEROOUT in the agent's process (zeroing.rs), within the pool's deadline for that many bytes.
@@ -797,6 +931,25 @@ mod tests {
         let mut new = record_tags(&record()).unwrap();
         new.push(UNPUBLISHED.to_owned());
         assert_eq!(record_from_tags(&new).unwrap(), VolumeRecord { published: false, ..record() });
+    }
+
+    #[test]
+    fn a_new_lv_carries_its_record_creating_and_until_published_unpublished() {
+        let args = new_lv_tags(&VolumeRecord { published: false, ..record() }).unwrap();
+        let tags: Vec<String> = args.chunks(2).map(|a| (a[0] == "--addtag").then(|| a[1].clone()).unwrap()).collect();
+        assert_eq!(tags[..tags.len() - 2], record_tags(&record()).unwrap()[..]);
+        assert_eq!(tags[tags.len() - 2..], [CREATING, UNPUBLISHED]);
+    }
+
+    #[test]
+    fn the_uuid_of_an_xfs_superblock() {
+        let mut sb = vec![0u8; 512];
+        sb[..4].copy_from_slice(b"XFSB");
+        sb[32..48].copy_from_slice(&[7; 16]);
+        assert_eq!(xfs_sb_uuid(&sb), Some([7; 16]));
+        assert_eq!(xfs_sb_uuid(&sb[..40]), None, "cut short");
+        sb[0] = b'Y';
+        assert_eq!(xfs_sb_uuid(&sb), None, "not XFS");
     }
 
     #[test]

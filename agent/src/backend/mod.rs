@@ -172,6 +172,9 @@ pub enum BackendError {
     /// Something still uses the volume (crate::in_use): nothing destructive was done.
     #[error("{0}")]
     InUse(String),
+    /// The pool cannot do what was asked (a clone in a pool that makes none): nothing was done.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 fn io(what: impl std::fmt::Display, e: impl std::fmt::Display) -> BackendError {
@@ -216,6 +219,20 @@ pub trait Backend: Send + Sync {
     /// debris too, which [`Backend::leftover_of_create`] names. A volume whose bytes must be zeroed first is
     /// [`Made::ZeroFirst`]: not usable (debris to a crash) until [`Backend::finish_create`].
     fn create(&self, record: VolumeRecord) -> Result<Made, BackendError>;
+    /// Whether the pool makes clones ([`Backend::clone_from`]); `Unsupported` says why not and what does. Asked
+    /// before anything else of a clone request is looked at, so a pool that makes none refuses it whatever it is.
+    fn can_clone(&self) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported(format!("{} pools make no clones", self.kind())))
+    }
+    /// Makes the volume described by `record` as a clone of `source` (a volume of the same pool, volume mode and
+    /// filesystem, no larger: the core has checked): its content is `source`'s at this moment, and it is then
+    /// independent of it (either may be written, grown or deleted). Atomic like [`Backend::create`], and a failure
+    /// leaves what [`Backend::leftover_of_create`] names. Called under the agent's lock, like every operation but
+    /// zeroing, so nothing else touches `source` meanwhile.
+    fn clone_from(&self, _record: VolumeRecord, _source: &VolumeRecord) -> Result<Made, BackendError> {
+        self.can_clone()?;
+        Err(BackendError::Unsupported(format!("{} pools make no clones", self.kind())))
+    }
     /// Writes zeroes as `zeroing` says; slow (the whole range is written), run without the agent's lock.
     fn zero(&self, zeroing: &Zeroing) -> Result<(), BackendError> {
         Err(BackendError::Io(format!("{} pools zero nothing ({})", self.kind(), zeroing.device.display())))

@@ -54,7 +54,11 @@ pub struct Context {
     pub gone_nodes: GoneNodes,
     pub metrics: Arc<Metrics>,
     pub liveness: Arc<Liveness>,
+    /// The clones being made now (their sources are protected meanwhile).
+    pub copies: crate::clone::Copies,
     failures: Mutex<HashMap<String, u32>>,
+    /// Keys (as for `failures`) whose next attempt waits until then: see [`Context::held`].
+    held: Mutex<HashMap<String, Instant>>,
     /// (object uid, reason) → the note last published and when: see [`Context::event`].
     published: Mutex<HashMap<(String, String), (String, Instant)>>,
 }
@@ -82,7 +86,9 @@ impl Context {
             gone_nodes,
             metrics,
             liveness,
+            copies: crate::clone::Copies::default(),
             failures: Mutex::default(),
+            held: Mutex::default(),
             published: Mutex::default(),
         }
     }
@@ -139,6 +145,20 @@ impl Context {
     /// with every claim ever refused.
     pub fn forget_failures(&self, claim_uids: &BTreeSet<String>, pv_exists: impl Fn(&str) -> bool) {
         self.failures.lock().expect("failures").retain(|key, _| still_wanted(key, claim_uids, &pv_exists));
+        self.held.lock().expect("held").retain(|key, _| still_wanted(key, claim_uids, &pv_exists));
+    }
+
+    /// How long `key`'s next attempt must still wait (None: it may go now), for work that a change of the object
+    /// brings back sooner than its backoff allows (a clone's claim that the scheduler keeps placing elsewhere).
+    pub fn held(&self, key: &str) -> Option<Duration> {
+        let until = *self.held.lock().expect("held").get(key)?;
+        until.checked_duration_since(Instant::now()).filter(|left| !left.is_zero())
+    }
+
+    /// Holds `key`'s next attempt back for its next backoff ([`Context::next_backoff`]).
+    pub fn hold(&self, key: &str) {
+        let until = Instant::now() + self.next_backoff(key);
+        self.held.lock().expect("held").insert(key.to_owned(), until);
     }
 
     pub fn attempts(&self, key: &str) -> u32 {

@@ -8,6 +8,7 @@ use berth::keys;
 use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 
+use crate::clone::{self, Found, Source};
 use crate::params::{self, ClassParams, PvSource};
 use crate::pv::{NODE_ANNOTATION, NodeRef};
 
@@ -56,6 +57,9 @@ pub enum Decision {
     InvalidClass { message: String },
     /// The selected node cannot take the volume: event, then remove `selected-node`.
     Reschedule { message: String },
+    /// A clone, and the scheduler selected a node other than its source's: as `Reschedule`, but a repeat waits
+    /// with backoff (the scheduler does not know where the source is, and may pick the same node again).
+    CloneElsewhere { message: String },
     /// Ask `node`'s agent for the volume, then create the PV. `abandon`: the node an earlier attempt chose (the
     /// claim's `local.berth.dev/node`), whose agent may hold a volume for the claim that must go first.
     Provision { node: NodeRef, params: ClassParams, request: CreateVolumeRequest, abandon: Option<String> },
@@ -84,12 +88,14 @@ pub fn claim_provisioner(claim: &PersistentVolumeClaim) -> Option<&str> {
         .map(String::as_str)
 }
 
+/// `source`: what the reconciler found of the claim's clone source, if it names one (clone.rs).
 pub fn decide(
     provisioner: &str,
     claim: &PersistentVolumeClaim,
     class: Option<&StorageClass>,
     pv_exists: bool,
     nodes: &[NodeView],
+    source: Found<'_>,
 ) -> Decision {
     // A claim of one of Berth's classes that kube-controller-manager has not handed over yet (a WaitForFirstConsumer
     // claim before the scheduler picked a node — which it never does when Berth publishes no capacity for the class)
@@ -100,7 +106,7 @@ pub fn decide(
         None if class.is_some_and(|c| c.provisioner == provisioner) => true,
         None => return Decision::NotOurs,
     };
-    let decision = decide_ours(claim, class, pv_exists, nodes);
+    let decision = decide_ours(provisioner, claim, class, pv_exists, nodes, source);
     if !explain_only {
         return decision;
     }
@@ -112,10 +118,12 @@ pub fn decide(
 }
 
 fn decide_ours(
+    provisioner: &str,
     claim: &PersistentVolumeClaim,
     class: Option<&StorageClass>,
     pv_exists: bool,
     nodes: &[NodeView],
+    found: Found<'_>,
 ) -> Decision {
     let spec = claim.spec.clone().unwrap_or_default();
     if claim.metadata.deletion_timestamp.is_some() || spec.volume_name.is_some() || pv_exists {
@@ -133,12 +141,14 @@ fn decide_ours(
         }
     };
     // What Berth cannot serve is refused whole rather than half-served.
-    if spec.data_source.is_some() || spec.data_source_ref.is_some() {
-        return refuse(
-            "Berth cannot populate volumes from a dataSource (clones, snapshots): the volume would come back empty",
-            Retry::OnChange,
-        );
-    }
+    let source = match clone::source_name(claim) {
+        None => None,
+        Some(Err(why)) => return refuse(why, Retry::OnChange),
+        Some(Ok(name)) => match clone::source(provisioner, &name, found) {
+            Ok(source) => Some(source),
+            Err(unusable) => return refuse(unusable.message, unusable.retry),
+        },
+    };
     if spec.volume_attributes_class_name.as_deref().is_some_and(|n| !n.is_empty()) {
         return refuse(
             "Berth does not support VolumeAttributesClasses (spec.volumeAttributesClassName): the volume would not \
@@ -183,7 +193,7 @@ fn decide_ours(
     };
     let (namespace, name) =
         (claim.metadata.namespace.clone().unwrap_or_default(), claim.metadata.name.clone().unwrap_or_default());
-    let request = CreateVolumeRequest {
+    let mut request = CreateVolumeRequest {
         pool: params.pool.clone(),
         size_bytes: size,
         volume_mode: if block { VolumeMode::Block } else { VolumeMode::Filesystem },
@@ -197,6 +207,15 @@ fn decide_ours(
         mount_options: vec![],
         source: None,
     };
+    if let Some(source) = source {
+        let (class_name, mode) =
+            (class.metadata.name.as_deref().unwrap_or_default(), if block { "Block" } else { "Filesystem" });
+        if let Some(why) = clone::mismatch(&source, class_name, &params.pool, size, mode) {
+            return refuse(why, Retry::OnChange);
+        }
+        request.source = Some(source.volume.clone());
+        return place_clone(claim, class, params, request, &source, nodes);
+    }
     let pool_anywhere = nodes.iter().any(|n| n.pool(&params.pool).is_some());
     if !pool_anywhere {
         return refuse(format!("pool {:?} exists on no node (no agent reports it)", params.pool), Retry::OnChange);
@@ -293,6 +312,67 @@ fn decide_ours(
     }
 }
 
+/// A clone is made where its source is, by that node's agent: with Immediate binding Berth goes there; with
+/// WaitForFirstConsumer the scheduler must have chosen that node (it does not know where the source is), or it is
+/// asked again. A node that cannot take the clone now is waited for, not left: no other node can make it.
+fn place_clone(
+    claim: &PersistentVolumeClaim,
+    class: &StorageClass,
+    params: ClassParams,
+    request: CreateVolumeRequest,
+    source: &Source,
+    nodes: &[NodeView],
+) -> Decision {
+    let node = nodes.iter().find(|n| n.name == source.node);
+    if class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer") {
+        let selected = claim.metadata.annotations.as_ref().and_then(|a| a.get(keys::SELECTED_NODE));
+        match selected {
+            None => return Decision::WaitForScheduler,
+            Some(s) if *s != source.node => {
+                return Decision::CloneElsewhere {
+                    message: clone::elsewhere_message(source, node.and_then(NodeView::hostname)),
+                };
+            }
+            Some(_) => {}
+        }
+    }
+    let on = format!("the clone's source is on node {}, and", source.node);
+    let Some(node) = node else { return refuse(format!("{on} that node is gone"), Retry::OnChange) };
+    let Some(hostname) = node.hostname() else {
+        return refuse(format!("{on} its Node object is gone"), Retry::OnChange);
+    };
+    if node.pools.is_none() {
+        return refuse(format!("{on} no Berth agent runs there"), Retry::OnChange);
+    }
+    if node.stale {
+        return refuse(format!("{on} {STALE}"), Retry::Backoff);
+    }
+    let Some(pool) = node.pool(&params.pool) else {
+        return refuse(format!("{on} it has no pool {:?} now", params.pool), Retry::OnChange);
+    };
+    if !pool.ready {
+        let why = pool.reason.as_deref().unwrap_or("no reason given");
+        return refuse(format!("{on} pool {:?} there is not ready ({why})", params.pool), Retry::Backoff);
+    }
+    if pool.maximum_volume_size_bytes < request.size_bytes {
+        return refuse(
+            format!(
+                "{on} pool {:?} there can take at most {} bytes now, the clone needs {}",
+                params.pool, pool.maximum_volume_size_bytes, request.size_bytes
+            ),
+            Retry::Backoff,
+        );
+    }
+    let abandon = recorded_node(claim).filter(|r| *r != node.name).map(str::to_owned);
+    let request = for_pool(request, pool, class);
+    Decision::Provision {
+        node: NodeRef { name: node.name.clone(), hostname: hostname.to_owned() },
+        params,
+        request,
+        abandon,
+    }
+}
+
 /// Why no node that has the pool can ever serve this claim, whatever the scheduler picks: then the claim is
 /// refused once, instead of being sent from node to node. (Nodes appearing or changing bring it back.)
 fn served_nowhere(params: &ClassParams, block: bool, size: u64, nodes: &[NodeView]) -> Option<String> {
@@ -341,6 +421,17 @@ mod tests {
 
     const P: &str = "local.berth.dev";
     const GI: u64 = 1 << 30;
+
+    /// A claim that names no clone source.
+    fn decide(
+        provisioner: &str,
+        claim: &PersistentVolumeClaim,
+        class: Option<&StorageClass>,
+        pv_exists: bool,
+        nodes: &[NodeView],
+    ) -> Decision {
+        super::decide(provisioner, claim, class, pv_exists, nodes, Found::default())
+    }
 
     fn claim(size: &str, selected: Option<&str>) -> PersistentVolumeClaim {
         let mut annotations = BTreeMap::from([(keys::STORAGE_PROVISIONER.to_string(), P.to_string())]);
@@ -512,11 +603,11 @@ mod tests {
         let mut cases: Vec<(PersistentVolumeClaim, StorageClass, &str)> = Vec::new();
         let mut c = claim("1Gi", Some("a"));
         c.spec.as_mut().unwrap().data_source = Some(TypedLocalObjectReference {
-            kind: "PersistentVolumeClaim".into(),
+            kind: "VolumeSnapshot".into(),
             name: "src".into(),
-            api_group: None,
+            api_group: Some("snapshot.storage.k8s.io".into()),
         });
-        cases.push((c, wffc(), "dataSource"));
+        cases.push((c, wffc(), "VolumeSnapshot"));
         let mut c = claim("1Gi", Some("a"));
         c.spec.as_mut().unwrap().selector = Some(Default::default());
         cases.push((c, wffc(), "selector"));
@@ -706,5 +797,101 @@ mod tests {
         assert_eq!((provisioned_on(&d), abandoned(&d)), (Some(("b", "host-b")), None), "{d:?}");
         let d = decide(P, &claim("10Gi", Some("b")), Some(&wffc()), false, &nodes);
         assert_eq!(abandoned(&d), None);
+    }
+
+    /// A clone of the Bound claim `prod` (1 GiB in pool `fast` of class `berth`, on node `a`).
+    fn clone_of_prod(size: &str, selected: Option<&str>) -> PersistentVolumeClaim {
+        let mut c = claim(size, selected);
+        c.spec.as_mut().unwrap().data_source_ref = Some(k8s_openapi::api::core::v1::TypedObjectReference {
+            kind: "PersistentVolumeClaim".into(),
+            name: "prod".into(),
+            ..Default::default()
+        });
+        c
+    }
+
+    fn prod() -> (PersistentVolumeClaim, k8s_openapi::api::core::v1::PersistentVolume) {
+        let mut source = claim("1Gi", None);
+        source.metadata.name = Some("prod".into());
+        source.spec.as_mut().unwrap().volume_name = Some("pvc-prod".into());
+        let mut pv = k8s_openapi::api::core::v1::PersistentVolume::default();
+        pv.metadata.name = Some("pvc-prod".into());
+        pv.metadata.annotations = Some(BTreeMap::from([
+            (keys::PROVISIONED_BY.to_owned(), P.to_owned()),
+            (NODE_ANNOTATION.to_owned(), "a".to_owned()),
+        ]));
+        pv.metadata.labels = Some(BTreeMap::from([(crate::pv::POOL_LABEL.to_owned(), "fast".to_owned())]));
+        pv.spec = Some(k8s_openapi::api::core::v1::PersistentVolumeSpec {
+            capacity: Some(BTreeMap::from([("storage".to_owned(), Quantity("1Gi".into()))])),
+            storage_class_name: Some("berth".into()),
+            volume_mode: Some("Filesystem".into()),
+            ..Default::default()
+        });
+        (source, pv)
+    }
+
+    #[test]
+    fn a_clone_goes_to_its_sources_node_and_pool_and_asks_for_its_volume() {
+        let (source, pv) = prod();
+        let found = Found { claim: Some(&source), pv: Some(&pv) };
+        // Node b has more room: an Immediate claim without a source would go there.
+        let nodes = [node("a", Some(vec![pool("fast", 5 * GI)])), node("b", Some(vec![pool("fast", 80 * GI)]))];
+        let immediate = class("Immediate", &[("pool", "fast")]);
+        let d = super::decide(P, &clone_of_prod("2Gi", None), Some(&immediate), false, &nodes, found);
+        let Decision::Provision { node, request, .. } = &d else { panic!("{d:?}") };
+        assert_eq!(
+            (node.name.as_str(), request.source.as_deref(), request.size_bytes),
+            ("a", Some("pvc-prod"), 2 * GI)
+        );
+        // WaitForFirstConsumer: nothing until the scheduler chose; the source's node is provisioned.
+        let wait = super::decide(P, &clone_of_prod("1Gi", None), Some(&wffc()), false, &nodes, found);
+        assert_eq!(wait, Decision::WaitForScheduler);
+        let d = super::decide(P, &clone_of_prod("1Gi", Some("a")), Some(&wffc()), false, &nodes, found);
+        assert_eq!(provisioned_on(&d), Some(("a", "host-a")));
+        // Another node: asked again, with how to pin the pod, and the same words whichever node was chosen.
+        let b = super::decide(P, &clone_of_prod("1Gi", Some("b")), Some(&wffc()), false, &nodes, found);
+        let Decision::CloneElsewhere { message } = &b else { panic!("{b:?}") };
+        assert!(message.contains("node a") && message.contains("kubernetes.io/hostname: host-a"), "{message}");
+        let c = super::decide(P, &clone_of_prod("1Gi", Some("c")), Some(&wffc()), false, &nodes, found);
+        assert_eq!(b, c);
+    }
+
+    #[test]
+    fn a_clone_the_sources_node_cannot_make_now_waits_for_it_and_goes_nowhere_else() {
+        let (source, pv) = prod();
+        let found = Found { claim: Some(&source), pv: Some(&pv) };
+        let immediate = class("Immediate", &[("pool", "fast")]);
+        let full = [node("a", Some(vec![pool("fast", GI / 2)])), node("b", Some(vec![pool("fast", 80 * GI)]))];
+        for (class, selected) in [(&immediate, None), (&wffc(), Some("a"))] {
+            let d = super::decide(P, &clone_of_prod("1Gi", selected), Some(class), false, &full, found);
+            assert!(
+                matches!(&d, Decision::Refuse { message, retry: Retry::Backoff } if message.contains("node a")),
+                "{d:?}"
+            );
+        }
+        let mut stale = node("a", Some(vec![pool("fast", 5 * GI)]));
+        stale.stale = true;
+        let d = super::decide(P, &clone_of_prod("1Gi", None), Some(&immediate), false, &[stale], found);
+        assert!(matches!(&d, Decision::Refuse { retry: Retry::Backoff, .. }), "{d:?}");
+        let gone = [node("b", Some(vec![pool("fast", 80 * GI)]))];
+        let d = super::decide(P, &clone_of_prod("1Gi", None), Some(&immediate), false, &gone, found);
+        assert!(matches!(&d, Decision::Refuse { message, .. } if message.contains("gone")), "{d:?}");
+    }
+
+    #[test]
+    fn a_clone_of_another_class_a_smaller_size_or_a_missing_source_is_refused() {
+        let (source, pv) = prod();
+        let found = Found { claim: Some(&source), pv: Some(&pv) };
+        let nodes = [node("a", Some(vec![pool("fast", 50 * GI), pool("slow", 50 * GI)]))];
+        let mut other = class("WaitForFirstConsumer", &[("pool", "slow")]);
+        other.metadata.name = Some("other".into());
+        for (c, cl, f, says) in [
+            (clone_of_prod("1Gi", Some("a")), other, found, "StorageClass"),
+            (clone_of_prod("512Mi", Some("a")), wffc(), found, "at least as large"),
+            (clone_of_prod("1Gi", Some("a")), wffc(), Found::default(), "does not exist"),
+        ] {
+            let d = super::decide(P, &c, Some(&cl), false, &nodes, f);
+            assert!(matches!(&d, Decision::Refuse { message, .. } if message.contains(says)), "{says}: {d:?}");
+        }
     }
 }

@@ -6,6 +6,7 @@ mod agent_client;
 mod audit;
 mod capacity;
 mod claims;
+mod clone;
 mod context;
 mod decide;
 mod delete;

@@ -59,11 +59,42 @@ pub async fn carry_out(
             reschedule(ctx, claim, (&class_name, started), message).await?;
             Ok(Action::await_change())
         }
+        Decision::CloneElsewhere { message } => {
+            // The scheduler does not know where the source is, and may choose the same node again at once: each
+            // repeat waits longer (up to 5 minutes), and the event (the same words) is published once.
+            let key = format!("{key}/clone-placement");
+            if let Some(left) = ctx.held(&key) {
+                return Ok(Action::requeue(left));
+            }
+            reschedule(ctx, claim, (&class_name, started), message).await?;
+            ctx.hold(&key);
+            Ok(Action::await_change())
+        }
         Decision::Provision { node, params, request, abandon } => {
             let class = class.expect("decide checked the class");
             let attempt = Attempt { ctx, claim, class, key: &key, started, volume: &volume_name };
             attempt.run(node, params, request, abandon).await
         }
+    }
+}
+
+/// Whether a provisioning attempt may go on to the agent, as far as a clone's source is concerned.
+enum Protected {
+    NotAClone,
+    /// A clone of this source claim, now protected and counted in flight.
+    Source(String),
+    /// The source cannot be copied now.
+    Stop(Action),
+}
+
+/// How an agent's refusal of a clone is handled: refused once (`OnChange`: it cannot make that clone), or retried
+/// (`Backoff`: no room or a pool not ready now; the clone can be made on that node only, so it is not moved).
+/// `None`: as for any create.
+fn clone_refusal(reason: ErrorReason) -> Option<Retry> {
+    match reason {
+        ErrorReason::Unsupported | ErrorReason::UnknownPool | ErrorReason::Invalid => Some(Retry::OnChange),
+        ErrorReason::InsufficientSpace | ErrorReason::PoolNotReady => Some(Retry::Backoff),
+        _ => None,
     }
 }
 
@@ -121,9 +152,48 @@ impl Attempt<'_> {
             ),
         )
         .await;
+        let source = match self.protect_source(&request).await? {
+            Protected::NotAClone => None,
+            Protected::Source(name) => Some(name),
+            Protected::Stop(action) => return Ok(action),
+        };
+        let made = self.make(&node, &params, &request, &status).await;
+        if let Some(name) = source {
+            let namespace = self.claim.metadata.namespace.as_deref().unwrap_or_default();
+            if let Err(e) = ctx.copies.end(&ctx.client, namespace, &name).await {
+                // The finalizer stays until the source is looked at again (any change of it), which lifts it.
+                tracing::warn!(claim = %claim_key(self.claim), source = %name, error = %e, "cannot lift the source's cloning protection now");
+            }
+        }
+        made
+    }
+
+    /// Asks the agent for the volume, then makes the PV and marks the volume published.
+    async fn make(
+        &self,
+        node: &NodeRef,
+        params: &ClassParams,
+        request: &CreateVolumeRequest,
+        status: &berth::berth_node::BerthNodeStatus,
+    ) -> Result<Action, Error> {
+        let ctx = self.ctx;
         crate::failpoints::pause("provision-before-agent-create").await;
-        let volume = match ctx.agents.create(&node.name, &status, self.volume, &request).await {
+        let volume = match ctx.agents.create(&node.name, status, self.volume, request).await {
             Ok(v) => v,
+            Err(AgentError::Refused { reason, message })
+                if request.source.is_some() && clone_refusal(reason).is_some() =>
+            {
+                // A clone can be made on its source's node only: never sent elsewhere.
+                let retry = clone_refusal(reason).expect("matched");
+                ctx.metrics.provisioned(self.class_name(), Outcome::Refused, self.started.elapsed());
+                let again = if retry == Retry::Backoff { "; retrying" } else { "" };
+                let note = format!("node {} cannot make the clone: {message}{again}", node.name);
+                ctx.event(self.claim, true, "ProvisioningFailed", note).await;
+                return Ok(match retry {
+                    Retry::OnChange => Action::await_change(),
+                    Retry::Backoff => Action::requeue(ctx.next_backoff(self.key)),
+                });
+            }
             Err(AgentError::Refused {
                 reason:
                     ErrorReason::InsufficientSpace
@@ -167,7 +237,7 @@ impl Attempt<'_> {
                 return Err(e.into());
             }
         };
-        if let Err(why) = check_answer(self.volume, &request, &volume) {
+        if let Err(why) = check_answer(self.volume, request, &volume) {
             let note =
                 format!("node {}: the agent's answer is not the volume asked for ({why}); no PV made", node.name);
             ctx.event(self.claim, true, "ProvisioningFailed", note).await;
@@ -179,12 +249,12 @@ impl Attempt<'_> {
         if claim_gone(ctx, self.claim).await? {
             // Deleted while its volume was being made: nobody can use the volume, so it goes now. (Should this
             // delete fail, the orphan audit removes the volume: it has neither PV nor claim.)
-            ctx.agents.delete_unpublished(&node.name, &status, self.volume).await?;
+            ctx.agents.delete_unpublished(&node.name, status, self.volume).await?;
             ctx.succeeded(self.key);
             tracing::info!(claim = %claim_key(self.claim), volume = %self.volume, node = %node.name, "claim deleted while provisioning; its volume is removed");
             return Ok(Action::await_change());
         }
-        let object = pv::build(self.claim, self.class, &params, &node, &volume);
+        let object = pv::build(self.claim, self.class, params, node, &volume);
         let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
         match pvs.create(&PostParams::default(), &object).await {
             Ok(_) => {}
@@ -194,7 +264,7 @@ impl Attempt<'_> {
                 let on = existing.as_ref().and_then(|p| p.metadata.annotations.as_ref()?.get(NODE_ANNOTATION).cloned());
                 if on.as_deref() != Some(node.name.as_str()) {
                     tracing::warn!(claim = %claim_key(self.claim), volume = %self.volume, node = %node.name, pv_node = ?on, "the claim's PV exists for another node; removing the volume just made here");
-                    ctx.agents.delete_unpublished(&node.name, &status, self.volume).await?;
+                    ctx.agents.delete_unpublished(&node.name, status, self.volume).await?;
                     return Ok(Action::await_change());
                 }
             }
@@ -204,7 +274,7 @@ impl Attempt<'_> {
         fail::fail_point!("provision-after-pv-create", |_| std::process::abort());
         // From now on the volume is never an orphan, also after its PV is gone (Retain). Should this call fail,
         // the orphan audit marks it (it marks every volume that has a PV, and does so at start).
-        if let Err(e) = ctx.agents.publish(&node.name, &status, self.volume).await {
+        if let Err(e) = ctx.agents.publish(&node.name, status, self.volume).await {
             tracing::warn!(volume = %self.volume, node = %node.name, error = %e, "cannot mark the volume published yet; the orphan audit will");
         }
         ctx.succeeded(self.key);
@@ -218,6 +288,34 @@ impl Attempt<'_> {
         .await;
         tracing::info!(claim = %claim_key(self.claim), volume = %self.volume, node = %node.name, "provisioned");
         Ok(Action::await_change())
+    }
+
+    /// For a clone: counts it in flight and puts the cloning protection on its source, and checks that the source
+    /// is still the claim and volume decided about.
+    async fn protect_source(&self, request: &CreateVolumeRequest) -> Result<Protected, Error> {
+        let Some(volume) = &request.source else { return Ok(Protected::NotAClone) };
+        let Some(Ok(name)) = crate::clone::source_name(self.claim) else { return Ok(Protected::NotAClone) };
+        let namespace = self.claim.metadata.namespace.as_deref().unwrap_or_default();
+        let ctx = self.ctx;
+        // The claim the source's PV is bound to: a source made again under the same name is another claim.
+        let uid = ctx
+            .caches
+            .volumes
+            .get(&kube::runtime::reflector::ObjectRef::new(volume))
+            .and_then(|pv| pv.spec.as_ref()?.claim_ref.as_ref()?.uid.clone());
+        let source = ctx.copies.begin(&ctx.client, namespace, &name, uid.as_deref()).await?;
+        if source.as_ref().and_then(|s| s.spec.as_ref()?.volume_name.as_deref()) == Some(volume.as_str()) {
+            return Ok(Protected::Source(name));
+        }
+        if source.is_some() {
+            ctx.copies.end(&ctx.client, namespace, &name).await?;
+        }
+        let note = format!(
+            "the clone's source, claim {name:?}, is gone, being deleted or no longer bound to volume {volume}: no \
+             copy is made; retrying"
+        );
+        ctx.event(self.claim, true, "ProvisioningFailed", note).await;
+        Ok(Protected::Stop(Action::requeue(ctx.next_backoff(self.key))))
     }
 
     /// Removes what an earlier attempt may have made on `earlier` (only a volume never published: one without a

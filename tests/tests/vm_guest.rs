@@ -171,6 +171,14 @@ mod lvm_agent {
     pub const FRESH_BLOCK: &str = "pvc-11111111-0000-4000-8000-000000000006";
     pub const DOOMED_FS: &str = "pvc-11111111-0000-4000-8000-000000000007";
     pub const GROW_EXT4: &str = "pvc-11111111-0000-4000-8000-000000000008";
+    /// A clone of THIN_XFS (issue 20), larger than it.
+    pub const CLONE_XFS: &str = "pvc-11111111-0000-4000-8000-000000000009";
+    pub const THIN_BLOCK: &str = "pvc-11111111-0000-4000-8000-00000000000a";
+    /// A clone of THIN_BLOCK.
+    pub const CLONE_BLOCK: &str = "pvc-11111111-0000-4000-8000-00000000000b";
+    /// A thin ext4 volume and its clone, larger than it; both deleted in phase one.
+    pub const THIN_EXT4: &str = "pvc-11111111-0000-4000-8000-00000000000c";
+    pub const CLONE_EXT4: &str = "pvc-11111111-0000-4000-8000-00000000000d";
     pub const NODE: &str = "node-0";
     pub const MI: u64 = 1 << 20;
     const LVM_CONFIG: &str = "activation { udev_sync = 0 udev_rules = 0 }";
@@ -395,6 +403,12 @@ mod lvm_agent {
         if status.success() { Ok(()) } else { Err(std::io::Error::other("kill failed")) }
     }
 
+    /// `extra` with `"source": source`: the body of a clone of `source`.
+    pub fn cloning(source: &str, mut extra: Value) -> Value {
+        extra["source"] = json!(source);
+        extra
+    }
+
     pub fn body(pool: &str, size: u64, extra: Value) -> Value {
         let mut b = json!({"pool": pool, "sizeBytes": size, "claim": {"namespace": "db", "name": "data-0"}});
         for (k, v) in extra.as_object().unwrap() {
@@ -487,6 +501,34 @@ mod lvm_agent {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
+    /// Writes `len` bytes that `seed` decides (not compressible, not zeroes) to a new file at `path`, synced.
+    pub fn write_seeded(path: &Path, len: u64, seed: u64) {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut f = std::fs::File::create(path).unwrap();
+        let mut chunk = vec![0u8; MI as usize];
+        for _ in 0..len.div_ceil(MI) {
+            rng.fill(&mut chunk);
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+    }
+
+    pub fn sha256(path: &Path) -> String {
+        let out = crate::sh("sha256sum", &[path.to_str().unwrap()]);
+        out.split_whitespace().next().unwrap().to_owned()
+    }
+
+    /// The UUID of the XFS filesystem on `dev` (as xfs_admin reads it, also while mounted).
+    pub fn xfs_uuid(dev: &str) -> String {
+        let out = crate::sh("xfs_admin", &["-u", dev]);
+        out.trim().strip_prefix("UUID = ").unwrap_or_else(|| panic!("xfs_admin -u {dev}: {out}")).to_owned()
+    }
+
+    /// The device-mapper node of LV `berth/berth-<volume>`.
+    pub fn dm_path(volume: &str) -> String {
+        format!("/dev/mapper/berth-berth--{}", volume.replace('-', "--"))
+    }
+
     pub async fn refusal(resp: reqwest::Response) -> (StatusCode, ErrorReason, String) {
         let status = resp.status();
         let body: ErrorBody = resp.json().await.unwrap();
@@ -507,6 +549,15 @@ mod lvm_agent {
     /// mkfs.xfs refuses less than 300 MB.
     pub const XFS_SIZE: u64 = 320 * MI;
     pub const BLOCK_SIZE: u64 = 16 * MI;
+    /// THIN_XFS once grown in phase one, and its clone, larger.
+    pub const THIN_XFS_GROWN: u64 = XFS_SIZE + 32 * MI;
+    pub const CLONE_XFS_SIZE: u64 = THIN_XFS_GROWN + 32 * MI;
+    /// The pattern file phase one writes into THIN_XFS before it is cloned, and where its checksum is kept for
+    /// phase two.
+    pub const PATTERN_FILE: &str = "pattern";
+    pub fn pattern_sum_file() -> PathBuf {
+        base().join("clone-pattern.sha256")
+    }
 }
 
 /// First boot: the volume group and thin pool, the agent, four volumes written to, a deleted block volume whose
@@ -520,14 +571,15 @@ async fn lvm_agent_phase_one() {
     sh("modprobe", &["dm_mod"]);
     sh("modprobe", &["dm_thin_pool"]);
     volume_group("lvm.img", "berth");
-    lvm(&["lvcreate", "-y", "-L", "256m", "-T", "berth/thin"]);
+    // 512 MiB: room for the clone of a thin xfs volume beside it, both over mkfs.xfs's 300 MB.
+    lvm(&["lvcreate", "-y", "-L", "512m", "-T", "berth/thin"]);
     init_pools(&config(), &["thick", "thin"]);
     let token = env("BERTH_TOKEN");
     let agent = GuestAgent::start("one").await;
     let p = pools(&agent).await;
     let thin = p.pools.iter().find(|p| p.name == "thin").unwrap();
     assert!(thin.ready, "{thin:?}");
-    assert_eq!(thin.capacity_bytes, 512 << 20, "thin pool 256 MiB x ratio 2");
+    assert_eq!(thin.capacity_bytes, 1 << 30, "thin pool 512 MiB x ratio 2");
     assert_eq!(thin.enforcement, "device");
 
     let ext4 = agent.create(FS_EXT4, &body("thick", SMALL, FS_EXTRA("ext4"))).await;
@@ -610,7 +662,7 @@ async fn lvm_agent_phase_one() {
     // thin xfs volume (which phase two then finds grown after the reboot).
     let grow = agent.create(GROW_EXT4, &body("thick", 32 * MI, FS_EXTRA("ext4"))).await;
     std::fs::write(Path::new(&grow.path).join("token"), &token).unwrap();
-    for (v, from, to) in [(&grow, 32 * MI, 64 * MI), (&thin_xfs, XFS_SIZE, XFS_SIZE + 32 * MI)] {
+    for (v, from, to) in [(&grow, 32 * MI, 64 * MI), (&thin_xfs, XFS_SIZE, THIN_XFS_GROWN)] {
         let mount = Path::new(&v.path).parent().unwrap();
         let (fs_before, dev_before) = sizes_of(mount);
         assert_eq!(dev_before, from, "{}", v.name);
@@ -623,8 +675,130 @@ async fn lvm_agent_phase_one() {
         assert!(mount_of(mount).is_some(), "still mounted");
     }
     agent.delete(GROW_EXT4).await;
+
+    clones_phase_one(&agent, &token).await;
     agent.stop();
+    // The clone's filesystem, taken while its source was mounted and written to, then replayed, given a UUID of
+    // its own and grown by the agent: consistent to xfs_repair, which needs it unmounted (phase two's agent mounts
+    // it again).
+    let clone_mount = root("thin").join(CLONE_XFS);
+    sh("umount", &[clone_mount.to_str().unwrap()]);
+    sh("xfs_repair", &["-n", &dm_path(CLONE_XFS)]);
     // A real reboot follows: the VM powers off with everything mounted and active, as a node that loses power.
+}
+
+/// Clones (issue 20), in the thin pool: a thin xfs volume cloned while mounted and written to, larger than its
+/// source; a raw block volume cloned; an ext4 volume cloned larger, then deleted before its clone; a clone in the
+/// thick pool and one smaller than its source refused with nothing made. Each clone keeps the content its source
+/// had when it was made and goes its own way after. Phase two finds the xfs and block clones after the reboot and
+/// deletes their sources first.
+async fn clones_phase_one(agent: &lvm_agent::GuestAgent, token: &str) {
+    use berth::agent_api::ErrorReason;
+    use lvm_agent::*;
+    use serde_json::json;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let section = std::time::Instant::now();
+    let source_data = root("thin").join(THIN_XFS).join("data");
+    write_seeded(&source_data.join(PATTERN_FILE), 64 * MI, 1);
+    let first = sha256(&source_data.join(PATTERN_FILE));
+    std::fs::write(pattern_sum_file(), &first).unwrap();
+    // A pod-like writer keeps writing (and syncing) in the source while it is cloned, so the snapshot catches its
+    // filesystem mid-flight.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, dir) = (stop.clone(), source_data.clone());
+        std::thread::spawn(move || {
+            let mut writes = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                write_seeded(&dir.join(format!("busy-{}", writes % 8)), MI, writes);
+                writes += 1;
+            }
+            writes
+        })
+    };
+    // Let it run a little before the clone.
+    while !source_data.join("busy-1").exists() {
+        assert!(!writer.is_finished(), "the writer died");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let clone_body = body("thin", CLONE_XFS_SIZE, cloning(THIN_XFS, FS_EXTRA("xfs")));
+    let started = std::time::Instant::now();
+    let clone = agent.create(CLONE_XFS, &clone_body).await;
+    println!("clone of a thin xfs volume in use made in {:.1} s", started.elapsed().as_secs_f64());
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert!(writes > 2, "the source was written to while it was cloned ({writes} files written)");
+    assert_eq!((clone.size_bytes, clone.published), (CLONE_XFS_SIZE, Some(false)));
+    // Its source's data directory (owner, mode, the token in it), under its own mount, with the class's option.
+    check_filesystem_volume(&clone, "xfs", token);
+    // Beside its source, both mounted: the clone got a UUID of its own.
+    let source_mount = source_data.parent().unwrap();
+    let clone_mount = Path::new(&clone.path).parent().unwrap();
+    assert!(mount_of(source_mount).is_some() && mount_of(clone_mount).is_some());
+    assert_ne!(xfs_uuid(&dm_path(CLONE_XFS)), xfs_uuid(&dm_path(THIN_XFS)));
+    // Larger than its source: the device and the filesystem grown.
+    let (clone_fs, clone_dev) = sizes_of(clone_mount);
+    let (source_fs, source_dev) = sizes_of(source_mount);
+    assert_eq!((clone_dev, source_dev), (CLONE_XFS_SIZE, THIN_XFS_GROWN));
+    assert!(clone_fs >= source_fs + 24 * MI, "df: the clone's {clone_fs}, its source's {source_fs}");
+    // Its own record in its LV's tags (a thin snapshot inherits none of its origin's), its origin the source's LV.
+    let report =
+        lvm(&["lvs", "--noheadings", "--separator", "|", "-o", "lv_tags,origin", &format!("berth/berth-{CLONE_XFS}")]);
+    let (tags, origin) = report.trim().split_once('|').unwrap();
+    assert_eq!(origin, format!("berth-{THIN_XFS}"));
+    let volume_tags: Vec<&str> = tags.split(',').filter(|t| t.starts_with("berth:volume=")).collect();
+    assert_eq!(volume_tags, [format!("berth:volume={CLONE_XFS}")], "{tags}");
+    // The content of the moment: the source overwritten, the clone keeps the first pattern.
+    assert_eq!(sha256(&Path::new(&clone.path).join(PATTERN_FILE)), first);
+    write_seeded(&source_data.join(PATTERN_FILE), 64 * MI, 2);
+    let second = sha256(&source_data.join(PATTERN_FILE));
+    assert_ne!(second, first);
+    assert_eq!(sha256(&Path::new(&clone.path).join(PATTERN_FILE)), first);
+    // The same request again: the same clone.
+    let again = agent.put(CLONE_XFS, &clone_body).await;
+    assert_eq!(again.status(), reqwest::StatusCode::OK);
+
+    // A raw block volume's clone: its path is lvm2's device node for the new LV; the bytes are the source's.
+    let block = json!({"volumeMode": "Block"});
+    let source = agent.create(THIN_BLOCK, &body("thin", BLOCK_SIZE, block.clone())).await;
+    write_block_token(&source.path, token);
+    let clone_body = body("thin", BLOCK_SIZE, cloning(THIN_BLOCK, block.clone()));
+    let clone = agent.create(CLONE_BLOCK, &clone_body).await;
+    assert_eq!(clone.path, dm_path(CLONE_BLOCK));
+    assert!(is_block_device(&clone.path));
+    assert_eq!(read_block_token(&clone.path, token.len()), token);
+    write_block_token(&source.path, &"x".repeat(token.len()));
+    assert_eq!(read_block_token(&clone.path, token.len()), token, "the clone keeps what its source had");
+
+    // An ext4 clone, larger than its source: mounted beside it (ext4 minds no twin UUID), grown while mounted; it
+    // outlives its source.
+    let source = agent.create(THIN_EXT4, &body("thin", SMALL, FS_EXTRA("ext4"))).await;
+    std::fs::write(Path::new(&source.path).join("token"), token).unwrap();
+    let clone = agent.create(CLONE_EXT4, &body("thin", SMALL + 32 * MI, cloning(THIN_EXT4, FS_EXTRA("ext4")))).await;
+    check_filesystem_volume(&clone, "ext4", token);
+    let (source_mount, clone_mount) =
+        (Path::new(&source.path).parent().unwrap(), Path::new(&clone.path).parent().unwrap());
+    let ((source_fs, _), (clone_fs, clone_dev)) = (sizes_of(source_mount), sizes_of(clone_mount));
+    assert_eq!(clone_dev, SMALL + 32 * MI);
+    assert!(clone_fs >= source_fs + 24 * MI, "df: the clone's {clone_fs}, its source's {source_fs}");
+    agent.delete(THIN_EXT4).await;
+    assert_eq!(std::fs::read_to_string(Path::new(&clone.path).join("token")).unwrap(), token);
+    agent.delete(CLONE_EXT4).await;
+
+    // Refused, nothing made: a clone in the thick pool (it would be a full copy), and one smaller than its source.
+    let lvs_before = lv_names();
+    let thick = body("thick", SMALL, cloning(FS_EXT4, FS_EXTRA("ext4")));
+    let (status, reason, message) = refusal(agent.put("pvc-11111111-0000-4000-8000-0000000000fd", &thick).await).await;
+    assert_eq!((status, reason), (reqwest::StatusCode::UNPROCESSABLE_ENTITY, ErrorReason::Unsupported), "{message}");
+    assert!(message.contains("thick lvm pool") && message.contains("thin pools"), "{message}");
+    let smaller = body("thin", XFS_SIZE, cloning(THIN_XFS, FS_EXTRA("xfs")));
+    let (status, reason, message) =
+        refusal(agent.put("pvc-11111111-0000-4000-8000-0000000000fc", &smaller).await).await;
+    assert_eq!((status, reason), (reqwest::StatusCode::BAD_REQUEST, ErrorReason::Invalid), "{message}");
+    assert!(message.contains("at least its source's size"), "{message}");
+    assert_eq!(lv_names(), lvs_before, "a refused clone made nothing");
+    println!("clones, phase one: {:.1} s", section.elapsed().as_secs_f64());
 }
 
 fn super_lv_active() -> Vec<String> {
@@ -645,7 +819,8 @@ async fn lvm_agent_phase_two() {
     sh("modprobe", &["dm_mod"]);
     sh("modprobe", &["dm_thin_pool"]);
     let token = env("BERTH_TOKEN");
-    let fs_volumes = [(FS_EXT4, "thick", "ext4"), (FS_XFS, "thick", "xfs"), (THIN_XFS, "thin", "xfs")];
+    let fs_volumes =
+        [(FS_EXT4, "thick", "ext4"), (FS_XFS, "thick", "xfs"), (THIN_XFS, "thin", "xfs"), (CLONE_XFS, "thin", "xfs")];
     for (name, pool, _) in fs_volumes {
         let data = root(pool).join(name).join("data");
         assert!(mount_of(data.parent().unwrap()).is_none(), "{name} mounted before the agent ran");
@@ -690,7 +865,7 @@ async fn lvm_agent_phase_two() {
     assert!(names_now.contains(&"stranger".to_string()), "an LV without a readable record is left alone");
     let listed = volumes(&agent).await.volumes;
     let names: Vec<&str> = listed.iter().map(|v| v.name.as_str()).collect();
-    assert_eq!(names, [FS_EXT4, FS_XFS, THIN_XFS, BLOCK]);
+    assert_eq!(names, [FS_EXT4, FS_XFS, THIN_XFS, BLOCK, CLONE_XFS, THIN_BLOCK, CLONE_BLOCK]);
     for (name, _, fs) in fs_volumes {
         let v = listed.iter().find(|v| v.name == name).unwrap();
         check_filesystem_volume(v, fs, &token);
@@ -698,7 +873,8 @@ async fn lvm_agent_phase_two() {
     let block = listed.iter().find(|v| v.name == BLOCK).unwrap();
     assert_eq!(block.path, block_dev);
     assert_eq!(read_block_token(&block.path, token.len()), token);
-    for name in [FS_EXT4, FS_XFS, THIN_XFS, BLOCK] {
+    clones_phase_two(&agent, &listed, &token).await;
+    for name in [FS_EXT4, FS_XFS, BLOCK] {
         agent.delete(name).await;
     }
     let left: Vec<String> = lv_names().into_iter().filter(|n| n.starts_with("berth-")).collect();
@@ -706,6 +882,38 @@ async fn lvm_agent_phase_two() {
     assert_eq!(volumes(&agent).await.volumes.len(), 0);
     crate::churn::lvm(&agent, &[&root("thick"), &root("thin")]).await;
     agent.stop();
+}
+
+/// The clones of phase one after the reboot: active, the xfs one mounted with its size, data and own UUID; then
+/// their sources deleted first, and the clones still whole without them (thin snapshots are volumes of their own),
+/// then deleted too.
+async fn clones_phase_two(agent: &lvm_agent::GuestAgent, listed: &[berth::agent_api::Volume], token: &str) {
+    use lvm_agent::*;
+    let section = std::time::Instant::now();
+    let by_name = |name: &str| listed.iter().find(|v| v.name == name).unwrap();
+    let (clone, clone_block) = (by_name(CLONE_XFS), by_name(CLONE_BLOCK));
+    let first = std::fs::read_to_string(pattern_sum_file()).unwrap();
+    let pattern = Path::new(&clone.path).join(PATTERN_FILE);
+    let clone_mount = Path::new(&clone.path).parent().unwrap();
+    assert_eq!(clone.size_bytes, CLONE_XFS_SIZE);
+    assert_eq!(sizes_of(clone_mount).1, CLONE_XFS_SIZE);
+    assert_eq!(sha256(&pattern), first);
+    assert_ne!(xfs_uuid(&dm_path(CLONE_XFS)), xfs_uuid(&dm_path(THIN_XFS)));
+    assert_eq!(clone_block.path, dm_path(CLONE_BLOCK));
+    assert_eq!(read_block_token(&clone_block.path, token.len()), token);
+    assert_eq!(read_block_token(&by_name(THIN_BLOCK).path, token.len()), "x".repeat(token.len()));
+    for source in [THIN_XFS, THIN_BLOCK] {
+        agent.delete(source).await;
+    }
+    assert!(mount_of(clone_mount).is_some(), "the clone is still mounted");
+    assert_eq!(sha256(&pattern), first);
+    assert_eq!(read_block_token(&clone_block.path, token.len()), token);
+    let names: Vec<String> = volumes(agent).await.volumes.into_iter().map(|v| v.name).collect();
+    assert!(names.contains(&CLONE_XFS.to_owned()) && names.contains(&CLONE_BLOCK.to_owned()), "{names:?}");
+    for clone in [CLONE_XFS, CLONE_BLOCK] {
+        agent.delete(clone).await;
+    }
+    println!("clones, phase two: {:.1} s", section.elapsed().as_secs_f64());
 }
 
 /// The agent's cost over bare lvm2: LV create+delete through the agent's HTTPS API (block volumes in a thick pool:

@@ -217,7 +217,8 @@ impl Drop for LvmWorld {
 /// and its volume group in the guest. Two boots from the same disk image and pool directory.
 #[test]
 fn lvm_pools_through_the_agent_across_a_reboot() {
-    let world = lvm_world("lvm.img");
+    // 2 GiB (sparse): the thick volumes and a 512 MiB thin pool, big enough for a thin xfs volume and its clone.
+    let world = lvm_world_of("lvm.img", 2 << 30);
     for phase in ["lvm_agent_phase_one", "lvm_agent_phase_two"] {
         world.run_phase(phase);
     }

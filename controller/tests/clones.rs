@@ -46,7 +46,10 @@ fn has_finalizer(c: &PersistentVolumeClaim) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn clones_are_refused_placed_and_their_sources_protected_by_the_controller() {
+    let started = std::time::Instant::now();
+    let step = |what: &str| println!("{:>6.1} s  {what}", started.elapsed().as_secs_f64());
     let mut w = world_without_controller(&[2 << 30, 2 << 30]).await;
+    step("bed up");
     let points = format!("provision-before-agent-create=return({PAUSE_MS})");
     let controller = start_with_failpoints(&w, "controller", &AUDIT_REPORTS, &points).await;
     w.controllers.push(controller);
@@ -65,6 +68,7 @@ async fn clones_are_refused_placed_and_their_sources_protected_by_the_controller
     let node = prod_pv.metadata.annotations.as_ref().unwrap()["local.berth.dev/node"].clone();
     let dirs = all_volume_dirs(&w);
     assert_eq!(dirs.len(), 1, "{dirs:?}");
+    step("source Bound");
 
     // What no node can serve: one event each, decided before any agent is asked.
     let refusals = [
@@ -83,6 +87,7 @@ async fn clones_are_refused_placed_and_their_sources_protected_by_the_controller
         wait_for_event(&w, c.metadata.name.as_deref().unwrap(), "ProvisioningFailed", words).await;
     }
 
+    step("refusals");
     // A clone of a hostpath volume goes to its source's node, whose agent refuses it (hostpath pools make no
     // clones): said once, naming the node, and nothing made anywhere. Meanwhile its source is protected:
     // deleting it waits until the clone's attempt is over.
@@ -107,6 +112,7 @@ async fn clones_are_refused_placed_and_their_sources_protected_by_the_controller
         assert_eq!(event_messages(&w, name, "ProvisioningFailed").await.len(), 1, "{name}");
     }
 
+    step("protection");
     // WaitForFirstConsumer: the source's node is wherever its pod went; a clone whose pod is pinned to the other
     // node is asked back with the way to pin it, once; pinned to the source's node it goes there.
     claims.create(&post, &claim("prod", "later", "64Mi")).await.unwrap();
@@ -125,6 +131,7 @@ async fn clones_are_refused_placed_and_their_sources_protected_by_the_controller
             Some([("kubernetes.io/hostname".to_owned(), hostname.to_owned())].into());
         p
     };
+    step("WFFC source Bound");
     claims.create(&post, &of_prod("wrong", "later", "64Mi")).await.unwrap();
     pods.create(&post, &pinned("wrong", &other_host)).await.unwrap();
     let asked = wait_for_event(&w, "wrong", "ProvisioningFailed", "pin the pod").await;
@@ -140,10 +147,12 @@ async fn clones_are_refused_placed_and_their_sources_protected_by_the_controller
     assert_eq!(event_messages(&w, "wrong", "ProvisioningFailed").await.len(), 1);
     assert!(claims.get("wrong").await.unwrap().status.and_then(|s| s.phase).as_deref() == Some("Pending"));
 
+    step("asked back 3 times");
     claims.create(&post, &of_prod("right", "later", "64Mi")).await.unwrap();
     pods.create(&post, &pinned("right", &source_host)).await.unwrap();
     let refused = wait_for_event(&w, "right", "ProvisioningFailed", "cannot make the clone").await;
     assert!(refused.contains(&format!("node {node}")), "{refused}");
     assert!(event_messages(&w, "right", "ProvisioningFailed").await.iter().all(|m| !m.contains("pin the pod")));
     assert_eq!(all_volume_dirs(&w).len(), 1, "only the source's volume");
+    step("pinned clone sent to the source's node");
 }

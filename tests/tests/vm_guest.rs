@@ -898,6 +898,135 @@ async fn clones_phase_two(agent: &lvm_agent::GuestAgent, listed: &[berth::agent_
     println!("clones, phase two: {:.1} s", section.elapsed().as_secs_f64());
 }
 
+/// Thin clones (issue 20): does a clone's time depend on its source's size? Two thin sources of 1 GiB and 4 GiB
+/// each as a raw block volume and as an xfs filesystem volume, with 32 MiB written into each (a thin snapshot's
+/// cost is lvm2 metadata, not the data). Baseline first, with the agent stopped, as the agent runs lvm2 (same
+/// `--config`): bare `lvcreate -s --setactivationskip n` of each source + `lvremove`. Then through the agent: a clone
+/// of each source (PUT with `source`, the source's size) + DELETE of the clone. The sizes alternate round by round.
+/// Prints one `BENCH` line per mode: medians, the ratios 4 GiB / 1 GiB and agent / bare.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "run by vm_host::lvm_thin_clone_benchmark in a boot of its own"]
+async fn lvm_clone_benchmark() {
+    use lvm_agent::*;
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+    in_vm();
+    sh("modprobe", &["dm_mod"]);
+    sh("modprobe", &["dm_thin_pool"]);
+    volume_group("clonebench.img", "berth");
+    // 512 MiB of data, twice what is written (each xfs source's mkfs writes its 64 MiB log, and 32 MiB go into each
+    // source); the pool promises 32 times that (16 GiB): the four sources (10 GiB) and one clone of 4 GiB at a time.
+    lvm(&["lvcreate", "-y", "-L", "512m", "-T", "berth/thin"]);
+    let config = base().join("clone-bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[pool]]\nname = \"thin\"\nbackend = \"lvm\"\nroot = {:?}\nvolume-group = \"berth\"\nthin-pool = \"thin\"\n\
+             overprovision-ratio = 32.0\nlvm-config = \"activation {{ udev_sync = 0 udev_rules = 0 }}\"\n",
+            root("thin")
+        ),
+    )
+    .unwrap();
+    init_pools(&config, &["thin"]);
+    let rounds: usize = std::env::var("BERTH_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(5);
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    const GIB: u64 = 1 << 30;
+    let modes = [("block", json_block()), ("xfs", FS_EXTRA("xfs"))];
+    let sizes = [1u64, 4];
+    let source = |mode: &str, gib: u64| format!("pvc-clone-bench-{mode}-{gib}g");
+    // Round i runs the sizes in this order: 1, 4 in even rounds, 4, 1 in odd ones.
+    let order = |i: usize| if i.is_multiple_of(2) { sizes } else { [sizes[1], sizes[0]] };
+
+    let agent = GuestAgent::start_with("clone-bench", &config).await;
+    let made = Instant::now();
+    for (mode, extra) in &modes {
+        for gib in sizes {
+            let v = agent.create(&source(mode, gib), &body("thin", gib * GIB, extra.clone())).await;
+            if *mode == "block" {
+                write_pattern(&v.path, 32 * MI);
+            } else {
+                write_seeded(&Path::new(&v.path).join("fill"), 32 * MI, gib);
+            }
+        }
+    }
+    println!("sources made and written in {:.1} s", made.elapsed().as_secs_f64());
+    agent.stop();
+
+    // (mode, GiB) -> the times of the rounds.
+    let mut bare_snapshot: BTreeMap<(&str, u64), Vec<f64>> = BTreeMap::new();
+    let mut bare_total: BTreeMap<(&str, u64), Vec<f64>> = BTreeMap::new();
+    for i in 0..rounds {
+        for gib in order(i) {
+            for (mode, _) in &modes {
+                let name = format!("bare-{mode}-{gib}g-{i}");
+                let origin = format!("berth/berth-{}", source(mode, gib));
+                let t = Instant::now();
+                lvm(&["lvcreate", "-y", "-s", "--setactivationskip", "n", "-n", &name, &origin]);
+                let snapshot = ms(t);
+                lvm(&["lvremove", "-y", &format!("berth/{name}")]);
+                bare_snapshot.entry((*mode, gib)).or_default().push(snapshot);
+                bare_total.entry((*mode, gib)).or_default().push(ms(t));
+            }
+        }
+    }
+
+    let agent = GuestAgent::start_with("clone-bench", &config).await;
+    // One round first: the token review is then cached, as it is for a controller calling repeatedly.
+    for (mode, extra) in &modes {
+        let clone = body("thin", GIB, cloning(&source(mode, 1), extra.clone()));
+        agent.create("pvc-clone-bench-warm", &clone).await;
+        agent.delete("pvc-clone-bench-warm").await;
+    }
+    let mut clone_only: BTreeMap<(&str, u64), Vec<f64>> = BTreeMap::new();
+    let mut through: BTreeMap<(&str, u64), Vec<f64>> = BTreeMap::new();
+    for i in 0..rounds {
+        for gib in order(i) {
+            for (mode, extra) in &modes {
+                let name = format!("pvc-clone-bench-{mode}-{gib}g-{i}");
+                let clone = body("thin", gib * GIB, cloning(&source(mode, gib), extra.clone()));
+                let t = Instant::now();
+                let v = agent.create(&name, &clone).await;
+                let made = ms(t);
+                assert_eq!(v.size_bytes, gib * GIB);
+                agent.delete(&name).await;
+                clone_only.entry((*mode, gib)).or_default().push(made);
+                through.entry((*mode, gib)).or_default().push(ms(t));
+            }
+        }
+    }
+    agent.stop();
+    for (mode, _) in &modes {
+        let m = |times: &BTreeMap<(&str, u64), Vec<f64>>, gib: u64| median(&times[&(*mode, gib)]);
+        let (bare_1, bare_4) = (m(&bare_total, 1), m(&bare_total, 4));
+        let (snap_1, snap_4) = (m(&bare_snapshot, 1), m(&bare_snapshot, 4));
+        let (agent_1, agent_4) = (m(&through, 1), m(&through, 4));
+        let (clone_1, clone_4) = (m(&clone_only, 1), m(&clone_only, 4));
+        println!(
+            "BENCH clone mode={mode} rounds={rounds} bare_1g_ms={bare_1:.0} bare_4g_ms={bare_4:.0} bare_4g_to_1g={:.3} \
+             bare_snapshot_1g_ms={snap_1:.0} bare_snapshot_4g_ms={snap_4:.0} \
+             agent_1g_ms={agent_1:.0} agent_4g_ms={agent_4:.0} agent_4g_to_1g={:.3} \
+             agent_clone_1g_ms={clone_1:.0} agent_clone_4g_ms={clone_4:.0} agent_clone_4g_to_1g={:.3} \
+             agent_to_bare_1g={:.2} agent_to_bare_4g={:.2}",
+            bare_4 / bare_1,
+            agent_4 / agent_1,
+            clone_4 / clone_1,
+            agent_1 / bare_1,
+            agent_4 / bare_4,
+        );
+        for (what, times) in [("bare", &bare_total), ("agent", &through), ("agent_clone", &clone_only)] {
+            for gib in sizes {
+                let all: Vec<String> = times[&(*mode, gib)].iter().map(|t| format!("{t:.0}")).collect();
+                println!("clone bench {mode} {what} {gib} GiB, each round (ms): {}", all.join(" "));
+            }
+        }
+    }
+}
+
 /// The agent's cost over bare lvm2: LV create+delete through the agent's HTTPS API (block volumes in a thick pool:
 /// lvcreate, tag changes, activation checks, and the zeroing of the deleted LV) against bare `lvcreate`/`lvremove`
 /// of the same size, in the same boot. Prints one `BENCH` line.

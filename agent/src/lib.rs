@@ -13,6 +13,7 @@ pub mod capacity;
 pub mod cli;
 pub mod command;
 pub mod config;
+pub mod copy_tree;
 pub mod edge;
 pub mod epoch;
 pub mod failpoints;

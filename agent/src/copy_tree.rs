@@ -1,0 +1,589 @@
+//! Copying a directory volume's tree into a new volume (a clone of a hostpath volume, issue 20), without ever
+//! reading or writing outside the two trees: entries are opened relative to their parent directory, symlinks are
+//! copied as links and never followed, and nothing on another mount (a filesystem mounted inside the volume, a bind
+//! mount) is entered.
+//!
+//! The source is a pod's to shape, so the walk's cost must not grow with it, as in safe_remove.rs: one directory of
+//! each tree open at a time (two while stepping), each read in a fixed buffer as a stream, back up by
+//! `openat(dir, "..")`, a resume position kept only for the first [`REMEMBERED_LEVELS`] levels. A deeper level is
+//! scanned again from its start when the walk returns to it, and what the destination already has is skipped: an
+//! entry exists in the destination only once it is complete (a file is copied before the walk leaves its
+//! directory; a directory's walk is over before its parent is scanned again).
+//!
+//! File data is shared by reflink (`FICLONE`) where the filesystem can (XFS with `reflink=1`, btrfs), and copied
+//! otherwise with `copy_file_range`, hole by hole (`SEEK_DATA`/`SEEK_HOLE`), so a sparse file stays sparse.
+//! Owners, permission bits (setuid and setgid included), timestamps and extended attributes are kept. What the
+//! agent may not make is left out and counted ([`Copied::left_out`]): device nodes and sockets (a volume's pods
+//! cannot use either through a `nodev` mount), extended attributes the kernel refuses it (`security.capability`
+//! without CAP_SETFCAP), entries on another mount. Hard links are kept while their record fits in
+//! [`HARD_LINK_BUDGET`] bytes; past it, further links are copied as files of their own (counted).
+//!
+//! A copy of a volume a pod is writing is not crash-consistent: each file is copied as it is when the walk reaches
+//! it.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+
+use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags, RawDir, SeekFrom, StatxFlags, Timestamps, XattrFlags};
+use rustix::io::Errno;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CopyError {
+    #[error("{path}: {errno}")]
+    Io { path: String, errno: Errno },
+    #[error("{path}: the tree was moved while it was being copied (its top is no longer where the walk began)")]
+    Moved { path: String },
+}
+
+/// The directory-reading buffer: one `getdents64` fills it with hundreds of entries.
+const BUFFER_BYTES: usize = 32 * 1024;
+/// Levels whose resume position is kept (32 KiB of positions); deeper levels are scanned again from their start.
+pub const REMEMBERED_LEVELS: usize = 4096;
+/// Bytes the record of hard links may take (inode and the path from the top of each first link): past it, further
+/// links of files not recorded yet are copied as files of their own.
+pub const HARD_LINK_BUDGET: usize = 8 << 20;
+/// The longest path the kernel takes (linkat's first link).
+const PATH_MAX: usize = 4096;
+/// Names of what was left out that are kept for the report (the count is always whole).
+const NAMES_KEPT: usize = 16;
+
+/// What a copy did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Copied {
+    pub directories: u64,
+    pub files: u64,
+    pub symlinks: u64,
+    /// Bytes of file data shared by reflink.
+    pub reflinked_bytes: u64,
+    /// Bytes of file data written (holes are not).
+    pub copied_bytes: u64,
+    /// Links made to a file already copied.
+    pub hard_links: u64,
+    /// Further links copied as files of their own, once the record of hard links was full.
+    pub hard_links_split: u64,
+    /// What was left out, and why: the first few, and how many in all.
+    pub left_out: Vec<String>,
+    pub left_out_count: u64,
+}
+
+impl Copied {
+    fn leave_out(&mut self, what: String) {
+        self.left_out_count += 1;
+        if self.left_out.len() < NAMES_KEPT {
+            self.left_out.push(what);
+        }
+    }
+}
+
+fn io(path: &str) -> impl Fn(Errno) -> CopyError + '_ {
+    move |errno| CopyError::Io { path: path.to_owned(), errno }
+}
+
+fn open_dir(dir: impl AsFd, name: &CStr, path: &str) -> Result<OwnedFd, CopyError> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rustix::fs::openat(dir, name, flags, Mode::empty()).map_err(io(path))
+}
+
+const STAT: StatxFlags = StatxFlags::BASIC_STATS.union(StatxFlags::MNT_ID);
+
+/// What statx says of `name` in `dir` (not followed if a symlink); an empty `name` asks about `dir` itself.
+fn stat_at(dir: impl AsFd, name: &CStr, path: &str) -> Result<rustix::fs::Statx, CopyError> {
+    let flags = AtFlags::SYMLINK_NOFOLLOW | if name.is_empty() { AtFlags::EMPTY_PATH } else { AtFlags::empty() };
+    let st = rustix::fs::statx(dir, name, flags, STAT).map_err(io(path))?;
+    // Without a mount id (Linux < 5.8) mounts could not be told apart: refuse rather than guess.
+    if !StatxFlags::from_bits_retain(st.stx_mask).contains(StatxFlags::MNT_ID) {
+        return Err(CopyError::Io { path: format!("{path} (statx gave no mount id)"), errno: Errno::NOSYS });
+    }
+    Ok(st)
+}
+
+fn file_type(st: &rustix::fs::Statx) -> FileType {
+    FileType::from_raw_mode(st.stx_mode.into())
+}
+
+fn identity(st: &rustix::fs::Statx) -> (u32, u32, u64) {
+    (st.stx_dev_major, st.stx_dev_minor, st.stx_ino)
+}
+
+/// Copies everything below the directory `from` into the directory `to` (which must exist, and should be empty),
+/// then gives `to` the owner, mode, timestamps and extended attributes of `from`. Only entries on `from`'s own
+/// mount are copied. `to`'s tree is the agent's own (not in any pod's reach while it is made).
+pub fn copy_tree(from: &Path, to: &Path) -> Result<Copied, CopyError> {
+    let (shown, shown_to) = (from.display().to_string(), to.display().to_string());
+    let c = |p: &Path, shown: &str| CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| io(shown)(Errno::INVAL));
+    let src = open_dir(CWD, &c(from, &shown)?, &shown)?;
+    let dst = open_dir(CWD, &c(to, &shown_to)?, &shown_to)?;
+    // The destination's top, which hard links are made relative to.
+    let dst_top = open_dir(CWD, &c(to, &shown_to)?, &shown_to)?;
+    let top = stat_at(&src, c"", &shown)?;
+    let mut walk = Walk {
+        mount: top.stx_mnt_id,
+        top: identity(&top),
+        shown: &shown,
+        buffer: vec![MaybeUninit::uninit(); BUFFER_BYTES],
+        resume: Vec::new(),
+        links: HashMap::new(),
+        links_bytes: 0,
+        names: Vec::new(),
+        copied: Copied::default(),
+    };
+    walk.run(src, dst, dst_top)?;
+    Ok(walk.copied)
+}
+
+/// What one scan of a directory found.
+enum Scan {
+    /// Every entry is copied.
+    Done,
+    /// `child` (source and destination) is a directory to copy, met at resume position `at` of the scanned one.
+    Descend { src: OwnedFd, dst: OwnedFd, name: CString, at: u64 },
+}
+
+struct Walk<'a> {
+    /// The mount everything copied must be on.
+    mount: u64,
+    /// Device and inode of the source's top, to recognise it when the walk comes back up.
+    top: (u32, u32, u64),
+    shown: &'a str,
+    buffer: Vec<MaybeUninit<u8>>,
+    /// `resume[d]`: where to continue scanning the directory at depth `d` when the walk returns to it.
+    resume: Vec<u64>,
+    /// Source inode of a file with several links → its first link's path below the destination's top.
+    links: HashMap<u64, CString>,
+    links_bytes: usize,
+    /// The names from the top to the directory being copied, while their path fits in PATH_MAX: the path of a
+    /// first link, to record hard links by.
+    names: Vec<CString>,
+    copied: Copied,
+}
+
+impl Walk<'_> {
+    fn run(&mut self, top_src: OwnedFd, top_dst: OwnedFd, dst_top: OwnedFd) -> Result<(), CopyError> {
+        let (mut src, mut dst, mut depth, mut from) = (top_src, top_dst, 0usize, 0u64);
+        loop {
+            match self.scan(&src, &dst, &dst_top, depth, from)? {
+                Scan::Descend { src: s, dst: d, name, at } => {
+                    if depth < REMEMBERED_LEVELS {
+                        self.resume.truncate(depth);
+                        self.resume.push(at);
+                    }
+                    // The names are kept while their path fits in PATH_MAX (what linkat takes): bounded, whatever
+                    // the depth; deeper first links are not recorded.
+                    self.names.truncate(depth);
+                    let used: usize = self.names.iter().map(|n| n.as_bytes().len() + 1).sum();
+                    if self.names.len() == depth && used + name.as_bytes().len() < PATH_MAX {
+                        self.names.push(name);
+                    }
+                    (src, dst, depth, from) = (s, d, depth + 1, 0);
+                }
+                Scan::Done => {
+                    // The directory is complete: now its own owner, mode, times and attributes.
+                    self.finish_directory(&src, &dst, depth)?;
+                    if depth == 0 {
+                        return Ok(());
+                    }
+                    let here = format!("{} (depth {depth})", self.shown);
+                    let parent = open_dir(&src, c"..", &here)?;
+                    let st = stat_at(&parent, c"", &here)?;
+                    depth -= 1;
+                    // A directory moved while it was copied could lead the walk up out of the tree: the top must be
+                    // met exactly at depth 0, and everything on the way on the same mount.
+                    if st.stx_mnt_id != self.mount || (identity(&st) == self.top) != (depth == 0) {
+                        return Err(CopyError::Moved { path: self.shown.to_owned() });
+                    }
+                    dst = open_dir(&dst, c"..", &here)?;
+                    src = parent;
+                    from = self.resume.get(depth).copied().unwrap_or(0);
+                }
+            }
+        }
+    }
+
+    /// Reads `src` from position `from` as a stream, copying files, symlinks and what else it may into `dst`,
+    /// until the end or the first directory not copied yet, which it makes (empty) and returns.
+    fn scan(
+        &mut self,
+        src: &OwnedFd,
+        dst: &OwnedFd,
+        dst_top: &OwnedFd,
+        depth: usize,
+        from: u64,
+    ) -> Result<Scan, CopyError> {
+        rustix::fs::seek(src, SeekFrom::Start(from)).map_err(io(self.shown))?;
+        let shown = self.shown;
+        let mut buffer = std::mem::take(&mut self.buffer);
+        let mut entries = RawDir::new(src, &mut buffer);
+        let mut position = from;
+        let mut found = Scan::Done;
+        while let Some(entry) = entries.next() {
+            let entry = entry.map_err(io(shown))?;
+            let (name, at) = (entry.file_name().to_owned(), position);
+            position = entry.next_entry_cookie();
+            if name.as_c_str() == c"." || name.as_c_str() == c".." {
+                continue;
+            }
+            let here = at_path(shown, depth, &name);
+            // Already in the destination: copied before the walk last left this directory (see the module's doc).
+            match rustix::fs::statx(dst, &name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE) {
+                Ok(_) => continue,
+                Err(Errno::NOENT) => {}
+                Err(e) => return Err(io(&here)(e)),
+            }
+            let st = match stat_at(src, &name, &here) {
+                Err(CopyError::Io { errno: Errno::NOENT, .. }) => continue, // gone meanwhile
+                other => other?,
+            };
+            if st.stx_mnt_id != self.mount {
+                self.copied.leave_out(format!("{here}: on another mount"));
+                continue;
+            }
+            match file_type(&st) {
+                FileType::Directory => {
+                    let child = open_dir(src, &name, &here)?;
+                    // Opened by name after the check: make sure what was opened is still on this mount.
+                    if stat_at(&child, c"", &here)?.stx_mnt_id != self.mount {
+                        self.copied.leave_out(format!("{here}: on another mount"));
+                        continue;
+                    }
+                    rustix::fs::mkdirat(dst, &name, Mode::RWXU).map_err(io(&here))?;
+                    let made = open_dir(dst, &name, &here)?;
+                    self.copied.directories += 1;
+                    found = Scan::Descend { src: child, dst: made, name, at };
+                    break;
+                }
+                FileType::RegularFile => self.file(src, dst, dst_top, &name, &st, depth, &here)?,
+                FileType::Symlink => {
+                    let target = rustix::fs::readlinkat(src, &name, Vec::new()).map_err(io(&here))?;
+                    rustix::fs::symlinkat(&target, dst, &name).map_err(io(&here))?;
+                    let (uid, gid) = (rustix::fs::Uid::from_raw(st.stx_uid), rustix::fs::Gid::from_raw(st.stx_gid));
+                    rustix::fs::chownat(dst, &name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(io(&here))?;
+                    rustix::fs::utimensat(dst, &name, &times(&st), AtFlags::SYMLINK_NOFOLLOW).map_err(io(&here))?;
+                    self.copied.symlinks += 1;
+                }
+                FileType::Fifo => {
+                    let mode = Mode::from_raw_mode(st.stx_mode.into());
+                    rustix::fs::mknodat(dst, &name, FileType::Fifo, mode, 0).map_err(io(&here))?;
+                    let (uid, gid) = (rustix::fs::Uid::from_raw(st.stx_uid), rustix::fs::Gid::from_raw(st.stx_gid));
+                    rustix::fs::chownat(dst, &name, Some(uid), Some(gid), AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(io(&here))?;
+                    self.copied.files += 1;
+                }
+                other => self.copied.leave_out(format!("{here}: a {other:?} (not made in a clone)")),
+            }
+        }
+        self.buffer = buffer;
+        Ok(found)
+    }
+
+    #[allow(clippy::too_many_arguments, reason = "one call site, each argument a different thing")]
+    fn file(
+        &mut self,
+        src: &OwnedFd,
+        dst: &OwnedFd,
+        dst_top: &OwnedFd,
+        name: &CStr,
+        st: &rustix::fs::Statx,
+        depth: usize,
+        here: &str,
+    ) -> Result<(), CopyError> {
+        if st.stx_nlink > 1 {
+            if let Some(first) = self.links.get(&st.stx_ino) {
+                match rustix::fs::linkat(dst_top, first.as_c_str(), dst, name, AtFlags::empty()) {
+                    Ok(()) => {
+                        self.copied.hard_links += 1;
+                        return Ok(());
+                    }
+                    // The first link's path grew past what the kernel takes: a file of its own.
+                    Err(Errno::NAMETOOLONG) => self.copied.hard_links_split += 1,
+                    Err(e) => return Err(io(here)(e)),
+                }
+            } else if let Some(path) = self.link_path(name, depth) {
+                self.links_bytes += path.as_bytes().len() + 16;
+                self.links.insert(st.stx_ino, path);
+            } else {
+                self.copied.hard_links_split += 1;
+            }
+        }
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let input = match rustix::fs::openat(src, name, flags, Mode::empty()) {
+            Err(Errno::NOENT) => return Ok(()), // gone meanwhile
+            other => other.map_err(io(here))?,
+        };
+        let create = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let output = rustix::fs::openat(dst, name, create, Mode::RUSR | Mode::WUSR).map_err(io(here))?;
+        let size = rustix::fs::fstat(&input).map_err(io(here))?.st_size as u64;
+        match rustix::fs::ioctl_ficlone(&output, &input) {
+            Ok(()) => self.copied.reflinked_bytes += size,
+            // Not on this filesystem (or not between these two): a copy, hole by hole.
+            Err(Errno::OPNOTSUPP | Errno::XDEV | Errno::INVAL | Errno::NOSYS | Errno::BADF) => {
+                self.copied.copied_bytes += copy_data(&input, &output, size).map_err(io(here))?;
+            }
+            Err(e) => return Err(io(here)(e)),
+        }
+        attributes(&input, &output, &mut self.copied, here)?;
+        owner_and_mode(&output, st, here)?;
+        rustix::fs::futimens(&output, &times(st)).map_err(io(here))?;
+        self.copied.files += 1;
+        Ok(())
+    }
+
+    /// The path below the destination's top of `name` at `depth`, if the record of hard links has room for it.
+    fn link_path(&self, name: &CStr, depth: usize) -> Option<CString> {
+        if self.names.len() < depth
+            || self.names[..depth].iter().map(|n| n.as_bytes().len() + 1).sum::<usize>() + name.to_bytes().len()
+                >= PATH_MAX
+        {
+            return None;
+        }
+        let mut path = Vec::new();
+        for part in self.names[..depth].iter().map(|n| n.as_bytes()).chain([name.to_bytes()]) {
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(part);
+        }
+        (self.links_bytes + path.len() + 16 <= HARD_LINK_BUDGET).then(|| CString::new(path).expect("no NUL in names"))
+    }
+
+    /// A directory whose content is copied gets its source's attributes, owner, mode and times (last: writing into
+    /// it changed its times).
+    fn finish_directory(&mut self, src: &OwnedFd, dst: &OwnedFd, depth: usize) -> Result<(), CopyError> {
+        let here = format!("{} (depth {depth})", self.shown);
+        let st = stat_at(src, c"", &here)?;
+        attributes(src, dst, &mut self.copied, &here)?;
+        owner_and_mode(dst, &st, &here)?;
+        rustix::fs::futimens(dst, &times(&st)).map_err(io(&here))
+    }
+}
+
+/// Copies the data of `input` (`size` bytes) into the empty `output`, data extent by data extent, so holes stay
+/// holes; returns the bytes written.
+fn copy_data(input: &OwnedFd, output: &OwnedFd, size: u64) -> Result<u64, Errno> {
+    let mut written = 0;
+    let mut at = 0u64;
+    while at < size {
+        let start = match rustix::fs::seek(input, SeekFrom::Data(at)) {
+            Ok(s) => s,
+            Err(Errno::NXIO) => break, // only a hole up to the end
+            Err(e) => return Err(e),
+        };
+        let end = rustix::fs::seek(input, SeekFrom::Hole(start))?.min(size);
+        let (mut from, mut to) = (start, start);
+        while from < end {
+            let len = (end - from) as usize;
+            let n = rustix::fs::copy_file_range(input, Some(&mut from), output, Some(&mut to), len)?;
+            if n == 0 {
+                break; // the file shrank meanwhile
+            }
+            written += n as u64;
+        }
+        at = end;
+    }
+    // The size, with a hole at the end if there is one.
+    rustix::fs::ftruncate(output, size)?;
+    Ok(written)
+}
+
+/// Copies the extended attributes of `input` to `output`; one the kernel refuses the agent is left out (counted).
+fn attributes(input: &OwnedFd, output: &OwnedFd, copied: &mut Copied, here: &str) -> Result<(), CopyError> {
+    // The kernel's limits: 64 KiB for the list of names and for one value.
+    let mut names = vec![0u8; 64 * 1024];
+    let len = match rustix::fs::flistxattr(input, &mut names[..]) {
+        Ok(n) => n,
+        Err(Errno::OPNOTSUPP) => return Ok(()),
+        Err(e) => return Err(io(here)(e)),
+    };
+    let mut value = vec![0u8; 64 * 1024];
+    for name in names[..len].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let name = CString::new(name).expect("split at NUL");
+        let n = match rustix::fs::fgetxattr(input, &name, &mut value[..]) {
+            Ok(n) => n,
+            Err(Errno::NODATA) => continue, // removed meanwhile
+            Err(e) => return Err(io(here)(e)),
+        };
+        match rustix::fs::fsetxattr(output, &name, &value[..n], XattrFlags::empty()) {
+            Ok(()) => {}
+            Err(Errno::PERM | Errno::ACCESS | Errno::OPNOTSUPP) => {
+                copied.leave_out(format!("{here}: attribute {} (refused to the agent)", name.to_string_lossy()));
+            }
+            Err(e) => return Err(io(here)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// The source's owner, then its mode (after: a change of owner clears setuid and setgid).
+fn owner_and_mode(output: &OwnedFd, st: &rustix::fs::Statx, here: &str) -> Result<(), CopyError> {
+    let (uid, gid) = (rustix::fs::Uid::from_raw(st.stx_uid), rustix::fs::Gid::from_raw(st.stx_gid));
+    rustix::fs::fchown(output, Some(uid), Some(gid)).map_err(io(here))?;
+    rustix::fs::fchmod(output, Mode::from_raw_mode(u32::from(st.stx_mode) & 0o7777)).map_err(io(here))
+}
+
+fn times(st: &rustix::fs::Statx) -> Timestamps {
+    let t = |ts: rustix::fs::StatxTimestamp| rustix::fs::Timespec { tv_sec: ts.tv_sec, tv_nsec: ts.tv_nsec.into() };
+    Timestamps { last_access: t(st.stx_atime), last_modification: t(st.stx_mtime) }
+}
+
+/// Where an entry is, for messages: the top and the depth (the names in between are not kept).
+fn at_path(shown: &str, depth: usize, name: &CStr) -> String {
+    match depth {
+        0 => format!("{shown}/{}", name.to_string_lossy()),
+        d => format!("{shown}/…/{} (depth {})", name.to_string_lossy(), d + 1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+
+    fn root() -> bool {
+        std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) == 0
+    }
+
+    #[test]
+    fn a_tree_is_copied_with_its_links_modes_owners_holes_and_attributes_and_nothing_outside() {
+        assert!(root(), "this test sets owners and needs root (CI runs as root)");
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), "not yours").unwrap();
+        let base = tempfile::tempdir().unwrap();
+        let (from, to) = (base.path().join("from"), base.path().join("to"));
+        std::fs::create_dir_all(from.join("a/b")).unwrap();
+        std::fs::create_dir(&to).unwrap();
+        std::fs::write(from.join("a/b/file"), "data").unwrap();
+        std::fs::hard_link(from.join("a/b/file"), from.join("link")).unwrap();
+        symlink(outside.path().join("secret"), from.join("escape")).unwrap();
+        symlink(outside.path(), from.join("a/escape-dir")).unwrap();
+        let sparse = std::fs::File::create(from.join("sparse")).unwrap();
+        sparse.set_len(1 << 30).unwrap();
+        std::os::unix::fs::FileExt::write_at(&sparse, b"middle", 512 << 20).unwrap();
+        drop(sparse);
+        // The owner first: a change of owner clears setuid.
+        std::os::unix::fs::chown(from.join("a/b/file"), Some(1234), Some(5678)).unwrap();
+        std::fs::set_permissions(from.join("a/b/file"), std::fs::Permissions::from_mode(0o4750)).unwrap();
+        std::os::unix::fs::chown(from.join("a"), Some(999), Some(999)).unwrap();
+        std::fs::set_permissions(from.join("a"), std::fs::Permissions::from_mode(0o2770)).unwrap();
+        std::os::unix::fs::lchown(from.join("escape"), Some(42), Some(43)).unwrap();
+        let with_xattr = rustix::fs::setxattr(from.join("a/b/file"), "user.kind", b"table", XattrFlags::empty());
+
+        let copied = copy_tree(&from, &to).unwrap();
+        assert_eq!((copied.files, copied.directories, copied.symlinks, copied.hard_links), (2, 2, 2, 1), "{copied:?}");
+        assert_eq!(copied.left_out_count, 0, "{copied:?}");
+        assert_eq!(std::fs::read_to_string(to.join("a/b/file")).unwrap(), "data");
+        let (file, link) =
+            (std::fs::metadata(to.join("a/b/file")).unwrap(), std::fs::metadata(to.join("link")).unwrap());
+        assert_eq!(file.ino(), link.ino(), "the hard link is kept");
+        assert_eq!((file.mode() & 0o7777, file.uid(), file.gid()), (0o4750, 1234, 5678));
+        let a = std::fs::metadata(to.join("a")).unwrap();
+        assert_eq!((a.mode() & 0o7777, a.uid(), a.gid()), (0o2770, 999, 999));
+        assert_eq!(std::fs::read_link(to.join("escape")).unwrap(), outside.path().join("secret"));
+        assert_eq!(std::fs::symlink_metadata(to.join("escape")).unwrap().uid(), 42);
+        assert!(std::fs::symlink_metadata(to.join("a/escape-dir")).unwrap().file_type().is_symlink());
+        let sparse = std::fs::metadata(to.join("sparse")).unwrap();
+        assert_eq!(sparse.len(), 1 << 30);
+        assert!(sparse.blocks() * 512 < 16 << 20, "a sparse file stays sparse: {} blocks", sparse.blocks());
+        let mut middle = [0u8; 6];
+        std::os::unix::fs::FileExt::read_at(&std::fs::File::open(to.join("sparse")).unwrap(), &mut middle, 512 << 20)
+            .unwrap();
+        assert_eq!(&middle, b"middle");
+        assert_eq!(
+            std::fs::metadata(to.join("a/b/file")).unwrap().modified().unwrap(),
+            std::fs::metadata(from.join("a/b/file")).unwrap().modified().unwrap()
+        );
+        if with_xattr.is_ok() {
+            let mut v = [0u8; 16];
+            let n = rustix::fs::getxattr(to.join("a/b/file"), "user.kind", &mut v[..]).unwrap();
+            assert_eq!(&v[..n], b"table");
+        }
+        assert_eq!(std::fs::read_to_string(outside.path().join("secret")).unwrap(), "not yours");
+        assert!(!to.join("secret").exists());
+    }
+
+    #[test]
+    fn device_nodes_and_sockets_are_left_out_and_counted() {
+        assert!(root(), "this test makes a device node and needs root (CI runs as root)");
+        let base = tempfile::tempdir().unwrap();
+        let (from, to) = (base.path().join("from"), base.path().join("to"));
+        std::fs::create_dir(&from).unwrap();
+        std::fs::create_dir(&to).unwrap();
+        let dir = open_dir(CWD, &CString::new(from.as_os_str().as_encoded_bytes()).unwrap(), "t").unwrap();
+        rustix::fs::mknodat(&dir, "null", FileType::CharacterDevice, Mode::RUSR, rustix::fs::makedev(1, 3)).unwrap();
+        rustix::fs::mknodat(&dir, "pipe", FileType::Fifo, Mode::RUSR | Mode::WUSR, 0).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(from.join("sock")).unwrap();
+        let copied = copy_tree(&from, &to).unwrap();
+        assert_eq!(copied.left_out_count, 2, "{copied:?}");
+        assert!(!to.join("null").exists() && !to.join("sock").exists());
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::symlink_metadata(to.join("pipe")).unwrap().file_type().is_fifo());
+    }
+
+    fn mkdir_in(dir: &OwnedFd, name: &str) -> OwnedFd {
+        let name = CString::new(name).unwrap();
+        rustix::fs::mkdirat(dir, &name, Mode::RWXU).unwrap();
+        open_dir(dir, &name, "test").unwrap()
+    }
+
+    fn file_in(dir: &OwnedFd, name: &str) {
+        let name = CString::new(name).unwrap();
+        rustix::fs::openat(dir, &name, OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::RUSR).unwrap();
+    }
+
+    /// Counts the entries below `dir` by descriptor (the tree is deeper than any path).
+    fn count(dir: OwnedFd) -> u64 {
+        let mut n = 0;
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            let names: Vec<CString> = {
+                let mut buf = vec![MaybeUninit::uninit(); 4096];
+                let mut it = RawDir::new(&d, &mut buf);
+                let mut v = Vec::new();
+                while let Some(e) = it.next() {
+                    let e = e.unwrap();
+                    if e.file_name() != c"." && e.file_name() != c".." {
+                        v.push(e.file_name().to_owned());
+                    }
+                }
+                v
+            };
+            for name in names {
+                n += 1;
+                if let Ok(child) = open_dir(&d, &name, "count") {
+                    stack.push(child);
+                }
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn trees_far_deeper_than_path_max_and_wide_levels_are_copied_whole() {
+        let base = tempfile::tempdir().unwrap();
+        let (from, to) = (base.path().join("from"), base.path().join("to"));
+        std::fs::create_dir(&from).unwrap();
+        std::fs::create_dir(&to).unwrap();
+        let mut dir = open_dir(CWD, &CString::new(from.as_os_str().as_encoded_bytes()).unwrap(), "t").unwrap();
+        // Levels past REMEMBERED_LEVELS are scanned again from their start when the walk comes back to them.
+        let (depth, bushy, width) = (6_000usize, [0usize, 3, REMEMBERED_LEVELS + 2, 5_998], 50usize);
+        for d in 0..depth {
+            if bushy.contains(&d) {
+                for i in 0..width {
+                    let sibling = mkdir_in(&dir, &format!("s{i}"));
+                    file_in(&sibling, "f");
+                    file_in(&dir, &format!("f{i}"));
+                }
+            }
+            dir = mkdir_in(&dir, "d");
+        }
+        file_in(&dir, "bottom");
+        let copied = copy_tree(&from, &to).unwrap();
+        let want = depth as u64 + 1 + bushy.len() as u64 * width as u64 * 3;
+        assert_eq!(copied.files + copied.directories, want, "{copied:?}");
+        let to_fd = open_dir(CWD, &CString::new(to.as_os_str().as_encoded_bytes()).unwrap(), "t").unwrap();
+        assert_eq!(count(to_fd), want);
+    }
+}

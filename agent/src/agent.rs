@@ -19,7 +19,7 @@ use std::time::Instant;
 use berth::agent_api::{CreateVolumeRequest, ErrorReason, PoolStatus, Volume, VolumeMode};
 
 use crate::backend::{
-    Backend, BackendError, Debris, Made, PoolProbe, Recovered, VOLUME_MARKER_VERSION, VolumeRecord, Zeroing,
+    Backend, BackendError, Copying, Debris, Made, PoolProbe, Recovered, VOLUME_MARKER_VERSION, VolumeRecord, Zeroing,
 };
 use crate::capacity::{Capacity, PoolLimits, VolumeUsage, pool_capacity};
 use crate::config::PoolConfig;
@@ -97,33 +97,57 @@ struct State {
     zeroing: Vec<InFlight>,
 }
 
-/// A create or an expansion zeroing its volume's new bytes without the agent's lock ([`Agent::zero_unlocked`]):
-/// it holds the volume's name (other requests for it are a `Conflict` meanwhile) and its bytes count against the
-/// pool.
+/// A create or an expansion doing its slow step without the agent's lock ([`Agent::slow_unlocked`]: zeroing its
+/// volume's new bytes, copying a clone's files): it holds the volume's name (other requests for it are a
+/// `Conflict` meanwhile) and its bytes count against the pool. A clone's source is held the same way, with no bytes.
 struct InFlight {
     pool: String,
     volume: String,
     bytes: u64,
-    /// What its zeroing leaves if it is given up: not debris while it runs.
+    /// What its slow step leaves if it is given up: not debris while it runs.
     leftover: std::path::PathBuf,
-    /// "being made", "being grown".
+    /// "being made", "being grown", "being copied into a clone".
     what: &'static str,
+    /// "its new bytes are being zeroed", "its source's files are being copied".
+    doing: &'static str,
 }
 
 impl InFlight {
     fn new(pool: &Pool, volume: &str, bytes: u64, what: &'static str, zeroing: &Zeroing) -> InFlight {
         let (pool, volume, leftover) = (pool.config.name.clone(), volume.to_owned(), zeroing.leftover.path.clone());
-        InFlight { pool, volume, bytes, leftover, what }
+        InFlight { pool, volume, bytes, leftover, what, doing: "its new bytes are being zeroed" }
+    }
+
+    /// A clone being copied, and its source, held while it is.
+    fn copying(pool: &Pool, volume: &str, bytes: u64, copying: &Copying, source: &str) -> [InFlight; 2] {
+        let (pool, leftover) = (pool.config.name.clone(), copying.leftover.path.clone());
+        let clone = InFlight {
+            pool: pool.clone(),
+            volume: volume.to_owned(),
+            bytes,
+            leftover: leftover.clone(),
+            what: "being made",
+            doing: "its source's files are being copied",
+        };
+        let held = InFlight {
+            pool,
+            volume: source.to_owned(),
+            bytes: 0,
+            leftover,
+            what: "being copied into a clone",
+            doing: "its files are being read",
+        };
+        [clone, held]
     }
 }
 
 impl State {
-    /// A `Conflict` if `name` is being made or grown.
+    /// A `Conflict` if `name` is being made or grown, or copied into a clone.
     fn not_in_flight(&self, name: &str) -> Result<(), Refusal> {
         match self.zeroing.iter().find(|z| z.volume == name) {
             Some(z) => Err(Refusal::new(
                 ErrorReason::Conflict,
-                format!("volume {name} is {} (its new bytes are being zeroed); try again later", z.what),
+                format!("volume {name} is {} ({}); try again later", z.what, z.doing),
             )),
             None => Ok(()),
         }
@@ -554,6 +578,22 @@ impl Agent {
                 let mut state = self.zero_unlocked(state, pool, work, &zeroing, epoch)?;
                 (pool.backend.finish_create(made).inspect_err(|e| leftover(&mut state, e))?, state)
             }
+            Made::CopyFirst(made, copying) => {
+                // A directory clone's files are copied without the lock (as long as their bytes take); its source
+                // is held meanwhile, so that no delete or expansion of it runs under the copy.
+                let source = req.source.as_deref().unwrap_or_default();
+                let works = InFlight::copying(pool, name, req.size_bytes, &copying, source).into();
+                let step = || pool.backend.copy(&copying);
+                let state = self.slow_unlocked(state, pool, works, &copying.leftover, epoch, step)?;
+                let mut state = state;
+                let finished = pool.backend.finish_copy(made, &copying).inspect_err(|e| {
+                    if !matches!(e, BackendError::Busy(_)) {
+                        let what = "what the failed clone left: removed in the background";
+                        self.queue_debris(&mut state, pool, copying.leftover.clone(), what);
+                    }
+                })?;
+                (finished, state)
+            }
         };
         let api = to_api(&made);
         state.volumes.insert(name.to_owned(), made);
@@ -648,6 +688,9 @@ impl Agent {
         }
         let (grown, mut state) = match pool.backend.expand(&existing, size_bytes)? {
             Made::Ready(grown) => (grown, state),
+            Made::CopyFirst(..) => {
+                return Err(Refusal::new(ErrorReason::Internal, format!("growing {name} asked for a copy")));
+            }
             Made::ZeroFirst(grown, zeroing) => {
                 let work = InFlight::new(pool, name, extra, "being grown", &zeroing);
                 let mut state = self.zero_unlocked(state, pool, work, &zeroing, epoch)?;
@@ -673,18 +716,34 @@ impl Agent {
     /// the pool is busy and read from disk once it exits, which finds that.
     fn zero_unlocked<'a>(
         &'a self,
-        mut state: MutexGuard<'a, State>,
+        state: MutexGuard<'a, State>,
         pool: &Pool,
         work: InFlight,
         zeroing: &Zeroing,
         epoch: u64,
     ) -> Result<MutexGuard<'a, State>, Refusal> {
-        let name = work.volume.clone();
-        state.zeroing.push(work);
+        self.slow_unlocked(state, pool, vec![work], &zeroing.leftover, epoch, || pool.backend.zero(zeroing))
+    }
+
+    /// Runs `step` (a slow step of a create or an expansion) without the agent's lock, while `works` hold their
+    /// volumes' names and count their bytes (see [`Agent::zero_unlocked`]); what it leaves if given up is
+    /// `leftover`.
+    fn slow_unlocked<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        pool: &Pool,
+        works: Vec<InFlight>,
+        leftover: &Debris,
+        epoch: u64,
+        step: impl FnOnce() -> Result<(), BackendError>,
+    ) -> Result<MutexGuard<'a, State>, Refusal> {
+        let name = works.first().map(|w| w.volume.clone()).unwrap_or_default();
+        let held: Vec<String> = works.iter().map(|w| w.volume.clone()).collect();
+        state.zeroing.extend(works);
         drop(state);
-        let zeroed = pool.backend.zero(zeroing);
+        let zeroed = step();
         let mut state = self.lock();
-        state.zeroing.retain(|z| z.volume != name);
+        state.zeroing.retain(|z| !held.contains(&z.volume));
         let outcome = match zeroed {
             Err(e @ BackendError::Busy(_)) => return Err(e.into()),
             Err(e) => Err(Refusal::from(e)),
@@ -692,7 +751,7 @@ impl Agent {
         };
         if let Err(refusal) = outcome {
             let given_up = format!("volume {name} was not finished ({}): removed in the background", refusal.message);
-            self.queue_debris(&mut state, pool, zeroing.leftover.clone(), &given_up);
+            self.queue_debris(&mut state, pool, leftover.clone(), &given_up);
             return Err(refusal);
         }
         Ok(state)
@@ -1410,6 +1469,20 @@ mod tests {
     }
 
     #[test]
+    fn pools_that_make_no_clones_refuse_them_as_unsupported_before_anything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = DebrisPool::default();
+        let cloned = backend.cloned.clone();
+        let agent = fake_agent(&dir, vec![("lvm", backend)]);
+        assert!(matches!(agent.create(NAME, &req(|_| {}), "2026-12-07T00:00:00Z", 1), Ok(Created::New(_))));
+        for source in [NAME, "pvc-nothing-here"] {
+            let refusal = agent.create(CLONE, &clone_of(source, |_| {}), "2026-12-07T00:00:01Z", 1).unwrap_err();
+            assert_eq!(refusal.reason, ErrorReason::Unsupported, "{}", refusal.message);
+        }
+        assert!(agent.volume(CLONE).is_none() && cloned.lock().unwrap().is_empty());
+    }
+
+    #[test]
     fn a_clone_that_cannot_be_its_sources_is_invalid_and_nothing_is_made() {
         let dir = tempfile::tempdir().unwrap();
         let backend = cloning_pool();
@@ -1476,7 +1549,7 @@ mod tests {
     }
 
     #[test]
-    fn pools_that_make_no_clones_refuse_them_as_unsupported_before_anything_else() {
+    fn a_hostpath_pool_clones_a_volume_by_copying_its_files_and_holds_the_source_meanwhile() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("dirs");
         let hostpath =
@@ -1491,18 +1564,50 @@ mod tests {
         let pools = vec![Pool { config, backend: Box::new(hostpath) as Box<dyn Backend> }];
         let agent = Agent::start("node-0".into(), pools, EpochFence::load(dir.path().join("epoch")).unwrap());
         let in_dirs = |r: &mut CreateVolumeRequest| r.pool = "dirs".into();
-        assert!(matches!(agent.create(NAME, &req(in_dirs), "2026-12-07T00:00:00Z", 1), Ok(Created::New(_))));
-        for source in [NAME, "pvc-nothing-here"] {
-            let refusal = agent.create(CLONE, &clone_of(source, in_dirs), "2026-12-07T00:00:01Z", 1).unwrap_err();
-            assert_eq!(refusal.reason, ErrorReason::Unsupported, "{}", refusal.message);
-            assert!(
-                refusal
-                    .message
-                    .contains("pool \"dirs\" is a hostpath pool: Berth clones only volumes of lvm thin pools"),
-                "{}",
-                refusal.message
-            );
+        let Ok(Created::New(source)) = agent.create(NAME, &req(in_dirs), "2026-12-07T00:00:00Z", 1) else {
+            panic!("the source")
+        };
+        let source_data = std::path::Path::new(&source.path);
+        std::fs::create_dir(source_data.join("base")).unwrap();
+        std::fs::write(source_data.join("base/table"), "committed").unwrap();
+        let refusal =
+            agent.create(CLONE, &clone_of("pvc-nothing-here", in_dirs), "2026-12-07T00:00:01Z", 1).unwrap_err();
+        assert_eq!(refusal.reason, ErrorReason::Invalid, "{}", refusal.message);
+        let Ok(Created::New(clone)) = agent.create(CLONE, &clone_of(NAME, in_dirs), "2026-12-07T00:00:01Z", 1) else {
+            panic!("the clone")
+        };
+        let clone_data = std::path::Path::new(&clone.path);
+        assert_ne!(clone_data, source_data);
+        std::fs::write(source_data.join("base/table"), "written after").unwrap();
+        assert_eq!(std::fs::read_to_string(clone_data.join("base/table")).unwrap(), "committed");
+        assert_eq!(clone.published, Some(false), "a new volume, unpublished until its PV exists");
+        // Nothing of the copy is left in staging, and the same request again is the same clone.
+        let staging: Vec<_> = std::fs::read_dir(root.join(".berth-tmp")).unwrap().collect();
+        assert!(staging.is_empty(), "{staging:?}");
+        assert!(matches!(
+            agent.create(CLONE, &clone_of(NAME, in_dirs), "2026-12-07T00:00:02Z", 1),
+            Ok(Created::Existing(_))
+        ));
+        // Both are volumes of their own: the source goes, the clone stays.
+        assert!(agent.delete(NAME, 1, false).unwrap());
+        assert_eq!(std::fs::read_to_string(clone_data.join("base/table")).unwrap(), "committed");
+    }
+
+    #[test]
+    fn a_source_being_copied_into_a_clone_is_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = State::default();
+        let pool = Pool { config: lvm_config("dirs"), backend: Box::new(cloning_pool()) as Box<dyn Backend> };
+        let copying = Copying {
+            from: dir.path().join("from"),
+            to: dir.path().join("to"),
+            leftover: Debris { path: dir.path().join("to"), volume: None, size_bytes: 1 },
+        };
+        state.zeroing.extend(InFlight::copying(&pool, CLONE, 1, &copying, NAME));
+        for name in [NAME, CLONE] {
+            let refusal = state.not_in_flight(name).unwrap_err();
+            assert_eq!(refusal.reason, ErrorReason::Conflict, "{}", refusal.message);
         }
-        assert!(agent.volume(CLONE).is_none() && !root.join(CLONE).exists());
+        assert!(state.not_in_flight(NAME).unwrap_err().message.contains("being copied into a clone"));
     }
 }

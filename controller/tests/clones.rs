@@ -1,8 +1,9 @@
-//! Clones through the real control plane (issue 20): a claim whose dataSource is another claim. The agents here
-//! serve directory (hostpath) pools, which make no clones yet: what is shown is the controller's part — each
-//! refusal as one event, the clone sent to its source's node (whose agent then refuses it, naming the node), the
-//! source protected by a finalizer while its clone is being made, and a WaitForFirstConsumer clone whose pod the
-//! scheduler put elsewhere. The clones themselves (thin snapshots) are proven in the kernel tier.
+//! Clones through the real control plane (issue 20): a claim whose dataSource is another claim, with agents serving
+//! directory (hostpath) pools, whose clones are copies of the source's tree. Each refusal is one event; an Immediate
+//! clone lands on its source's node (with more room elsewhere) with the source's files; the source is protected by
+//! a finalizer while its clone is being made; a WaitForFirstConsumer clone whose pod the scheduler put elsewhere is
+//! asked back with one event, and one whose pod is pinned to the source's node is made there. Thin-snapshot clones
+//! are proven in the kernel tier.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, TypedObjectReference};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, PostParams};
 use testbed::kube_util::{wait_deleted, wait_for};
 
 const FINALIZER: &str = "local.berth.dev/cloning-protection";
@@ -88,30 +89,29 @@ async fn clones_are_refused_placed_and_their_sources_protected_by_the_controller
     }
 
     step("refusals");
-    // A clone of a hostpath volume goes to its source's node, whose agent refuses it (hostpath pools make no
-    // clones): said once, naming the node, and nothing made anywhere. Meanwhile its source is protected:
-    // deleting it waits until the clone's attempt is over.
+    // An Immediate clone goes to its source's node, although the other node has more room, with the source's files.
+    // Meanwhile its source is protected: deleting it waits until the clone is made, then it goes.
+    let source_data = volume_dir(&w, &node, prod_pv.metadata.name.as_deref().unwrap()).join("data");
+    std::fs::create_dir(source_data.join("base")).unwrap();
+    std::fs::write(source_data.join("base/table"), "committed").unwrap();
     claims.create(&post, &of_prod("copy", "now", "128Mi")).await.unwrap();
     wait_for(&claims, "prod", WAIT, has_finalizer).await.unwrap();
     claims.delete("prod", &DeleteParams::default()).await.unwrap();
     let held = claims.get("prod").await.unwrap();
     assert!(held.metadata.deletion_timestamp.is_some() && has_finalizer(&held), "{:?}", held.metadata);
-    let refused = wait_for_event(&w, "copy", "ProvisioningFailed", "cannot make the clone").await;
-    assert!(refused.contains(&format!("node {node}")) && refused.contains("hostpath"), "{refused}");
+    let copy = wait_for(&claims, "copy", WAIT, bound).await.unwrap();
+    let copy_pv = pvs.get(copy.spec.as_ref().unwrap().volume_name.as_deref().unwrap()).await.unwrap();
+    assert_eq!(copy_pv.metadata.annotations.as_ref().unwrap()["local.berth.dev/node"], node);
+    let copy_data = volume_dir(&w, &node, copy_pv.metadata.name.as_deref().unwrap()).join("data");
+    assert_eq!(std::fs::read_to_string(copy_data.join("base/table")).unwrap(), "committed");
     wait_deleted(&claims, "prod", WAIT).await.unwrap();
     wait_deleted(&pvs, prod_pv.metadata.name.as_deref().unwrap(), WAIT).await.unwrap();
-    assert!(all_volume_dirs(&w).is_empty(), "{:?}", all_volume_dirs(&w));
-    assert!(pvs.list(&ListParams::default()).await.unwrap().items.is_empty());
-    let copy = claims.get("copy").await.unwrap();
-    assert!(!bound(&copy));
-    // One event for the agent's refusal, and no other refusal (no node was tried after it).
-    let events = event_messages(&w, "copy", "ProvisioningFailed").await;
-    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(std::fs::read_to_string(copy_data.join("base/table")).unwrap(), "committed", "the clone outlives it");
+    assert_eq!(all_volume_dirs(&w), [format!("{node}/{}", copy_pv.metadata.name.as_deref().unwrap())]);
     for (c, _) in &refusals {
         let name = c.metadata.name.as_deref().unwrap();
         assert_eq!(event_messages(&w, name, "ProvisioningFailed").await.len(), 1, "{name}");
     }
-
     step("protection");
     // WaitForFirstConsumer: the source's node is wherever its pod went; a clone whose pod is pinned to the other
     // node is asked back with the way to pin it, once; pinned to the source's node it goes there.
@@ -150,9 +150,9 @@ async fn clones_are_refused_placed_and_their_sources_protected_by_the_controller
     step("asked back 3 times");
     claims.create(&post, &of_prod("right", "later", "64Mi")).await.unwrap();
     pods.create(&post, &pinned("right", &source_host)).await.unwrap();
-    let refused = wait_for_event(&w, "right", "ProvisioningFailed", "cannot make the clone").await;
-    assert!(refused.contains(&format!("node {node}")), "{refused}");
-    assert!(event_messages(&w, "right", "ProvisioningFailed").await.iter().all(|m| !m.contains("pin the pod")));
-    assert_eq!(all_volume_dirs(&w).len(), 1, "only the source's volume");
-    step("pinned clone sent to the source's node");
+    let right = wait_for(&claims, "right", WAIT, bound).await.unwrap();
+    let right_pv = pvs.get(right.spec.as_ref().unwrap().volume_name.as_deref().unwrap()).await.unwrap();
+    assert_eq!(right_pv.metadata.annotations.as_ref().unwrap()["local.berth.dev/node"], node);
+    assert!(event_messages(&w, "right", "ProvisioningFailed").await.is_empty());
+    step("pinned clone made on the source's node");
 }

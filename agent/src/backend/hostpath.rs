@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::quota::{self, QuotaState, Refused};
 use super::{
-    Backend, BackendError, DATA_DIR, Debris, Enforcement, Made, PoolProbe, Recovered, VOLUME_MARKER_VERSION,
+    Backend, BackendError, Copying, DATA_DIR, Debris, Enforcement, Made, PoolProbe, Recovered, VOLUME_MARKER_VERSION,
     VolumeRecord, io, make_data_dir,
 };
 use crate::capacity::FsUsage;
@@ -297,7 +297,14 @@ impl HostPath {
     }
 
     /// The create ([`Backend::create`]): the volume made complete in staging, then renamed into place.
-    fn make(&self, mut record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
+    fn make(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
+        let (work, record) = self.stage(record)?;
+        self.put_in_place(&work, record)
+    }
+
+    /// The new volume made whole in staging (project, `data/`, marks, marker, synced): a crash leaves it there as
+    /// debris. Returns where it is.
+    fn stage(&self, mut record: VolumeRecord) -> Result<(PathBuf, VolumeRecord), BackendError> {
         self.check_marker()?;
         let staging = self.ensure_staging()?;
         let work = staging.join(format!("create-{}-{:08x}", record.name, fastrand::u32(..)));
@@ -330,10 +337,15 @@ impl HostPath {
         crate::failpoints::point("hostpath-create-after-marker");
         sync_dir(&work)?;
         crate::failpoints::point("hostpath-create-after-staging-sync");
+        Ok((work, record))
+    }
+
+    /// Moves a volume made in staging (`work`) into place: one rename, the step that makes it a volume.
+    fn put_in_place(&self, work: &Path, mut record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
         let target = self.root.join(&record.name);
         // rename(2) onto an existing non-empty directory fails, so a concurrent twin cannot be overwritten.
-        std::fs::rename(&work, &target).map_err(|e| {
-            let _ = remove_tree(&work);
+        std::fs::rename(work, &target).map_err(|e| {
+            let _ = remove_tree(work);
             io(format!("moving the new volume to {}", target.display()), e)
         })?;
         crate::failpoints::point("hostpath-create-after-rename");
@@ -410,17 +422,64 @@ fn sync_dir(path: &Path) -> Result<(), BackendError> {
     std::fs::File::open(path).and_then(|d| d.sync_all()).map_err(|e| io(path.display(), e))
 }
 
+/// Makes a copied tree durable before it is put in place: `syncfs` of its filesystem (one call for every file
+/// of the tree, however many; it flushes the other volumes' writes too).
+fn sync_tree_top(path: &Path) -> Result<(), BackendError> {
+    let dir = std::fs::File::open(path).map_err(|e| io(path.display(), e))?;
+    rustix::fs::syncfs(&dir).map_err(|e| io(format!("syncfs of {}", path.display()), e))
+}
+
 impl Backend for HostPath {
     fn kind(&self) -> &'static str {
         "hostpath"
     }
 
-    /// A directory's copy would take as long as its bytes, and a pod may write to it meanwhile: not done (yet).
+    /// A clone is a copy of the source's tree (copy_tree.rs: by reflink where the filesystem can), made in
+    /// staging and copied into without the agent's lock, then put in place.
     fn can_clone(&self) -> Result<(), BackendError> {
-        Err(BackendError::Unsupported(format!(
-            "pool {:?} is a hostpath pool: Berth clones only volumes of lvm thin pools (a thin snapshot) so far",
-            self.pool
-        )))
+        Ok(())
+    }
+
+    fn clone_from(&self, record: VolumeRecord, source: &VolumeRecord) -> Result<Made, BackendError> {
+        let (work, record) = self.stage(record)?;
+        let copying = Copying {
+            from: self.data_path(&source.name),
+            to: work.join(DATA_DIR),
+            leftover: Debris { path: work, volume: None, size_bytes: record.size_bytes },
+        };
+        Ok(Made::CopyFirst(record, copying))
+    }
+
+    fn copy(&self, copying: &Copying) -> Result<(), BackendError> {
+        let started = std::time::Instant::now();
+        let copied = crate::copy_tree::copy_tree(&copying.from, &copying.to).map_err(|e| match e {
+            // The clone's project quota, or the filesystem, is full: the source holds more than the clone's size.
+            crate::copy_tree::CopyError::Io { errno: rustix::io::Errno::DQUOT | rustix::io::Errno::NOSPC, .. } => {
+                BackendError::InsufficientSpace(format!("copying {}: {e}", copying.from.display()))
+            }
+            e => BackendError::Io(format!("copying {}: {e}", copying.from.display())),
+        })?;
+        sync_tree_top(&copying.to)?;
+        tracing::info!(
+            pool = %self.pool,
+            from = %copying.from.display(),
+            files = copied.files,
+            directories = copied.directories,
+            symlinks = copied.symlinks,
+            reflinked_bytes = copied.reflinked_bytes,
+            copied_bytes = copied.copied_bytes,
+            hard_links = copied.hard_links,
+            hard_links_split = copied.hard_links_split,
+            left_out = copied.left_out_count,
+            left_out_first = ?copied.left_out,
+            seconds = started.elapsed().as_secs_f64(),
+            "copied a volume's files into its clone"
+        );
+        Ok(())
+    }
+
+    fn finish_copy(&self, record: VolumeRecord, copying: &Copying) -> Result<VolumeRecord, BackendError> {
+        self.put_in_place(&copying.leftover.path, record)
     }
 
     fn probe(&self, _own_sizes: &[u64]) -> Result<PoolProbe, BackendError> {

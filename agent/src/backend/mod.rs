@@ -78,6 +78,16 @@ pub struct Zeroing {
     pub leftover: Debris,
 }
 
+/// A clone of a directory volume whose files are still to be copied ([`Backend::copy`]), outside the agent's
+/// lock: from the source's `data/` into the new volume's, which is not in place yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copying {
+    pub from: PathBuf,
+    pub to: PathBuf,
+    /// What is left to remove (in the background) if the clone cannot be finished: the new volume, in staging.
+    pub leftover: Debris,
+}
+
 /// What [`Backend::create`] and [`Backend::expand`] made.
 #[derive(Debug)]
 pub enum Made {
@@ -86,6 +96,9 @@ pub enum Made {
     /// The volume (as it will be) once `Zeroing` is done, then [`Backend::finish_create`] or
     /// [`Backend::finish_expand`].
     ZeroFirst(VolumeRecord, Zeroing),
+    /// A clone (as it will be) once its source's files are copied as `Copying` says, then
+    /// [`Backend::finish_copy`].
+    CopyFirst(VolumeRecord, Copying),
 }
 
 /// What [`Backend::recover`] found on disk.
@@ -236,6 +249,14 @@ pub trait Backend: Send + Sync {
     /// Writes zeroes as `zeroing` says; slow (the whole range is written), run without the agent's lock.
     fn zero(&self, zeroing: &Zeroing) -> Result<(), BackendError> {
         Err(BackendError::Io(format!("{} pools zero nothing ({})", self.kind(), zeroing.device.display())))
+    }
+    /// Copies a clone's files as `copying` says; slow (every file), run without the agent's lock.
+    fn copy(&self, copying: &Copying) -> Result<(), BackendError> {
+        Err(BackendError::Io(format!("{} pools copy nothing ({})", self.kind(), copying.from.display())))
+    }
+    /// Completes a clone that was [`Made::CopyFirst`], once its files are copied: puts it in place.
+    fn finish_copy(&self, record: VolumeRecord, _copying: &Copying) -> Result<VolumeRecord, BackendError> {
+        Ok(record)
     }
     /// Completes a create that was [`Made::ZeroFirst`], once the zeroing is done.
     fn finish_create(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError> {

@@ -299,7 +299,10 @@ impl HostPath {
     /// The create ([`Backend::create`]): the volume made complete in staging, then renamed into place.
     fn make(&self, record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
         let (work, record) = self.stage(record)?;
-        self.put_in_place(&work, record)
+        self.put_in_place(&work, record).inspect_err(|_| {
+            // A new volume is empty: removed at once.
+            let _ = remove_tree(&work);
+        })
     }
 
     /// The new volume made whole in staging (project, `data/`, marks, marker, synced): a crash leaves it there as
@@ -344,10 +347,8 @@ impl HostPath {
     fn put_in_place(&self, work: &Path, mut record: VolumeRecord) -> Result<VolumeRecord, BackendError> {
         let target = self.root.join(&record.name);
         // rename(2) onto an existing non-empty directory fails, so a concurrent twin cannot be overwritten.
-        std::fs::rename(work, &target).map_err(|e| {
-            let _ = remove_tree(work);
-            io(format!("moving the new volume to {}", target.display()), e)
-        })?;
+        // What is left on failure is the caller's to remove (a clone's copy may be large: not under the lock).
+        std::fs::rename(work, &target).map_err(|e| io(format!("moving the new volume to {}", target.display()), e))?;
         crate::failpoints::point("hostpath-create-after-rename");
         if let Err(e) = sync_dir(&self.root) {
             // The volume is in place (the rename happened); a crash could lose it before the controller made

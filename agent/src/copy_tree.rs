@@ -522,17 +522,6 @@ mod tests {
         assert!(std::fs::symlink_metadata(to.join("pipe")).unwrap().file_type().is_fifo());
     }
 
-    fn mkdir_in(dir: &OwnedFd, name: &str) -> OwnedFd {
-        let name = CString::new(name).unwrap();
-        rustix::fs::mkdirat(dir, &name, Mode::RWXU).unwrap();
-        open_dir(dir, &name, "test").unwrap()
-    }
-
-    fn file_in(dir: &OwnedFd, name: &str) {
-        let name = CString::new(name).unwrap();
-        rustix::fs::openat(dir, &name, OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC, Mode::RUSR).unwrap();
-    }
-
     /// Counts the entries below `dir` by descriptor (the tree is deeper than any path).
     fn count(dir: OwnedFd) -> u64 {
         let mut n = 0;
@@ -564,22 +553,10 @@ mod tests {
     fn trees_far_deeper_than_path_max_and_wide_levels_are_copied_whole() {
         let base = tempfile::tempdir().unwrap();
         let (from, to) = (base.path().join("from"), base.path().join("to"));
-        std::fs::create_dir(&from).unwrap();
         std::fs::create_dir(&to).unwrap();
-        let mut dir = open_dir(CWD, &CString::new(from.as_os_str().as_encoded_bytes()).unwrap(), "t").unwrap();
         // Levels past REMEMBERED_LEVELS are scanned again from their start when the walk comes back to them.
         let (depth, bushy, width) = (6_000usize, [0usize, 3, REMEMBERED_LEVELS + 2, 5_998], 50usize);
-        for d in 0..depth {
-            if bushy.contains(&d) {
-                for i in 0..width {
-                    let sibling = mkdir_in(&dir, &format!("s{i}"));
-                    file_in(&sibling, "f");
-                    file_in(&dir, &format!("f{i}"));
-                }
-            }
-            dir = mkdir_in(&dir, "d");
-        }
-        file_in(&dir, "bottom");
+        crate::safe_remove::tests::plant(&from, depth, &bushy, width);
         let copied = copy_tree(&from, &to).unwrap();
         let want = depth as u64 + 1 + bushy.len() as u64 * width as u64 * 3;
         assert_eq!(copied.files + copied.directories, want, "{copied:?}");

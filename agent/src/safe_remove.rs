@@ -236,7 +236,7 @@ impl RemoveError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
 
@@ -279,8 +279,9 @@ mod tests {
 
     /// A chain `depth` levels deep (far beyond PATH_MAX: built by descriptor, as a pod can), with, at each depth in
     /// `bushy`, `width` non-empty sibling directories and files, so the walk must come back to that level and
-    /// resume it several times (from a remembered position, or from the start below REMEMBERED_LEVELS).
-    fn plant(top: &Path, depth: usize, bushy: &[usize], width: usize) {
+    /// resume it several times (from a remembered position, or from the start below REMEMBERED_LEVELS). Also what
+    /// copy_tree.rs's tests copy.
+    pub(crate) fn plant(top: &Path, depth: usize, bushy: &[usize], width: usize) {
         std::fs::create_dir(top).unwrap();
         let mut dir = open_dir(CWD, &std::ffi::CString::new(top.as_os_str().as_encoded_bytes()).unwrap(), "t").unwrap();
         for d in 0..depth {

@@ -50,6 +50,8 @@ pub const HARD_LINK_BUDGET: usize = 8 << 20;
 const PATH_MAX: usize = 4096;
 /// Names of what was left out that are kept for the report (the count is always whole).
 const NAMES_KEPT: usize = 16;
+/// The kernel's limits for the list of a file's extended attribute names and for one value.
+const XATTR_BYTES: usize = 64 * 1024;
 
 /// What a copy did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -109,9 +111,9 @@ fn identity(st: &rustix::fs::Statx) -> (u32, u32, u64) {
     (st.stx_dev_major, st.stx_dev_minor, st.stx_ino)
 }
 
-/// Copies everything below the directory `from` into the directory `to` (which must exist, and should be empty),
-/// then gives `to` the owner, mode, timestamps and extended attributes of `from`. Only entries on `from`'s own
-/// mount are copied. `to`'s tree is the agent's own (not in any pod's reach while it is made).
+/// Copies everything below the directory `from` into the directory `to` (which must exist and be empty: what is
+/// in it is not looked for), then gives `to` the owner, mode, timestamps and extended attributes of `from`. Only
+/// entries on `from`'s own mount are copied. `to`'s tree is the agent's own (not in any pod's reach while it is made).
 pub fn copy_tree(from: &Path, to: &Path) -> Result<Copied, CopyError> {
     let (shown, shown_to) = (from.display().to_string(), to.display().to_string());
     let c = |p: &Path, shown: &str| CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| io(shown)(Errno::INVAL));
@@ -129,6 +131,9 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<Copied, CopyError> {
         links: HashMap::new(),
         links_bytes: 0,
         names: Vec::new(),
+        reflink: true,
+        xattr_names: vec![0; XATTR_BYTES],
+        xattr_value: vec![0; XATTR_BYTES],
         copied: Copied::default(),
     };
     walk.run(src, dst, dst_top)?;
@@ -158,14 +163,21 @@ struct Walk<'a> {
     /// The names from the top to the directory being copied, while their path fits in PATH_MAX: the path of a
     /// first link, to record hard links by.
     names: Vec<CString>,
+    /// Whether reflinks are still tried: not once the filesystem said it makes none.
+    reflink: bool,
+    /// Buffers for extended attributes, allocated once (not per file: a million files would zero 128 GiB).
+    xattr_names: Vec<u8>,
+    xattr_value: Vec<u8>,
     copied: Copied,
 }
 
 impl Walk<'_> {
     fn run(&mut self, top_src: OwnedFd, top_dst: OwnedFd, dst_top: OwnedFd) -> Result<(), CopyError> {
-        let (mut src, mut dst, mut depth, mut from) = (top_src, top_dst, 0usize, 0u64);
+        // `fresh`: the destination directory is empty (just made, or the empty top), so nothing in it needs
+        // looking for before it is made.
+        let (mut src, mut dst, mut depth, mut from, mut fresh) = (top_src, top_dst, 0usize, 0u64, true);
         loop {
-            match self.scan(&src, &dst, &dst_top, depth, from)? {
+            match self.scan(&src, &dst, &dst_top, depth, from, fresh)? {
                 Scan::Descend { src: s, dst: d, name, at } => {
                     if depth < REMEMBERED_LEVELS {
                         self.resume.truncate(depth);
@@ -178,7 +190,7 @@ impl Walk<'_> {
                     if self.names.len() == depth && used + name.as_bytes().len() < PATH_MAX {
                         self.names.push(name);
                     }
-                    (src, dst, depth, from) = (s, d, depth + 1, 0);
+                    (src, dst, depth, from, fresh) = (s, d, depth + 1, 0, true);
                 }
                 Scan::Done => {
                     // The directory is complete: now its own owner, mode, times and attributes.
@@ -198,13 +210,16 @@ impl Walk<'_> {
                     dst = open_dir(&dst, c"..", &here)?;
                     src = parent;
                     from = self.resume.get(depth).copied().unwrap_or(0);
+                    fresh = false;
                 }
             }
         }
     }
 
     /// Reads `src` from position `from` as a stream, copying files, symlinks and what else it may into `dst`,
-    /// until the end or the first directory not copied yet, which it makes (empty) and returns.
+    /// until the end or the first directory not copied yet, which it makes (empty) and returns. Unless `fresh`
+    /// (`dst` was empty when the scan began), entries `dst` already has are skipped.
+    #[allow(clippy::too_many_arguments, reason = "one call site, each argument a different thing")]
     fn scan(
         &mut self,
         src: &OwnedFd,
@@ -212,6 +227,7 @@ impl Walk<'_> {
         dst_top: &OwnedFd,
         depth: usize,
         from: u64,
+        fresh: bool,
     ) -> Result<Scan, CopyError> {
         rustix::fs::seek(src, SeekFrom::Start(from)).map_err(io(self.shown))?;
         let shown = self.shown;
@@ -228,10 +244,12 @@ impl Walk<'_> {
             }
             let here = at_path(shown, depth, &name);
             // Already in the destination: copied before the walk last left this directory (see the module's doc).
-            match rustix::fs::statx(dst, &name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE) {
-                Ok(_) => continue,
-                Err(Errno::NOENT) => {}
-                Err(e) => return Err(io(&here)(e)),
+            if !fresh {
+                match rustix::fs::statx(dst, &name, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::TYPE) {
+                    Ok(_) => continue,
+                    Err(Errno::NOENT) => {}
+                    Err(e) => return Err(io(&here)(e)),
+                }
             }
             let st = match stat_at(src, &name, &here) {
                 Err(CopyError::Io { errno: Errno::NOENT, .. }) => continue, // gone meanwhile
@@ -317,15 +335,27 @@ impl Walk<'_> {
         let create = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let output = rustix::fs::openat(dst, name, create, Mode::RUSR | Mode::WUSR).map_err(io(here))?;
         let size = rustix::fs::fstat(&input).map_err(io(here))?.st_size as u64;
-        match rustix::fs::ioctl_ficlone(&output, &input) {
-            Ok(()) => self.copied.reflinked_bytes += size,
-            // Not on this filesystem (or not between these two): a copy, hole by hole.
-            Err(Errno::OPNOTSUPP | Errno::XDEV | Errno::INVAL | Errno::NOSYS | Errno::BADF) => {
-                self.copied.copied_bytes += copy_data(&input, &output, size).map_err(io(here))?;
-            }
-            Err(e) => return Err(io(here)(e)),
+        let reflinked = match (size, self.reflink) {
+            (0, _) | (_, false) => false,
+            _ => match rustix::fs::ioctl_ficlone(&output, &input) {
+                Ok(()) => true,
+                // This filesystem makes no reflinks (EBADF: older kernels' way of saying so): none is tried again.
+                Err(Errno::OPNOTSUPP | Errno::XDEV | Errno::NOSYS | Errno::BADF) => {
+                    self.reflink = false;
+                    false
+                }
+                // Not between these two files: this one is copied.
+                Err(Errno::INVAL) => false,
+                Err(e) => return Err(io(here)(e)),
+            },
+        };
+        if reflinked {
+            self.copied.reflinked_bytes += size;
+        } else if size > 0 {
+            // A copy, hole by hole.
+            self.copied.copied_bytes += copy_data(&input, &output, size).map_err(io(here))?;
         }
-        attributes(&input, &output, &mut self.copied, here)?;
+        self.attributes(&input, &output, here)?;
         owner_and_mode(&output, st, here)?;
         rustix::fs::futimens(&output, &times(st)).map_err(io(here))?;
         self.copied.files += 1;
@@ -355,7 +385,7 @@ impl Walk<'_> {
     fn finish_directory(&mut self, src: &OwnedFd, dst: &OwnedFd, depth: usize) -> Result<(), CopyError> {
         let here = format!("{} (depth {depth})", self.shown);
         let st = stat_at(src, c"", &here)?;
-        attributes(src, dst, &mut self.copied, &here)?;
+        self.attributes(src, dst, &here)?;
         owner_and_mode(dst, &st, &here)?;
         rustix::fs::futimens(dst, &times(&st)).map_err(io(&here))
     }
@@ -389,32 +419,33 @@ fn copy_data(input: &OwnedFd, output: &OwnedFd, size: u64) -> Result<u64, Errno>
     Ok(written)
 }
 
-/// Copies the extended attributes of `input` to `output`; one the kernel refuses the agent is left out (counted).
-fn attributes(input: &OwnedFd, output: &OwnedFd, copied: &mut Copied, here: &str) -> Result<(), CopyError> {
-    // The kernel's limits: 64 KiB for the list of names and for one value.
-    let mut names = vec![0u8; 64 * 1024];
-    let len = match rustix::fs::flistxattr(input, &mut names[..]) {
-        Ok(n) => n,
-        Err(Errno::OPNOTSUPP) => return Ok(()),
-        Err(e) => return Err(io(here)(e)),
-    };
-    let mut value = vec![0u8; 64 * 1024];
-    for name in names[..len].split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        let name = CString::new(name).expect("split at NUL");
-        let n = match rustix::fs::fgetxattr(input, &name, &mut value[..]) {
+impl Walk<'_> {
+    /// Copies the extended attributes of `input` to `output`; one the kernel refuses the agent is left out
+    /// (counted).
+    fn attributes(&mut self, input: &OwnedFd, output: &OwnedFd, here: &str) -> Result<(), CopyError> {
+        let len = match rustix::fs::flistxattr(input, &mut self.xattr_names[..]) {
             Ok(n) => n,
-            Err(Errno::NODATA) => continue, // removed meanwhile
+            Err(Errno::OPNOTSUPP) => return Ok(()),
             Err(e) => return Err(io(here)(e)),
         };
-        match rustix::fs::fsetxattr(output, &name, &value[..n], XattrFlags::empty()) {
-            Ok(()) => {}
-            Err(Errno::PERM | Errno::ACCESS | Errno::OPNOTSUPP) => {
-                copied.leave_out(format!("{here}: attribute {} (refused to the agent)", name.to_string_lossy()));
+        for name in self.xattr_names[..len].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            let name = CString::new(name).expect("split at NUL");
+            let n = match rustix::fs::fgetxattr(input, &name, &mut self.xattr_value[..]) {
+                Ok(n) => n,
+                Err(Errno::NODATA) => continue, // removed meanwhile
+                Err(e) => return Err(io(here)(e)),
+            };
+            match rustix::fs::fsetxattr(output, &name, &self.xattr_value[..n], XattrFlags::empty()) {
+                Ok(()) => {}
+                Err(Errno::PERM | Errno::ACCESS | Errno::OPNOTSUPP) => {
+                    let what = format!("{here}: attribute {} (refused to the agent)", name.to_string_lossy());
+                    self.copied.leave_out(what);
+                }
+                Err(e) => return Err(io(here)(e)),
             }
-            Err(e) => return Err(io(here)(e)),
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The source's owner, then its mode (after: a change of owner clears setuid and setgid).

@@ -1,10 +1,15 @@
-//! A pod's own files must not be able to stop the agent (issue 18, item 1): whatever tree a pod leaves in its
-//! volume — 20,000 directories deep, a million entries in one directory — the agent removes it within a memory
-//! limit like its DaemonSet's and a small descriptor limit. The agent runs in a memory cgroup of its own (cgroup
-//! accounting, as a container's limit) under `prlimit --nofile`. The bed lives on a tmpfs with the inodes a million
-//! files need: on the CI machines' disk (ext4 mounted with `discard`) planting them took from 24 s to 344 s.
-//! A second volume's tree is left as debris of a delete a crash interrupted: the restarted agent serves first and
-//! removes it in the background, while the API's delete of the first runs, within the same limits.
+//! A pod's own files must not be able to stop the agent (issue 18, item 1; issue 20 for clones): whatever tree a
+//! pod leaves in its volume — 20,000 directories deep, a million entries in one directory — the agent copies it
+//! into a clone and removes it within a memory limit like its DaemonSet's and a small descriptor limit. The bed
+//! lives on a tmpfs with the inodes a million files need: on the CI machines' disk (ext4 mounted with `discard`)
+//! planting them took from 24 s to 344 s.
+//!
+//! The clone is made by the agent under `prlimit --nofile` with its peak resident memory (`VmHWM`) measured: a
+//! memory cgroup cannot hold the copy, because the kernel charges the inodes and dentries of the files the agent
+//! makes on tmpfs (about a kilobyte each, a gigabyte for the clone) to the cgroup of their maker. The removals run
+//! with the agent in a memory cgroup of its own as well (cgroup accounting, as a container's limit): the source
+//! volume's tree is left as debris of a delete a crash interrupted, and the restarted agent serves first and
+//! removes it in the background, while the API's delete of the clone runs.
 
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
@@ -21,13 +26,13 @@ use testbed::on_node::poll;
 use testbed::{TestBed, TestBedConfig};
 
 const VOL: &str = "pvc-0f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f70";
-const VOL2: &str = "pvc-1f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f71";
-/// Tighter than the DaemonSet's 256Mi, so that a walk that keeps a name per entry (1M × ~100 bytes) cannot fit.
+/// The clone of VOL.
+const CLONE: &str = "pvc-2f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f72";
+/// Tighter than the DaemonSet's 256Mi, so that a walk that keeps a name per entry (1M × ~100 bytes) cannot fit:
+/// the cgroup's limit for the removals, and the bound on the agent's peak resident memory for the copy.
 const MEMORY_LIMIT: u64 = 64 << 20;
 const DEPTH: usize = 20_000;
 const ENTRIES: usize = 1_000_000;
-/// The debris's tree: as deep, a fifth as wide (enough that its removal overlaps the delete's).
-const DEBRIS_ENTRIES: usize = 200_000;
 
 fn open_dir(dir: impl rustix::fd::AsFd, name: &CString) -> OwnedFd {
     rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap()
@@ -55,6 +60,28 @@ fn plant(top: &Path, depth: usize, entries: usize) {
     }
 }
 
+/// The shape of a tree [`plant`] made: how deep its chain of `d` goes, and how many entries `wide` holds. Read by
+/// descriptor and as a stream, like the agent's own walks.
+fn shape(top: &Path) -> (usize, usize) {
+    let top_fd = open_dir(CWD, &CString::new(top.as_os_str().as_encoded_bytes()).unwrap());
+    let d = CString::new("d").unwrap();
+    let (mut depth, mut dir) = (0, top_fd.try_clone().unwrap());
+    while let Ok(next) =
+        rustix::fs::openat(&dir, &d, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+    {
+        (depth, dir) = (depth + 1, next);
+    }
+    let entries = std::fs::read_dir(top.join("wide")).unwrap().count();
+    (depth, entries)
+}
+
+/// The peak resident memory of process `pid` (`VmHWM`), in bytes.
+fn peak_resident(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).expect("a VmHWM line");
+    kib.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap() << 10
+}
+
 /// A tmpfs mounted on a new directory for the test's bed, unmounted (lazily: nothing may still use it) on drop.
 struct Tmpfs(tempfile::TempDir);
 
@@ -79,11 +106,11 @@ impl Drop for Tmpfs {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_pods_deep_and_wide_tree_is_removed_within_the_agents_limits() {
+async fn a_pods_deep_and_wide_tree_is_copied_and_removed_within_the_agents_limits() {
     require_root().unwrap();
     // Made first, so they are dropped (removed) after the bed and the agent are gone.
     let cgroup = MemoryCgroup::new(&format!("berth-agent-{}", std::process::id()), MEMORY_LIMIT).unwrap();
-    let tmpfs = Tmpfs::mount(ENTRIES + DEBRIS_ENTRIES + 2 * DEPTH + 100_000);
+    let tmpfs = Tmpfs::mount(2 * (ENTRIES + DEPTH) + 100_000);
     let mut config = TestBedConfig::nodes(1);
     config.base_dir = Some(tmpfs.0.path().to_owned());
     let bed = TestBed::start(config).await.unwrap();
@@ -92,37 +119,64 @@ async fn a_pods_deep_and_wide_tree_is_removed_within_the_agents_limits() {
     let mut agent = bed.start_agent(binary, 0, &[PoolSpec::new("fast")], true).await.unwrap();
     let token = bed.controller_token("node-0").await.unwrap();
     let http = agent.http().unwrap();
-    let mut made = Vec::new();
-    for (name, claim) in [(VOL, "data-0"), (VOL2, "data-1")] {
-        let body = json!({"pool": "fast", "sizeBytes": 1 << 20, "claim": {"namespace": "db", "name": claim}});
-        let resp = agent
-            .controller_request(&http, Method::PUT, &format!("/v1/volumes/{name}"), &token, 1)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::CREATED);
-        made.push(resp.json::<Volume>().await.unwrap());
-    }
+    let body = json!({"pool": "fast", "sizeBytes": 1 << 20, "claim": {"namespace": "db", "name": "data"}});
+    let resp = agent
+        .controller_request(&http, Method::PUT, &format!("/v1/volumes/{VOL}"), &token, 1)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let source = resp.json::<Volume>().await.unwrap();
 
-    // The pods' trees, written while the agent runs; then the agent is restarted inside its limits.
+    // The pod's tree, written while the agent runs; then the agent is restarted within its descriptor limit.
     let started = Instant::now();
-    tokio::task::block_in_place(|| plant(Path::new(&made[0].path), DEPTH, ENTRIES));
-    tokio::task::block_in_place(|| plant(Path::new(&made[1].path), DEPTH, DEBRIS_ENTRIES));
-    eprintln!("planted {DEPTH} levels and {ENTRIES} + {DEBRIS_ENTRIES} entries in {:?}", started.elapsed());
+    tokio::task::block_in_place(|| plant(Path::new(&source.path), DEPTH, ENTRIES));
+    eprintln!("planted {DEPTH} levels and {ENTRIES} entries in {:?}", started.elapsed());
     agent.kill();
-    // VOL2 as a crash mid-delete leaves it: moved into staging, out of the inventory.
+    agent.wrap(&["prlimit".into(), "--nofile=256:256".into(), "--".into()]);
+    agent.start().await.unwrap();
+    let http = agent.http().unwrap();
+
+    // Its clone, the whole tree, made within the descriptor limit and the memory bound.
+    // prlimit (and the cgroup's sh, below) exec the agent: the process is the agent's own.
+    let pid = agent.pid().unwrap();
+    let before = peak_resident(pid);
+    let started = Instant::now();
+    let body =
+        json!({"pool": "fast", "sizeBytes": 1 << 20, "claim": {"namespace": "db", "name": "copy"}, "source": VOL});
+    let resp = agent
+        .controller_request(&http, Method::PUT, &format!("/v1/volumes/{CLONE}"), &token, 1)
+        .timeout(Duration::from_secs(600))
+        .json(&body)
+        .send()
+        .await;
+    let (took, peak) = (started.elapsed(), peak_resident(pid));
+    eprintln!("clone took {took:?}; the agent's peak resident memory {} MiB ({} MiB before)", peak >> 20, before >> 20);
+    let log = agent.log();
+    let resp = resp.unwrap_or_else(|e| panic!("PUT of the clone failed ({e}); agent log:\n{log}"));
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{text}\nagent log:\n{log}");
+    let clone: Volume = serde_json::from_str(&text).unwrap();
+    assert!(peak < MEMORY_LIMIT, "the agent's peak resident memory {peak} bytes while it copied");
+    assert_ne!(clone.path, source.path);
+    let copied = tokio::task::block_in_place(|| shape(Path::new(&clone.path)));
+    assert_eq!(copied, (DEPTH, ENTRIES), "the clone has the whole tree (depth, entries)");
+    agent.kill();
+
+    // The source as a crash mid-delete leaves it: moved into staging, out of the inventory. The agent restarted in
+    // its memory cgroup removes it in the background while the API's delete of the clone runs.
     let root = agent.pool_root("fast").to_owned();
     let staging = root.join(".berth-tmp");
-    std::fs::rename(root.join(VOL2), staging.join(format!("delete-{VOL2}-00000001"))).unwrap();
+    std::fs::rename(root.join(VOL), staging.join(format!("delete-{VOL}-00000001"))).unwrap();
     agent.wrap(&cgroup.prefix());
-    agent.wrap(&["prlimit".into(), "--nofile=256:256".into(), "--".into()]);
     agent.start().await.unwrap();
     let http = agent.http().unwrap();
 
     let started = Instant::now();
     let resp = agent
-        .controller_request(&http, Method::DELETE, &format!("/v1/volumes/{VOL}"), &token, 1)
+        .controller_request(&http, Method::DELETE, &format!("/v1/volumes/{CLONE}"), &token, 1)
         .timeout(Duration::from_secs(600))
         .send()
         .await;
@@ -136,7 +190,7 @@ async fn a_pods_deep_and_wide_tree_is_removed_within_the_agents_limits() {
     let text = resp.text().await.unwrap();
     assert_eq!(status, StatusCode::OK, "{text}\nagent log:\n{log}");
     assert_eq!(oom, 0, "the agent was OOM-killed");
-    assert!(!root.join(VOL).exists());
+    assert!(!root.join(CLONE).exists());
 
     // The debris goes too, in the background, and it went after the API was serving.
     let left = || std::fs::read_dir(&staging).map(|d| d.count()).unwrap_or(0);
@@ -156,5 +210,5 @@ async fn a_pods_deep_and_wide_tree_is_removed_within_the_agents_limits() {
         .json()
         .await
         .unwrap();
-    assert_eq!(listed["volumes"], json!([]), "both volumes are gone from the inventory");
+    assert_eq!(listed["volumes"], json!([]), "the volume and its clone are gone from the inventory");
 }

@@ -44,7 +44,7 @@ pub async fn reconcile(claim: Arc<PersistentVolumeClaim>, ctx: Arc<Context>) -> 
             // A Bound claim may ask for more.
             crate::expand::run(&ctx, &claim, class.as_deref()).await
         }
-        decision => crate::provision::carry_out(decision, &claim, class.as_deref(), &ctx, started).await,
+        decision => crate::provision::carry_out(decision, &claim, class.as_deref(), found, &ctx, started).await,
     };
     if result.is_err() {
         ctx.metrics.provisioned(&class_name, Outcome::Error, started.elapsed());

@@ -1,7 +1,8 @@
 //! Clones: a claim whose `dataSource`/`dataSourceRef` names another claim gets a copy of that claim's volume, made
 //! by the source's agent in the source's pool (a thin snapshot in an lvm thin pool; other pools refuse). What the
 //! claim names and whether its source can be cloned are pure functions of the observed objects; the reconciler
-//! looks the source up ([`lookup`]) and `decide` places the clone on the source's node.
+//! looks the source up ([`lookup`]), `decide` places the clone on the source's node, and the claim read is the one
+//! [`Copies::begin`] protects (the source is read once an attempt).
 //!
 //! While a clone is being made its source carries [`SOURCE_FINALIZER`], so that deleting the source waits until
 //! the copy is over (as external-provisioner's cloning protection does). Only the leader makes clones, and the
@@ -162,7 +163,7 @@ pub fn elsewhere_message(source: &Source, hostname: Option<&str>) -> String {
 }
 
 /// Reads the source claim (from the API server: the decision to copy it must not rest on a stale cache) and its PV
-/// from `volumes`.
+/// from `volumes`. The claim read is also what [`Copies::begin`] protects, guarded by its uid.
 pub async fn lookup(
     client: &kube::Client,
     namespace: &str,
@@ -186,21 +187,22 @@ pub struct Copies {
 }
 
 impl Copies {
-    /// Counts a clone of `namespace/name` as in flight and puts [`SOURCE_FINALIZER`] on the source, then returns
-    /// the source as it is now. `Ok(None)` (nothing counted): the source is gone, was made again (not `uid`), or is
-    /// being deleted (the API server refuses new finalizers then): no copy may start. Every `Ok(Some)` is followed
-    /// by one [`Copies::end`].
+    /// Counts a clone of `source` (the claim as the reconciler read it for the decision, not read again) as in
+    /// flight and puts [`SOURCE_FINALIZER`] on it, then returns the source as it is now. `Ok(None)` (nothing
+    /// counted): the source is gone, was made again (not `uid`), or is being deleted (the API server refuses new
+    /// finalizers then): no copy may start. Every `Ok(Some)` is followed by one [`Copies::end`].
     pub async fn begin(
         &self,
         client: &kube::Client,
-        namespace: &str,
-        name: &str,
+        source: &PersistentVolumeClaim,
         uid: Option<&str>,
     ) -> Result<Option<PersistentVolumeClaim>, kube::Error> {
         let mut in_flight = self.in_flight.lock().await;
-        let protected = protect(client, namespace, name, uid).await?;
+        let protected = protect(client, source, uid).await?;
         if protected.is_some() {
-            *in_flight.entry((namespace.to_owned(), name.to_owned())).or_default() += 1;
+            let meta = &source.metadata;
+            let key = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
+            *in_flight.entry(key).or_default() += 1;
         }
         Ok(protected)
     }
@@ -231,33 +233,40 @@ impl Copies {
     }
 }
 
+/// Puts [`SOURCE_FINALIZER`] on `source` if it is still the claim read, with the patch [`protect_patch`] makes:
+/// the claim as it is then, or `None` when it is not (gone, made again, being deleted).
 async fn protect(
     client: &kube::Client,
-    namespace: &str,
-    name: &str,
+    source: &PersistentVolumeClaim,
     uid: Option<&str>,
 ) -> Result<Option<PersistentVolumeClaim>, kube::Error> {
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
-    let Some(now) = claims.get_opt(name).await? else { return Ok(None) };
-    if now.metadata.uid.as_deref() != uid || now.metadata.deletion_timestamp.is_some() {
-        return Ok(None);
-    }
-    if now.metadata.finalizers.as_ref().is_some_and(|f| f.iter().any(|f| f == SOURCE_FINALIZER)) {
-        return Ok(Some(now));
-    }
-    let add = if now.metadata.finalizers.is_none() {
-        serde_json::json!({"op": "add", "path": "/metadata/finalizers", "value": [SOURCE_FINALIZER]})
-    } else {
-        serde_json::json!({"op": "add", "path": "/metadata/finalizers/-", "value": SOURCE_FINALIZER})
-    };
-    let ops = serde_json::json!([{"op": "test", "path": "/metadata/uid", "value": uid}, add]);
-    match claims.patch(name, &PatchParams::default(), &json_patch(ops)).await {
+    let Some(patch) = protect_patch(source, uid) else { return Ok(None) };
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(client.clone(), source.metadata.namespace.as_deref().unwrap_or_default());
+    let name = source.metadata.name.as_deref().unwrap_or_default();
+    match claims.patch(name, &PatchParams::default(), &Patch::Strategic(patch)).await {
         Ok(c) if c.metadata.deletion_timestamp.is_none() => Ok(Some(c)),
         Ok(_) => Ok(None),
-        // The uid test failed, or the claim is being deleted (no new finalizers then).
-        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 409 => Ok(None),
+        // Gone since it was read (404), made again (the uid precondition: 422), or being deleted (no new finalizers
+        // then: 422).
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 422 || e.code == 409 => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// The patch that puts [`SOURCE_FINALIZER`] on `source`, which was read before the patch is sent: `None` when what
+/// was read already rules the copy out (being deleted, or not the claim `uid`, the one the source's PV is bound
+/// to). Its `metadata.uid` is a precondition: a claim made again under the name since is refused (422), so it is
+/// never protected by mistake. It is a strategic merge, whose `finalizers` add to the claim's list as it is when
+/// the patch applies, once: the list that was read says nothing of now (another clone of the source may have
+/// protected it meanwhile, or a sweep lifted a finalizer a crash left), so the patch does not rest on it, and is
+/// sent even when the finalizer was there.
+fn protect_patch(source: &PersistentVolumeClaim, uid: Option<&str>) -> Option<serde_json::Value> {
+    let uid = uid.filter(|u| source.metadata.uid.as_deref() == Some(*u))?;
+    if source.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    Some(serde_json::json!({"metadata": {"uid": uid, "finalizers": [SOURCE_FINALIZER]}}))
 }
 
 /// Removes [`SOURCE_FINALIZER`] from the claim, if it has it. A patch that finds the list changed does nothing:
@@ -389,6 +398,23 @@ mod tests {
             let why = mismatch(&s, class, pool, size, mode).unwrap();
             assert!(why.contains(says), "{why}");
         }
+    }
+
+    #[test]
+    fn the_protection_goes_only_on_the_claim_read_with_its_uid_as_a_precondition() {
+        let mut read = bound(Some("pvc-1"));
+        read.metadata.uid = Some("u1".into());
+        read.metadata.finalizers = Some(vec!["kubernetes.io/pvc-protection".into()]);
+        let want = serde_json::json!({"metadata": {"uid": "u1", "finalizers": [SOURCE_FINALIZER]}});
+        assert_eq!(protect_patch(&read, Some("u1")), Some(want.clone()));
+        // The same patch when the finalizer was read: a sweep may have lifted it since.
+        read.metadata.finalizers.as_mut().unwrap().push(SOURCE_FINALIZER.into());
+        assert_eq!(protect_patch(&read, Some("u1")), Some(want));
+        // Its PV is bound to another claim of the name (or to none known), or it is being deleted: no copy.
+        assert_eq!(protect_patch(&read, Some("u0")), None);
+        assert_eq!(protect_patch(&read, None), None);
+        read.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::now()));
+        assert_eq!(protect_patch(&read, Some("u1")), None);
     }
 
     #[test]

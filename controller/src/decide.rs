@@ -223,45 +223,17 @@ fn decide_ours(
     if let Some(why) = served_nowhere(&params, block, size, nodes) {
         return refuse(why, Retry::OnChange);
     }
-    let fits = |p: &PoolStatus| p.ready && p.maximum_volume_size_bytes >= size && !(block && p.backend == "hostpath");
+    let need = Need { pool: &params.pool, block, size };
 
     if class.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer") {
         let selected = claim.metadata.annotations.as_ref().and_then(|a| a.get(keys::SELECTED_NODE));
         let Some(selected) = selected else { return Decision::WaitForScheduler };
-        let reschedule = |why: String| Decision::Reschedule {
-            message: format!("node {selected}: {why}; asking the scheduler for another node"),
+        return match fit(nodes.iter().find(|n| &n.name == selected), &need) {
+            Ok(fit) => provision(claim, fit, class, params, request),
+            Err(why) => Decision::Reschedule {
+                message: format!("node {selected}: {}; asking the scheduler for another node", why.explain(&need)),
+            },
         };
-        let Some(node) = nodes.iter().find(|n| &n.name == selected) else { return reschedule("no such node".into()) };
-        let Some(hostname) = node.hostname() else { return reschedule("the Node object is gone".into()) };
-        if node.pools.is_none() {
-            return reschedule("no Berth agent runs there".into());
-        }
-        if node.stale {
-            return reschedule(STALE.into());
-        }
-        let Some(pool) = node.pool(&params.pool) else {
-            return reschedule(format!("it has no pool {:?}", params.pool));
-        };
-        if block && pool.backend == "hostpath" {
-            return reschedule(format!("pool {:?} there is a hostpath pool; raw block needs lvm", params.pool));
-        }
-        if !pool.ready {
-            return reschedule(format!(
-                "pool {:?} is not ready ({})",
-                params.pool,
-                pool.reason.as_deref().unwrap_or("no reason given")
-            ));
-        }
-        if !fits(pool) {
-            return reschedule(format!(
-                "pool {:?} can take at most {} bytes now, the claim asks for {size}",
-                params.pool, pool.maximum_volume_size_bytes
-            ));
-        }
-        let abandon = recorded_node(claim).filter(|r| *r != node.name).map(str::to_owned);
-        let node = NodeRef { name: node.name.clone(), hostname: hostname.to_owned() };
-        let request = for_pool(request, pool, class);
-        return Decision::Provision { node, params, request, abandon };
     }
 
     // Immediate binding: Berth picks the node — the most free space in the pool among the allowed nodes, ties
@@ -278,33 +250,24 @@ fn decide_ours(
                 })
         }
     };
-    let provision_on = |n: &NodeView, request: CreateVolumeRequest, params: ClassParams, abandon: Option<String>| {
-        Decision::Provision {
-            node: NodeRef { name: n.name.clone(), hostname: n.hostname().expect("filtered").to_owned() },
-            request: for_pool(request, n.pool(&params.pool).expect("filtered"), class),
-            params,
-            abandon,
-        }
-    };
     // An earlier attempt chose a node: stay there while it can serve the pool, whatever its free space says now
-    // (the volume may already be there, counted in it). Moving would make a second volume.
-    let recorded = recorded_node(claim);
-    let serves = |n: &NodeView| {
-        allowed(n)
-            && !n.stale
-            && n.hostname().is_some()
-            && n.pool(&params.pool).is_some_and(|p| p.ready && !(block && p.backend == "hostpath"))
-    };
-    if let Some(n) = recorded.and_then(|r| nodes.iter().find(|n| n.name == r)).filter(|n| serves(n)) {
-        return provision_on(n, request, params, None);
+    // (the volume may already be there, counted in it), so room is not asked of it. Moving would make a second
+    // volume.
+    let regardless_of_room = Need { size: 0, ..need };
+    let stay = recorded_node(claim)
+        .and_then(|r| nodes.iter().find(|n| n.name == r))
+        .filter(|n| allowed(n))
+        .and_then(|n| fit(Some(n), &regardless_of_room).ok());
+    if let Some(fit) = stay {
+        return provision(claim, fit, class, params, request);
     }
     let best = nodes
         .iter()
-        .filter(|n| allowed(n) && !n.stale && n.hostname().is_some())
-        .filter_map(|n| n.pool(&params.pool).filter(|p| fits(p)).map(|p| (n, p.free_bytes)))
-        .max_by(|(a, fa), (b, fb)| fa.cmp(fb).then_with(|| b.name.cmp(&a.name)));
+        .filter(|n| allowed(n))
+        .filter_map(|n| fit(Some(n), &need).ok())
+        .max_by(|a, b| a.pool.free_bytes.cmp(&b.pool.free_bytes).then_with(|| b.node.name.cmp(&a.node.name)));
     match best {
-        Some((n, _)) => provision_on(n, request, params, recorded.map(str::to_owned)),
+        Some(fit) => provision(claim, fit, class, params, request),
         None if nodes.iter().filter(|n| n.pool(&params.pool).is_some()).all(|n| n.stale) => {
             refuse(format!("pool {:?} is only on nodes whose agents are stale: {STALE}", params.pool), Retry::Backoff)
         }
@@ -336,41 +299,120 @@ fn place_clone(
             Some(_) => {}
         }
     }
-    let on = format!("the clone's source is on node {}, and", source.node);
-    let Some(node) = node else { return refuse(format!("{on} that node is gone"), Retry::OnChange) };
-    let Some(hostname) = node.hostname() else {
-        return refuse(format!("{on} its Node object is gone"), Retry::OnChange);
-    };
+    let block = request.volume_mode == VolumeMode::Block;
+    let need = Need { pool: &params.pool, block, size: request.size_bytes };
+    match fit(node, &need) {
+        Ok(fit) => provision(claim, fit, class, params, request),
+        Err(why) => {
+            refuse(format!("the clone's source is on node {}, and {}", source.node, why.explain(&need)), why.retry())
+        }
+    }
+}
+
+/// What a volume asks of the node that makes it.
+#[derive(Debug, Clone, Copy)]
+struct Need<'a> {
+    pool: &'a str,
+    block: bool,
+    size: u64,
+}
+
+/// A node that can take a volume: where to send it, and its pool there.
+#[derive(Debug)]
+struct Fit<'n> {
+    node: NodeRef,
+    pool: &'n PoolStatus,
+}
+
+/// Why a node cannot take a volume now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Unfit {
+    /// Neither a Node object nor a Berth agent of that name.
+    NoNode,
+    /// A Berth agent, but no Node object (so no hostname to pin a PV to).
+    NoNodeObject,
+    NoAgent,
+    Stale,
+    NoPool,
+    /// Raw block asked of a hostpath pool: only lvm pools make block devices.
+    HostpathForBlock,
+    NotReady {
+        reason: Option<String>,
+    },
+    TooSmall {
+        max: u64,
+    },
+}
+
+impl Unfit {
+    /// Whether it may pass by itself (an agent heard from again, a pool made ready, room freed), so is worth
+    /// looking at again with backoff; the rest needs the nodes or agents to change.
+    fn retry(&self) -> Retry {
+        match self {
+            Unfit::Stale | Unfit::NotReady { .. } | Unfit::TooSmall { .. } => Retry::Backoff,
+            Unfit::NoNode | Unfit::NoNodeObject | Unfit::NoAgent | Unfit::NoPool | Unfit::HostpathForBlock => {
+                Retry::OnChange
+            }
+        }
+    }
+
+    /// What to say of the node, for the volume `need` describes (the words follow "node N:" or "…, and").
+    fn explain(&self, need: &Need<'_>) -> String {
+        let pool = need.pool;
+        match self {
+            Unfit::NoNode => "there is no such node".into(),
+            Unfit::NoNodeObject => "its Node object is gone".into(),
+            Unfit::NoAgent => "no Berth agent runs there".into(),
+            Unfit::Stale => STALE.into(),
+            Unfit::NoPool => format!("it has no pool {pool:?}"),
+            Unfit::HostpathForBlock => format!("pool {pool:?} there is a hostpath pool; raw block needs lvm"),
+            Unfit::NotReady { reason } => {
+                format!("pool {pool:?} there is not ready ({})", reason.as_deref().unwrap_or("no reason given"))
+            }
+            Unfit::TooSmall { max } => {
+                format!("pool {pool:?} there can take at most {max} bytes now, the claim asks for {}", need.size)
+            }
+        }
+    }
+}
+
+/// Whether `node` (None: no node of that name is known) can take the volume `need` describes now: the node and
+/// pool to ask, or why not. The one answer for every placement — the scheduler's node, a clone's source's node,
+/// Immediate's candidates — so they never disagree about a node.
+fn fit<'n>(node: Option<&'n NodeView>, need: &Need<'_>) -> Result<Fit<'n>, Unfit> {
+    let node = node.ok_or(Unfit::NoNode)?;
+    let hostname = node.hostname().ok_or(Unfit::NoNodeObject)?;
     if node.pools.is_none() {
-        return refuse(format!("{on} no Berth agent runs there"), Retry::OnChange);
+        return Err(Unfit::NoAgent);
     }
+    // A stale agent's pools are not taken at their word.
     if node.stale {
-        return refuse(format!("{on} {STALE}"), Retry::Backoff);
+        return Err(Unfit::Stale);
     }
-    let Some(pool) = node.pool(&params.pool) else {
-        return refuse(format!("{on} it has no pool {:?} now", params.pool), Retry::OnChange);
-    };
+    let pool = node.pool(need.pool).ok_or(Unfit::NoPool)?;
+    if need.block && pool.backend == "hostpath" {
+        return Err(Unfit::HostpathForBlock);
+    }
     if !pool.ready {
-        let why = pool.reason.as_deref().unwrap_or("no reason given");
-        return refuse(format!("{on} pool {:?} there is not ready ({why})", params.pool), Retry::Backoff);
+        return Err(Unfit::NotReady { reason: pool.reason.clone() });
     }
-    if pool.maximum_volume_size_bytes < request.size_bytes {
-        return refuse(
-            format!(
-                "{on} pool {:?} there can take at most {} bytes now, the clone needs {}",
-                params.pool, pool.maximum_volume_size_bytes, request.size_bytes
-            ),
-            Retry::Backoff,
-        );
+    if pool.maximum_volume_size_bytes < need.size {
+        return Err(Unfit::TooSmall { max: pool.maximum_volume_size_bytes });
     }
-    let abandon = recorded_node(claim).filter(|r| *r != node.name).map(str::to_owned);
-    let request = for_pool(request, pool, class);
-    Decision::Provision {
-        node: NodeRef { name: node.name.clone(), hostname: hostname.to_owned() },
-        params,
-        request,
-        abandon,
-    }
+    Ok(Fit { node: NodeRef { name: node.name.clone(), hostname: hostname.to_owned() }, pool })
+}
+
+/// Provision the claim on the node `fit` found. An earlier attempt's node other than this one is abandoned: its
+/// agent may hold a volume of the claim, which goes first.
+fn provision(
+    claim: &PersistentVolumeClaim,
+    fit: Fit<'_>,
+    class: &StorageClass,
+    params: ClassParams,
+    request: CreateVolumeRequest,
+) -> Decision {
+    let abandon = recorded_node(claim).filter(|r| *r != fit.node.name).map(str::to_owned);
+    Decision::Provision { request: for_pool(request, fit.pool, class), node: fit.node, params, abandon }
 }
 
 /// Why no node that has the pool can ever serve this claim, whatever the scheduler picks: then the claim is
@@ -875,7 +917,67 @@ mod tests {
         assert!(matches!(&d, Decision::Refuse { retry: Retry::Backoff, .. }), "{d:?}");
         let gone = [node("b", Some(vec![pool("fast", 80 * GI)]))];
         let d = super::decide(P, &clone_of_prod("1Gi", None), Some(&immediate), false, &gone, found);
-        assert!(matches!(&d, Decision::Refuse { message, .. } if message.contains("gone")), "{d:?}");
+        assert!(
+            matches!(&d, Decision::Refuse { message, retry: Retry::OnChange } if message.contains("no such node")),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn why_a_node_cannot_take_a_volume_is_checked_in_one_order_and_says_whether_waiting_helps() {
+        let need = Need { pool: "fast", block: false, size: 10 * GI };
+        let lvm = PoolStatus { backend: "lvm".into(), ..pool("fast", 50 * GI) };
+        let a = node("a", Some(vec![lvm.clone()]));
+        let taken = fit(Some(&a), &need).unwrap();
+        assert_eq!((taken.node, taken.pool), (NodeRef { name: "a".into(), hostname: "host-a".into() }, &lvm));
+        let no_labels =
+            NodeView { name: "a".into(), labels: None, pools: Some(vec![pool("fast", 50 * GI)]), stale: false };
+        let down = PoolStatus { ready: false, reason: Some("marker missing".into()), ..pool("fast", 0) };
+        for (node, need, unfit, retry) in [
+            (None, need, Unfit::NoNode, Retry::OnChange),
+            (Some(no_labels), need, Unfit::NoNodeObject, Retry::OnChange),
+            (Some(node("a", None)), need, Unfit::NoAgent, Retry::OnChange),
+            // Staleness comes before anything the stale agent says of its pools.
+            (Some(stale(node("a", Some(vec![])))), need, Unfit::Stale, Retry::Backoff),
+            (Some(node("a", Some(vec![pool("slow", 50 * GI)]))), need, Unfit::NoPool, Retry::OnChange),
+            (
+                Some(node("a", Some(vec![down.clone()]))),
+                Need { block: true, ..need },
+                Unfit::HostpathForBlock,
+                Retry::OnChange,
+            ),
+            (
+                Some(node("a", Some(vec![down]))),
+                need,
+                Unfit::NotReady { reason: Some("marker missing".into()) },
+                Retry::Backoff,
+            ),
+            (Some(node("a", Some(vec![pool("fast", GI)]))), need, Unfit::TooSmall { max: GI }, Retry::Backoff),
+        ] {
+            let why = fit(node.as_ref(), &need).unwrap_err();
+            assert_eq!((&why, why.retry()), (&unfit, retry));
+            assert!(!why.explain(&need).is_empty());
+        }
+        let full = Unfit::TooSmall { max: GI }.explain(&need);
+        assert_eq!(
+            full,
+            format!("pool \"fast\" there can take at most {GI} bytes now, the claim asks for {}", 10 * GI)
+        );
+    }
+
+    #[test]
+    fn a_wffc_claim_and_a_clone_say_the_same_of_a_node_that_cannot_take_them() {
+        let (source, pv) = prod();
+        let found = Found { claim: Some(&source), pv: Some(&pv) };
+        let down = PoolStatus { ready: false, reason: Some("marker missing".into()), ..pool("fast", 50 * GI) };
+        let nodes = [node("a", Some(vec![down])), node("b", Some(vec![pool("fast", 80 * GI)]))];
+        let d = decide(P, &claim("1Gi", Some("a")), Some(&wffc()), false, &nodes);
+        let Decision::Reschedule { message: moved } = &d else { panic!("{d:?}") };
+        let c = super::decide(P, &clone_of_prod("1Gi", Some("a")), Some(&wffc()), false, &nodes, found);
+        let Decision::Refuse { message: waits, retry: Retry::Backoff } = &c else { panic!("{c:?}") };
+        let why = "pool \"fast\" there is not ready (marker missing)";
+        assert_eq!(moved, &format!("node a: {why}; asking the scheduler for another node"));
+        assert_eq!(waits, &format!("the clone's source is on node a, and {why}"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 
 use crate::agent_client::AgentError;
+use crate::clone::Found;
 use crate::context::Context;
 use crate::decide::{Decision, Retry};
 use crate::error::Error;
@@ -24,10 +25,12 @@ use crate::pv::{self, NODE_ANNOTATION, NodeRef};
 const UNREACHABLE_ATTEMPTS: u32 = 3;
 
 /// Carries out a decision other than `Done` (which the claim reconciler hands to expansion).
+/// `source`: what the reconciler read of a clone's source for the decision (empty for other claims).
 pub async fn carry_out(
     decision: Decision,
     claim: &PersistentVolumeClaim,
     class: Option<&StorageClass>,
+    source: Found<'_>,
     ctx: &Arc<Context>,
     started: Instant,
 ) -> Result<Action, Error> {
@@ -72,7 +75,7 @@ pub async fn carry_out(
         }
         Decision::Provision { node, params, request, abandon } => {
             let class = class.expect("decide checked the class");
-            let attempt = Attempt { ctx, claim, class, key: &key, started, volume: &volume_name };
+            let attempt = Attempt { ctx, claim, class, key: &key, started, volume: &volume_name, source };
             attempt.run(node, params, request, abandon).await
         }
     }
@@ -112,6 +115,8 @@ struct Attempt<'a> {
     key: &'a str,
     started: Instant,
     volume: &'a str,
+    /// What the reconciler read of a clone's source: the claim its cloning protection goes on.
+    source: Found<'a>,
 }
 
 impl Attempt<'_> {
@@ -178,22 +183,23 @@ impl Attempt<'_> {
     ) -> Result<Action, Error> {
         let ctx = self.ctx;
         crate::failpoints::pause("provision-before-agent-create").await;
-        let volume = match ctx.agents.create(&node.name, status, self.volume, request).await {
+        let created = ctx.agents.create(&node.name, status, self.volume, request).await;
+        if request.source.is_some()
+            && let Err(AgentError::Refused { reason, message }) = &created
+            && let Some(retry) = clone_refusal(*reason)
+        {
+            // A clone can be made on its source's node only: never sent elsewhere.
+            ctx.metrics.provisioned(self.class_name(), Outcome::Refused, self.started.elapsed());
+            let again = if retry == Retry::Backoff { "; retrying" } else { "" };
+            let note = format!("node {} cannot make the clone: {message}{again}", node.name);
+            ctx.event(self.claim, true, "ProvisioningFailed", note).await;
+            return Ok(match retry {
+                Retry::OnChange => Action::await_change(),
+                Retry::Backoff => Action::requeue(ctx.next_backoff(self.key)),
+            });
+        }
+        let volume = match created {
             Ok(v) => v,
-            Err(AgentError::Refused { reason, message })
-                if request.source.is_some() && clone_refusal(reason).is_some() =>
-            {
-                // A clone can be made on its source's node only: never sent elsewhere.
-                let retry = clone_refusal(reason).expect("matched");
-                ctx.metrics.provisioned(self.class_name(), Outcome::Refused, self.started.elapsed());
-                let again = if retry == Retry::Backoff { "; retrying" } else { "" };
-                let note = format!("node {} cannot make the clone: {message}{again}", node.name);
-                ctx.event(self.claim, true, "ProvisioningFailed", note).await;
-                return Ok(match retry {
-                    Retry::OnChange => Action::await_change(),
-                    Retry::Backoff => Action::requeue(ctx.next_backoff(self.key)),
-                });
-            }
             Err(AgentError::Refused {
                 reason:
                     ErrorReason::InsufficientSpace
@@ -298,12 +304,12 @@ impl Attempt<'_> {
         let namespace = self.claim.metadata.namespace.as_deref().unwrap_or_default();
         let ctx = self.ctx;
         // The claim the source's PV is bound to: a source made again under the same name is another claim.
-        let uid = ctx
-            .caches
-            .volumes
-            .get(&kube::runtime::reflector::ObjectRef::new(volume))
-            .and_then(|pv| pv.spec.as_ref()?.claim_ref.as_ref()?.uid.clone());
-        let source = ctx.copies.begin(&ctx.client, namespace, &name, uid.as_deref()).await?;
+        let uid = self.source.pv.and_then(|pv| pv.spec.as_ref()?.claim_ref.as_ref()?.uid.as_deref());
+        // The source as read for the decision, not read again: the protection's patch is guarded by its uid.
+        let source = match self.source.claim {
+            Some(read) => ctx.copies.begin(&ctx.client, read, uid).await?,
+            None => None,
+        };
         if source.as_ref().and_then(|s| s.spec.as_ref()?.volume_name.as_deref()) == Some(volume.as_str()) {
             return Ok(Protected::Source(name));
         }

@@ -59,9 +59,9 @@ pub struct CreateVolumeRequest {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mount_options: Vec<String>,
     /// A clone: the name of the volume on this node whose content the new volume starts with. It must be in the
-    /// same pool, with the same volume mode and filesystem, and no larger than `size_bytes`. Only lvm thin pools
-    /// make clones (a thin snapshot); other pools refuse `Unsupported`. Agents older than this field refuse it as
-    /// an unknown field (400): a clone is never made as an empty volume.
+    /// same pool, with the same volume mode and filesystem, and no larger than `size_bytes`. lvm thin pools make
+    /// a thin snapshot, hostpath pools a copy of the source's files; thick lvm pools refuse `Unsupported`. Agents
+    /// older than this field refuse it as an unknown field (400): a clone is never made as an empty volume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
 }

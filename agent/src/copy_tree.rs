@@ -26,6 +26,7 @@ use std::ffi::{CStr, CString};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags, RawDir, SeekFrom, StatxFlags, Timestamps, XattrFlags};
 use rustix::io::Errno;
@@ -37,6 +38,8 @@ pub enum CopyError {
     Io { path: String, errno: Errno },
     #[error("{path}: the tree was moved while it was being copied (its top is no longer where the walk began)")]
     Moved { path: String },
+    #[error("{path}: the copy was still running at its deadline, after {seconds} s: stopped")]
+    TimedOut { path: String, seconds: u64 },
 }
 
 /// The directory-reading buffer: one `getdents64` fills it with hundreds of entries.
@@ -46,6 +49,8 @@ pub const REMEMBERED_LEVELS: usize = 4096;
 /// Bytes the record of hard links may take (inode and the path from the top of each first link): past it, further
 /// links of files not recorded yet are copied as files of their own.
 pub const HARD_LINK_BUDGET: usize = 8 << 20;
+/// The most one `copy_file_range` is asked to copy, so that the deadline is looked at between calls.
+const CHUNK_BYTES: usize = 64 << 20;
 /// The longest path the kernel takes (linkat's first link).
 const PATH_MAX: usize = 4096;
 /// Names of what was left out that are kept for the report (the count is always whole).
@@ -114,7 +119,10 @@ fn identity(st: &rustix::fs::Statx) -> (u32, u32, u64) {
 /// Copies everything below the directory `from` into the directory `to` (which must exist and be empty: what is
 /// in it is not looked for), then gives `to` the owner, mode, timestamps and extended attributes of `from`. Only
 /// entries on `from`'s own mount are copied. `to`'s tree is the agent's own (not in any pod's reach while it is made).
-pub fn copy_tree(from: &Path, to: &Path) -> Result<Copied, CopyError> {
+/// The walk stops with [`CopyError::TimedOut`] once `allowed` has passed (looked at between entries and between
+/// chunks of a file's data): what it made is the caller's to remove.
+pub fn copy_tree(from: &Path, to: &Path, allowed: Duration) -> Result<Copied, CopyError> {
+    let started = Instant::now();
     let (shown, shown_to) = (from.display().to_string(), to.display().to_string());
     let c = |p: &Path, shown: &str| CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| io(shown)(Errno::INVAL));
     let src = open_dir(CWD, &c(from, &shown)?, &shown)?;
@@ -132,6 +140,8 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<Copied, CopyError> {
         links_bytes: 0,
         names: Vec::new(),
         reflink: true,
+        deadline: started + allowed,
+        allowed,
         xattr_names: vec![0; XATTR_BYTES],
         xattr_value: vec![0; XATTR_BYTES],
         copied: Copied::default(),
@@ -165,6 +175,9 @@ struct Walk<'a> {
     names: Vec<CString>,
     /// Whether reflinks are still tried: not once the filesystem said it makes none.
     reflink: bool,
+    /// When the walk stops, and how long it was given.
+    deadline: Instant,
+    allowed: Duration,
     /// Buffers for extended attributes, allocated once (not per file: a million files would zero 128 GiB).
     xattr_names: Vec<u8>,
     xattr_value: Vec<u8>,
@@ -242,6 +255,7 @@ impl Walk<'_> {
             if name.as_c_str() == c"." || name.as_c_str() == c".." {
                 continue;
             }
+            self.in_time()?;
             let here = at_path(shown, depth, &name);
             // Already in the destination: copied before the walk last left this directory (see the module's doc).
             if !fresh {
@@ -353,13 +367,24 @@ impl Walk<'_> {
             self.copied.reflinked_bytes += size;
         } else if size > 0 {
             // A copy, hole by hole.
-            self.copied.copied_bytes += copy_data(&input, &output, size).map_err(io(here))?;
+            self.copied.copied_bytes += copy_data(&input, &output, size, self.deadline).map_err(|e| match e {
+                Errno::TIMEDOUT => self.timed_out(),
+                e => io(here)(e),
+            })?;
         }
         self.attributes(&input, &output, here)?;
         owner_and_mode(&output, st, here)?;
         rustix::fs::futimens(&output, &times(st)).map_err(io(here))?;
         self.copied.files += 1;
         Ok(())
+    }
+
+    fn in_time(&self) -> Result<(), CopyError> {
+        if Instant::now() < self.deadline { Ok(()) } else { Err(self.timed_out()) }
+    }
+
+    fn timed_out(&self) -> CopyError {
+        CopyError::TimedOut { path: self.shown.to_owned(), seconds: self.allowed.as_secs() }
     }
 
     /// The path below the destination's top of `name` at `depth`, if the record of hard links has room for it.
@@ -392,8 +417,8 @@ impl Walk<'_> {
 }
 
 /// Copies the data of `input` (`size` bytes) into the empty `output`, data extent by data extent, so holes stay
-/// holes; returns the bytes written.
-fn copy_data(input: &OwnedFd, output: &OwnedFd, size: u64) -> Result<u64, Errno> {
+/// holes; returns the bytes written. Past `deadline` (looked at between chunks) it stops with ETIMEDOUT.
+fn copy_data(input: &OwnedFd, output: &OwnedFd, size: u64, deadline: Instant) -> Result<u64, Errno> {
     let mut written = 0;
     let mut at = 0u64;
     while at < size {
@@ -405,7 +430,10 @@ fn copy_data(input: &OwnedFd, output: &OwnedFd, size: u64) -> Result<u64, Errno>
         let end = rustix::fs::seek(input, SeekFrom::Hole(start))?.min(size);
         let (mut from, mut to) = (start, start);
         while from < end {
-            let len = (end - from) as usize;
+            if Instant::now() >= deadline {
+                return Err(Errno::TIMEDOUT);
+            }
+            let len = ((end - from) as usize).min(CHUNK_BYTES);
             let n = rustix::fs::copy_file_range(input, Some(&mut from), output, Some(&mut to), len)?;
             if n == 0 {
                 break; // the file shrank meanwhile
@@ -473,6 +501,8 @@ mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 
+    const A_MINUTE: Duration = Duration::from_secs(60);
+
     fn root() -> bool {
         std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1) == 0
     }
@@ -502,7 +532,7 @@ mod tests {
         std::os::unix::fs::lchown(from.join("escape"), Some(42), Some(43)).unwrap();
         let with_xattr = rustix::fs::setxattr(from.join("a/b/file"), "user.kind", b"table", XattrFlags::empty());
 
-        let copied = copy_tree(&from, &to).unwrap();
+        let copied = copy_tree(&from, &to, A_MINUTE).unwrap();
         assert_eq!((copied.files, copied.directories, copied.symlinks, copied.hard_links), (2, 2, 2, 1), "{copied:?}");
         assert_eq!(copied.left_out_count, 0, "{copied:?}");
         assert_eq!(std::fs::read_to_string(to.join("a/b/file")).unwrap(), "data");
@@ -536,6 +566,24 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_past_its_deadline_stops_and_says_so() {
+        let base = tempfile::tempdir().unwrap();
+        let (from, to) = (base.path().join("from"), base.path().join("to"));
+        std::fs::create_dir_all(from.join("dir")).unwrap();
+        std::fs::write(from.join("dir/file"), vec![7u8; 4096]).unwrap();
+        std::fs::create_dir(&to).unwrap();
+        let stopped = copy_tree(&from, &to, Duration::ZERO).unwrap_err();
+        assert!(matches!(stopped, CopyError::TimedOut { seconds: 0, .. }), "{stopped:?}");
+        assert!(stopped.to_string().contains("deadline"), "{stopped}");
+        // A file's data is copied chunk by chunk, each only before the deadline.
+        let input: OwnedFd = std::fs::File::open(from.join("dir/file")).unwrap().into();
+        let output: OwnedFd = std::fs::File::create(to.join("late")).unwrap().into();
+        assert_eq!(copy_data(&input, &output, 4096, Instant::now()), Err(Errno::TIMEDOUT));
+        let later = Instant::now() + A_MINUTE;
+        assert_eq!(copy_data(&input, &output, 4096, later), Ok(4096));
+    }
+
+    #[test]
     fn device_nodes_and_sockets_are_left_out_and_counted() {
         assert!(root(), "this test makes a device node and needs root (CI runs as root)");
         let base = tempfile::tempdir().unwrap();
@@ -546,7 +594,7 @@ mod tests {
         rustix::fs::mknodat(&dir, "null", FileType::CharacterDevice, Mode::RUSR, rustix::fs::makedev(1, 3)).unwrap();
         rustix::fs::mknodat(&dir, "pipe", FileType::Fifo, Mode::RUSR | Mode::WUSR, 0).unwrap();
         let _socket = std::os::unix::net::UnixListener::bind(from.join("sock")).unwrap();
-        let copied = copy_tree(&from, &to).unwrap();
+        let copied = copy_tree(&from, &to, A_MINUTE).unwrap();
         assert_eq!(copied.left_out_count, 2, "{copied:?}");
         assert!(!to.join("null").exists() && !to.join("sock").exists());
         use std::os::unix::fs::FileTypeExt;
@@ -588,7 +636,7 @@ mod tests {
         // Levels past REMEMBERED_LEVELS are scanned again from their start when the walk comes back to them.
         let (depth, bushy, width) = (6_000usize, [0usize, 3, REMEMBERED_LEVELS + 2, 5_998], 50usize);
         crate::safe_remove::tests::plant(&from, depth, &bushy, width);
-        let copied = copy_tree(&from, &to).unwrap();
+        let copied = copy_tree(&from, &to, A_MINUTE).unwrap();
         let want = depth as u64 + 1 + bushy.len() as u64 * width as u64 * 3;
         assert_eq!(copied.files + copied.directories, want, "{copied:?}");
         let to_fd = open_dir(CWD, &CString::new(to.as_os_str().as_encoded_bytes()).unwrap(), "t").unwrap();

@@ -451,9 +451,15 @@ impl Backend for HostPath {
         Ok(Made::CopyFirst(record, copying))
     }
 
+    /// The copy runs without the agent's lock and holds nothing but its clone and its source, but a caller waits
+    /// for it: it is given the pool's command deadline plus the clone's size (which its quota holds the copy to)
+    /// at the slowest disk's rate, as zeroing is, and stopped past that (a 500 saying so; what it made is removed
+    /// in the background). Very many small files in a small volume can outlast it: the message says how long it had.
     fn copy(&self, copying: &Copying) -> Result<(), BackendError> {
         let started = std::time::Instant::now();
-        let copied = crate::copy_tree::copy_tree(&copying.from, &copying.to).map_err(|e| match e {
+        let base = std::time::Duration::from_secs(crate::config::DEFAULT_COMMAND_TIMEOUT_SECONDS);
+        let allowed = super::zeroing::deadline(base, copying.leftover.size_bytes);
+        let copied = crate::copy_tree::copy_tree(&copying.from, &copying.to, allowed).map_err(|e| match e {
             // The clone's project quota, or the filesystem, is full: the source holds more than the clone's size.
             crate::copy_tree::CopyError::Io { errno: rustix::io::Errno::DQUOT | rustix::io::Errno::NOSPC, .. } => {
                 BackendError::InsufficientSpace(format!("copying {}: {e}", copying.from.display()))

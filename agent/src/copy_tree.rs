@@ -376,6 +376,7 @@ impl Walk<'_> {
         owner_and_mode(&output, st, here)?;
         rustix::fs::futimens(&output, &times(st)).map_err(io(here))?;
         self.copied.files += 1;
+        crate::failpoints::point("hostpath-clone-after-file");
         Ok(())
     }
 

@@ -20,6 +20,11 @@ pub const POINTS: &[&str] = &[
     "hostpath-create-after-staging-sync",
     "hostpath-create-after-rename",
     "hostpath-create-after-root-sync",
+    // hostpath clone: staged as a create is (the points above), then the source's files copied into it without
+    // the agent's lock (copy_tree.rs; armed with `return`, after the first file), synced, and put in place by the
+    // create's rename.
+    "hostpath-clone-after-file",
+    "hostpath-clone-after-copy",
     // hostpath publish: the `unpublished` mark removed (then the directory synced and the answer sent).
     "hostpath-publish-after-unmark",
     // hostpath expand: the quota raised, then the marker replaced (tmp written and synced, renamed, dir synced).
@@ -135,7 +140,7 @@ mod tests {
             let mut parts = name.splitn(3, '-');
             let (backend, operation) = (parts.next().unwrap(), parts.next().unwrap());
             assert!(["hostpath", "lvm"].contains(&backend), "{name}");
-            assert!(["create", "publish", "expand", "detach", "purge"].contains(&operation), "{name}");
+            assert!(["create", "clone", "publish", "expand", "detach", "purge"].contains(&operation), "{name}");
             assert!(parts.next().is_some_and(|step| step.starts_with("after-")), "{name}");
         }
     }

@@ -1,4 +1,4 @@
-//! The agent killed at every step of every operation on a hostpath pool (issue 19): for each crash point of
+//! The agent killed at every step of every operation on a hostpath pool (issue 19; clones, issue 20): for each crash point of
 //! `berth_agent::failpoints::POINTS` the `berth-agent-failpoints` build is started with that point armed, the
 //! operation is asked for, and the agent dies there by SIGKILL before it answers. What the crash left is checked,
 //! the plain agent restarts on the same config and state, and the request is retried as the controller would until
@@ -35,6 +35,8 @@ enum Op {
     Publish,
     Expand,
     Delete,
+    /// A clone of another volume (made first, with a pod's files) into the point's volume.
+    Clone,
 }
 
 /// What a crash at a point leaves on disk, before anything restarts.
@@ -61,6 +63,8 @@ const HOSTPATH: &[(&str, Op, Left)] = &[
     ("hostpath-create-after-staging-sync", Op::Create, Left::Staged),
     ("hostpath-create-after-rename", Op::Create, in_place(SIZE, false, false)),
     ("hostpath-create-after-root-sync", Op::Create, in_place(SIZE, false, false)),
+    ("hostpath-clone-after-file", Op::Clone, Left::Staged),
+    ("hostpath-clone-after-copy", Op::Clone, Left::Staged),
     ("hostpath-publish-after-unmark", Op::Publish, in_place(SIZE, false, true)),
     ("hostpath-expand-after-quota", Op::Expand, in_place(SIZE, false, false)),
     ("hostpath-expand-after-tmp-marker", Op::Expand, in_place(SIZE, true, false)),
@@ -146,6 +150,11 @@ impl World {
         let path = format!("/v1/volumes/{volume}");
         let request = match op {
             Op::Create => self.request(Method::PUT, &path).json(&create_body(volume)),
+            Op::Clone => {
+                let mut body = create_body(volume);
+                body["source"] = source_of(volume).into();
+                self.request(Method::PUT, &path).json(&body)
+            }
             Op::Publish => self.request(Method::PUT, &format!("{path}/published")),
             Op::Expand => self.request(Method::POST, &format!("{path}/expand")).json(&json!({"sizeBytes": GROWN})),
             Op::Delete => self.request(Method::DELETE, &path),
@@ -217,6 +226,11 @@ fn volume_for(i: usize) -> String {
     format!("pvc-00000000-0000-4000-8000-{i:012}")
 }
 
+/// The source of the clone into `volume` (a name no point has).
+fn source_of(volume: &str) -> String {
+    volume.replace("pvc-00000000", "pvc-50000000")
+}
+
 /// How many files and directories are below `dir`.
 fn tree_entries(dir: &Path) -> usize {
     std::fs::read_dir(dir)
@@ -270,11 +284,14 @@ async fn a_sigkill_at_every_hostpath_step_leaves_one_volume_per_claim_and_nothin
         w.restart_armed(point).await;
         w.check(&format!("{point}: after the next restart"), &model).await;
         if op != Op::Create {
-            let (status, body) = w.send(Op::Create, &volume).await.unwrap();
+            // The volume the operation is on, or the clone's source.
+            let first = if op == Op::Clone { source_of(&volume) } else { volume.clone() };
+            let (status, body) = w.send(Op::Create, &first).await.unwrap();
             assert_eq!(status, StatusCode::CREATED, "{point}: {body}");
-            model.insert(volume.clone(), (SIZE, false));
-            // Something of a pod's for the delete to remove: a file, and a directory holding one.
-            let data = w.root().join(&volume).join("data");
+            model.insert(first.clone(), (SIZE, false));
+            // Something of a pod's for the delete to remove or the clone to copy: a file, and a directory holding
+            // one.
+            let data = w.root().join(&first).join("data");
             std::fs::write(data.join("a"), "pod data").unwrap();
             std::fs::create_dir(data.join("sub")).unwrap();
             std::fs::write(data.join("sub/b"), "more").unwrap();
@@ -289,7 +306,7 @@ async fn a_sigkill_at_every_hostpath_step_leaves_one_volume_per_claim_and_nothin
         let is_in_place = w.root().join(&volume).exists();
         match left {
             Left::Staged => {
-                let kind = if op == Op::Create { "create" } else { "delete" };
+                let kind = if op == Op::Delete { "delete" } else { "create" };
                 assert!(!is_in_place, "{point}: the volume is not in place");
                 assert_eq!(staged.len(), 1, "{point}: one piece of debris: {staged:?}");
                 assert!(staged[0].starts_with(&format!("{kind}-{volume}-")), "{point}: {staged:?}");
@@ -317,6 +334,16 @@ async fn a_sigkill_at_every_hostpath_step_leaves_one_volume_per_claim_and_nothin
                 assert_eq!((made.name.as_str(), made.pool.as_str(), made.size_bytes), (volume.as_str(), POOL, SIZE));
                 assert_eq!(made.claim.name, volume);
                 assert_eq!(Path::new(&made.path), w.root().join(&volume).join("data"));
+                model.insert(volume.clone(), (SIZE, false));
+            }
+            Op::Clone => {
+                // The crash came before the rename: the retry made the clone, with its source's files.
+                assert_eq!(status, StatusCode::CREATED, "{point}: {body}");
+                let made: Volume = serde_json::from_value(body).unwrap();
+                assert_eq!(Path::new(&made.path), w.root().join(&volume).join("data"));
+                let data = Path::new(&made.path);
+                assert_eq!(std::fs::read_to_string(data.join("a")).unwrap(), "pod data", "{point}");
+                assert_eq!(std::fs::read_to_string(data.join("sub/b")).unwrap(), "more", "{point}");
                 model.insert(volume.clone(), (SIZE, false));
             }
             Op::Publish => {

@@ -467,6 +467,7 @@ impl Backend for HostPath {
             e => BackendError::Io(format!("copying {}: {e}", copying.from.display())),
         })?;
         sync_tree_top(&copying.to)?;
+        crate::failpoints::point("hostpath-clone-after-copy");
         tracing::info!(
             pool = %self.pool,
             from = %copying.from.display(),

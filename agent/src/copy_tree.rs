@@ -38,8 +38,8 @@ pub enum CopyError {
     Io { path: String, errno: Errno },
     #[error("{path}: the tree was moved while it was being copied (its top is no longer where the walk began)")]
     Moved { path: String },
-    #[error("{path}: the copy was still running at its deadline, after {seconds} s: stopped")]
-    TimedOut { path: String, seconds: u64 },
+    #[error("{path}: the copy was still running at its deadline, after {seconds} s and {entries} entries: stopped")]
+    TimedOut { path: String, seconds: u64, entries: u64 },
 }
 
 /// The directory-reading buffer: one `getdents64` fills it with hundreds of entries.
@@ -49,6 +49,12 @@ pub const REMEMBERED_LEVELS: usize = 4096;
 /// Bytes the record of hard links may take (inode and the path from the top of each first link): past it, further
 /// links of files not recorded yet are copied as files of their own.
 pub const HARD_LINK_BUDGET: usize = 8 << 20;
+/// Time the walk is given for each entry it meets, on top of what its caller allows: a copy's time grows with its
+/// number of entries more than with its bytes (about 60 µs a file on XFS with reflinks, docs/benchmarks.md), and a
+/// copy that keeps going is not hung. At most [`ENTRIES_TIME_AT_MOST`] in all, so that a tree growing ahead of the
+/// walk cannot keep it going for ever.
+pub const TIME_PER_ENTRY: Duration = Duration::from_millis(1);
+pub const ENTRIES_TIME_AT_MOST: Duration = Duration::from_secs(3600);
 /// The most one `copy_file_range` is asked to copy, so that the deadline is looked at between calls.
 const CHUNK_BYTES: usize = 64 << 20;
 /// The longest path the kernel takes (linkat's first link).
@@ -119,7 +125,8 @@ fn identity(st: &rustix::fs::Statx) -> (u32, u32, u64) {
 /// Copies everything below the directory `from` into the directory `to` (which must exist and be empty: what is
 /// in it is not looked for), then gives `to` the owner, mode, timestamps and extended attributes of `from`. Only
 /// entries on `from`'s own mount are copied. `to`'s tree is the agent's own (not in any pod's reach while it is made).
-/// The walk stops with [`CopyError::TimedOut`] once `allowed` has passed (looked at between entries and between
+/// The walk stops with [`CopyError::TimedOut`] once `allowed` has passed, and [`TIME_PER_ENTRY`] more for each
+/// entry met so far (looked at between entries and between
 /// chunks of a file's data): what it made is the caller's to remove.
 pub fn copy_tree(from: &Path, to: &Path, allowed: Duration) -> Result<Copied, CopyError> {
     let started = Instant::now();
@@ -140,8 +147,9 @@ pub fn copy_tree(from: &Path, to: &Path, allowed: Duration) -> Result<Copied, Co
         links_bytes: 0,
         names: Vec::new(),
         reflink: true,
-        deadline: started + allowed,
+        started,
         allowed,
+        entries: 0,
         xattr_names: vec![0; XATTR_BYTES],
         xattr_value: vec![0; XATTR_BYTES],
         copied: Copied::default(),
@@ -175,9 +183,10 @@ struct Walk<'a> {
     names: Vec<CString>,
     /// Whether reflinks are still tried: not once the filesystem said it makes none.
     reflink: bool,
-    /// When the walk stops, and how long it was given.
-    deadline: Instant,
+    /// When the walk began, the time it was given, and the entries it met (each gives it more).
+    started: Instant,
     allowed: Duration,
+    entries: u64,
     /// Buffers for extended attributes, allocated once (not per file: a million files would zero 128 GiB).
     xattr_names: Vec<u8>,
     xattr_value: Vec<u8>,
@@ -367,7 +376,7 @@ impl Walk<'_> {
             self.copied.reflinked_bytes += size;
         } else if size > 0 {
             // A copy, hole by hole.
-            self.copied.copied_bytes += copy_data(&input, &output, size, self.deadline).map_err(|e| match e {
+            self.copied.copied_bytes += copy_data(&input, &output, size, self.deadline()).map_err(|e| match e {
                 Errno::TIMEDOUT => self.timed_out(),
                 e => io(here)(e),
             })?;
@@ -380,12 +389,22 @@ impl Walk<'_> {
         Ok(())
     }
 
-    fn in_time(&self) -> Result<(), CopyError> {
-        if Instant::now() < self.deadline { Ok(()) } else { Err(self.timed_out()) }
+    fn deadline(&self) -> Instant {
+        self.started + time_for(self.allowed, self.entries)
+    }
+
+    /// Whether the walk may go on to one more entry (which is counted).
+    fn in_time(&mut self) -> Result<(), CopyError> {
+        if Instant::now() >= self.deadline() {
+            return Err(self.timed_out());
+        }
+        self.entries += 1;
+        Ok(())
     }
 
     fn timed_out(&self) -> CopyError {
-        CopyError::TimedOut { path: self.shown.to_owned(), seconds: self.allowed.as_secs() }
+        let seconds = self.started.elapsed().as_secs();
+        CopyError::TimedOut { path: self.shown.to_owned(), seconds, entries: self.entries }
     }
 
     /// The path below the destination's top of `name` at `depth`, if the record of hard links has room for it.
@@ -415,6 +434,12 @@ impl Walk<'_> {
         owner_and_mode(dst, &st, &here)?;
         rustix::fs::futimens(dst, &times(&st)).map_err(io(&here))
     }
+}
+
+/// The time a walk allowed `allowed` has once it has met `entries` entries.
+fn time_for(allowed: Duration, entries: u64) -> Duration {
+    let per_entry = TIME_PER_ENTRY.saturating_mul(entries.try_into().unwrap_or(u32::MAX));
+    allowed + per_entry.min(ENTRIES_TIME_AT_MOST)
 }
 
 /// Copies the data of `input` (`size` bytes) into the empty `output`, data extent by data extent, so holes stay
@@ -574,7 +599,7 @@ mod tests {
         std::fs::write(from.join("dir/file"), vec![7u8; 4096]).unwrap();
         std::fs::create_dir(&to).unwrap();
         let stopped = copy_tree(&from, &to, Duration::ZERO).unwrap_err();
-        assert!(matches!(stopped, CopyError::TimedOut { seconds: 0, .. }), "{stopped:?}");
+        assert!(matches!(stopped, CopyError::TimedOut { seconds: 0, entries: 0, .. }), "{stopped:?}");
         assert!(stopped.to_string().contains("deadline"), "{stopped}");
         // A file's data is copied chunk by chunk, each only before the deadline.
         let input: OwnedFd = std::fs::File::open(from.join("dir/file")).unwrap().into();
@@ -582,6 +607,13 @@ mod tests {
         assert_eq!(copy_data(&input, &output, 4096, Instant::now()), Err(Errno::TIMEDOUT));
         let later = Instant::now() + A_MINUTE;
         assert_eq!(copy_data(&input, &output, 4096, later), Ok(4096));
+    }
+
+    #[test]
+    fn a_copy_gets_more_time_for_each_entry_up_to_an_hour() {
+        assert_eq!(time_for(A_MINUTE, 0), A_MINUTE);
+        assert_eq!(time_for(A_MINUTE, 2_000_000), A_MINUTE + Duration::from_secs(2_000));
+        assert_eq!(time_for(A_MINUTE, 1 << 40), A_MINUTE + ENTRIES_TIME_AT_MOST);
     }
 
     #[test]

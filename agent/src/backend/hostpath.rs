@@ -453,8 +453,8 @@ impl Backend for HostPath {
 
     /// The copy runs without the agent's lock and holds nothing but its clone and its source, but a caller waits
     /// for it: it is given the pool's command deadline plus the clone's size (which its quota holds the copy to)
-    /// at the slowest disk's rate, as zeroing is, and stopped past that (a 500 saying so; what it made is removed
-    /// in the background). Very many small files in a small volume can outlast it: the message says how long it had.
+    /// at the slowest disk's rate, as zeroing is, and copy_tree adds time for each entry it meets (capped); past
+    /// that it is stopped (a 500 saying so; what it made is removed in the background).
     fn copy(&self, copying: &Copying) -> Result<(), BackendError> {
         let started = std::time::Instant::now();
         let base = std::time::Duration::from_secs(crate::config::DEFAULT_COMMAND_TIMEOUT_SECONDS);

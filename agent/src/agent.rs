@@ -93,8 +93,9 @@ struct State {
     recovered: BTreeSet<String>,
     /// Debris recovery found, until it is removed.
     debris: Vec<PendingDebris>,
-    /// Volumes being made or grown while their new bytes are zeroed, without the lock.
-    zeroing: Vec<InFlight>,
+    /// Volumes doing their slow step without the lock (zeroing a create's or an expansion's new bytes, copying a
+    /// clone's files), and the sources of those clones.
+    in_flight: Vec<InFlight>,
 }
 
 /// A create or an expansion doing its slow step without the agent's lock ([`Agent::slow_unlocked`]: zeroing its
@@ -144,7 +145,7 @@ impl InFlight {
 impl State {
     /// A `Conflict` if `name` is being made or grown, or copied into a clone.
     fn not_in_flight(&self, name: &str) -> Result<(), Refusal> {
-        match self.zeroing.iter().find(|z| z.volume == name) {
+        match self.in_flight.iter().find(|z| z.volume == name) {
             Some(z) => Err(Refusal::new(
                 ErrorReason::Conflict,
                 format!("volume {name} is {} ({}); try again later", z.what, z.doing),
@@ -375,7 +376,7 @@ impl Agent {
         // A pool read again (after a stuck command) finds the piece being removed now once more, and the LVs of
         // creates and expansions zeroing now (which are not debris unless they are given up).
         if state.debris.iter().any(|d| d.pool == *name && d.debris.path == debris.path)
-            || state.zeroing.iter().any(|z| z.pool == *name && z.leftover == debris.path)
+            || state.in_flight.iter().any(|z| z.pool == *name && z.leftover == debris.path)
         {
             return;
         }
@@ -739,11 +740,11 @@ impl Agent {
     ) -> Result<MutexGuard<'a, State>, Refusal> {
         let name = works.first().map(|w| w.volume.clone()).unwrap_or_default();
         let held: Vec<String> = works.iter().map(|w| w.volume.clone()).collect();
-        state.zeroing.extend(works);
+        state.in_flight.extend(works);
         drop(state);
         let zeroed = step();
         let mut state = self.lock();
-        state.zeroing.retain(|z| !held.contains(&z.volume));
+        state.in_flight.retain(|z| !held.contains(&z.volume));
         let outcome = match zeroed {
             Err(e @ BackendError::Busy(_)) => return Err(e.into()),
             Err(e) => Err(Refusal::from(e)),
@@ -993,7 +994,7 @@ fn pool_usage<'a>(
 /// made or grown.
 fn own_sizes(state: &State, pool: &Pool) -> Vec<u64> {
     let volumes = state.volumes.values().filter(|v| v.pool == pool.config.name).map(|v| v.size_bytes);
-    let in_flight = state.zeroing.iter().filter(|z| z.pool == pool.config.name).map(|z| z.bytes);
+    let in_flight = state.in_flight.iter().filter(|z| z.pool == pool.config.name).map(|z| z.bytes);
     volumes.chain(pool_debris(state, pool).map(|d| d.size_bytes)).chain(in_flight).collect()
 }
 
@@ -1603,7 +1604,7 @@ mod tests {
             to: dir.path().join("to"),
             leftover: Debris { path: dir.path().join("to"), volume: None, size_bytes: 1 },
         };
-        state.zeroing.extend(InFlight::copying(&pool, CLONE, 1, &copying, NAME));
+        state.in_flight.extend(InFlight::copying(&pool, CLONE, 1, &copying, NAME));
         for name in [NAME, CLONE] {
             let refusal = state.not_in_flight(name).unwrap_err();
             assert_eq!(refusal.reason, ErrorReason::Conflict, "{}", refusal.message);

@@ -34,6 +34,9 @@ pub enum AgentError {
 }
 
 const TOKEN_SECONDS: i64 = 3600;
+/// How long a clone's create is waited for (any other call: 60 s). Past it the controller retries as after any
+/// timeout, and the agent answers `Conflict` ("being made") until the copy is over.
+const CLONE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 pub struct AgentClient {
     client: kube::Client,
@@ -133,6 +136,19 @@ impl AgentClient {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<reqwest::Response, AgentError> {
+        self.send_within(node, status, method, path, body, None).await
+    }
+
+    /// [`Self::send`], waiting at most `timeout` for the answer instead of the client's 60 s.
+    async fn send_within(
+        &self,
+        node: &str,
+        status: &BerthNodeStatus,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, AgentError> {
         let mut raised = false;
         loop {
             let token = self.token(node).await?;
@@ -144,6 +160,9 @@ impl AgentClient {
                 .header(EPOCH_HEADER, epoch.to_string());
             if let Some(body) = &body {
                 request = request.json(body);
+            }
+            if let Some(timeout) = timeout {
+                request = request.timeout(timeout);
             }
             let response =
                 request.send().await.map_err(|e| AgentError::Unreachable(format!("{}: {e}", status.endpoint)))?;
@@ -186,8 +205,12 @@ impl AgentClient {
         request: &CreateVolumeRequest,
     ) -> Result<Volume, AgentError> {
         let body = serde_json::to_value(request).map_err(|e| AgentError::Other(e.to_string()))?;
-        let response =
-            self.send(node, status, reqwest::Method::PUT, &format!("/v1/volumes/{name}"), Some(body)).await?;
+        let path = format!("/v1/volumes/{name}");
+        // A directory clone answers once its files are copied, which takes as long as they are many and large (the
+        // agent's own deadline bounds it): waited for longer than any other call, so that the answer is the
+        // clone's, not a timeout followed by "being made" until the copy is over.
+        let timeout = request.source.is_some().then_some(CLONE_TIMEOUT);
+        let response = self.send_within(node, status, reqwest::Method::PUT, &path, Some(body), timeout).await?;
         response.json().await.map_err(|e| AgentError::Other(format!("agent's volume: {e}")))
     }
 

@@ -47,6 +47,15 @@ pub const POINTS: &[&str] = &[
     "lvm-create-after-data-dir",
     "lvm-create-after-zero",
     "lvm-create-after-untag",
+    // lvm clone (thin pools): the thin snapshot made with the clone's record and `berth:creating`, an unmounted LV
+    // (then activated and, if larger, lvextended: a crash there leaves the same, only larger, so no point of its
+    // own); an XFS clone's UUID made its own (mounted `nouuid` to replay its log, unmounted, `xfs_admin -U`): still
+    // unmounted, but no longer its source's twin, and its mount point made; mounted: debris a crash leaves mounted,
+    // which its removal unmounts (a crash between the `nouuid` mount and its unmount, or after a larger clone's
+    // filesystem is grown, leaves the same). Then `creating` lifted, as a create's (`lvm-create-after-untag`).
+    "lvm-clone-after-lvcreate",
+    "lvm-clone-after-uuid",
+    "lvm-clone-after-mount",
     // lvm publish: `berth:unpublished` lifted.
     "lvm-publish-after-untag",
     // lvm expand: lvextend, the filesystem grown, the size tag replaced.

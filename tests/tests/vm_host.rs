@@ -250,11 +250,11 @@ fn hostpath_quotas_across_a_reboot() {
     world.run_phases(&["in_use::lvm_in_use_and_zeroing", "quotas::quota_phase_two"]);
 }
 
-/// The agent killed by SIGKILL at every step of create, publish, expand and delete of an lvm pool (the `lvm-…`
-/// points of agent/src/failpoints.rs), restarted, the request retried: one LV per claim, no debris left, the
+/// The agent killed by SIGKILL at every step of create, clone, publish, expand and delete of an lvm pool (the
+/// `lvm-…` points of agent/src/failpoints.rs), restarted, the request retried: one LV per claim, no debris left, the
 /// inventory equal to the LVs, mounts where the volumes are and nowhere else, block volumes reading zeroes. One boot
-/// (tests/tests/vm_guest/crash.rs). Far over CI's budget (18 points, about a minute each under TCG): run by hand
-/// when the agent's lvm steps change; CI runs the hostpath matrix (agent/tests/crash_matrix.rs).
+/// (tests/tests/vm_guest/crash.rs). Far over CI's budget (21 points, 33 to 66 s each under TCG, 17 minutes with
+/// the boot): run by hand when the agent's lvm steps change; CI runs the hostpath matrix (agent/tests/crash_matrix.rs).
 #[test]
 #[ignore = "about 20 minutes under TCG, over CI's budget: run it with hack/test-vm --ignored lvm_crash_matrix"]
 fn lvm_crash_matrix() {

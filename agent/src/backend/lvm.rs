@@ -680,6 +680,7 @@ impl Backend for LvmPool {
         args.extend(new_lv_tags(&record)?);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.lvm.run(&args).map_err(backend_error)?;
+        crate::failpoints::point("lvm-clone-after-lvcreate");
         // From here on a failure leaves the LV tagged `creating`: debris (`leftover_of_create`).
         let mut lv = self.lvm.lv(&self.vg, &name).map_err(backend_error)?;
         self.activate(&lv)?;
@@ -694,8 +695,10 @@ impl Backend for LvmPool {
             VolumeMode::Filesystem => {
                 if record.fs_type.as_deref() == Some("xfs") {
                     self.own_xfs_uuid(&lv, &record.name)?;
+                    crate::failpoints::point("lvm-clone-after-uuid");
                 }
                 let target = self.mount(&lv, &record)?;
+                crate::failpoints::point("lvm-clone-after-mount");
                 if grown {
                     self.grow_filesystem(&lv, &record)?;
                 }

@@ -8,14 +8,19 @@
 //! tags, and the same inventory after the next restart.
 //!
 //! Thick ext4 `Filesystem` volumes of 8 MiB for every point but those only a thick raw block volume reaches (its
-//! zeroing at create, and the spare LV `<lv>.grow` its growth is zeroed through); thin volumes take a subset of the
-//! same lvm2 calls. The volumes the create points leave are those the publish, expand and delete points work on, so
-//! no point pays for a create of its own, but for the block volumes the spare points grow: one create point leaves
-//! one, the others are made (without a crash) before their point. Before each block point the free extents the
-//! next LV gets are dirtied from outside Berth, and every block volume must read zeroes throughout, whatever
-//! crashed where.
+//! zeroing at create, and the spare LV `<lv>.grow` its growth is zeroed through) and the clone points (issue 20),
+//! which only a thin pool reaches; thin volumes take a subset of the same lvm2 calls otherwise. The volumes the
+//! create points leave are those the publish, expand and delete points work on, so no point pays for a create of
+//! its own, but for the block volumes the spare points grow: one create point leaves one, the others are made
+//! (without a crash) before their point. Before each block point the free extents the next LV gets are dirtied from
+//! outside Berth, and every block volume must read zeroes throughout, whatever crashed where. The clone points clone
+//! one thin XFS volume (made without a crash before the first of them, a file written into it) into clones larger
+//! than it: XFS, because only an XFS clone reaches `lvm-clone-after-uuid` (its UUID made its own), and larger, so
+//! that each retry also grows the clone; every clone is kept, so the last restart mounts them all beside their
+//! source, which XFS allows only to filesystems of distinct UUIDs.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,17 +30,35 @@ use berth_agent::failpoints::POINTS;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::lvm_agent::{GuestAgent, MI, base, env, extents, init_pools, mount_of, root, write_pattern, zeroes_at};
+use crate::lvm_agent::{
+    GuestAgent, MI, base, env, extents, init_pools, mount_of, root, write_pattern, xfs_uuid, zeroes_at,
+};
 use crate::{in_vm, lvm, sh, volume_group};
 
 const SIZE: u64 = 8 * MI;
 const GROWN: u64 = 16 * MI;
 const POOL: &str = "thick";
+/// The thin pool of the clone points, its LV `berth/thin`. Its data usage: about 65 MiB for the source, mostly
+/// mkfs.xfs's 64 MiB log, and as much for each clone, whose log `xfs_admin -U` rewrites (50 % of 512 MiB at the
+/// end, with three clones).
+const THIN: &str = "thin";
+const THIN_POOL: &str = "512m";
+/// The source the clone points clone (mkfs.xfs refuses less than 300 MB), and its clones, larger.
+const SOURCE: &str = "pvc-22222222-0000-4000-a000-000000000000";
+const XFS_SIZE: u64 = 320 * MI;
+const CLONE_SIZE: u64 = XFS_SIZE + 32 * MI;
+/// The file written into the source before it is first cloned, which each clone must have as written.
+const SOURCE_FILE: &str = "pod-file";
 const URL: &str = "https://127.0.0.1:7443";
 /// Long enough for a few lvm2 commands under TCG (about 0.8 s each) while the agent samples its pool.
 const WITHIN: Duration = Duration::from_secs(90);
 const CREATING: &str = "berth:creating";
 const DELETING: &str = "berth:deleting";
+
+/// What [`SOURCE_FILE`] holds: a MiB in which no two 4 KiB blocks are alike.
+fn source_file_content() -> Vec<u8> {
+    (0..MI).map(|i| (i % 251) as u8 ^ (i >> 12) as u8).collect()
+}
 
 /// The volume a point works on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,11 +67,15 @@ enum Kind {
     Fs,
     /// Raw block: the LV's device, zeroed before a pod gets its bytes.
     Block,
+    /// XFS in the thin pool, mounted by the agent: [`SOURCE`] (a create) and its clones.
+    ThinXfs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Create,
+    /// A clone of [`SOURCE`] into the point's volume.
+    Clone,
     Publish,
     Expand,
     Delete,
@@ -66,6 +93,17 @@ enum Left {
     Unmounted,
     /// No LV any more.
     Gone,
+    /// A clone's LV tagged `berth:creating` (debris): its XFS filesystem its source's twin (the same UUID) or with
+    /// a UUID of its own, and at its mount point nothing, an empty directory, or its filesystem mounted.
+    CloneDebris { own_uuid: bool, at: At },
+}
+
+/// What a clone's mount point is when a crash stopped the clone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    Nothing,
+    EmptyDir,
+    Mounted,
 }
 
 const fn volume(size: u64, lv_size: u64, published: bool) -> Left {
@@ -86,6 +124,9 @@ const LVM: &[(&str, Op, Kind, Left)] = &[
     // Zeroed, not yet finished: still debris (zeroed again when it is removed).
     ("lvm-create-after-zero", Op::Create, Kind::Block, Left::Debris(CREATING)),
     ("lvm-create-after-untag", Op::Create, Kind::Fs, volume(SIZE, SIZE, false)),
+    ("lvm-clone-after-lvcreate", Op::Clone, Kind::ThinXfs, Left::CloneDebris { own_uuid: false, at: At::Nothing }),
+    ("lvm-clone-after-uuid", Op::Clone, Kind::ThinXfs, Left::CloneDebris { own_uuid: true, at: At::EmptyDir }),
+    ("lvm-clone-after-mount", Op::Clone, Kind::ThinXfs, Left::CloneDebris { own_uuid: true, at: At::Mounted }),
     ("lvm-publish-after-untag", Op::Publish, Kind::Fs, volume(SIZE, SIZE, true)),
     ("lvm-expand-after-lvextend", Op::Expand, Kind::Fs, volume(SIZE, GROWN, false)),
     ("lvm-expand-after-resize", Op::Expand, Kind::Fs, volume(SIZE, GROWN, false)),
@@ -169,8 +210,12 @@ fn lv_of(volume: &str) -> Option<Lv> {
     lvs().into_iter().find(|l| l.name == format!("berth-{volume}"))
 }
 
+fn tag<'a>(lv: &'a Lv, key: &str) -> Option<&'a str> {
+    lv.tags.iter().find_map(|t| t.strip_prefix("berth:")?.strip_prefix(key)?.strip_prefix('='))
+}
+
 fn size_tag(lv: &Lv) -> u64 {
-    lv.tags.iter().find_map(|t| t.strip_prefix("berth:size=")).unwrap().parse().unwrap()
+    tag(lv, "size").unwrap().parse().unwrap()
 }
 
 /// Whether any LV still carries a debris tag.
@@ -179,11 +224,11 @@ fn debris_left() -> Vec<String> {
 }
 
 /// The volumes as the LVs' tags say, after checking that each filesystem volume is mounted at its mount point with
-/// its data/ directory and each block volume reads zeroes, that its LV holds its size, and that the pool root holds
-/// no other mount point.
+/// its data/ directory and filesystem and each block volume reads zeroes, that its LV holds its size, and that the
+/// pool roots hold no other mount point.
 fn on_disk() -> Model {
     let mut model = Model::new();
-    let mut mounted_volumes = Vec::new();
+    let mut mounted_volumes: BTreeMap<&str, Vec<String>> = [(POOL, vec![]), (THIN, vec![])].into();
     for lv in lvs() {
         let Some(name) = lv.name.strip_prefix("berth-") else { continue };
         assert!(!lv.tags.iter().any(|t| t == CREATING || t == DELETING), "{} is debris", lv.name);
@@ -194,19 +239,23 @@ fn on_disk() -> Model {
             assert!(reads_zeroes(&lv), "{name}: a block volume shows bytes Berth did not zero");
             continue;
         }
-        mounted_volumes.push(name.to_owned());
-        let mount_point = root(POOL).join(name);
+        let pool = tag(&lv, "pool").unwrap();
+        let mounted_here = mounted_volumes.get_mut(pool).unwrap_or_else(|| panic!("{name}: pool {pool:?}"));
+        mounted_here.push(name.to_owned());
+        let mount_point = root(pool).join(name);
         let mounted = mount_of(&mount_point).map(|(fs, _)| fs);
-        assert_eq!(mounted.as_deref(), Some("ext4"), "{name} is mounted at {}", mount_point.display());
+        assert_eq!(mounted.as_deref(), tag(&lv, "fs"), "{name} is mounted at {}", mount_point.display());
         assert!(mount_point.join("data").is_dir(), "{name}/data");
     }
-    let mut dirs: Vec<String> = std::fs::read_dir(root(POOL))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    dirs.sort();
-    assert_eq!(dirs, mounted_volumes, "mount points in {}", root(POOL).display());
+    for (pool, mounted_here) in mounted_volumes {
+        let mut dirs: Vec<String> = std::fs::read_dir(root(pool))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        dirs.sort();
+        assert_eq!(dirs, mounted_here, "mount points in {}", root(pool).display());
+    }
     model
 }
 
@@ -216,8 +265,12 @@ fn config() -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[[pool]]\nname = {POOL:?}\nbackend = \"lvm\"\nroot = {:?}\nvolume-group = \"berth\"\nlvm-config = {lvm_config:?}\n",
-            root(POOL)
+            "[[pool]]\nname = {POOL:?}\nbackend = \"lvm\"\nroot = {:?}\nvolume-group = \"berth\"\n\
+             lvm-config = {lvm_config:?}\n\n\
+             [[pool]]\nname = {THIN:?}\nbackend = \"lvm\"\nroot = {:?}\nvolume-group = \"berth\"\n\
+             thin-pool = {THIN:?}\noverprovision-ratio = 8.0\nlvm-config = {lvm_config:?}\n",
+            root(POOL),
+            root(THIN),
         ),
     )
     .unwrap();
@@ -235,6 +288,14 @@ async fn send(agent: &GuestAgent, op: Op, kind: Kind, volume: &str) -> Result<(S
         (Op::Create, Kind::Block) => {
             agent.http.put(&url).json(&json!({"pool": POOL, "sizeBytes": SIZE, "volumeMode": "Block", "claim": claim}))
         }
+        (Op::Create, Kind::ThinXfs) => {
+            agent.http.put(&url).json(&json!({"pool": THIN, "sizeBytes": XFS_SIZE, "fsType": "xfs", "claim": claim}))
+        }
+        (Op::Clone, Kind::ThinXfs) => agent
+            .http
+            .put(&url)
+            .json(&json!({"pool": THIN, "sizeBytes": CLONE_SIZE, "fsType": "xfs", "source": SOURCE, "claim": claim})),
+        (Op::Clone, kind) => unreachable!("no clone of {kind:?} volumes"),
         (Op::Publish, _) => agent.http.put(format!("{url}/published")),
         (Op::Expand, _) => agent.http.post(format!("{url}/expand")).json(&json!({"sizeBytes": GROWN})),
         (Op::Delete, _) => agent.http.delete(&url),
@@ -298,17 +359,22 @@ async fn lvm_crash_matrix() {
     let failpoints_bin = env("BERTH_AGENT_FAILPOINTS_BIN");
     assert!(Path::new(&failpoints_bin).exists(), "{failpoints_bin} is built by hack/test-vm");
     sh("modprobe", &["dm_mod"]);
+    sh("modprobe", &["dm_thin_pool"]);
     volume_group("crash.img", "berth");
+    lvm(&["lvcreate", "-y", "-L", THIN_POOL, "-T", &format!("berth/{THIN}")]);
     let config = config();
-    init_pools(&config, &[POOL]);
+    init_pools(&config, &[POOL, THIN]);
     let started = Instant::now();
 
     let mut agent = GuestAgent::start_with("crash", &config).await;
     let mut model = Model::new();
     // The filesystem volumes the create points leave, in order: the publish point works on the first, the expand
     // points on the next three, the delete points on the first four; the last is left. The block volumes: the one
-    // the create point leaves, then one made for each further spare point; all are left.
+    // the create point leaves, then one made for each further spare point; all are left. The clones, and their
+    // source (its filesystem's UUID, once it is made): all are left.
     let (mut made_fs, mut made_block): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    let mut made_clones: Vec<String> = Vec::new();
+    let mut source_uuid: Option<String> = None;
     let (mut publishes, mut expands, mut block_expands, mut deletes) = (0, 1, 0, 0);
     for (i, &(point, op, kind, left)) in LVM.iter().enumerate() {
         let t = Instant::now();
@@ -317,7 +383,7 @@ async fn lvm_crash_matrix() {
             made[*i - 1].clone()
         };
         let volume = match (op, kind) {
-            (Op::Create, _) => format!("pvc-22222222-0000-4000-8000-{i:012}"),
+            (Op::Create | Op::Clone, _) => format!("pvc-22222222-0000-4000-8000-{i:012}"),
             (Op::Publish, Kind::Fs) => next(&mut publishes, &made_fs),
             (Op::Expand, Kind::Fs) => next(&mut expands, &made_fs),
             (Op::Expand, Kind::Block) => {
@@ -334,6 +400,16 @@ async fn lvm_crash_matrix() {
             (Op::Delete, Kind::Fs) => next(&mut deletes, &made_fs),
             (op, kind) => unreachable!("no {op:?} point on {kind:?} volumes"),
         };
+        if op == Op::Clone && source_uuid.is_none() {
+            // Made by the plain agent, which runs until the armed restart below; a pod's file written into it.
+            let (status, body) = send(&agent, Op::Create, Kind::ThinXfs, SOURCE).await.unwrap();
+            assert_eq!(status, StatusCode::CREATED, "{point}: the source to clone: {body}");
+            model.insert(SOURCE.to_owned(), (XFS_SIZE, false));
+            let mut file = std::fs::File::create(root(THIN).join(SOURCE).join("data").join(SOURCE_FILE)).unwrap();
+            file.write_all(&source_file_content()).unwrap();
+            file.sync_all().unwrap();
+            source_uuid = Some(xfs_uuid(&lv_of(SOURCE).unwrap().dm_path));
+        }
         // The bytes the block point's new extents hold before Berth zeroes them (none after a crash may show).
         let dirty = (kind == Kind::Block).then(dirty_free_extents);
         let extents_before = lv_of(&volume).map(|_| extent_numbers(&format!("berth-{volume}"))).unwrap_or_default();
@@ -351,7 +427,7 @@ async fn lvm_crash_matrix() {
 
         // What the crash left.
         let lv = lv_of(&volume);
-        let mount_point = root(POOL).join(&volume);
+        let mount_point = root(if kind == Kind::ThinXfs { THIN } else { POOL }).join(&volume);
         match left {
             Left::Debris(tag) => {
                 let lv = lv.unwrap_or_else(|| panic!("{point}: no LV"));
@@ -363,7 +439,7 @@ async fn lvm_crash_matrix() {
                 assert_eq!((size_tag(&lv), lv.size), (size, lv_size), "{point}: size tag and LV size");
                 assert_eq!(!lv.tags.iter().any(|t| t == "berth:unpublished"), published, "{point}: published");
                 match kind {
-                    Kind::Fs => assert!(mount_of(&mount_point).is_some(), "{point}: mounted"),
+                    Kind::Fs | Kind::ThinXfs => assert!(mount_of(&mount_point).is_some(), "{point}: mounted"),
                     // Grown or not, what the volume has now was zeroed.
                     Kind::Block => assert!(reads_zeroes(&lv), "{point}: the block volume reads zeroes"),
                 }
@@ -381,6 +457,24 @@ async fn lvm_crash_matrix() {
                 assert!(mount_of(&mount_point).is_none(), "{point}: unmounted");
             }
             Left::Gone => assert!(lv.is_none(), "{point}: the LV is gone"),
+            Left::CloneDebris { own_uuid, at } => {
+                let lv = lv.unwrap_or_else(|| panic!("{point}: no LV"));
+                assert!(lv.tags.iter().any(|t| t == CREATING), "{point}: tagged {CREATING}: {:?}", lv.tags);
+                let source_uuid = source_uuid.as_ref().unwrap();
+                if Path::new(&lv.dm_path).exists() {
+                    let uuid = xfs_uuid(&lv.dm_path);
+                    assert_eq!(&uuid != source_uuid, own_uuid, "{point}: UUID {uuid}, the source's {source_uuid}");
+                } else {
+                    // Inactive: only before the clone's own activation.
+                    assert!(!own_uuid, "{point}: {} is not active", lv.name);
+                }
+                let found = match mount_of(&mount_point) {
+                    Some(_) => At::Mounted,
+                    None if mount_point.is_dir() => At::EmptyDir,
+                    None => At::Nothing,
+                };
+                assert_eq!(found, at, "{point}: at {}", mount_point.display());
+            }
         }
 
         agent = GuestAgent::start_with("crash", &config).await;
@@ -394,13 +488,31 @@ async fn lvm_crash_matrix() {
                 let path = match kind {
                     Kind::Fs => root(POOL).join(&volume).join("data").display().to_string(),
                     Kind::Block => lv_of(&volume).unwrap().dm_path,
+                    Kind::ThinXfs => unreachable!("no create point makes a thin volume"),
                 };
                 assert_eq!(body["path"], path, "{point}");
                 model.insert(volume.clone(), (SIZE, false));
                 match kind {
                     Kind::Fs => made_fs.push(volume.clone()),
-                    Kind::Block => made_block.push(volume.clone()),
+                    _ => made_block.push(volume.clone()),
                 }
+            }
+            Op::Clone => {
+                // The crash left debris, removed before the retry could make the clone anew.
+                assert_eq!(status, StatusCode::CREATED, "{point}: {body}");
+                assert_eq!(body["sizeBytes"], CLONE_SIZE, "{point}: {body}");
+                let data = root(THIN).join(&volume).join("data");
+                assert_eq!(body["path"], data.display().to_string(), "{point}");
+                let file = std::fs::read(data.join(SOURCE_FILE)).unwrap();
+                assert!(file == source_file_content(), "{point}: the clone has its source's file as written");
+                let uuid = xfs_uuid(&lv_of(&volume).unwrap().dm_path);
+                assert_ne!(Some(&uuid), source_uuid.as_ref(), "{point}: the clone's filesystem has a UUID of its own");
+                let (fs, dev) = crate::lvm_agent::sizes_of(&root(THIN).join(&volume));
+                let (source_fs, _) = crate::lvm_agent::sizes_of(&root(THIN).join(SOURCE));
+                assert_eq!(dev, CLONE_SIZE, "{point}: the device");
+                assert!(fs > source_fs, "{point}: the clone's filesystem grew past its source's: {fs}, {source_fs}");
+                model.insert(volume.clone(), (CLONE_SIZE, false));
+                made_clones.push(volume.clone());
             }
             Op::Publish => {
                 assert_eq!(body["published"], true, "{point}: {body}");
@@ -419,6 +531,7 @@ async fn lvm_crash_matrix() {
                         let dev = lv_of(&volume).unwrap().dm_path;
                         assert_eq!(sh("blockdev", &["--getsize64", &dev]).trim(), GROWN.to_string(), "{point}");
                     }
+                    Kind::ThinXfs => unreachable!("no expand point grows a thin volume"),
                 }
             }
             Op::Delete => {
@@ -448,12 +561,19 @@ async fn lvm_crash_matrix() {
     let agent = GuestAgent::start_with("crash", &config).await;
     check(&agent, "after the last restart", &model).await;
     let left: Vec<&String> = model.keys().collect();
+    let source = SOURCE.to_owned();
     let expected: Vec<&String> = {
-        let mut v: Vec<&String> = made_block.iter().chain(made_fs.last()).collect();
+        let mut v: Vec<&String> =
+            made_block.iter().chain(made_fs.last()).chain(&made_clones).chain([&source]).collect();
         v.sort();
         v
     };
-    assert_eq!(left, expected, "the last filesystem create point's volume and the block volumes are left");
+    assert_eq!(
+        left, expected,
+        "the last filesystem create point's volume, the block volumes, the clones and their source are left"
+    );
     agent.stop();
+    let used = lvm(&["lvs", "--noheadings", "-o", "data_percent", &format!("berth/{THIN}")]);
+    println!("thin pool of {THIN_POOL}: {}% used by the source and {} clones", used.trim(), made_clones.len());
     println!("{} lvm points in {:.1} s", LVM.len(), started.elapsed().as_secs_f64());
 }

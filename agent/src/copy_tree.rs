@@ -126,8 +126,8 @@ fn identity(st: &rustix::fs::Statx) -> (u32, u32, u64) {
 /// in it is not looked for), then gives `to` the owner, mode, timestamps and extended attributes of `from`. Only
 /// entries on `from`'s own mount are copied. `to`'s tree is the agent's own (not in any pod's reach while it is made).
 /// The walk stops with [`CopyError::TimedOut`] once `allowed` has passed, and [`TIME_PER_ENTRY`] more for each
-/// entry met so far (looked at between entries and between
-/// chunks of a file's data): what it made is the caller's to remove.
+/// entry met so far (looked at between entries and between chunks of a file's data): what it made is the caller's
+/// to remove.
 pub fn copy_tree(from: &Path, to: &Path, allowed: Duration) -> Result<Copied, CopyError> {
     let started = Instant::now();
     let (shown, shown_to) = (from.display().to_string(), to.display().to_string());
@@ -425,6 +425,33 @@ impl Walk<'_> {
         (self.links_bytes + path.len() + 16 <= HARD_LINK_BUDGET).then(|| CString::new(path).expect("no NUL in names"))
     }
 
+    /// Copies the extended attributes of `input` to `output`; one the kernel refuses the agent is left out
+    /// (counted).
+    fn attributes(&mut self, input: &OwnedFd, output: &OwnedFd, here: &str) -> Result<(), CopyError> {
+        let len = match rustix::fs::flistxattr(input, &mut self.xattr_names[..]) {
+            Ok(n) => n,
+            Err(Errno::OPNOTSUPP) => return Ok(()),
+            Err(e) => return Err(io(here)(e)),
+        };
+        for name in self.xattr_names[..len].split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            let name = CString::new(name).expect("split at NUL");
+            let n = match rustix::fs::fgetxattr(input, &name, &mut self.xattr_value[..]) {
+                Ok(n) => n,
+                Err(Errno::NODATA) => continue, // removed meanwhile
+                Err(e) => return Err(io(here)(e)),
+            };
+            match rustix::fs::fsetxattr(output, &name, &self.xattr_value[..n], XattrFlags::empty()) {
+                Ok(()) => {}
+                Err(Errno::PERM | Errno::ACCESS | Errno::OPNOTSUPP) => {
+                    let what = format!("{here}: attribute {} (refused to the agent)", name.to_string_lossy());
+                    self.copied.leave_out(what);
+                }
+                Err(e) => return Err(io(here)(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// A directory whose content is copied gets its source's attributes, owner, mode and times (last: writing into
     /// it changed its times).
     fn finish_directory(&mut self, src: &OwnedFd, dst: &OwnedFd, depth: usize) -> Result<(), CopyError> {
@@ -471,35 +498,6 @@ fn copy_data(input: &OwnedFd, output: &OwnedFd, size: u64, deadline: Instant) ->
     // The size, with a hole at the end if there is one.
     rustix::fs::ftruncate(output, size)?;
     Ok(written)
-}
-
-impl Walk<'_> {
-    /// Copies the extended attributes of `input` to `output`; one the kernel refuses the agent is left out
-    /// (counted).
-    fn attributes(&mut self, input: &OwnedFd, output: &OwnedFd, here: &str) -> Result<(), CopyError> {
-        let len = match rustix::fs::flistxattr(input, &mut self.xattr_names[..]) {
-            Ok(n) => n,
-            Err(Errno::OPNOTSUPP) => return Ok(()),
-            Err(e) => return Err(io(here)(e)),
-        };
-        for name in self.xattr_names[..len].split(|b| *b == 0).filter(|n| !n.is_empty()) {
-            let name = CString::new(name).expect("split at NUL");
-            let n = match rustix::fs::fgetxattr(input, &name, &mut self.xattr_value[..]) {
-                Ok(n) => n,
-                Err(Errno::NODATA) => continue, // removed meanwhile
-                Err(e) => return Err(io(here)(e)),
-            };
-            match rustix::fs::fsetxattr(output, &name, &self.xattr_value[..n], XattrFlags::empty()) {
-                Ok(()) => {}
-                Err(Errno::PERM | Errno::ACCESS | Errno::OPNOTSUPP) => {
-                    let what = format!("{here}: attribute {} (refused to the agent)", name.to_string_lossy());
-                    self.copied.leave_out(what);
-                }
-                Err(e) => return Err(io(here)(e)),
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The source's owner, then its mode (after: a change of owner clears setuid and setgid).

@@ -19,9 +19,10 @@ const MI: u64 = 1 << 20;
 const VOL: &str = "pvc-0f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f70";
 const VOL2: &str = "pvc-1f8e3c1a-5b2d-4c7e-9a10-2b3c4d5e6f71";
 
+/// Fields drop in order: the agent goes before the bed, whose API server would otherwise wait for its watches.
 struct World {
-    bed: TestBed,
     agent: AgentProcess,
+    bed: TestBed,
     http: reqwest::Client,
     token: String,
 }

@@ -79,9 +79,10 @@ const HOSTPATH: &[(&str, Op, Left)] = &[
 /// A volume as the inventory should hold it: size and whether it has been published.
 type Model = BTreeMap<String, (u64, bool)>;
 
+/// Fields drop in order: the agent goes before the bed, whose API server would otherwise wait for its watches.
 struct World {
-    bed: TestBed,
     agent: AgentProcess,
+    bed: TestBed,
     http: reqwest::Client,
     token: String,
     failpoints_bin: PathBuf,

@@ -79,9 +79,10 @@ impl Drop for LoopVg {
     }
 }
 
+/// Fields drop in order: the agent goes before the bed, whose API server would otherwise wait for its watches.
 struct World {
-    _bed: TestBed,
     agent: AgentProcess,
+    _bed: TestBed,
     http: reqwest::Client,
     token: String,
 }

@@ -145,6 +145,12 @@ struct Resources {
     keep_logs: bool,
 }
 
+/// How long each of the bed's processes gets to exit after SIGTERM when the bed goes, before SIGKILL. Nothing of a
+/// bed outlives it, so this is only the time to finish a log line. The API server takes longest: it waits for its
+/// clients' watches to end, and a test's agents or controllers held in a struct declared before its bed were still
+/// watching, so every such bed waited 10 s (the old grace) here; with its clients gone it exits in about 1 s.
+const TEARDOWN_GRACE: Duration = Duration::from_secs(2);
+
 impl Drop for Resources {
     fn drop(&mut self) {
         if let Some(node) = self.real_node.take() {
@@ -152,7 +158,7 @@ impl Drop for Resources {
         }
         self.egress = None;
         while let Some(mut p) = self.procs.pop() {
-            p.stop(Duration::from_secs(10));
+            p.stop(TEARDOWN_GRACE);
         }
         self.nodes.clear(); // unmounts and detaches
         if self.keep_logs || std::thread::panicking() {

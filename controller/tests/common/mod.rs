@@ -22,10 +22,12 @@ use testbed::{FsType, TestBed, TestBedConfig};
 pub const MI: u64 = 1 << 20;
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// Fields drop in order: the bed's clients (agents, controllers) go before the bed, whose API server would
+/// otherwise wait for their watches to end.
 pub struct World {
-    pub bed: TestBed,
     pub agents: Vec<AgentProcess>,
     pub controllers: Vec<Proc>,
+    pub bed: TestBed,
 }
 
 /// A test bed with one agent (pool `fast`) per disk, and the namespace `app`; no controller yet.

@@ -183,6 +183,9 @@ impl Attempt<'_> {
     ) -> Result<Action, Error> {
         let ctx = self.ctx;
         crate::failpoints::pause("provision-before-agent-create").await;
+        if request.source.is_some() {
+            crate::failpoints::pause("provision-before-agent-clone").await;
+        }
         let created = ctx.agents.create(&node.name, status, self.volume, request).await;
         if request.source.is_some()
             && let Err(AgentError::Refused { reason, message }) = &created

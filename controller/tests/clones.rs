@@ -15,8 +15,8 @@ use kube::api::{Api, DeleteParams, PostParams};
 use testbed::kube_util::{wait_deleted, wait_for};
 
 const FINALIZER: &str = "local.berth.dev/cloning-protection";
-/// Every agent call of a create waits this long first (a failpoint), so the test can act while a clone is being
-/// made.
+/// Every agent call of a clone's create waits this long first (a failpoint), so the test can act while a clone is
+/// being made.
 const PAUSE_MS: u64 = 2500;
 
 fn clone_of(
@@ -51,7 +51,7 @@ async fn clones_are_refused_placed_and_their_sources_protected_by_the_controller
     let step = |what: &str| println!("{:>6.1} s  {what}", started.elapsed().as_secs_f64());
     let mut w = world_without_controller(&[2 << 30, 2 << 30]).await;
     step("bed up");
-    let points = format!("provision-before-agent-create=return({PAUSE_MS})");
+    let points = format!("provision-before-agent-clone=return({PAUSE_MS})");
     let controller = start_with_failpoints(&w, "controller", &AUDIT_REPORTS, &points).await;
     w.controllers.push(controller);
     add_class(&w, class("now", "Immediate", "Delete", &[("pool", "fast")])).await;

@@ -146,10 +146,13 @@ struct Resources {
 }
 
 /// How long each of the bed's processes gets to exit after SIGTERM when the bed goes, before SIGKILL. Nothing of a
-/// bed outlives it, so this is only the time to finish a log line. The API server takes longest: it waits for its
-/// clients' watches to end, and a test's agents or controllers held in a struct declared before its bed were still
-/// watching, so every such bed waited 10 s (the old grace) here; with its clients gone it exits in about 1 s.
-const TEARDOWN_GRACE: Duration = Duration::from_secs(2);
+/// bed outlives it: when its logs are deleted the processes get a tenth of a second, and when they are kept (a test
+/// failed) they get time to flush them (klog writes its buffer every few seconds). The API server is the slow one:
+/// it waits for its clients' watches to end, and a test's agents or controllers held in a struct declared before
+/// its bed were still watching, so each such bed waited the whole grace, 10 s; with its clients gone it exits in
+/// about 1.1 s.
+const GRACE_KEEPING_LOGS: Duration = Duration::from_secs(10);
+const GRACE: Duration = Duration::from_millis(100);
 
 impl Drop for Resources {
     fn drop(&mut self) {
@@ -157,11 +160,13 @@ impl Drop for Resources {
             let _ = std::fs::write(self.dir.join("logs/real-node-console.log"), node.console_tail(usize::MAX));
         }
         self.egress = None;
+        let keep_logs = self.keep_logs || std::thread::panicking();
+        let grace = if keep_logs { GRACE_KEEPING_LOGS } else { GRACE };
         while let Some(mut p) = self.procs.pop() {
-            p.stop(TEARDOWN_GRACE);
+            p.stop(grace);
         }
         self.nodes.clear(); // unmounts and detaches
-        if self.keep_logs || std::thread::panicking() {
+        if keep_logs {
             let keep = repo_root().join("target/testbed-logs").join(self.dir.file_name().unwrap_or_default());
             if std::fs::create_dir_all(&keep).is_ok() {
                 for entry in std::fs::read_dir(self.dir.join("logs")).into_iter().flatten().flatten() {

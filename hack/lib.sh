@@ -24,3 +24,54 @@ real_node_inputs() {
     tail -n 1)}
   export BERTH_NODE_BINS BERTH_IMAGES
 }
+
+# Builds that later phases need, run in the background while the test phases before them leave cores idle (the
+# end-to-end tests leave about 40 % of two cores idle: they mostly wait for the control plane). Niced to 19, so a
+# test phase beside them keeps the CPU whenever it wants it.
+#
+# background NAME [--after OTHER] COMMAND...: starts COMMAND niced in its own process group (once OTHER, started
+#   before, has ended, whatever its result); its output goes to target/background/NAME.log, and the last line of its
+#   stdout to target/background/NAME.out.
+# await NAME: waits for it, prints how long it ran and how long the caller waited; a failed one's log tail is
+#   printed and await fails. stop_background (an EXIT trap) kills what is still running.
+declare -A background_pids=() background_started=()
+background() {
+  local name=$1 after=; shift
+  if [ "${1:-}" = --after ]; then after=${background_pids[$2]:-}; shift 2; fi
+  local dir=target/background
+  mkdir -p "$dir"
+  rm -f "$dir/$name.out"
+  printf '=== %s: started in the background (nice 19%s), its output in %s/%s.log\n' "$name" \
+    "${after:+, after the one before}" "$dir" "$name" >&2
+  # setsid: its own process group, so that stop_background reaches cargo's and go's children too. The timer starts
+  # when the command does, not while it waits for the one before.
+  setsid -w nice -n 19 bash -c '
+    log=$0.log; after=$1; shift
+    [ -z "$after" ] || tail --pid="$after" -f /dev/null
+    start=$SECONDS
+    set -o pipefail
+    : > "$log"
+    "$@" 2>>"$log" | tee -a "$log" | tail -n 1 > "$0.out"
+    rc=$?
+    echo "ran $((SECONDS - start)) s, exit $rc" >> "$log"
+    exit $rc' "$dir/$name" "$after" "$@" &
+  background_pids[$name]=$!
+  background_started[$name]=$SECONDS
+}
+await() {
+  local name=$1 rc=0 waited=$SECONDS
+  wait "${background_pids[$name]}" || rc=$?
+  unset "background_pids[$name]"
+  printf '=== %s (background): %s, %d s after it was started (%s); waited %d s for it here\n' "$name" \
+    "$([ $rc -eq 0 ] && echo done || echo "FAILED (exit $rc)")" \
+    "$((SECONDS - background_started[$name]))" "$(tail -n 1 "target/background/$name.log")" \
+    "$((SECONDS - waited))" >&2
+  if [ $rc -ne 0 ]; then
+    tail -n 40 "target/background/$name.log" >&2
+    return $rc
+  fi
+}
+stop_background() {
+  local pid
+  for pid in "${background_pids[@]}"; do kill -- "-$pid" 2>/dev/null || true; done
+}

@@ -124,13 +124,6 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
     assert!(affinity.contains(&node.hostname), "the PV is pinned to the node's hostname label: {affinity}");
     phase("deploy/: agent, controller, claims used by pods; the quota pool says why it enforces nothing", started);
 
-    // The directory volume as kubelet left it (fsGroup applied), and its life after the first pod.
-    directory_volume_on_the_node(&bed, &node.name, &node.hostname).await;
-    phase(
-        "a directory volume: owner, fsGroup, the writer's file on the node; a new pod sees it; deleted with its claim",
-        started,
-    );
-
     // 2. With deploy/quota the same pool enforces project quotas from the shipped image.
     deploy::apply(
         &bed,
@@ -142,14 +135,19 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
         .await
         .unwrap();
     assert_eq!(pool.enforcement_reason, None, "{pool:?}");
-    quota_seen_by_a_pod_and_kubelet(&bed, &node.name).await;
+    // What happens to volumes after "Bound", at once where one does not wait for another: a pod's start under
+    // emulation is most of each step's time. The directory volume of claim `owned` (made above) as kubelet left it
+    // (fsGroup applied) and its life after the first pod; the quota pool filled by a pod, then its volume seen by
+    // kubelet and taken by hostile pods.
+    let quota = async {
+        fill_past_its_claim(&bed).await;
+        tokio::join!(kubelet_reports_the_claims_size(&bed, &node.name), projects_and_user_namespaces(&bed, &node.name));
+    };
+    tokio::join!(directory_volume_on_the_node(&bed, &node.name, &node.hostname), quota);
     phase(
-        "deploy/quota: enforcement quota; a pod writing past its claim gets ENOSPC; kubelet reports the claim's size",
-        started,
-    );
-    projects_and_user_namespaces(&bed, &node.name).await;
-    phase(
-        "a pod in the node's user namespace can take another volume's project, one with hostUsers: false cannot",
+        "deploy/quota: enforcement quota; a pod writing past its claim gets ENOSPC; kubelet reports the claim's size; \
+         a pod in the node's user namespace can take another volume's project, one with hostUsers: false cannot; \
+         a directory volume: owner, fsGroup, the writer's file on the node; a new pod sees it; deleted with its claim",
         started,
     );
 
@@ -161,7 +159,7 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
     println!("init-pool lvm: {}", out.trim());
     let pool = deploy::wait_pool(&client, &node.name, "lvm", POOL_TIMEOUT, |p| p.ready).await.unwrap();
     assert_eq!(pool.enforcement, "device", "{pool:?}");
-    lvm_volumes_in_pods(&bed, &node.name).await;
+    tokio::join!(lvm_volumes_in_pods(&bed, &node.name), volumes_held_by_a_pod(&bed));
     phase("deploy/lvm: the lvm pool ready; an xfs volume mounted into a pod, a Block volume written and read", started);
     volumes_in_use_are_not_deleted(&mut bed, &node.name).await;
     phase(
@@ -247,9 +245,9 @@ async fn directory_volume_on_the_node(bed: &TestBed, node: &str, hostname: &str)
     assert_eq!(left.trim(), "gone", "{path} outlived its PV");
 }
 
-/// A pod writing past its 64Mi claim on the quota pool gets ENOSPC; kubelet reports the claim's size as the
-/// volume's capacity (statfs of a project-quota directory), in /stats/summary and kubelet_volume_stats_*.
-async fn quota_seen_by_a_pod_and_kubelet(bed: &TestBed, node: &str) {
+/// A pod writing past its 64Mi claim `quota-full` on the quota pool gets ENOSPC (the pod stays running, its volume
+/// full).
+async fn fill_past_its_claim(bed: &TestBed) {
     let client = bed.client();
     create_claim(&client, "apps", "quota-full", "berth-quota", "64Mi", VolumeMode::Filesystem).await.unwrap();
     // Stays running (its volume's stats are a running pod's), the dd's outcome in its output.
@@ -264,6 +262,12 @@ async fn quota_seen_by_a_pod_and_kubelet(bed: &TestBed, node: &str) {
     println!("the filling pod:\n{out}");
     assert!(out.contains("No space left on device"), "writing past the claim's size is refused with ENOSPC:\n{out}");
     assert!(!out.contains("dd exit 0"), "dd reports the failure:\n{out}");
+}
+
+/// kubelet reports the size of claim `quota-full` (filled by [`fill_past_its_claim`]) as its volume's capacity
+/// (statfs of a project-quota directory), in /stats/summary and kubelet_volume_stats_*; then its pod is deleted.
+async fn kubelet_reports_the_claims_size(bed: &TestBed, node: &str) {
+    let client = bed.client();
     // The project's limit is the claim's size plus 64 KiB for Berth's own files in the volume (docs/storageclass.md,
     // "a pod can write its whole size"), and XFS answers statfs of the directory with that limit.
     const SIZE: u64 = (64 << 20) + (64 << 10);
@@ -283,16 +287,27 @@ async fn quota_seen_by_a_pod_and_kubelet(bed: &TestBed, node: &str) {
     Api::<Pod>::namespaced(client.clone(), "apps").delete("quota-full", &Default::default()).await.unwrap();
 }
 
+/// What pod `lvm-data` prints at every start: its /data mount, then `first: written` when it wrote its proof
+/// (the volume was empty) or `kept: written` when the proof was already there; then it stays.
+const LVM_DATA_POD: &str = "grep ' /data ' /proc/mounts; if [ -e /data/proof ]; then echo \"kept: $(cat /data/proof)\"; \
+     else echo written > /data/proof && echo \"first: $(cat /data/proof)\"; fi; exec sleep 2147483647";
+
+/// Whether pod `lvm-data`'s output is complete (see [`LVM_DATA_POD`]).
+fn lvm_data_said(out: &str) -> bool {
+    out.lines().any(|l| l.starts_with("first: ") || l.starts_with("kept: "))
+}
+
 /// The xfs volume the agent mounted inside its container is what the pod sees (Bidirectional propagation to the
 /// host, where kubelet bind-mounts it), and a Block claim's device takes a pattern that reaches the logical volume.
+/// The xfs volume's pod stays for the reboot below.
 async fn lvm_volumes_in_pods(bed: &TestBed, node: &str) {
     let client = bed.client();
     // 320Mi: berth-lvm makes xfs, and mkfs.xfs refuses less than 300 MB (the agent says so, 4xx).
     let mounted = async {
         create_claim(&client, "apps", "lvm-data", "berth-lvm", "320Mi", VolumeMode::Filesystem).await?;
-        let show = "grep ' /data ' /proc/mounts && echo written > /data/proof && cat /data/proof";
-        run_pod(&client, "apps", &PodUse::new("lvm-data", "lvm-data", show)).await?;
-        logs(&client, "apps", "lvm-data").await
+        let pod = PodUse { stays: true, ..PodUse::new("lvm-data", "lvm-data", LVM_DATA_POD) };
+        run_pod(&client, "apps", &pod).await?;
+        logs_when(&client, "apps", "lvm-data", lvm_data_said).await
     };
     const PATTERN: &str = "berth-block-pattern";
     let block = async {
@@ -308,6 +323,7 @@ async fn lvm_volumes_in_pods(bed: &TestBed, node: &str) {
     let (mounted, block) = tokio::try_join!(mounted, block).unwrap();
     let mount = mounted.lines().next().unwrap_or_default();
     assert!(mount.contains(" xfs "), "the pod's /data is the xfs volume: {mounted}");
+    assert!(mounted.lines().any(|l| l == "first: written"), "the pod wrote its proof on the new volume: {mounted}");
     assert!(block.contains(PATTERN), "the pod read its pattern back from the device: {block}");
     // On the node, from the device itself (the agent's pod is privileged here and has the host's /dev).
     let device = local_path(&client, "apps", "lvm-block").await.unwrap();
@@ -327,13 +343,9 @@ async fn volume_counts(client: &kube::Client, node: &str) -> Vec<(String, u32)> 
     bn.status.unwrap().pools.into_iter().map(|p| (p.name, p.volumes)).collect()
 }
 
-/// Issue 15 item 7 (the agent's in-use refusal, issue 19): volumes a pod still mounts — kubelet stopped, the pod
-/// force-deleted, its claims deleted — are not deleted: the agent refuses each delete as in use (nothing is moved,
-/// zeroed or removed: the volumes stay in its inventory) and the controller retries, with one `VolumeInUse` event
-/// per PV, until kubelet is back and has unmounted them. A directory volume, which only the host's mount table
-/// shows in use (the agent reads it through the host's /proc that deploy/agent mounts), and a thick ext4 LV, whose
-/// filesystem the pod's bind mount keeps alive after the agent's own umount (its device stays open), in one pod.
-async fn volumes_in_use_are_not_deleted(bed: &mut TestBed, node: &str) {
+/// Claims `held-dir` (berth-local) and `held-lvm` (a thick ext4 LV) used by one pod, `holder`, which writes to both
+/// and stays: the volumes [`volumes_in_use_are_not_deleted`] tries to delete.
+async fn volumes_held_by_a_pod(bed: &TestBed) {
     let client = bed.client();
     deploy::kubectl_apply_text(bed, &storage_class("berth-lvm-ext4", "lvm", "  fsType: ext4\n")).unwrap();
     let claims = async {
@@ -360,6 +372,18 @@ async fn volumes_in_use_are_not_deleted(bed: &mut TestBed, node: &str) {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "apps");
     pods.create(&Default::default(), &holder).await.unwrap();
     wait_pod(&client, "apps", "holder", "held-lvm", PodLife::Stays).await.unwrap();
+}
+
+/// Issue 15 item 7 (the agent's in-use refusal, issue 19): volumes a pod still mounts — kubelet stopped, the pod
+/// force-deleted, its claims deleted — are not deleted: the agent refuses each delete as in use (nothing is moved,
+/// zeroed or removed: the volumes stay in its inventory) and the controller retries, with one `VolumeInUse` event
+/// per PV, until kubelet is back and has unmounted them. A directory volume, which only the host's mount table
+/// shows in use (the agent reads it through the host's /proc that deploy/agent mounts), and a thick ext4 LV, whose
+/// filesystem the pod's bind mount keeps alive after the agent's own umount (its device stays open), in one pod
+/// `holder` that [`volumes_held_by_a_pod`] made.
+async fn volumes_in_use_are_not_deleted(bed: &mut TestBed, node: &str) {
+    let client = bed.client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "apps");
     let (dir_pv, lvm_pv) = (pv_of(&client, "held-dir").await, pv_of(&client, "held-lvm").await);
     let before = volume_counts(&client, node).await;
 
@@ -463,15 +487,13 @@ async fn event_of(
 
 /// Drain: `kubectl drain` evicts the demo's pod; its replacement stays Pending (its claim's volume is on this node
 /// only) with the scheduler's reason. Reboot, with the node still cordoned and the agent held back so that it is
-/// late: kubelet refuses to start the pod of the lvm volume (the PV path inside the unmounted LV does not exist);
-/// once the agent is back and has mounted the LV the pod runs with its data, and the node's disk under the mount
-/// point holds nothing. Uncordon: the demo's pod runs again with its data.
+/// late: kubelet refuses to start pod `lvm-data` again (the PV path inside the unmounted LV does not exist); once
+/// the agent is back and has mounted the LV the pod runs with its data, and the node's disk under the mount point
+/// holds nothing. Uncordon (as soon as the refusal is seen: the demo's volume is a directory, which needs no agent
+/// to be mounted): the demo's pod runs again with its data.
 async fn drain_and_reboot(bed: &mut TestBed, node: &str) {
     let client = bed.client();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "apps");
-    let keep = "cat /data/proof && exec sleep 2147483647";
-    run_pod(&client, "apps", &PodUse { stays: true, ..PodUse::new("lvm-keeper", "lvm-data", keep) }).await.unwrap();
-
     let evicted = pods.get(DEMO_POD).await.unwrap().metadata.uid;
     let drained =
         deploy::kubectl(bed, &["drain", node, "--ignore-daemonsets", "--pod-selector=app=demo", "--timeout=120s"])
@@ -495,11 +517,11 @@ async fn drain_and_reboot(bed: &mut TestBed, node: &str) {
     hold_agent_back(bed, true);
     bed.reboot_real_node().await.unwrap();
     let path = local_path(&client, "apps", "lvm-data").await.unwrap();
-    let (refused, at) =
-        event_of(&client, "lvm-keeper", "FailedMount", "does not exist", Duration::from_secs(180)).await;
+    let (refused, at) = event_of(&client, "lvm-data", "FailedMount", "does not exist", Duration::from_secs(180)).await;
     println!("before the agent runs, kubelet: {refused}");
     assert!(refused.contains(&path), "kubelet refuses the PV's own path {path}: {refused}");
 
+    deploy::kubectl(bed, &["uncordon", node]).unwrap();
     hold_agent_back(bed, false);
     let ready_after_refusal = |p: &Pod| {
         let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
@@ -509,11 +531,12 @@ async fn drain_and_reboot(bed: &mut TestBed, node: &str) {
             })
         })
     };
-    testbed::kube_util::wait_for(&pods, "lvm-keeper", Duration::from_secs(180), ready_after_refusal)
+    testbed::kube_util::wait_for(&pods, "lvm-data", Duration::from_secs(180), ready_after_refusal)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let kept = logs_when(&client, "apps", "lvm-keeper", |out| !out.is_empty()).await.unwrap();
-    assert_eq!(kept.trim(), "written", "the lvm volume's data after the reboot");
+    // The container started after the reboot; until its output is in, the log can still be the one before it.
+    let kept = logs_when(&client, "apps", "lvm-data", |out| out.contains("kept: ")).await.unwrap();
+    assert!(kept.lines().any(|l| l == "kept: written"), "the lvm volume's data after the reboot:\n{kept}");
     // The filesystem that holds the pool root, without what is mounted on it (a bind mount is not recursive): the
     // volume's mount point there is empty, so nothing was written to the node's disk in the volume's place.
     let mount_point = Path::new(&path).parent().unwrap().display().to_string();
@@ -537,7 +560,6 @@ async fn drain_and_reboot(bed: &mut TestBed, node: &str) {
     );
     assert!(seen.lines().any(|l| l == "underneath: "), "the node's disk holds nothing under the mount point: {seen}");
 
-    deploy::kubectl(bed, &["uncordon", node]).unwrap();
     wait_pod(&client, "apps", DEMO_POD, DEMO_CLAIM, PodLife::Stays).await.unwrap();
 }
 

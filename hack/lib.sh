@@ -26,8 +26,10 @@ real_node_inputs() {
 }
 
 # Builds that later phases need, run in the background while the test phases before them leave cores idle (the
-# end-to-end tests leave about 40 % of two cores idle: they mostly wait for the control plane). Niced to 19, so a
-# test phase beside them keeps the CPU whenever it wants it.
+# end-to-end tests leave about half of two cores idle: they mostly wait for the control plane). Niced to 19, so a
+# test phase beside them gets the CPU when it wants it; they still slow it (their writes delay the tests' fsyncs,
+# and nice does not reach the disk): the end-to-end phase took 940 s beside cold builds, 733 s without
+# (docs/fuzzing.md, "What it costs CI").
 #
 # background NAME [--after OTHER] COMMAND...: starts COMMAND niced in its own process group (once OTHER, started
 #   before, has ended, whatever its result); its output goes to target/background/NAME.log, and the last line of its

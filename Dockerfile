@@ -10,6 +10,10 @@ ARG RUST_VERSION=1.95
 
 FROM docker.io/library/rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
+# The commit the binaries and the labels name (deploy/README.md, "Versions and upgrades"):
+#   docker build --build-arg BERTH_COMMIT=$(git rev-parse HEAD) .
+ARG BERTH_COMMIT
+ENV BERTH_COMMIT=${BERTH_COMMIT}
 COPY . .
 # The registry and target caches make rebuilds incremental; the binaries are copied out of the cache mount by
 # hack/build-release within the same step.
@@ -33,7 +37,9 @@ RUN --mount=type=bind,source=image/packages,target=/tmp/packages \
 COPY image/lvmlocal.conf /etc/lvm/lvmlocal.conf
 COPY --from=build /out/berth-agent /out/berth-controller /usr/local/bin/
 USER 65532:65532
+ARG BERTH_COMMIT
 LABEL org.opencontainers.image.title="Berth" \
+      org.opencontainers.image.revision="${BERTH_COMMIT}" \
       org.opencontainers.image.description="Node-local volume provisioner for Kubernetes: berth-agent and berth-controller" \
       org.opencontainers.image.licenses="Apache-2.0"
 CMD ["berth-controller", "--help"]

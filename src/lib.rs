@@ -9,6 +9,7 @@ pub mod logging;
 pub mod naming;
 pub mod quantity;
 pub mod validate;
+pub mod version;
 
 #[cfg(test)]
 mod crd_file_test;

@@ -22,7 +22,7 @@ use crate::{api, auth, config, edge, epoch, metrics, publisher, tls};
 /// Berth's node agent: creates and deletes volumes in this node's pools and reports their free capacity over
 /// an authenticated HTTPS API. Pools are listed in a TOML config file (see docs/agent-config.md).
 #[derive(Parser, Debug)]
-#[command(name = "berth-agent", version)]
+#[command(name = "berth-agent", version = berth::version::long())]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -222,7 +222,7 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     };
     tokio::spawn(debris_worker);
-    tracing::info!(node = %args.node_name, listen = %args.listen, endpoint = %format!("https://{advertise}"), "serving");
+    tracing::info!(version = %berth::version::full(), node = %args.node_name, listen = %args.listen, endpoint = %format!("https://{advertise}"), "serving");
     let limit = edge::ConnectionLimit::new(axum_server::accept::DefaultAcceptor::new(), args.max_connections);
     let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls).acceptor(limit);
     let mut server = axum_server::bind(args.listen).acceptor(acceptor).handle(handle);

@@ -93,7 +93,7 @@ impl Publisher {
         let status = BerthNodeStatus {
             endpoint: self.endpoint.clone(),
             certificate: self.certificate.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").into(),
+            agent_version: berth::version::full(),
             pools: pools.to_vec(),
             summary: summary(pools),
             heartbeat_time: now,

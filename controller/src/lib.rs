@@ -3,6 +3,7 @@
 //! and frees the storage of released PVs by their reclaim policy.
 
 mod agent_client;
+mod agent_versions;
 mod audit;
 mod capacity;
 mod claims;
@@ -47,7 +48,7 @@ use kube::runtime::{WatchStreamExt, reflector, watcher};
 ///
 /// It serves the provisioner `local.berth.dev` (StorageClasses name it), one install per cluster.
 #[derive(Parser, Debug)]
-#[command(name = "berth-controller", version)]
+#[command(name = "berth-controller", version = berth::version::long())]
 pub struct Args {
     /// Namespace of the controller's ServiceAccount (tokens for the agents are requested for it).
     #[arg(long, env = "BERTH_NAMESPACE", default_value = "berth-system")]
@@ -197,7 +198,7 @@ pub async fn main() -> Result<()> {
         )
         .map_err(anyhow::Error::msg)?,
     );
-    tracing::info!(identity = %leadership.identity(), "standing by until this replica holds the lease");
+    tracing::info!(version = berth::version::long(), identity = %leadership.identity(), "standing by until this replica holds the lease");
     let epoch = tokio::select! {
         epoch = leadership.acquire() => epoch,
         _ = shutdown.clone() => {
@@ -288,6 +289,8 @@ pub async fn main() -> Result<()> {
 /// Keeps the gauges computed from the caches current (claims still without a PV, agents known and ready), and
 /// forgets the retry counters of claims and PVs that are gone.
 async fn gauges(ctx: Arc<context::Context>, claims: reflector::Store<PersistentVolumeClaim>) {
+    let mut versions = agent_versions::AgentVersions::default();
+    let ours = berth::version::full();
     loop {
         let waiting = claims
             .state()
@@ -303,6 +306,19 @@ async fn gauges(ctx: Arc<context::Context>, claims: reflector::Store<PersistentV
             claims.state().iter().filter_map(|c| c.metadata.uid.clone()).collect();
         ctx.forget_failures(&uids, |pv| ctx.pv_exists(pv));
         let agents = ctx.caches.berth_nodes.state();
+        for change in versions.observe(&ours, &agents) {
+            match &change.skew {
+                berth::version::Skew::Same | berth::version::Skew::Supported => {
+                    tracing::info!(node = %change.node, agent_version = %change.version, "agent version")
+                }
+                berth::version::Skew::Unsupported(why) => tracing::warn!(
+                    node = %change.node,
+                    agent_version = %change.version,
+                    controller_version = %ours,
+                    "agent version outside the supported skew: {why} (deploy/README.md)"
+                ),
+            }
+        }
         let ready = agents
             .iter()
             .filter(|b| b.status.as_ref().is_some_and(|s| !s.endpoint.is_empty()))

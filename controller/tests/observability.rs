@@ -83,6 +83,17 @@ async fn prometheus_sees_what_the_agents_report_and_every_dashboard_query_has_da
     assert_eq!(scraped, reported, "Prometheus's berth_pool_free_bytes against the agents' /v1/pools");
     assert_eq!(scraped.len(), 2);
 
+    // Each agent's version as its BerthNode publishes it (release+commit), logged by the controller once per agent
+    // however many heartbeats came since (deploy/README.md, "Versions and upgrades"). The same binaries: no warning.
+    let log = w.controllers[0].log_text();
+    for a in &w.agents {
+        let node = format!("node={} ", a.node);
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains("agent version") && l.contains(&node)).collect();
+        assert_eq!(lines.len(), 1, "one line for {}'s agent:\n{log}", a.node);
+        assert!(lines[0].contains(&format!("agent_version={}", berth::version::full())), "{}", lines[0]);
+    }
+    assert!(!log.contains("outside the supported skew"), "{log}");
+
     // Every dashboard query, against this Prometheus.
     let out = std::process::Command::new(repo_root().join("hack/test-dashboard"))
         .args(["--url", &prometheus.url])

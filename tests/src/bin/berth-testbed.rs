@@ -38,7 +38,7 @@ struct Args {
     /// The berth-controller binary: run it.
     #[arg(long)]
     controller_bin: Option<PathBuf>,
-    /// Apply deploy/examples/statefulset.yaml and wait until its claims are Bound (needs Berth).
+    /// Apply deploy/examples/postgres.yaml and wait until its claims are Bound (needs Berth).
     #[arg(long)]
     demo: bool,
     /// Write this process's pid here (for hack/down).
@@ -245,7 +245,7 @@ async fn wait_for_signal() -> Result<()> {
 }
 
 async fn run_demo(bed: &TestBed) -> Result<()> {
-    let example = repo_root().join("deploy/examples/statefulset.yaml");
+    let example = repo_root().join("deploy/examples/postgres.yaml");
     progress(&format!("demo: kubectl apply -f {}", example.display()));
     let out = bed.kubectl(&["apply", "-f", example.to_str().context("path")?])?;
     if !out.status.success() {
@@ -267,7 +267,7 @@ async fn run_demo(bed: &TestBed) -> Result<()> {
     bail!(
         "demo: the StatefulSet's claims were not all Bound within 2 minutes. It has 3 replicas of 1Gi each and \
          the scheduler places them only where a pool has room: it needs 3 nodes whose pools have more than 1Gi free \
-         (--nodes 3 --pool-size 2Gi); `kubectl describe pod demo-db-N` says what the scheduler saw, the logs the rest"
+         (--nodes 3 --pool-size 2Gi); `kubectl describe pod postgres-N` says what the scheduler saw, the logs the rest"
     )
 }
 

@@ -16,11 +16,12 @@ phase() {
 }
 
 # real_node_inputs: exports BERTH_NODE_BINS (hack/node-bins) and BERTH_IMAGES (hack/build-image target/images, its
-# pause image the sandbox image that containerd runs), building what is missing; values already set are kept.
+# pause image the sandbox image that containerd runs, with the PostgreSQL image the real-node test runs), building
+# what is missing; values already set are kept.
 # hack/test-vm and hack/up --real-node need both.
 real_node_inputs() {
   BERTH_NODE_BINS=${BERTH_NODE_BINS:-$(hack/node-bins | tail -n 1)}
-  BERTH_IMAGES=${BERTH_IMAGES:-$(hack/build-image --pause-ref "$(cat "$BERTH_NODE_BINS/sandbox-image")" target/images |
+  BERTH_IMAGES=${BERTH_IMAGES:-$(hack/build-image --postgres --pause-ref "$(cat "$BERTH_NODE_BINS/sandbox-image")" target/images |
     tail -n 1)}
   export BERTH_NODE_BINS BERTH_IMAGES
 }

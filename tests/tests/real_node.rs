@@ -22,6 +22,22 @@ use testbed::{TestBed, TestBedConfig};
 
 const POOL_TIMEOUT: Duration = Duration::from_secs(120);
 
+// Not tests/tests/postgres.rs: cargo would make that a test target of its own.
+#[path = "real_node/postgres.rs"]
+mod postgres;
+
+/// PostgreSQL's volumes (issue 16): a directory on the state disk's ext4, one on the XFS pool with a project quota,
+/// a thick LVM volume with xfs.
+const PG_EXT4: postgres::Kind =
+    postgres::Kind { namespace: "pg-ext4", class: "berth-local", what: "a directory volume on ext4" };
+const PG_QUOTA: postgres::Kind = postgres::Kind {
+    namespace: "pg-quota",
+    class: "berth-quota",
+    what: "a directory volume on XFS with a project quota",
+};
+const PG_LVM: postgres::Kind =
+    postgres::Kind { namespace: "pg-lvm", class: "berth-lvm", what: "a thick LVM volume, xfs" };
+
 /// The agent configuration of every phase: deploy/agent/agent.toml as shipped (its pool `local`), an XFS pool on
 /// the disk the node mounted with prjquota and (lvm phase) an lvm pool on the node's volume group `berth`, as an
 /// operator extends it. The container has no udev: lvm2 is told so by the image's /etc/lvm/lvmlocal.conf.
@@ -143,7 +159,12 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
         fill_past_its_claim(&bed).await;
         tokio::join!(kubelet_reports_the_claims_size(&bed, &node.name), projects_and_user_namespaces(&bed, &node.name));
     };
-    tokio::join!(directory_volume_on_the_node(&bed, &node.name, &node.hostname), quota);
+    let (_, _, pg_ext4, pg_quota) = tokio::join!(
+        directory_volume_on_the_node(&bed, &node.name, &node.hostname),
+        quota,
+        postgres_on(&bed, &node.name, PG_EXT4, &work),
+        postgres_on(&bed, &node.name, PG_QUOTA, &work),
+    );
     phase(
         "deploy/quota: enforcement quota; a pod writing past its claim gets ENOSPC; kubelet reports the claim's size; \
          a pod in the node's user namespace can take another volume's project, one with hostUsers: false cannot; \
@@ -159,7 +180,11 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
     println!("init-pool lvm: {}", out.trim());
     let pool = deploy::wait_pool(&client, &node.name, "lvm", POOL_TIMEOUT, |p| p.ready).await.unwrap();
     assert_eq!(pool.enforcement, "device", "{pool:?}");
-    tokio::join!(lvm_volumes_in_pods(&bed, &node.name), volumes_held_by_a_pod(&bed));
+    let (_, _, pg_lvm) = tokio::join!(
+        lvm_volumes_in_pods(&bed, &node.name),
+        volumes_held_by_a_pod(&bed),
+        postgres_on(&bed, &node.name, PG_LVM, &work)
+    );
     phase("deploy/lvm: the lvm pool ready; an xfs volume mounted into a pod, a Block volume written and read", started);
     volumes_in_use_are_not_deleted(&mut bed, &node.name).await;
     phase(
@@ -169,14 +194,41 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
 
     // 4. The operator's day: a drain, then a reboot with the agent late (held back) — both with the volumes above.
     let first_start = demo.lines().next().unwrap_or_default().to_owned();
+    let before_reboot = k8s_openapi::jiff::Timestamp::now();
     drain_and_reboot(&mut bed, &node.name).await;
-    phase("a drain and a reboot: kubelet waits for the agent's mount, and every volume keeps its data", started);
+    for (kind, committed) in [(PG_EXT4, pg_ext4), (PG_QUOTA, pg_quota), (PG_LVM, pg_lvm)] {
+        let after = postgres::after_reboot(&bed, kind, before_reboot).await.unwrap();
+        assert_eq!(after, committed, "PostgreSQL on {} after the reboot: what was committed", kind.what);
+    }
+    phase(
+        "a drain and a reboot: kubelet waits for the agent's mount, every volume keeps its data, PostgreSQL its rows",
+        started,
+    );
     // Two starts, or a wrong count once the output has more than one line.
     let starts = logs_when(&client, "apps", DEMO_POD, |out| out.lines().count() > 1).await.unwrap();
     let lines: Vec<&str> = starts.lines().collect();
     assert_eq!(lines.len(), 2, "the demo's volume saw two starts, before the drain and after the reboot:\n{starts}");
     assert_eq!(lines[0], first_start, "the first start's line is as the first pod wrote it:\n{starts}");
     println!("=== real node: the events of the run\n{}", deploy::timeline(&bed));
+}
+
+/// PostgreSQL from deploy/examples/postgres.yaml on a volume of `kind`: Ready, loaded (a table, pgbench), its table's
+/// file under the claim's PV path on the node, and after its pod was deleted and made again every committed row
+/// still there. Returns what was committed, for the reboot.
+async fn postgres_on(bed: &TestBed, node: &str, kind: postgres::Kind, work: &Path) -> postgres::Committed {
+    let started = Instant::now();
+    postgres::start(bed, kind, work).await.unwrap();
+    let committed = postgres::load(bed, kind).unwrap();
+    postgres::table_file_on_node(bed, node, kind).await.unwrap();
+    postgres::restart(bed, kind).await.unwrap();
+    let after = postgres::committed(bed, kind).unwrap();
+    assert_eq!(after, committed, "PostgreSQL on {} after its pod was made again: what was committed", kind.what);
+    println!(
+        "PostgreSQL on {}: {committed:?}, kept through a new pod; {:.0} s",
+        kind.what,
+        started.elapsed().as_secs_f64()
+    );
+    committed
 }
 
 /// berth-owned: a directory class with an owner (deploy/examples' berth-local has root's).

@@ -1,0 +1,163 @@
+//! PostgreSQL on Berth volumes (issue 16), on the real node: deploy/examples/postgres.yaml as a user applies it,
+//! through a kustomization that only picks the namespace, one replica and the claim's class — one StatefulSet per
+//! kind of volume, each in a namespace of its own. The image is berth.test/postgres:15 (hack/build-image
+//! --postgres, baked into the node's state disk like Berth's own).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams};
+use testbed::TestBed;
+use testbed::demo::local_path;
+use testbed::deploy;
+use testbed::on_node::agent_sh;
+
+/// The StatefulSet's pod and claim (deploy/examples/postgres.yaml, one replica).
+const POD: &str = "postgres-0";
+const CLAIM: &str = "data-postgres-0";
+/// PGDATA's directory in the volume (the example's PGDATA, under its mount).
+const PGDATA_IN_VOLUME: &str = "pgdata";
+/// The claims' size (the example asks for 1Gi): what pgbench at scale 1 needs and more, in the node's 2 GiB disks
+/// beside the other phases' volumes; an xfs LV needs at least 300 MB.
+const SIZE: &str = "512Mi";
+
+/// A kind of volume PostgreSQL runs on: its namespace and the class of its claim.
+#[derive(Clone, Copy, Debug)]
+pub struct Kind {
+    pub namespace: &'static str,
+    pub class: &'static str,
+    /// What the volume is, for messages.
+    pub what: &'static str,
+}
+
+/// What the database holds once [`load`] has run: rows of the test table and of pgbench's history (one per
+/// committed pgbench transaction).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub rows: u64,
+    pub history: u64,
+}
+
+/// Applies deploy/examples/postgres.yaml for `kind` (files under `dir`) and waits until its pod is Ready.
+pub async fn start(bed: &TestBed, kind: Kind, dir: &Path) -> Result<()> {
+    testbed::kube_util::create_namespace(&bed.client(), kind.namespace).await?;
+    let dir = dir.join(kind.namespace);
+    std::fs::create_dir_all(&dir)?;
+    // Copied beside the kustomization: kustomize loads no file from outside its root.
+    std::fs::copy(testbed::bins::repo_root().join("deploy/examples/postgres.yaml"), dir.join("postgres.yaml"))?;
+    let kustomization = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: {}\nresources:\n- postgres.yaml\n\
+         replicas:\n- name: postgres\n  count: 1\npatches:\n- target:\n    kind: StatefulSet\n    name: postgres\n  \
+         patch: |-\n    - op: replace\n      path: /spec/volumeClaimTemplates/0/spec/storageClassName\n      \
+         value: {}\n    - op: replace\n      path: /spec/volumeClaimTemplates/0/spec/resources/requests/storage\n      \
+         value: {SIZE}\n",
+        kind.namespace, kind.class
+    );
+    std::fs::write(dir.join("kustomization.yaml"), kustomization)?;
+    deploy::kubectl(bed, &["apply", "-k", &dir.display().to_string()])?;
+    ready(bed, kind, None).await
+}
+
+/// Waits until `postgres-0` of `kind` is Ready (a pod other than `not` when given: a replacement), within 5
+/// minutes (a first start under emulation: the volume, initdb, the server).
+async fn ready(bed: &TestBed, kind: Kind, not: Option<&str>) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(bed.client(), kind.namespace);
+    let ready = |p: &Pod| {
+        p.metadata.uid.as_deref() != not
+            && p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    };
+    testbed::kube_util::wait_for(&pods, POD, Duration::from_secs(300), ready).await.with_context(|| {
+        let logs = deploy::kubectl(bed, &["-n", kind.namespace, "logs", POD, "--tail=30"]).unwrap_or_default();
+        format!("PostgreSQL on {} not Ready; its log:\n{logs}\n{}", kind.what, deploy::describe_pods(bed))
+    })?;
+    Ok(())
+}
+
+/// `psql -Atc SQL` in the pod (through the Unix socket, as the image's postgres user).
+fn psql(bed: &TestBed, kind: Kind, sql: &str) -> Result<String> {
+    let out =
+        deploy::kubectl(bed, &["-n", kind.namespace, "exec", POD, "--", "psql", "-v", "ON_ERROR_STOP=1", "-Atc", sql])?;
+    Ok(out.trim().to_owned())
+}
+
+fn count(bed: &TestBed, kind: Kind, table: &str) -> Result<u64> {
+    let n = psql(bed, kind, &format!("select count(*) from {table}"))?;
+    n.parse().with_context(|| format!("count of {table}: {n:?}"))
+}
+
+/// What is committed now.
+pub fn committed(bed: &TestBed, kind: Kind) -> Result<Committed> {
+    Ok(Committed { rows: count(bed, kind, "berth_test")?, history: count(bed, kind, "pgbench_history")? })
+}
+
+/// The workload: a table of 1000 rows, `pgbench -i -s 1`, then `pgbench -T 5`. Returns what it committed, as the
+/// clients saw it (pgbench's own count of processed transactions).
+pub fn load(bed: &TestBed, kind: Kind) -> Result<Committed> {
+    psql(bed, kind, "create table berth_test as select g as id, md5(g::text) as v from generate_series(1, 1000) g")?;
+    let exec = |args: &[&str]| {
+        let mut all = vec!["-n", kind.namespace, "exec", POD, "--", "pgbench"];
+        all.extend_from_slice(args);
+        deploy::kubectl(bed, &all)
+    };
+    exec(&["-i", "-s", "1", "-q"])?;
+    let out = exec(&["-T", "5", "-c", "2"])?;
+    println!("pgbench on {}:\n{}", kind.what, out.trim());
+    let processed = out
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|n| n.split('/').next()?.trim().parse::<u64>().ok())
+        .with_context(|| format!("pgbench's count of transactions:\n{out}"))?;
+    ensure!(processed > 0, "pgbench committed nothing:\n{out}");
+    Ok(Committed { rows: 1000, history: processed })
+}
+
+/// The file PostgreSQL keeps the test table in (`pg_relation_filepath`, relative to PGDATA) is on the node under
+/// the claim's PV path; returns that file's path on the node.
+pub async fn table_file_on_node(bed: &TestBed, node: &str, kind: Kind) -> Result<String> {
+    let relative = psql(bed, kind, "select pg_relation_filepath('berth_test')")?;
+    ensure!(relative.starts_with("base/"), "pg_relation_filepath: {relative:?}");
+    let pv_path = local_path(&bed.client(), kind.namespace, CLAIM).await?;
+    let file = format!("{pv_path}/{PGDATA_IN_VOLUME}/{relative}");
+    let seen = agent_sh(bed, node, &format!("stat -c '%s bytes, uid %u' '{file}'")).await?;
+    println!("PostgreSQL on {}: berth_test is {file} on the node ({})", kind.what, seen.trim());
+    Ok(file)
+}
+
+/// Deletes the pod; the StatefulSet makes it again on the same claim (and so the same node): waits until the new
+/// one is Ready.
+pub async fn restart(bed: &TestBed, kind: Kind) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(bed.client(), kind.namespace);
+    let old = pods.get(POD).await?.metadata.uid.context("a pod without a uid")?;
+    pods.delete(POD, &DeleteParams::default()).await?;
+    ready(bed, kind, Some(&old)).await
+}
+
+/// Waits until `kind`'s pod is Ready again after the node's reboot (Ready since `since`, a time before the
+/// reboot: while the node is down its pod turns not Ready) and the server answers; returns what is committed.
+pub async fn after_reboot(bed: &TestBed, kind: Kind, since: k8s_openapi::jiff::Timestamp) -> Result<Committed> {
+    let pods: Api<Pod> = Api::namespaced(bed.client(), kind.namespace);
+    let ready_since = |p: &Pod| {
+        p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
+            c.iter().any(|c| {
+                c.type_ == "Ready" && c.status == "True" && c.last_transition_time.as_ref().is_some_and(|t| t.0 > since)
+            })
+        })
+    };
+    let until = Instant::now() + Duration::from_secs(300);
+    loop {
+        if pods.get(POD).await.ok().is_some_and(|p| ready_since(&p))
+            && let Ok(committed) = committed(bed, kind)
+        {
+            return Ok(committed);
+        }
+        if Instant::now() > until {
+            bail!("PostgreSQL on {} did not come back within 300 s:\n{}", kind.what, deploy::describe_pods(bed));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}

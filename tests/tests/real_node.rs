@@ -218,8 +218,7 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
 async fn postgres_on(bed: &TestBed, node: &str, kind: postgres::Kind, work: &Path) -> postgres::Committed {
     let started = Instant::now();
     postgres::start(bed, kind, work).await.unwrap();
-    let committed = postgres::load(bed, kind).unwrap();
-    postgres::table_file_on_node(bed, node, kind).await.unwrap();
+    let committed = postgres::load(bed, node, kind).await.unwrap();
     postgres::restart(bed, kind).await.unwrap();
     let after = postgres::committed(bed, kind).unwrap();
     assert_eq!(after, committed, "PostgreSQL on {} after its pod was made again: what was committed", kind.what);

@@ -209,6 +209,13 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
         "a drain and a reboot: kubelet waits for the agent's mount, every volume keeps its data, PostgreSQL its rows",
         started,
     );
+    tokio::try_join!(
+        postgres::delete(&bed, &node.name, PG_EXT4, &work),
+        postgres::delete(&bed, &node.name, PG_QUOTA, &work),
+        postgres::delete(&bed, &node.name, PG_LVM, &work),
+    )
+    .unwrap();
+    phase("PostgreSQL's StatefulSets and claims deleted: their PVs, directories and logical volume gone", started);
     // Two starts, or a wrong count once the output has more than one line.
     let starts = logs_when(&client, "apps", DEMO_POD, |out| out.lines().count() > 1).await.unwrap();
     let lines: Vec<&str> = starts.lines().collect();

@@ -160,3 +160,34 @@ pub async fn after_reboot(bed: &TestBed, kind: Kind, since: k8s_openapi::jiff::T
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
+
+/// Deletes what deploy/examples/postgres.yaml made for `kind` (`kubectl delete -k` of its kustomization under
+/// `dir`) and then the claim, as a user does (a StatefulSet leaves its claims behind); waits until the PV is gone,
+/// and then nothing of the volume is left on the node: neither its directory in the pool nor (lvm) its logical
+/// volume.
+pub async fn delete(bed: &TestBed, node: &str, kind: Kind, dir: &Path) -> Result<()> {
+    let client = bed.client();
+    let pv = testbed::demo::bound_claim(&client, kind.namespace, CLAIM)
+        .await?
+        .spec
+        .and_then(|s| s.volume_name)
+        .context("a Bound claim without a volume")?;
+    let volume_dir = local_path(&client, kind.namespace, CLAIM).await?;
+    let volume_dir = Path::new(&volume_dir).parent().context("a PV path without a parent")?.display().to_string();
+    deploy::kubectl(bed, &["delete", "-k", &dir.join(kind.namespace).display().to_string(), "--timeout=120s"])?;
+    deploy::kubectl(bed, &["-n", kind.namespace, "delete", "pvc", CLAIM, "--timeout=180s"])?;
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(client.clone());
+    testbed::kube_util::wait_deleted(&pvs, &pv, Duration::from_secs(240))
+        .await
+        .with_context(|| format!("the PV of PostgreSQL on {} was not deleted with its claim", kind.what))?;
+    let script =
+        format!("if [ -e '{volume_dir}' ]; then echo \"left: {volume_dir}\"; fi; lvm lvs --noheadings -o lv_name 2>&1");
+    let seen = agent_sh(bed, node, &script).await?;
+    ensure!(
+        !seen.contains("left: ") && !seen.contains(pv.as_str()),
+        "PostgreSQL's volume on {} ({pv}) is left on the node: {seen}",
+        kind.what
+    );
+    println!("PostgreSQL on {}: deleted; {pv} and {volume_dir} are gone", kind.what);
+    Ok(())
+}

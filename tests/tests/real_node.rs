@@ -181,16 +181,12 @@ async fn berth_runs_on_a_real_node_as_deploy_installs_it() {
     println!("init-pool lvm: {}", out.trim());
     let pool = deploy::wait_pool(&client, &node.name, "lvm", POOL_TIMEOUT, |p| p.ready).await.unwrap();
     assert_eq!(pool.enforcement, "device", "{pool:?}");
-    let (_, _, pg_lvm) = tokio::join!(
-        lvm_volumes_in_pods(&bed, &node.name),
-        volumes_held_by_a_pod(&bed),
-        postgres_on(&bed, &node.name, PG_LVM, &work, true)
-    );
-    phase(
-        "deploy/lvm: the lvm pool ready; an xfs volume mounted into a pod, a Block volume written and read; \
-         PostgreSQL on a thick LVM volume, loaded, its rows kept through a new pod",
-        started,
-    );
+    tokio::join!(lvm_volumes_in_pods(&bed, &node.name), volumes_held_by_a_pod(&bed));
+    phase("deploy/lvm: the lvm pool ready; an xfs volume mounted into a pod, a Block volume written and read", started);
+    // After the pods above, not beside them: the guest's CPU under emulation is the limit, and with PostgreSQL's start
+    // and load beside them a busybox pod took 130 s to start (twice in four runs), past its deadline.
+    let pg_lvm = postgres_on(&bed, &node.name, PG_LVM, &work, true).await;
+    phase("PostgreSQL on a thick LVM volume, loaded, its rows kept through a new pod", started);
     volumes_in_use_are_not_deleted(&mut bed, &node.name).await;
     phase(
         "volumes a pod still mounts (kubelet stopped): deletes refused and retried until kubelet unmounts them",

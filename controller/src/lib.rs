@@ -286,8 +286,9 @@ pub async fn main() -> Result<()> {
     }
 }
 
-/// Keeps the gauges computed from the caches current (claims still without a PV, agents known and ready), and
-/// forgets the retry counters of claims and PVs that are gone.
+/// Keeps the gauges computed from the caches current (claims still without a PV, agents known and ready), forgets
+/// the retry counters of claims and PVs that are gone, and logs each agent's version when it is new or changed
+/// (agent_versions.rs).
 async fn gauges(ctx: Arc<context::Context>, claims: reflector::Store<PersistentVolumeClaim>) {
     let mut versions = agent_versions::AgentVersions::default();
     let ours = berth::version::full();

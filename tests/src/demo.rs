@@ -188,10 +188,7 @@ pub async fn wait_pod(client: &kube::Client, namespace: &str, name: &str, claim:
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let stays = life == PodLife::Stays;
     let phase = |p: &Pod| p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-    let ready = |p: &Pod| {
-        let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
-        conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    };
+    let ready = crate::kube_util::pod_is_ready;
     let done = tokio::time::timeout(
         Duration::from_secs(180),
         await_condition(pods.clone(), name, |p: Option<&Pod>| {

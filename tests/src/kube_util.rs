@@ -4,7 +4,7 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use k8s_openapi::api::core::v1::{Event, Namespace, Node, ServiceAccount, Taint};
+use k8s_openapi::api::core::v1::{Event, Namespace, Node, Pod, PodCondition, ServiceAccount, Taint};
 use kube::Resource;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 use kube::runtime::wait::await_condition;
@@ -13,6 +13,21 @@ use serde::de::DeserializeOwned;
 pub fn node_is_ready(node: &Node) -> bool {
     let conditions = node.status.as_ref().and_then(|s| s.conditions.as_ref());
     conditions.is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Whether `pod` is Ready.
+pub fn pod_is_ready(pod: &Pod) -> bool {
+    pod_ready_condition(pod).is_some()
+}
+
+/// When `pod` became Ready, if it is Ready now (and its condition says when).
+pub fn pod_ready_time(pod: &Pod) -> Option<k8s_openapi::jiff::Timestamp> {
+    pod_ready_condition(pod)?.last_transition_time.as_ref().map(|t| t.0)
+}
+
+fn pod_ready_condition(pod: &Pod) -> Option<&PodCondition> {
+    let conditions = pod.status.as_ref()?.conditions.as_ref()?;
+    conditions.iter().find(|c| c.type_ == "Ready" && c.status == "True")
 }
 
 pub fn node_taints(node: &Node) -> Vec<Taint> {

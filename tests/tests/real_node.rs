@@ -597,14 +597,7 @@ async fn drain_and_reboot(bed: &mut TestBed, node: &str) {
 
     deploy::kubectl(bed, &["uncordon", node]).unwrap();
     hold_agent_back(bed, false);
-    let ready_after_refusal = |p: &Pod| {
-        let conditions = p.status.as_ref().and_then(|s| s.conditions.as_ref());
-        conditions.is_some_and(|c| {
-            c.iter().any(|c| {
-                c.type_ == "Ready" && c.status == "True" && c.last_transition_time.as_ref().is_some_and(|t| t.0 >= at.0)
-            })
-        })
-    };
+    let ready_after_refusal = |p: &Pod| testbed::kube_util::pod_ready_time(p).is_some_and(|t| t >= at.0);
     testbed::kube_util::wait_for(&pods, "lvm-data", Duration::from_secs(180), ready_after_refusal)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));

@@ -1,6 +1,6 @@
 //! PostgreSQL on Berth volumes (issue 16), on the real node: deploy/examples/postgres.yaml as a user applies it,
-//! through a kustomization that only picks the namespace, one replica and the claim's class — one StatefulSet per
-//! kind of volume, each in a namespace of its own. The image is berth.test/postgres:15 (hack/build-image
+//! through a kustomization that only picks the namespace, one replica, the claim's class and size and the readiness
+//! probe's period — one StatefulSet per kind of volume, each in a namespace of its own. The image is berth.test/postgres:15 (hack/build-image
 //! --postgres, baked into the node's state disk like Berth's own).
 
 use std::path::Path;
@@ -12,6 +12,7 @@ use kube::api::{Api, DeleteParams};
 use testbed::TestBed;
 use testbed::demo::local_path;
 use testbed::deploy;
+use testbed::kube_util::{pod_is_ready, pod_ready_time};
 use testbed::on_node::agent_sh;
 
 /// The StatefulSet's pod and claim (deploy/examples/postgres.yaml, one replica).
@@ -69,13 +70,7 @@ pub async fn start(bed: &TestBed, kind: Kind, dir: &Path) -> Result<()> {
 /// minutes (a first start under emulation: the volume, initdb, the server).
 async fn ready(bed: &TestBed, kind: Kind, not: Option<&str>) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(bed.client(), kind.namespace);
-    let ready = |p: &Pod| {
-        p.metadata.uid.as_deref() != not
-            && p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-    };
+    let ready = |p: &Pod| p.metadata.uid.as_deref() != not && pod_is_ready(p);
     testbed::kube_util::wait_for(&pods, POD, Duration::from_secs(300), ready).await.with_context(|| {
         let logs = deploy::kubectl(bed, &["-n", kind.namespace, "logs", POD, "--tail=30"]).unwrap_or_default();
         format!("PostgreSQL on {} not Ready; its log:\n{logs}\n{}", kind.what, deploy::describe_pods(bed))
@@ -140,13 +135,7 @@ pub async fn restart(bed: &TestBed, kind: Kind) -> Result<()> {
 /// reboot: while the node is down its pod turns not Ready) and the server answers; returns what is committed.
 pub async fn after_reboot(bed: &TestBed, kind: Kind, since: k8s_openapi::jiff::Timestamp) -> Result<Committed> {
     let pods: Api<Pod> = Api::namespaced(bed.client(), kind.namespace);
-    let ready_since = |p: &Pod| {
-        p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
-            c.iter().any(|c| {
-                c.type_ == "Ready" && c.status == "True" && c.last_transition_time.as_ref().is_some_and(|t| t.0 > since)
-            })
-        })
-    };
+    let ready_since = |p: &Pod| pod_ready_time(p).is_some_and(|t| t > since);
     let until = Instant::now() + Duration::from_secs(300);
     loop {
         if pods.get(POD).await.ok().is_some_and(|p| ready_since(&p))

@@ -21,9 +21,14 @@ phase() {
 # hack/test-vm and hack/up --real-node need both.
 real_node_inputs() {
   BERTH_NODE_BINS=${BERTH_NODE_BINS:-$(hack/node-bins | tail -n 1)}
-  BERTH_IMAGES=${BERTH_IMAGES:-$(hack/build-image --postgres --pause-ref "$(cat "$BERTH_NODE_BINS/sandbox-image")" target/images |
-    tail -n 1)}
+  BERTH_IMAGES=${BERTH_IMAGES:-$(real_node_images "$BERTH_NODE_BINS" | tail -n 1)}
   export BERTH_NODE_BINS BERTH_IMAGES
+}
+
+# real_node_images NODE_BINS: builds the real node's images into target/images (hack/build-image; the last line on
+# stdout is that directory) for the node binaries in NODE_BINS (hack/node-bins' output).
+real_node_images() {
+  hack/build-image --postgres --pause-ref "$(cat "$1/sandbox-image")" target/images
 }
 
 # Builds that later phases need, run in the background while the test phases before them leave cores idle (the

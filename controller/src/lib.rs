@@ -20,6 +20,7 @@ mod metrics;
 mod params;
 mod provision;
 mod pv;
+mod uninstall;
 mod wake;
 
 use std::sync::Arc;
@@ -100,6 +101,11 @@ pub struct Args {
     /// The leader renews its lease this many seconds before it expires.
     #[arg(long, default_value_t = 5)]
     lease_renew_before_seconds: u64,
+    /// Instead of running: exit 0 if Berth may be uninstalled, or 1 naming the PVs of Berth with reclaim policy
+    /// Delete that still exist (without a controller, their finalizer would never be lifted). The Helm chart's
+    /// pre-delete hook runs this.
+    #[arg(long)]
+    check_uninstall: bool,
 }
 
 fn default_identity() -> String {
@@ -153,6 +159,9 @@ pub async fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let client = kube::Client::try_default().await.context("connecting to the API server")?;
+    if args.check_uninstall {
+        return uninstall::check(client).await;
+    }
     let shutdown = shutdown_signal();
     let metrics = Arc::new(metrics::Metrics::new());
     metrics::serve(args.metrics_address, metrics.clone()).await?;

@@ -165,14 +165,7 @@ impl TestBed {
         pools: &[PoolSpec],
         init: bool,
     ) -> Result<AgentProcess> {
-        let node = &self.nodes()[index];
-        let base = node
-            .disk
-            .as_ref()
-            .map(|d| d.mount_point().to_path_buf())
-            .unwrap_or_else(|| self.dir().join("nodes").join(&node.name));
-        let agent_dir = self.dir().join("agents").join(&node.name);
-        std::fs::create_dir_all(&agent_dir)?;
+        let base = self.node_base(index);
         let mut toml = String::new();
         let mut pool_roots = Vec::new();
         for p in pools {
@@ -183,17 +176,42 @@ impl TestBed {
             ));
             pool_roots.push((p.name.clone(), root));
         }
+        self.start_agent_with_config(binary, index, &toml, pool_roots, init).await
+    }
+
+    /// The directory simulated node `index`'s pools live under: its disk's mount point, or a directory of the bed.
+    pub fn node_base(&self, index: usize) -> PathBuf {
+        let node = &self.nodes()[index];
+        node.disk
+            .as_ref()
+            .map(|d| d.mount_point().to_path_buf())
+            .unwrap_or_else(|| self.dir().join("nodes").join(&node.name))
+    }
+
+    /// [`TestBed::start_agent`] with the configuration file's text `toml` as it is (such as a Helm chart's
+    /// ConfigMap), whose pools are `pool_roots` (name, root).
+    pub async fn start_agent_with_config(
+        &self,
+        binary: &Path,
+        index: usize,
+        toml: &str,
+        pool_roots: Vec<(String, PathBuf)>,
+        init: bool,
+    ) -> Result<AgentProcess> {
+        let node = &self.nodes()[index];
+        let agent_dir = self.dir().join("agents").join(&node.name);
+        std::fs::create_dir_all(&agent_dir)?;
         let config = agent_dir.join("agent.toml");
         std::fs::write(&config, toml)?;
         if init {
-            for p in pools {
+            for (pool, _) in &pool_roots {
                 let out = std::process::Command::new(binary)
                     .args(["init-pool", "--config"])
                     .arg(&config)
-                    .args(["--pool", &p.name])
+                    .args(["--pool", pool])
                     .output()?;
                 if !out.status.success() {
-                    bail!("berth-agent init-pool {}: {}", p.name, String::from_utf8_lossy(&out.stderr));
+                    bail!("berth-agent init-pool {pool}: {}", String::from_utf8_lossy(&out.stderr));
                 }
             }
         }

@@ -103,3 +103,17 @@ fn locate_dir() -> Result<PathBuf> {
     }
     Ok(dir)
 }
+
+/// The helm binary the chart's tests run: `$BERTH_HELM` if set, else what `hack/helm` prints last (it builds Helm
+/// on a cold cache).
+pub fn helm() -> Result<PathBuf> {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let path = PATH.get_or_init(|| {
+        let path = dir_from_env_or_script("BERTH_HELM", "hack/helm", &[]).map_err(|e| format!("{e:#}"))?;
+        if path.is_file() { Ok(path) } else { Err(format!("{} is not a file: run hack/helm", path.display())) }
+    });
+    match path {
+        Ok(path) => Ok(path.clone()),
+        Err(e) => bail!("{e}"),
+    }
+}

@@ -73,6 +73,23 @@ pub fn kubectl(bed: &TestBed, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Whether Berth's ServiceAccounts on `bed` have exactly the permissions of deploy/rbac-allowlist/ (hack/rbac-allowlist,
+/// after an install from deploy/ or the Helm chart); the differences otherwise.
+pub fn permissions_are_the_allowlisted_ones(bed: &TestBed) -> Result<()> {
+    let out = std::process::Command::new(repo_root().join("hack/rbac-allowlist"))
+        .env("KUBECONFIG", bed.kubeconfig())
+        .env("KUBECTL", bed.kubectl_path())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "permissions differ from deploy/rbac-allowlist/ (hack/rbac-allowlist --update, then review the diff):\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// `kubectl apply -f` of `manifest` (YAML text).
 pub fn kubectl_apply_text(bed: &TestBed, manifest: &str) -> Result<String> {
     let file = tempfile::Builder::new().suffix(".yaml").tempfile_in(bed.dir())?;

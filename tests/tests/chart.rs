@@ -413,17 +413,7 @@ async fn helm_install_provisions_then_upgrade_serves_a_new_pool_and_the_crd_upgr
     let notes = helm_ok(&home, kubeconfig, &install);
     assert!(notes.contains("init-pool"), "NOTES.txt tells how to prepare pools:\n{notes}");
     // The chart's RBAC grants exactly the checked-in allowlists, as deploy/'s does (tests/tests/manifests.rs).
-    let out = Command::new(repo_root().join("hack/rbac-allowlist"))
-        .env("KUBECONFIG", bed.kubeconfig())
-        .env("KUBECTL", bed.kubectl_path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "the chart's permissions differ from deploy/rbac-allowlist/:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    testbed::deploy::permissions_are_the_allowlisted_ones(&bed).unwrap();
 
     // The agent with the ConfigMap the chart made, the controller, both with the chart's ServiceAccounts.
     let configs: Api<ConfigMap> = Api::namespaced(client.clone(), NAMESPACE);

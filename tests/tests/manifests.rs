@@ -54,17 +54,7 @@ async fn the_kustomize_base_applies_and_its_permissions_are_the_allowlisted_ones
     kubectl_ok(&bed, &["apply", "-k", repo_root().join("deploy/examples").to_str().unwrap()]);
 
     // The effective permissions are exactly the checked-in allowlists.
-    let out = std::process::Command::new(repo_root().join("hack/rbac-allowlist"))
-        .env("KUBECONFIG", bed.kubeconfig())
-        .env("KUBECTL", bed.kubectl_path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "permissions differ from deploy/rbac-allowlist/ (hack/rbac-allowlist --update, then review the diff):\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    testbed::deploy::permissions_are_the_allowlisted_ones(&bed).unwrap();
     // The ones that matter most, spelled out.
     for account in ["berth-controller", "berth-agent"] {
         for verb in ["get", "list"] {

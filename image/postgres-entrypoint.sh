@@ -44,6 +44,12 @@ esac
 mount=$(dirname "$PGDATA")
 [ -d "$mount" ] || die "$mount does not exist: mount the volume there (PGDATA=$PGDATA is its subdirectory)"
 
+# A new cluster needs its superuser's password: without it, refused before anything is made on the volume.
+if [ ! -e "$PGDATA" ] || { [ -d "$PGDATA" ] && [ -O "$PGDATA" ] && [ -z "$(ls -A "$PGDATA")" ]; }; then
+  [ -n "${POSTGRES_PASSWORD:-}" ] || die "$PGDATA holds no cluster and POSTGRES_PASSWORD is not set: a new" \
+    "cluster needs the password of its superuser for connections over TCP (deploy/examples/postgres.yaml takes it" \
+    "from the Secret postgres)"
+fi
 if [ ! -e "$PGDATA" ]; then
   mkdir "$PGDATA" 2>/dev/null || die "cannot create $PGDATA: $mount is $(stat -c '%U:%G mode %a' "$mount")" \
     "and this is uid $uid ($user), groups $(id -G). Give the pod securityContext fsGroup: 999 (kubelet then makes" \
@@ -69,9 +75,6 @@ else
     die "$PGDATA has no PG_VERSION but is not empty ($(ls -A "$PGDATA" | head -n 5 | tr '\n' ' ')):" \
       "not a cluster, and initdb would refuse it. Empty it or point PGDATA elsewhere"
   fi
-  [ -n "${POSTGRES_PASSWORD:-}" ] || die "$PGDATA is empty and POSTGRES_PASSWORD is not set: a new cluster" \
-    "needs the password of its superuser for connections over TCP (deploy/examples/postgres.yaml takes it from" \
-    "the Secret postgres)"
   superuser=${POSTGRES_USER:-postgres}
   # initdb reads the password from a file; this one only the current user can read, removed whatever happens.
   pwfile=$(umask 077 && mktemp "${TMPDIR:-/tmp}/$me.XXXXXX") || die "cannot create a temporary file in ${TMPDIR:-/tmp}"

@@ -122,3 +122,36 @@ async fn retained_data_outlives_its_pv_while_the_audit_removes_what_was_never_pu
     assert_eq!(sample(&metrics, r#"berth_controller_orphan_volumes{node="node-0",pool="fast"}"#), 0.0);
     w.controllers.push(controller);
 }
+
+/// A volume lost outside Berth (its directory removed while the agent was down: a disk replaced, an
+/// administrator's `rm -rf`) is reported on its PV as `VolumeMissing` and in `berth_controller_missing_volumes`;
+/// the PV and its claim are left as they are (docs/events.md: what to do is the operator's call).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_lost_outside_berth_is_reported_on_its_pv_which_is_kept() {
+    let mut w = world(&[256 * MI]).await;
+    let client = w.bed.client();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), "app");
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    add_class(&w, class("berth-keep", "Immediate", "Retain", &[("pool", "fast")])).await;
+    claims.create(&PostParams::default(), &claim("lost", "berth-keep", "16Mi")).await.unwrap();
+    let pv = wait_for(&claims, "lost", WAIT, bound).await.unwrap().spec.unwrap().volume_name.unwrap();
+
+    // The control: audits that see the volume report nothing.
+    let controller = &w.controllers[0];
+    let audits = sample(&metrics_of(controller).await, AUDITS);
+    wait_for_sample(controller, AUDITS, audits + 2.0).await;
+    assert!(event_messages(&w, &pv, "VolumeMissing").await.is_empty(), "reported while it was there");
+    assert_eq!(sample(&metrics_of(controller).await, "berth_controller_missing_volumes"), 0.0);
+
+    w.agents[0].terminate(WAIT);
+    let dir = w.agents[0].pool_root("fast").join(&pv);
+    std::fs::remove_dir_all(&dir).unwrap();
+    w.agents[0].start().await.unwrap();
+
+    let note = wait_for_event(&w, &pv, "VolumeMissing", "has no volume").await;
+    assert!(note.contains("node-0") && note.contains(&pv), "{note}");
+    wait_for_sample(&w.controllers[0], "berth_controller_missing_volumes", 1.0).await;
+    assert!(pvs.get_opt(&pv).await.unwrap().is_some(), "the PV of a missing volume was removed");
+    wait_for(&claims, "lost", WAIT, bound).await.expect("the claim stays Bound");
+    assert!(!dir.exists(), "something made the lost volume again");
+}

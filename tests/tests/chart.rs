@@ -184,6 +184,36 @@ storageClasses:
 monitoring: {podMonitors: true, prometheusRule: true, labels: {release: prometheus}}
 "#;
 
+/// What the chart renders with every option on (but the Prometheus Operator's kinds, which a cluster without that
+/// operator does not serve) is accepted by the real API server as it is: a server-side dry run, without warnings.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_server_accepts_what_every_option_renders() {
+    let bed = TestBed::start(TestBedConfig::nodes(0)).await.unwrap();
+    let values = bed.dir().join("every-option.yaml");
+    std::fs::write(&values, EVERY_OPTION).unwrap();
+    let rendered = template(&[
+        "--include-crds",
+        "-f",
+        values.to_str().unwrap(),
+        "--set",
+        "monitoring.podMonitors=false,monitoring.prometheusRule=false",
+    ]);
+    let manifest = bed.dir().join("rendered.yaml");
+    std::fs::write(&manifest, &rendered).unwrap();
+    let out = bed.kubectl(&["create", "namespace", NAMESPACE]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bed.kubectl(&["apply", "--dry-run=server", "-f", manifest.to_str().unwrap()]).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the API server refused the rendering: {stderr}");
+    assert!(!stderr.contains("Warning"), "the API server warned: {stderr}");
+    let accepted = String::from_utf8_lossy(&out.stdout);
+    for object in
+        ["daemonset.apps/berth-agent-lvm", "daemonset.apps/berth-agent-nvme", "storageclass.storage.k8s.io/berth-lvm"]
+    {
+        assert!(accepted.contains(object), "{object} not among: {accepted}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn helm_template_renders_what_kubectl_kustomize_renders() {
     let mut chart = objects(&template(&["--include-crds"]));

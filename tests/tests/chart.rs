@@ -31,10 +31,11 @@ fn chart() -> PathBuf {
     repo_root().join("charts/berth")
 }
 
-/// `helm <args>` with its own configuration and cache under `home` (never the user's), against `kubeconfig`.
+/// `helm <args>` with its own configuration and cache under `home` (never the user's), against `kubeconfig`;
+/// killed after 5 minutes (`timeout` then exits 124, which the callers report with helm's output).
 fn run_helm(home: &Path, kubeconfig: Option<&Path>, args: &[&str]) -> Output {
-    let mut command = Command::new(helm().expect("helm (hack/helm builds it)"));
-    command.args(args);
+    let mut command = Command::new("timeout");
+    command.args(["--kill-after=10", "300"]).arg(helm().expect("helm (hack/helm builds it)")).args(args);
     for (var, dir) in [("HELM_CACHE_HOME", "cache"), ("HELM_CONFIG_HOME", "config"), ("HELM_DATA_HOME", "data")] {
         command.env(var, home.join(dir));
     }

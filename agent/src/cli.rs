@@ -154,6 +154,9 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     let host = advertise.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(&advertise).to_owned();
     std::fs::create_dir_all(&args.state_dir).with_context(|| format!("state dir {}", args.state_dir.display()))?;
+    // Held until the process exits: no second agent of this node touches a pool meanwhile (node_lock.rs).
+    let state_dir = args.state_dir.clone();
+    let _node_lock = tokio::task::spawn_blocking(move || crate::node_lock::acquire(&state_dir)).await??;
 
     let fence = epoch::EpochFence::load(args.state_dir.join("leader-epoch"))?;
     let mounts = MountTables::new(&args.host_proc);

@@ -20,6 +20,7 @@ pub mod failpoints;
 pub mod in_use;
 pub mod metrics;
 pub mod mountinfo;
+pub mod node_lock;
 pub mod publisher;
 pub mod safe_remove;
 pub mod tls;

@@ -1,8 +1,8 @@
 //! `berth-controller --check-uninstall`: whether Berth may be uninstalled now. The Helm chart's pre-delete hook runs
 //! it. A PV of Berth with reclaim policy Delete carries a finalizer only Berth's controller lifts (after the agent
 //! deleted the volume); uninstalled while such PVs exist, their claims' deletion would leave them stuck, and their
-//! data on the nodes, with nothing to free either. Retain PVs do not block: they are left, with their data, on
-//! purpose.
+//! data on the nodes, with nothing to free either. Retain PVs do not block once the controller has lifted that
+//! finalizer: they are left, with their data, on purpose.
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::PersistentVolume;
@@ -16,8 +16,12 @@ pub fn blocking(pvs: &[PersistentVolume]) -> Vec<String> {
             annotations.and_then(|a| a.get(berth::keys::PROVISIONED_BY)).map(String::as_str)
                 == Some(berth::PROVISIONER_NAME)
         })
+        // Delete-policy PVs, and any PV still carrying Berth's finalizer: one just switched to Retain keeps it until
+        // the controller lifts it, and without a controller it would never be.
         .filter(|pv| {
-            pv.spec.as_ref().and_then(|s| s.persistent_volume_reclaim_policy.as_deref()).unwrap_or("Delete") == "Delete"
+            let policy = pv.spec.as_ref().and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
+            let finalized = pv.metadata.finalizers.iter().flatten().any(|f| f == berth::keys::PV_DELETION_FINALIZER);
+            policy.unwrap_or("Delete") == "Delete" || finalized
         })
         .map(|pv| {
             let name = pv.metadata.name.as_deref().unwrap_or("?");
@@ -49,7 +53,7 @@ pub async fn check(client: kube::Client) -> Result<()> {
          finalizer is lifted only by Berth's controller once the volume is deleted, so without it they and their \
          data would stay. Delete their claims and wait until the PVs are gone, or set their reclaim policy to \
          Retain to keep the data (kubectl patch pv NAME -p '{{\"spec\":{{\"persistentVolumeReclaimPolicy\":\
-         \"Retain\"}}}}'); then uninstall again.",
+         \"Retain\"}}}}') and wait until the controller has lifted their finalizer; then uninstall again.",
         blocking.len(),
         blocking.join(", ")
     )
@@ -60,8 +64,12 @@ mod tests {
     use super::*;
 
     fn pv(name: &str, provisioner: &str, reclaim: Option<&str>) -> PersistentVolume {
+        // As the controller makes them: Berth's finalizer on Delete-policy PVs only.
+        let finalizers: Vec<&str> =
+            if reclaim == Some("Retain") { vec![] } else { vec![berth::keys::PV_DELETION_FINALIZER] };
         serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "annotations": {"pv.kubernetes.io/provisioned-by": provisioner}},
+            "metadata": {"name": name, "annotations": {"pv.kubernetes.io/provisioned-by": provisioner},
+                         "finalizers": finalizers},
             "spec": {"persistentVolumeReclaimPolicy": reclaim,
                      "claimRef": {"namespace": "db", "name": format!("data-{name}")}},
             "status": {"phase": "Bound"},
@@ -79,5 +87,9 @@ mod tests {
         ];
         assert_eq!(blocking(&pvs), ["a (Bound, claim db/data-a)", "d (Bound, claim db/data-d)"]);
         assert!(blocking(&pvs[1..3]).is_empty());
+        // Switched to Retain a moment ago: the finalizer is still there until the controller lifts it.
+        let mut switched = pv("e", "local.berth.dev", Some("Retain"));
+        switched.metadata.finalizers = Some(vec![berth::keys::PV_DELETION_FINALIZER.to_owned()]);
+        assert_eq!(blocking(&[switched]), ["e (Bound, claim db/data-e)"]);
     }
 }

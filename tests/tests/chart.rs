@@ -61,22 +61,20 @@ fn template(args: &[&str]) -> String {
     helm_ok(home.path(), None, &all)
 }
 
-/// The objects of a multi-document YAML text by `Kind namespace/name`.
+/// The objects of a multi-document YAML text by `Kind namespace/name`; none may be there twice.
 fn objects(yaml: &str) -> BTreeMap<String, Value> {
     let documents: Vec<Value> = serde_saphyr::from_multiple(yaml).expect("YAML");
-    documents
-        .into_iter()
-        .filter(|d| !d.is_null())
-        .map(|d| {
-            let key = format!(
-                "{} {}/{}",
-                d["kind"].as_str().unwrap_or("?"),
-                d["metadata"]["namespace"].as_str().unwrap_or(""),
-                d["metadata"]["name"].as_str().unwrap_or("?")
-            );
-            (key, d)
-        })
-        .collect()
+    let mut objects = BTreeMap::new();
+    for d in documents.into_iter().filter(|d| !d.is_null()) {
+        let key = format!(
+            "{} {}/{}",
+            d["kind"].as_str().unwrap_or("?"),
+            d["metadata"]["namespace"].as_str().unwrap_or(""),
+            d["metadata"]["name"].as_str().unwrap_or("?")
+        );
+        assert!(objects.insert(key.clone(), d).is_none(), "{key} is rendered twice");
+    }
+    objects
 }
 
 /// What is meant to differ between the chart's rendering and kustomize's, taken out of `object`:
@@ -176,11 +174,11 @@ agent:
   nodeSelector: {kubernetes.io/os: linux}
 controller:
   replicas: 3
-  flags: {orphan-action: report, gone-node-volumes: forget, concurrency: 32}
+  flags: {orphan-action: report, gone-node-volumes: forget, concurrency: 32, orphan-grace-seconds: 1209600}
   priorityClassName: system-cluster-critical
   tolerations: [{key: node-role.kubernetes.io/control-plane, operator: Exists, effect: NoSchedule}]
 storageClasses:
-- {name: berth-local, pool: local, default: true, allowVolumeExpansion: true}
+- {name: berth-local, pool: local, default: true, allowVolumeExpansion: true, parameters: {uid: "999", mode: "0770"}}
 - {name: berth-lvm, pool: lvm, reclaimPolicy: Retain, parameters: {fsType: xfs}, mountOptions: [noatime]}
 monitoring: {podMonitors: true, prometheusRule: true, labels: {release: prometheus}}
 "#;
@@ -212,6 +210,32 @@ async fn the_api_server_accepts_what_every_option_renders() {
         ["daemonset.apps/berth-agent-lvm", "daemonset.apps/berth-agent-nvme", "storageclass.storage.k8s.io/berth-lvm"]
     {
         assert!(accepted.contains(object), "{object} not among: {accepted}");
+    }
+}
+
+/// Installed in another namespace, the chart names that namespace everywhere: the objects, the RBAC subjects, the
+/// admission policy's ServiceAccount, the controller's `--namespace` and the identity the agents accept calls from.
+#[test]
+fn another_namespace_is_named_everywhere_and_berth_system_nowhere() {
+    let home = tempfile::tempdir().unwrap();
+    let chart = chart();
+    let rendered =
+        helm_ok(home.path(), None, &["template", "berth", chart.to_str().unwrap(), "--namespace", "storage"]);
+    assert!(!rendered.contains("berth-system"), "berth-system in a release of namespace storage:\n{rendered}");
+    let objects = objects(&rendered);
+    let agent = &objects["DaemonSet storage/berth-agent"]["spec"]["template"]["spec"]["containers"][0]["command"];
+    let agent: Vec<&str> = agent.as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(
+        agent.windows(2).any(|w| w == ["--controller-identity", "system:serviceaccount:storage:berth-controller"]),
+        "{agent:?}"
+    );
+    assert!(rendered.contains("'system:serviceaccount:storage:berth-agent'"), "the admission policy's user");
+    for binding in [
+        "ClusterRoleBinding /berth-agent",
+        "ClusterRoleBinding /berth-controller",
+        "RoleBinding storage/berth-controller",
+    ] {
+        assert_eq!(objects[binding]["subjects"][0]["namespace"], "storage", "{binding}");
     }
 }
 
@@ -284,7 +308,16 @@ fn bad_values_fail_at_render_time_with_a_message_that_names_them() {
     let outside = pools(r#"{"name":"local","backend":"hostpath","root":"/mnt/disk/local"}"#);
     let twice = r#"agent.nodeOverrides=[{"name":"a","nodeLabel":{"key":"k","value":"1"}},
                                         {"name":"a","nodeLabel":{"key":"k","value":"2"}}]"#;
-    let cases: [(&[&str], &str); 9] = [
+    let lvm_without_mode = pools(r#"{"name":"v","backend":"lvm","root":"/var/lib/berth/pools/v","volume-group":"vg"}"#);
+    let nested = r#"agent.pools=[{"name":"a","backend":"hostpath","root":"/var/lib/berth/pools/a"},
+                                 {"name":"b","backend":"hostpath","root":"/var/lib/berth/pools/a/b"}]"#;
+    let same_label = r#"agent.nodeOverrides=[{"name":"a","nodeLabel":{"key":"k","value":"1"}},
+                                             {"name":"b","nodeLabel":{"key":"k","value":"1"}}]"#;
+    let timeout_on_hostpath =
+        pools(r#"{"name":"a","backend":"hostpath","root":"/var/lib/berth/pools/a","command-timeout-seconds":5}"#);
+    let empty = pools(r#"{"name":"a","backend":"hostpath","root":"/var/lib/berth/pools/a","capacity":"0"}"#);
+    let octal = r#"storageClasses=[{"name":"c","pool":"a","parameters":{"mode":504}}]"#;
+    let cases: [(&[&str], &str); 15] = [
         (&["--set-json", &zfs], "/agent/pools/0/backend"),
         (&["--set-json", &upper], "/agent/pools/0/name"),
         (&["--set-json", &no_group], "missing property 'volume-group'"),
@@ -297,6 +330,12 @@ fn bad_values_fail_at_render_time_with_a_message_that_names_them() {
             &["--set-json", r#"storageClasses=[{"name":"c","pool":"a","parameters":{"pool":"b"}}]"#],
             "not parameters.pool",
         ),
+        (&["--set-json", &lvm_without_mode], "set lvm: true"),
+        (&["--set-json", nested], "one root lies inside the other"),
+        (&["--set-json", same_label], "the label k=1 is another override's already"),
+        (&["--set-json", &timeout_on_hostpath], "/agent/pools/0"),
+        (&["--set-json", &empty], "/agent/pools/0/capacity"),
+        (&["--set-json", octal], "/storageClasses/0/parameters/mode"),
     ];
     let home = tempfile::tempdir().unwrap();
     let chart = chart();
@@ -367,6 +406,10 @@ fn every_agent_configuration_the_chart_renders_is_one_the_agent_accepts_on_the_n
         controller["containers"][0]["command"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert!(command.windows(2).any(|w| w == ["--orphan-action", "report"]), "{command:?}");
     assert!(command.windows(2).any(|w| w == ["--concurrency", "32"]), "{command:?}");
+    // Helm reads numbers as floats: a large one must not become 1.2096e+06, which the controller would refuse.
+    assert!(command.windows(2).any(|w| w == ["--orphan-grace-seconds", "1209600"]), "{command:?}");
+    let local = &objects["StorageClass /berth-local"]["parameters"];
+    assert_eq!(local, &json!({"pool": "local", "uid": "999", "mode": "0770"}));
 }
 
 /// The pool root of simulated node 0 that `name` lives at.

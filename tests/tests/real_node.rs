@@ -327,7 +327,9 @@ async fn fill_past_its_claim(bed: &TestBed) {
     // Stays running (its volume's stats are a running pod's), the dd's outcome in its output.
     let fill = "dd if=/dev/zero of=/data/fill bs=1M count=100; echo \"dd exit $?\"; df -P /data; exec sleep 2147483647";
     run_pod(&client, "apps", &PodUse { stays: true, ..PodUse::new("quota-full", "quota-full", fill) }).await.unwrap();
-    let out = poll("the filling pod's outcome", Duration::from_secs(60), || {
+    // The same deadline as the other pods of this test: beside PostgreSQL's initdb under TCG a pod took 64 s to
+    // start (.ci/run on 2026-12-08).
+    let out = poll("the filling pod's outcome", Duration::from_secs(180), || {
         let out = deploy::kubectl(bed, &["-n", "apps", "logs", "quota-full"])?;
         Ok(out.contains("dd exit").then_some(out))
     })

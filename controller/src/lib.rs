@@ -102,8 +102,8 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     lease_renew_before_seconds: u64,
     /// Instead of running: exit 0 if Berth may be uninstalled, or 1 naming the PVs of Berth with reclaim policy
-    /// Delete that still exist (without a controller, their finalizer would never be lifted). The Helm chart's
-    /// pre-delete hook runs this.
+    /// Delete, or still carrying Berth's finalizer, that exist (without a controller, their finalizer would never
+    /// be lifted). The Helm chart's pre-delete hook runs this.
     #[arg(long)]
     check_uninstall: bool,
 }
